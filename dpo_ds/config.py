@@ -1,0 +1,284 @@
+"""One typed config: dataclass defaults <- optional YAML file <- key=value overrides.
+
+The key names follow the original DPO code (eric-mitchell/direct-preference-optimization):
+`loss=dpo loss.beta=0.1 model.archive=... batch_size=64 ...`. Unknown keys, values of the wrong
+type and impossible values are errors that name the key; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key, type or value; the message names the key."""
+
+
+LOSSES = ("sft", "dpo", "ipo")
+DTYPES = ("float32", "bfloat16", "float16")
+LOGPROB_IMPLS = ("naive", "chunked", "triton")
+OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
+
+
+@dataclass
+class LossConfig:
+    name: str = "dpo"  # sft | dpo | ipo   (`loss=ipo` on the command line sets this)
+    beta: float = 0.1  # KL temperature of Eq. 7; for IPO it is tau
+    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+    reference_free: bool = False  # implicit reference that is uniform over responses
+    chosen_nll_weight: float = 0.0  # RPO: + weight * NLL(chosen) per token (Pang et al. 2024)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "demo"  # local HF causal-LM directory; "demo" / "tiny" are shipped configs
+    archive: str | None = None  # an SFT run's LATEST/policy.pt, loaded into policy and reference
+    policy_dtype: str = "float32"  # float32 | bfloat16 | float16 (DeepSpeed mixed precision)
+    reference_dtype: str = "float32"
+    reference_offload: bool = False  # ZeRO-3 reference parameters live on CPU
+    logprob_impl: str = "chunked"  # naive | chunked | triton
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    packing: bool = False  # pack several sequences per row, no padding
+    max_tokens_per_micro_batch: int = 0  # packing token budget per micro-batch (0 = no budget)
+    cache_dir: str | None = None  # `datasets` cache
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "dpo_ds"
+    entity: str | None = None
+    mode: str = "online"  # online | offline | disabled
+
+
+@dataclass
+class Config:
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    datasets: list[str] = field(default_factory=lambda: ["demo"])
+    batch_size: int = 4  # global: preference pairs (or SFT examples) per optimizer step
+    eval_batch_size: int = 16  # global
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "auto"  # auto = the DeepSpeed JSON's optimizer, AdamW if it has none
+    lr: float = 5e-7
+    warmup_steps: int = 150
+    max_grad_norm: float = 10.0
+    max_length: int = 512
+    max_prompt_length: int = 256
+    n_epochs: int | None = 1
+    n_examples: int | None = None
+    n_eval_examples: int = 256
+    eval_every: int = 20000  # in training examples, as in the original
+    do_first_eval: bool = True
+    sample_during_eval: bool = False
+    n_eval_model_samples: int = 16
+    max_new_tokens: int = 128
+    seed: int = 0
+    exp_name: str = "run"
+    run_dir: str | None = None  # default runs/{exp_name}
+    resume_from: str | None = None  # a step-N or LATEST directory of an earlier run of this config
+    torch_threads: int = 0  # per rank; 0 = 1 per rank on CPU, torch's default on GPU
+    log_every: int = 10  # optimizer steps between log lines
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value, tp):
+    """Turn a YAML/CLI value into `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            loaded = yaml.safe_load(value) if value.strip().startswith("[") else [value]
+            value = loaded
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list like [a,b], got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = math.nan
+            if f == f and f.is_integer():
+                return int(f)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _set(obj, dotted: str, value, prefix: str = "") -> None:
+    head, _, rest = dotted.partition(".")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    full = prefix + head
+    if head not in names:
+        raise ConfigError(f"unknown config key '{full}'; known keys here: {', '.join(names)}")
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _set(current, rest, value, prefix=full + ".")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _set(current, str(k), v, prefix=full + ".")
+        elif head == "loss" and not isinstance(value, (list, dict)):
+            current.name = _coerce("loss", value, str)  # `loss=dpo` as in the original's hydra groups
+        else:
+            raise ConfigError(f"config key '{full}' is a group; set its fields as {full}.<field>=value")
+        return
+    if rest:
+        raise ConfigError(f"unknown config key '{prefix + dotted}': '{full}' has no sub-keys")
+    setattr(obj, head, _coerce(full, value, hints[head]))
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values are errors naming the key. Checks needing the world size live in engines."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}, got {_get(cfg, key)!r}")
+
+    need(cfg.loss.name in LOSSES, "loss.name", f"must be one of {LOSSES}")
+    need(cfg.loss.beta > 0, "loss.beta", "must be > 0")
+    need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
+    need(cfg.loss.chosen_nll_weight >= 0, "loss.chosen_nll_weight", "must be >= 0")
+    if cfg.loss.name == "ipo":
+        need(cfg.loss.label_smoothing == 0, "loss.label_smoothing", "is not defined for IPO; must be 0")
+    if cfg.loss.name == "sft":
+        need(not cfg.loss.reference_free, "loss.reference_free", "has no meaning for loss=sft")
+    need(cfg.model.policy_dtype in DTYPES, "model.policy_dtype", f"must be one of {DTYPES}")
+    need(cfg.model.reference_dtype in DTYPES, "model.reference_dtype", f"must be one of {DTYPES}")
+    need(cfg.model.logprob_impl in LOGPROB_IMPLS, "model.logprob_impl", f"must be one of {LOGPROB_IMPLS}")
+    need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a model directory")
+    need(len(cfg.datasets) > 0, "datasets", "must list at least one dataset")
+    need(cfg.batch_size > 0, "batch_size", "must be > 0")
+    need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")
+    need(cfg.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0")
+    need(
+        cfg.batch_size % cfg.gradient_accumulation_steps == 0,
+        "batch_size",
+        f"must be divisible by gradient_accumulation_steps={cfg.gradient_accumulation_steps}",
+    )
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+    need(cfg.max_length > 1, "max_length", "must be > 1")
+    need(cfg.max_prompt_length > 0, "max_prompt_length", "must be > 0")
+    need(
+        cfg.max_prompt_length < cfg.max_length,
+        "max_prompt_length",
+        f"must be < max_length={cfg.max_length} so responses keep at least one token",
+    )
+    need(cfg.n_epochs is None or cfg.n_epochs > 0, "n_epochs", "must be > 0 or null")
+    need(cfg.n_examples is None or cfg.n_examples > 0, "n_examples", "must be > 0 or null")
+    need(cfg.n_epochs is not None or cfg.n_examples is not None, "n_epochs", "and n_examples cannot both be null")
+    need(cfg.n_eval_examples >= 0, "n_eval_examples", "must be >= 0")
+    need(cfg.eval_every > 0, "eval_every", "must be > 0")
+    need(cfg.n_eval_model_samples >= 0, "n_eval_model_samples", "must be >= 0")
+    need(cfg.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+    need(cfg.torch_threads >= 0, "torch_threads", "must be >= 0")
+    need(cfg.log_every > 0, "log_every", "must be > 0")
+    need(bool(cfg.exp_name) and "/" not in cfg.exp_name, "exp_name", "must be a non-empty name without '/'")
+    need(cfg.data.max_tokens_per_micro_batch >= 0, "data.max_tokens_per_micro_batch", "must be >= 0")
+    if cfg.data.max_tokens_per_micro_batch:
+        need(cfg.data.packing, "data.packing", "must be true when data.max_tokens_per_micro_batch is set")
+        need(
+            cfg.data.max_tokens_per_micro_batch >= 2 * cfg.max_length,
+            "data.max_tokens_per_micro_batch",
+            f"must hold one pair (2 * max_length = {2 * cfg.max_length} tokens)",
+        )
+    need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", "must be online|offline|disabled")
+
+
+def _get(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"expected key=value, got {arg!r}")
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping of keys, got {type(data).__name__}")
+        for key, value in data.items():
+            try:
+                _set(cfg, str(key), value)
+            except ConfigError as e:
+                raise ConfigError(f"{config_file}: {e}") from None
+    for key, value in parse_overrides(overrides or []):
+        _set(cfg, key, value)
+    if cfg.run_dir is None:
+        cfg.run_dir = str(Path("runs") / cfg.exp_name)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

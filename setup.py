@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+# torch is deliberately not pinned here beyond a floor: install the torch build that matches your
+# machine first (CUDA on GPU clusters, `pip install torch==2.13.0` on a CPU box), then this package.
+setup(
+    name="dpo_ds",
+    version="0.1.0",
+    description="Direct Preference Optimization on DeepSpeed (ZeRO-2/3, offload), SFT -> DPO/IPO/cDPO",
+    packages=find_packages(include=["dpo_ds", "dpo_ds.*"]),
+    package_data={"dpo_ds": ["demo/data/*.jsonl", "demo/model/*", "assets/*/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "accelerate>=1.1",  # transformers needs it to build models under ZeRO-3 (HfDeepSpeedConfig)
+        "datasets>=3.0",
+        "sentencepiece",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "wandb": ["wandb"],
+        "plot": ["matplotlib"],
+        "triton": ["triton"],
+        "test": ["pytest", "ruff", "matplotlib", "wandb", "triton"],
+        "bench": ["trl", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["dpo-ds-plot=dpo_ds.plot:main", "dpo-ds-export=dpo_ds.export:main"]},
+)
