@@ -1,0 +1,71 @@
+"""Build the shipped model directories: a character-level HF tokenizer and tiny Llama configs.
+
+    python -m dpo_ds.demo.make_assets        # rewrites dpo_ds/demo/{model,tiny}/
+
+No downloads: the tokenizer is a `tokenizers` WordLevel model over printable ASCII, one token per
+character, saved as a standard tokenizer.json that AutoTokenizer loads. Weights are not shipped;
+dpo_ds initialises them from config.json with the run's seed.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # 95 printable + newline
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")  # one token per char
+    core.decoder = decoders.Fuse()  # join characters back without spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def llama_config(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, tok) -> dict:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def main() -> None:
+    tok = build_tokenizer()
+    specs = {"model": (128, 2, 4, 512), "tiny": (64, 2, 4, 128)}
+    for name, (hidden, layers, heads, inter) in specs.items():
+        out = HERE / name
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(out))
+        llama_config(hidden, layers, heads, inter, len(tok), tok).save_pretrained(str(out))
+        # keep the directory byte-stable across runs: drop the version stamp transformers writes
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("transformers_version", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
