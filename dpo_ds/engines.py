@@ -1,0 +1,399 @@
+"""Everything that touches DeepSpeed: distributed init, the two engines, backward/step, collectives,
+checkpoints. The trainer sees only the small surface below.
+
+Policy: `deepspeed.initialize` with an optimizer; its ZeRO stage, offload and precision come from the
+user's DeepSpeed JSON, with "auto" fields filled from the dpo_ds config (and explicit values that
+contradict the config rejected). Reference: a second, inference-only engine (no optimizer) built
+from a config derived from the policy's: its own dtype, ZeRO-3 with optional CPU parameter offload
+when the policy is ZeRO-3, plain (stage 0) otherwise -- a frozen model has no optimizer state or
+gradients to partition, so below stage 3 ZeRO buys it nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dpo_ds.config import Config, ConfigError
+from dpo_ds.model import LogprobLM, ModelError, disable_dropout, load_config
+
+log = logging.getLogger("dpo_ds")
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def set_threads(n: int, on_cpu: bool) -> None:
+    """On CPU every rank defaults to all cores; 2 ranks x N threads on N cores thrash (14x slower
+    seen on 2 cores), so CPU ranks take 1 thread unless told otherwise."""
+    if n > 0:
+        torch.set_num_threads(n)
+    elif on_cpu:
+        torch.set_num_threads(1)
+
+
+def init_distributed(torch_threads: int = 0) -> tuple[int, int, torch.device]:
+    """Start torch.distributed through DeepSpeed; returns (rank, world_size, device).
+
+    Works under the `deepspeed` launcher, torchrun, and a bare `python` (a world of one)."""
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    on_cpu = acc.device_name() == "cpu"
+    set_threads(torch_threads, on_cpu)
+    if on_cpu and os.environ.get("DPO_DS_CPU_SHM", "0") != "1":
+        # The CPU accelerator JIT-compiles a shared-memory all-reduce (~2 min) on first use; gloo is
+        # fine for CPU runs. Patch the module object itself: `import deepspeed.comm.torch as m`
+        # binds the real `torch` package instead.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    acc.set_device(local_rank)
+    device = torch.device(acc.device_name(local_rank)) if not on_cpu else torch.device("cpu")
+    return rank, world, device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def sync_max(n: int) -> int:
+    t = torch.tensor([n], dtype=torch.long, device=_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_objects(obj) -> list:
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.current_device_name())
+
+
+# ----------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def _fill(ds: dict, key: str, want, source: str, path: str, where: dict | None = None, label: str | None = None):
+    """Set ds[key] to `want` when missing or "auto"; an explicit different value is an error."""
+    where = ds if where is None else where
+    have = where.get(key, "auto")
+    if have == "auto":
+        where[key] = want
+    elif have != want:
+        raise ConfigError(
+            f"{path}: '{label or key}' is {have!r} but the dpo_ds config gives {want!r} ({source}); "
+            f'set it to "auto" or make the two agree'
+        )
+
+
+def resolve_ds_config(path: str, cfg: Config, world: int, on_cpu: bool) -> dict:
+    """Read the user's DeepSpeed JSON and make it agree with the dpo_ds config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--ds {path}: DeepSpeed config file not found")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds {path}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds {path}: must hold a JSON object")
+
+    gas = cfg.gradient_accumulation_steps
+    if cfg.batch_size % (world * gas):
+        raise ConfigError(
+            f"config key 'batch_size': {cfg.batch_size} must be divisible by world_size x "
+            f"gradient_accumulation_steps = {world} x {gas}"
+        )
+    if cfg.eval_batch_size % world:
+        raise ConfigError(f"config key 'eval_batch_size': {cfg.eval_batch_size} must be divisible by world_size {world}")
+    _fill(ds, "train_batch_size", cfg.batch_size, "batch_size", path)
+    _fill(ds, "gradient_accumulation_steps", gas, "gradient_accumulation_steps", path)
+    micro = cfg.batch_size // (world * gas)
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "batch_size / (world_size x gradient_accumulation_steps)", path)
+    _fill(ds, "gradient_clipping", cfg.max_grad_norm, "max_grad_norm", path)
+
+    for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        block = ds.setdefault(section, {"enabled": "auto"})
+        if not isinstance(block, dict):
+            raise ConfigError(f"{path}: '{section}' must be an object like {{\"enabled\": \"auto\"}}")
+        want = cfg.model.policy_dtype == dtype
+        _fill(ds, "enabled", want, f"model.policy_dtype={cfg.model.policy_dtype}", path, block, f"{section}.enabled")
+
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+
+    if "scheduler" in ds:
+        raise ConfigError(
+            f"{path}: remove the 'scheduler' block; dpo_ds builds the linear warmup from warmup_steps={cfg.warmup_steps}"
+        )
+    opt = ds.get("optimizer")
+    if opt is not None:
+        if not isinstance(opt, dict) or "type" not in opt:
+            raise ConfigError(f"{path}: 'optimizer' must be an object with a 'type'")
+        if cfg.optimizer not in ("auto", opt["type"]):
+            raise ConfigError(
+                f"{path}: 'optimizer.type' is {opt['type']!r} but the config key 'optimizer' is {cfg.optimizer!r}; "
+                f"remove the JSON's optimizer block to use {cfg.optimizer}, or make them agree"
+            )
+        params = opt.setdefault("params", {})
+        _fill(ds, "lr", cfg.lr, "lr", path, params, "optimizer.params.lr")
+        if on_cpu and opt["type"].lower() in ("adam", "adamw"):
+            # DeepSpeed's fused/CPU Adam would be JIT-compiled here (minutes); torch's Adam is fine on CPU.
+            params.setdefault("torch_adam", True)
+    elif cfg.optimizer in ("auto", "AdamW", "Adam"):
+        ds["optimizer"] = {
+            "type": "AdamW" if cfg.optimizer == "auto" else cfg.optimizer,
+            "params": {"lr": cfg.lr, **({"torch_adam": True} if on_cpu else {})},
+        }
+    elif zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # A torch RMSprop on offloaded states is slow but correct; DeepSpeed refuses it unless told.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    ds.setdefault("steps_per_print", 10**9)  # dpo_ds logs itself
+    return ds
+
+
+def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
+    """Inference-only config for the frozen reference: same batch fields (DeepSpeed checks them),
+    its own precision, no optimizer; ZeRO-3 (optionally CPU-offloaded) only when the policy is."""
+    ref = {
+        k: copy.deepcopy(policy_ds[k])
+        for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    }
+    ref["bf16"] = {"enabled": cfg.model.reference_dtype == "bfloat16"}
+    ref["fp16"] = {"enabled": cfg.model.reference_dtype == "float16"}
+    ref["steps_per_print"] = 10**9
+    stage = policy_ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        src = policy_ds["zero_optimization"]
+        zero = {"stage": 3}
+        for k in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"):
+            if k in src:
+                zero[k] = src[k]
+        if cfg.model.reference_offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        ref["zero_optimization"] = zero
+    else:
+        if cfg.model.reference_offload:
+            raise ConfigError(
+                "config key 'model.reference_offload': needs a ZeRO-3 policy config (zero_optimization.stage=3)"
+            )
+        ref["zero_optimization"] = {"stage": 0}
+    return ref
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _zero3(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("stage", 0) == 3
+
+
+def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool):
+    """A HF causal LM built for `ds`: under ZeRO-3 its parameters are partitioned as they are created
+    (HfDeepSpeedConfig makes transformers build inside deepspeed.zero.Init, and from_pretrained
+    load each shard into the partitions), so no rank ever holds a full 70B model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841  (kept alive while building)
+    try:
+        config = load_config(model_dir)
+        if from_weights:
+            lm = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=DTYPE[dtype])
+        else:
+            lm = AutoModelForCausalLM.from_config(config, dtype=DTYPE[dtype])
+    finally:
+        unset_hf_deepspeed_config()
+    disable_dropout(lm)
+    return lm
+
+
+def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a full state dict into `lm`, partitioned (ZeRO-3) or not, after checking the keys.
+
+    Under ZeRO-3 each parameter is gathered in turn, rank 0 writes it, and DeepSpeed re-partitions
+    it: every rank must call this (all do, in the same order)."""
+    import deepspeed
+
+    expected = set(lm.state_dict().keys())
+    got = set(state.keys())
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise ModelError(
+            f"{source}: state keys do not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
+            f" ({len(missing)}), unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+        )
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with torch.no_grad():
+        for name, p in list(lm.named_parameters()) + list(lm.named_buffers()):
+            if name not in state:
+                continue
+            src = state[name]
+            zero3 = hasattr(p, "ds_id")
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3 else nullcontext()
+            with ctx:
+                if rank == 0 or not zero3:
+                    if tuple(src.shape) != tuple(p.shape):
+                        raise ModelError(f"{source}: '{name}' has shape {tuple(src.shape)}, model has {tuple(p.shape)}")
+                    p.copy_(src.to(p.dtype))
+
+
+def build_policy(lm, ds: dict, cfg: Config, total_steps: int):
+    import deepspeed
+
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = LogprobLM(lm, cfg.model.logprob_impl)
+    optimizer = None
+    if cfg.optimizer == "RMSprop" and "optimizer" not in ds:
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)  # the original DPO code's default
+    warmup = cfg.warmup_steps
+
+    def schedule(opt):
+        # linear warmup to lr over warmup_steps optimizer steps, then constant (as in the original)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=schedule,
+        config=ds,
+    )
+    return engine
+
+
+def build_reference(lm, ds: dict, cfg: Config):
+    import deepspeed
+
+    lm.requires_grad_(False)
+    model = LogprobLM(lm, cfg.model.logprob_impl)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+
+
+# ----------------------------------------------------------------------------- train surface
+
+
+def backward(engine, loss: torch.Tensor, last_micro_batch: bool) -> None:
+    """Accumulate one micro-batch; the optimizer steps on the last one of the step.
+
+    The loss arrives already normalised over the whole global batch, so DeepSpeed must not divide
+    by gradient_accumulation_steps again (the packed path runs a variable number of micro-batches)."""
+    engine.set_gradient_accumulation_boundary(last_micro_batch)
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+
+
+def grad_norm(engine) -> float:
+    n = engine.get_global_grad_norm()
+    return float(n) if n is not None else float("nan")
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+def unwrap_lm(engine):
+    return engine.module.lm
+
+
+def gathered(engine):
+    """Context in which every parameter of the engine's model is whole on every rank (ZeRO-3);
+    all ranks must enter it. For generation on small models and for consolidation."""
+    import deepspeed
+
+    if _zero3(engine.config if isinstance(engine.config, dict) else {}) or any(
+        hasattr(p, "ds_id") for p in engine.module.parameters()
+    ):
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The HF model's full state dict on rank 0 (None elsewhere); every rank must call this."""
+    import deepspeed
+
+    lm = unwrap_lm(engine)
+    rank = torch.distributed.get_rank()
+    out = {}
+    for name, p in list(lm.named_parameters()) + list(lm.named_buffers()):
+        ctx = (
+            deepspeed.zero.GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else nullcontext()
+        )
+        with ctx:
+            if rank == 0:
+                out[name] = p.detach().cpu().clone()
+    if rank != 0:
+        return None
+    # tied weights share one parameter: state_dict() lists them under every name
+    for name, t in lm.state_dict().items():
+        if name not in out:
+            alias = _alias_of(lm, name)
+            if alias is None or alias not in out:
+                raise RuntimeError(f"cannot consolidate '{name}': not a parameter or buffer alias")
+            out[name] = out[alias]
+    return {k: out[k] for k in lm.state_dict().keys()}
+
+
+def _alias_of(lm, name: str) -> str | None:
+    target = lm.state_dict(keep_vars=True)[name]
+    for n, p in list(lm.named_parameters()) + list(lm.named_buffers()):
+        if p is target:
+            return n
+    return None
+
+
+def save_engine(engine, directory: Path, client_state: dict) -> None:
+    """Sharded DeepSpeed checkpoint (module, optimizer, scheduler) for resume; every rank calls it."""
+    engine.save_checkpoint(str(directory), tag="ds", client_state=client_state, save_latest=False)
+
+
+def load_engine(engine, directory: Path) -> dict:
+    path, client_state = engine.load_checkpoint(str(directory), tag="ds")
+    if path is None:
+        raise ConfigError(f"resume_from: no DeepSpeed checkpoint under {directory}/ds")
+    return client_state

@@ -1,0 +1,145 @@
+"""dpo_ds entry point: SFT, DPO, IPO, cDPO and reference-free DPO on DeepSpeed.
+
+    deepspeed --num_gpus 8 dpo_ds/train.py --ds ds_configs/zero3.json loss=sft exp_name=sft datasets=[hh]
+    deepspeed --num_gpus 8 dpo_ds/train.py --ds ds_configs/zero3.json loss=dpo loss.beta=0.1 \
+        exp_name=dpo datasets=[hh] model.archive=runs/sft/LATEST/policy.pt
+
+Reads top to bottom: parse -> init distributed -> check inputs -> build -> train -> close.
+Every input is checked before any engine is built, identically on every rank, so a bad key, file,
+row or archive stops all ranks with the same message instead of hanging a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make `dpo_ds` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpo_ds.checkpoint import ArchiveError
+from dpo_ds.config import ConfigError
+from dpo_ds.data.sources import DataError
+from dpo_ds.model import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ArchiveError, ModelError)
+log = logging.getLogger("dpo_ds")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--ds", default=str(Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"),
+                    help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)")
+    ap.add_argument("--config", default=None, help="YAML file with dpo_ds config keys; key=value overrides win")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. loss=dpo loss.beta=0.1 datasets=[hh,shp]")
+    return ap.parse_args(argv)
+
+
+def run(argv=None) -> dict:
+    import torch
+
+    from dpo_ds import engines
+    from dpo_ds.checkpoint import read_archive
+    from dpo_ds.config import dump_yaml, load_config
+    from dpo_ds.data.batches import Batches, flatten
+    from dpo_ds.data.sources import load_sources
+    from dpo_ds.model import has_weights, load_tokenizer, random_init_state, resolve_model_dir
+    from dpo_ds.trainer import Trainer
+
+    # 1. parse: the whole config is checked before anything starts
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    # 2. distributed
+    rank, world, device = engines.init_distributed(cfg.torch_threads)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    on_cpu = device.type == "cpu"
+    ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
+    stage = ds_config["zero_optimization"].get("stage", 0)
+    log.info(f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}")
+
+    # 3. inputs: model directory, archive, data -- all checked before any engine exists
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(model_dir)
+    archive = read_archive(cfg.model.archive) if cfg.model.archive else None
+    if archive is not None:
+        log.info(f"archive {cfg.model.archive}: step_idx {archive.get('step_idx')} metrics {archive.get('metrics')}")
+    sft = cfg.loss.name == "sft"
+    train_examples = flatten(load_sources(cfg.datasets, "train", cfg.data.cache_dir), sft)
+    eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
+    batch_args = dict(
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, world=world, rank=rank, seed=cfg.seed,
+        packing=cfg.data.packing, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+        sync_max=engines.sync_max,
+    )
+    train_data = Batches(train_examples, tokenizer, global_batch=cfg.batch_size,
+                         micro_batches_per_step=cfg.gradient_accumulation_steps, **batch_args)
+    eval_data = Batches(eval_examples, tokenizer, global_batch=cfg.eval_batch_size, micro_batches_per_step=1,
+                        **batch_args)
+    n_steps = train_data.n_steps(cfg.n_epochs, cfg.n_examples)
+    if n_steps == 0:
+        raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is more than the {len(train_examples)} "
+                          f"training examples of datasets={cfg.datasets}; no optimizer step would run")
+    if cfg.n_eval_examples and min(cfg.n_eval_examples, len(eval_examples)) < cfg.eval_batch_size:
+        raise ConfigError(f"config key 'eval_batch_size': {cfg.eval_batch_size} is more than the "
+                          f"{min(cfg.n_eval_examples, len(eval_examples))} eval examples available (n_eval_examples)")
+    log.info(f"{len(train_examples)} train / {len(eval_examples)} eval examples, {n_steps} steps of {cfg.batch_size}")
+
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    # 4. build: policy (and reference) start from the archive, the model dir's weights, or a seeded init
+    weights = has_weights(model_dir)
+    state = archive["state"] if archive is not None else (None if weights else random_init_state(model_dir, cfg.seed))
+    source = cfg.model.archive or f"seeded init of {model_dir}"
+    policy_lm = engines.build_lm(model_dir, ds_config, cfg.model.policy_dtype, from_weights=weights and state is None)
+    if state is not None:
+        engines.load_state(policy_lm, state, source)
+    policy = engines.build_policy(policy_lm, ds_config, cfg, n_steps)
+    reference = None
+    if not sft and not cfg.loss.reference_free:
+        ref_config = engines.reference_ds_config(ds_config, cfg)
+        ref_lm = engines.build_lm(model_dir, ref_config, cfg.model.reference_dtype, from_weights=weights and state is None)
+        if state is not None:
+            engines.load_state(ref_lm, state, source)
+        reference = engines.build_reference(ref_lm, ref_config, cfg)
+    del state, archive
+
+    start_step = 0
+    if cfg.resume_from:
+        client = engines.load_engine(policy, Path(cfg.resume_from))
+        start_step = int(client["step"])
+        log.info(f"resumed from {cfg.resume_from} at step {start_step}")
+
+    # 5. train, evaluate, save
+    trainer = Trainer(cfg, policy, reference, train_data, eval_data, tokenizer, run_dir, rank, world, device)
+    metrics = trainer.train(start_step)
+
+    # 6. close
+    engines.barrier()
+    engines.shutdown()
+    return metrics
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except USER_ERRORS as e:
+        print(f"dpo_ds: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

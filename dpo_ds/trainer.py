@@ -1,0 +1,291 @@
+"""The loop: forward policy, forward reference (no grad), loss, backward/step, eval, save.
+
+Every rank runs the same forwards in the same order (policy, then reference, then generation at
+eval), which ZeRO-3 requires: parameters are gathered collectively on each module call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from dpo_ds import checkpoint, engines
+from dpo_ds.config import Config, to_dict
+from dpo_ds.data.batches import Batches
+from dpo_ds.data.collate import sequence_logps, to_device
+from dpo_ds.losses import LOSS_FNS, chosen_nll, sft_loss
+
+log = logging.getLogger("dpo_ds")
+
+
+class MetricsSink:
+    """metrics.jsonl on rank 0, and wandb when enabled (offline mode needs no account)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, rank: int):
+        self.rank = rank
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if rank == 0 and cfg.wandb.enabled and cfg.wandb.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.exp_name,
+                mode=cfg.wandb.mode,
+                dir=str(run_dir),
+                config=to_dict(cfg),
+            )
+
+    def write(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        policy,
+        reference,
+        train_data: Batches,
+        eval_data: Batches,
+        tokenizer,
+        run_dir: Path,
+        rank: int,
+        world: int,
+        device: torch.device,
+    ):
+        self.cfg = cfg
+        self.policy = policy
+        self.reference = reference  # None for SFT and reference-free losses
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.tokenizer = tokenizer
+        self.run_dir = run_dir
+        self.rank = rank
+        self.world = world
+        self.device = device
+        self.sft = cfg.loss.name == "sft"
+        self.sink = MetricsSink(cfg, run_dir, rank)
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def micro_batch(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example losses (examples,) and per-example statistics for one micro-batch."""
+        b = to_device(batch, self.device)
+        args = (b["input_ids"], b["labels"], b["attention_mask"], b["position_ids"])
+        logps, counts = sequence_logps(self.policy(*args).float(), b)  # (seqs,)
+        if self.sft:
+            return sft_loss(logps), {"logps/chosen": logps.detach()}
+        n = b["n_seqs"] // 2  # sequences [0, n) are chosen, [n, 2n) rejected
+        policy_chosen, policy_rejected = logps[:n], logps[n:]
+        if self.reference is None:  # reference-free: uniform reference, log pi_ref constant
+            ref_chosen = ref_rejected = torch.zeros_like(policy_chosen)
+        else:
+            with torch.no_grad():
+                ref_logps, _ = sequence_logps(self.reference(*args).float(), b)
+            ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
+        loss_fn = LOSS_FNS[self.cfg.loss.name]
+        losses, chosen_rewards, rejected_rewards = loss_fn(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.cfg.loss.beta,
+            label_smoothing=self.cfg.loss.label_smoothing,
+        )
+        if self.cfg.loss.chosen_nll_weight:
+            losses = losses + self.cfg.loss.chosen_nll_weight * chosen_nll(policy_chosen, counts[:n])
+        stats = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": policy_chosen.detach(),
+            "logps/rejected": policy_rejected.detach(),
+            "logps/ref_chosen": ref_chosen,
+            "logps/ref_rejected": ref_rejected,
+        }
+        return losses, stats
+
+    def _reduce(self, sums: dict[str, torch.Tensor], count: int, split: str) -> dict[str, float]:
+        """Means over all examples of all ranks, named as in the original: rewards_train/chosen..."""
+        names = sorted(sums)
+        vec = torch.stack([sums[k] for k in names] + [torch.tensor(float(count))]).to(engines._comm_device())
+        vec = engines.all_reduce_sum(vec.double()).cpu()
+        total = vec[-1].item()
+        out = {}
+        for i, k in enumerate(names):
+            group, _, field = k.partition("/")
+            out[f"{group}_{split}/{field}" if field else f"{k}/{split}"] = vec[i].item() / max(total, 1)
+        return out
+
+    @staticmethod
+    def _accumulate(sums: dict, losses: torch.Tensor, stats: dict) -> None:
+        for k, v in [("loss", losses.detach())] + list(stats.items()):
+            sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.double().sum().cpu()
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, start_step: int = 0) -> dict:
+        cfg = self.cfg
+        n_steps = self.train_data.n_steps(cfg.n_epochs, cfg.n_examples)
+        examples = start_step * cfg.batch_size
+        if start_step == 0 and cfg.do_first_eval:
+            self.evaluate(step=0, examples=0, save=False)
+        last_eval_bucket = examples // cfg.eval_every
+        bar = None
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_steps, initial=start_step, desc=f"{cfg.loss.name}", dynamic_ncols=True)
+        eval_metrics: dict = {}
+        self.policy.train()
+        t_last = time.time()
+        for step in self.train_data.train_steps(cfg.n_epochs, cfg.n_examples, start_step):
+            sums: dict[str, torch.Tensor] = {}
+            t0 = time.time()
+            for k, micro in enumerate(step.micro_batches):
+                losses, stats = self.micro_batch(micro)
+                # normalised over this rank's examples in the whole step; DeepSpeed then averages
+                # the ranks, which see equal numbers of examples: the mean over the global batch.
+                loss = losses.sum() / step.n_local
+                engines.backward(self.policy, loss, last_micro_batch=k == len(step.micro_batches) - 1)
+                self._accumulate(sums, losses, stats)
+            metrics = self._reduce(sums, step.n_local, "train")
+            examples = step.examples_after
+            metrics.update(
+                {
+                    "grad_norm": engines.grad_norm(self.policy),
+                    "lr": engines.current_lr(self.policy),
+                    "examples_per_second": cfg.batch_size / max(time.time() - t0, 1e-9),
+                    "counters/examples": examples,
+                    "counters/updates": step.index + 1,
+                }
+            )
+            self.sink.write({"step": step.index + 1, **metrics})
+            if bar is not None:
+                bar.update(1)
+                if (step.index + 1) % cfg.log_every == 0 or time.time() - t_last > 30:
+                    t_last = time.time()
+                    bar.write(self._line(step.index + 1, examples, metrics, "train"))
+            bucket = examples // cfg.eval_every
+            if bucket > last_eval_bucket:
+                last_eval_bucket = bucket
+                eval_metrics = self.evaluate(step.index + 1, examples, save=True)
+                self.policy.train()
+        if bar is not None:
+            bar.close()
+        final_step = n_steps
+        if not (eval_metrics and eval_metrics.get("counters/examples") == examples):
+            eval_metrics = self.evaluate(final_step, examples, save=True)
+        self.sink.close()
+        return eval_metrics
+
+    def _line(self, step: int, examples: int, m: dict, split: str) -> str:
+        keys = [f"loss/{split}"]
+        if not self.sft:
+            keys += [f"rewards_{split}/accuracies", f"rewards_{split}/margins"]
+        keys += [f"logps_{split}/chosen"] + (["grad_norm", "lr"] if split == "train" else [])
+        parts = [f"{k} {m[k]:.4g}" for k in keys if k in m]
+        return f"[{split}] step {step} examples {examples} | " + " | ".join(parts)
+
+    # ------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self, step: int, examples: int, save: bool) -> dict:
+        cfg = self.cfg
+        self.policy.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for micro_batches, n_local in self.eval_batches:
+            for micro in micro_batches:
+                losses, stats = self.micro_batch(micro)
+                self._accumulate(sums, losses, stats)
+            count += n_local
+        metrics = self._reduce(sums, count, "eval") if count else {}
+        metrics["counters/examples"] = examples
+        if cfg.sample_during_eval and cfg.n_eval_model_samples:
+            self.write_samples(step)
+        self.sink.write({"step": step, **metrics})
+        if self.rank == 0:
+            log.info(self._line(step, examples, metrics, "eval"))
+        if save:
+            self.save(step, examples, metrics)
+        return metrics
+
+    @property
+    def eval_batches(self):
+        if not hasattr(self, "_eval_batches"):
+            self._eval_batches = self.eval_data.eval_batches(self.cfg.n_eval_examples)
+        return self._eval_batches
+
+    def generate(self, engine, prompts: list[str]) -> list[str]:
+        """Greedy continuations. Every rank runs the same number of generate calls on the same
+        number of prompts; under ZeRO-3 `synced_gpus` keeps the ranks stepping together."""
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = [bos + tok(p, add_special_tokens=False)["input_ids"][-(self.cfg.max_prompt_length - len(bos)) :] for p in prompts]
+        width = max(len(x) for x in ids)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)  # left-padded
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        lm = engines.unwrap_lm(engine)
+        out = lm.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=self.cfg.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            synced_gpus=self.world > 1 and any(hasattr(p, "ds_id") for p in lm.parameters()),
+        )
+        return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+
+    def write_samples(self, step: int) -> None:
+        examples = self.eval_data.prompts(self.cfg.n_eval_model_samples)
+        per_rank = -(-len(examples) // self.world)
+        mine = examples[self.rank * per_rank : (self.rank + 1) * per_rank]
+        n_real = len(mine)
+        mine = mine + [examples[-1]] * (per_rank - n_real)  # equal work on every rank
+        prompts = [e.prompt for e in mine]
+        policy_out = self.generate(self.policy, prompts)
+        ref_out = self.generate(self.reference, prompts) if self.reference is not None else [None] * len(prompts)
+        rows = [
+            {"step": step, "prompt": p, "policy": a, "reference": b}
+            for p, a, b in list(zip(prompts, policy_out, ref_out))[:n_real]
+        ]
+        gathered = engines.all_gather_objects(rows)
+        if self.rank == 0:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                for part in gathered:
+                    for r in part:
+                        f.write(json.dumps(r) + "\n")
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, examples: int, metrics: dict) -> None:
+        """step-{examples}/ (policy.pt + DeepSpeed checkpoint), then LATEST points at it."""
+        target = checkpoint.step_dir(self.run_dir, examples)
+        state = engines.consolidated_state_dict(self.policy)
+        if self.rank == 0:
+            target.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_policy(target / "policy.pt", examples, state, metrics)
+        engines.save_engine(self.policy, target, {"step": step, "examples": examples})
+        engines.barrier()  # every rank's shard is on disk before LATEST moves
+        if self.rank == 0:
+            checkpoint.point_latest(self.run_dir, target)
+            log.info(f"saved {target} (LATEST)")
