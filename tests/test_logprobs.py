@@ -1,9 +1,9 @@
 """Per-token log-prob implementations against an fp64 reference: forward, gradient, edge cases.
 
 On CPU the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, set before triton is imported).
-With a GPU the same tests also run on "cuda" and are the GPU parity check; conftest defaults
-TRITON_INTERPRET to 1, so to test the compiled kernel run `TRITON_INTERPRET=0 pytest tests/test_logprobs.py`
-(the CPU-tensor triton cases then skip).
+With a GPU the same tests also run on "cuda" and are the GPU parity check: conftest sets
+TRITON_INTERPRET only where there is no GPU, so there the compiled kernel is tested (the CPU-tensor
+triton cases then skip).
 """
 
 import importlib.util
