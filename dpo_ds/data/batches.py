@@ -108,7 +108,7 @@ class Batches:
         if self.packing:
             from dpo_ds.data.packing import pack_micro_batches
 
-            return pack_micro_batches(seqs, self.max_tokens, self.n_micro, self.sync_max)
+            return pack_micro_batches(seqs, self.max_tokens, self.n_micro, self.sync_max, self.pad_id, self.max_length)
         size = len(local) // self.n_micro
         return [collate_padded(seqs[k * size : (k + 1) * size], self.pad_id) for k in range(self.n_micro)]
 
