@@ -1,10 +1,10 @@
 """Run-directory checkpoints.
 
-  {run_dir}/step-{N}/policy.pt   {'step_idx', 'state', 'metrics'}: the full HF state dict, rank 0
-  {run_dir}/step-{N}/ds/         DeepSpeed's sharded checkpoint (module, optimizer, scheduler,
-                                 client state) for resume_from
-  {run_dir}/LATEST -> step-{N}   a symlink, swapped atomically only once step-{N} is complete,
-                                 so LATEST always names a whole checkpoint
+{run_dir}/step-{N}/policy.pt   {'step_idx', 'state', 'metrics'}: the full HF state dict, rank 0
+{run_dir}/step-{N}/ds/         DeepSpeed's sharded checkpoint (module, optimizer, scheduler,
+                               client state) for resume_from
+{run_dir}/LATEST -> step-{N}   a symlink, swapped atomically only once step-{N} is complete,
+                               so LATEST always names a whole checkpoint
 """
 
 from __future__ import annotations
@@ -28,15 +28,21 @@ def read_archive(path: str) -> dict:
     if p.is_dir():
         p = p / "policy.pt"
     if not p.is_file():
-        raise ArchiveError(f"model.archive={path}: file {p} does not exist (expected a run's LATEST/policy.pt)")
+        raise ArchiveError(
+            f"model.archive={path}: file {p} does not exist (expected a run's LATEST/policy.pt)"
+        )
     try:
         # mmap: on a node of 8 ranks the state is read once into the page cache, not 8 times into RAM
         archive = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ArchiveError(f"model.archive={path}: cannot read {p} as a torch checkpoint ({type(e).__name__}: {e})") from None
+        raise ArchiveError(
+            f"model.archive={path}: cannot read {p} as a torch checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(archive, dict) or "state" not in archive:
         keys = sorted(archive) if isinstance(archive, dict) else type(archive).__name__
-        raise ArchiveError(f"model.archive={path}: {p} has no 'state' key (found {keys}); expected {list(ARCHIVE_KEYS)}")
+        raise ArchiveError(
+            f"model.archive={path}: {p} has no 'state' key (found {keys}); expected {list(ARCHIVE_KEYS)}"
+        )
     state = archive["state"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ArchiveError(f"model.archive={path}: {p}['state'] must be a state dict of tensors")

@@ -215,7 +215,11 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.n_epochs is None or cfg.n_epochs > 0, "n_epochs", "must be > 0 or null")
     need(cfg.n_examples is None or cfg.n_examples > 0, "n_examples", "must be > 0 or null")
-    need(cfg.n_epochs is not None or cfg.n_examples is not None, "n_epochs", "and n_examples cannot both be null")
+    need(
+        cfg.n_epochs is not None or cfg.n_examples is not None,
+        "n_epochs",
+        "and n_examples cannot both be null",
+    )
     need(cfg.n_eval_examples >= 0, "n_eval_examples", "must be >= 0")
     need(cfg.eval_every > 0, "eval_every", "must be > 0")
     need(cfg.n_eval_model_samples >= 0, "n_eval_model_samples", "must be >= 0")
@@ -262,7 +266,9 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {config_file} must hold a mapping of keys, got {type(data).__name__}")
+            raise ConfigError(
+                f"config file {config_file} must hold a mapping of keys, got {type(data).__name__}"
+            )
         for key, value in data.items():
             try:
                 _set(cfg, str(key), value)

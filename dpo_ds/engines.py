@@ -45,7 +45,12 @@ def init_distributed(torch_threads: int = 0) -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed; returns (rank, world_size, device).
 
     Works under the `deepspeed` launcher, torchrun, and a bare `python` (a world of one)."""
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    for key, default in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
@@ -82,7 +87,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def sync_max(n: int) -> int:
-    t = torch.tensor([n], dtype=torch.long, device=_comm_device())
+    t = torch.tensor([n], dtype=torch.long, device=comm_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
 
@@ -91,6 +96,15 @@ def all_gather_objects(obj) -> list:
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def peak_memory_gib() -> float:
+    """This rank's peak memory: device allocations on a GPU, the process's peak RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def barrier() -> None:
@@ -102,7 +116,7 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -112,7 +126,9 @@ def _comm_device() -> torch.device:
 # ----------------------------------------------------------------------------- DeepSpeed JSON
 
 
-def _fill(ds: dict, key: str, want, source: str, path: str, where: dict | None = None, label: str | None = None):
+def _fill(
+    ds: dict, key: str, want, source: str, path: str, where: dict | None = None, label: str | None = None
+):
     """Set ds[key] to `want` when missing or "auto"; an explicit different value is an error."""
     where = ds if where is None else where
     have = where.get(key, "auto")
@@ -144,19 +160,35 @@ def resolve_ds_config(path: str, cfg: Config, world: int, on_cpu: bool) -> dict:
             f"gradient_accumulation_steps = {world} x {gas}"
         )
     if cfg.eval_batch_size % world:
-        raise ConfigError(f"config key 'eval_batch_size': {cfg.eval_batch_size} must be divisible by world_size {world}")
+        raise ConfigError(
+            f"config key 'eval_batch_size': {cfg.eval_batch_size} must be divisible by world_size {world}"
+        )
     _fill(ds, "train_batch_size", cfg.batch_size, "batch_size", path)
     _fill(ds, "gradient_accumulation_steps", gas, "gradient_accumulation_steps", path)
     micro = cfg.batch_size // (world * gas)
-    _fill(ds, "train_micro_batch_size_per_gpu", micro, "batch_size / (world_size x gradient_accumulation_steps)", path)
+    _fill(
+        ds,
+        "train_micro_batch_size_per_gpu",
+        micro,
+        "batch_size / (world_size x gradient_accumulation_steps)",
+        path,
+    )
     _fill(ds, "gradient_clipping", cfg.max_grad_norm, "max_grad_norm", path)
 
     for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
         block = ds.setdefault(section, {"enabled": "auto"})
         if not isinstance(block, dict):
-            raise ConfigError(f"{path}: '{section}' must be an object like {{\"enabled\": \"auto\"}}")
+            raise ConfigError(f'{path}: \'{section}\' must be an object like {{"enabled": "auto"}}')
         want = cfg.model.policy_dtype == dtype
-        _fill(ds, "enabled", want, f"model.policy_dtype={cfg.model.policy_dtype}", path, block, f"{section}.enabled")
+        _fill(
+            ds,
+            "enabled",
+            want,
+            f"model.policy_dtype={cfg.model.policy_dtype}",
+            path,
+            block,
+            f"{section}.enabled",
+        )
 
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     stage = zero.get("stage", 0)
@@ -207,7 +239,11 @@ def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
     if stage == 3:
         src = policy_ds["zero_optimization"]
         zero = {"stage": 3}
-        for k in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"):
+        for k in (
+            "stage3_param_persistence_threshold",
+            "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters",
+        ):
             if k in src:
                 zero[k] = src[k]
         if cfg.model.reference_offload:
@@ -276,11 +312,13 @@ def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str)
             with ctx:
                 if rank == 0 or not zero3:
                     if tuple(src.shape) != tuple(p.shape):
-                        raise ModelError(f"{source}: '{name}' has shape {tuple(src.shape)}, model has {tuple(p.shape)}")
+                        raise ModelError(
+                            f"{source}: '{name}' has shape {tuple(src.shape)}, model has {tuple(p.shape)}"
+                        )
                     p.copy_(src.to(p.dtype))
 
 
-def build_policy(lm, ds: dict, cfg: Config, total_steps: int):
+def build_policy(lm, ds: dict, cfg: Config):
     import deepspeed
 
     if cfg.model.gradient_checkpointing:
@@ -298,7 +336,9 @@ def build_policy(lm, ds: dict, cfg: Config, total_steps: int):
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
+        model_parameters=None
+        if optimizer is not None
+        else [p for p in model.parameters() if p.requires_grad],
         lr_scheduler=schedule,
         config=ds,
     )
@@ -341,18 +381,6 @@ def unwrap_lm(engine):
     return engine.module.lm
 
 
-def gathered(engine):
-    """Context in which every parameter of the engine's model is whole on every rank (ZeRO-3);
-    all ranks must enter it. For generation on small models and for consolidation."""
-    import deepspeed
-
-    if _zero3(engine.config if isinstance(engine.config, dict) else {}) or any(
-        hasattr(p, "ds_id") for p in engine.module.parameters()
-    ):
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    return nullcontext()
-
-
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """The HF model's full state dict on rank 0 (None elsewhere); every rank must call this."""
     import deepspeed
@@ -362,7 +390,9 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     out = {}
     for name, p in list(lm.named_parameters()) + list(lm.named_buffers()):
         ctx = (
-            deepspeed.zero.GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else nullcontext()
+            deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+            if hasattr(p, "ds_id")
+            else nullcontext()
         )
         with ctx:
             if rank == 0:
@@ -370,7 +400,7 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     if rank != 0:
         return None
     # tied weights share one parameter: state_dict() lists them under every name
-    for name, t in lm.state_dict().items():
+    for name in lm.state_dict():
         if name not in out:
             alias = _alias_of(lm, name)
             if alias is None or alias not in out:

@@ -85,7 +85,9 @@ def random_init_state(model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
 
 def _restricted_head_ok(config) -> bool:
     # Models that post-process logits (Gemma soft-capping, Cohere scale) must take the full forward.
-    return not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) is None
+    return (
+        not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) is None
+    )
 
 
 class LogprobLM(nn.Module):
@@ -107,7 +109,9 @@ class LogprobLM(nn.Module):
         keep = target != IGNORE
         # use_cache=False: with packed rows (restarting position_ids, no mask) a cache makes the model
         # attend across segments silently.
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        kwargs = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         if self.restricted_head:
             decoder = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
             hidden = decoder(**kwargs).last_hidden_state[:, :-1]  # (rows, T-1, H)

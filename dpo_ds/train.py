@@ -32,17 +32,22 @@ log = logging.getLogger("dpo_ds")
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    ap.add_argument("--ds", default=str(Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"),
-                    help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)")
-    ap.add_argument("--config", default=None, help="YAML file with dpo_ds config keys; key=value overrides win")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
+    ap.add_argument(
+        "--ds",
+        default=str(Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"),
+        help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)",
+    )
+    ap.add_argument(
+        "--config", default=None, help="YAML file with dpo_ds config keys; key=value overrides win"
+    )
+    ap.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by launchers
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. loss=dpo loss.beta=0.1 datasets=[hh,shp]")
     return ap.parse_args(argv)
 
 
 def run(argv=None) -> dict:
-    import torch
-
     from dpo_ds import engines
     from dpo_ds.checkpoint import read_archive
     from dpo_ds.config import dump_yaml, load_config
@@ -59,39 +64,64 @@ def run(argv=None) -> dict:
 
     # 2. distributed
     rank, world, device = engines.init_distributed(cfg.torch_threads)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     on_cpu = device.type == "cpu"
     ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
     stage = ds_config["zero_optimization"].get("stage", 0)
-    log.info(f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}")
+    log.info(
+        f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}"
+    )
 
     # 3. inputs: model directory, archive, data -- all checked before any engine exists
     model_dir = resolve_model_dir(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
     archive = read_archive(cfg.model.archive) if cfg.model.archive else None
     if archive is not None:
-        log.info(f"archive {cfg.model.archive}: step_idx {archive.get('step_idx')} metrics {archive.get('metrics')}")
+        log.info(
+            f"archive {cfg.model.archive}: step_idx {archive.get('step_idx')} metrics {archive.get('metrics')}"
+        )
     sft = cfg.loss.name == "sft"
     train_examples = flatten(load_sources(cfg.datasets, "train", cfg.data.cache_dir), sft)
     eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
     batch_args = dict(
-        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, world=world, rank=rank, seed=cfg.seed,
-        packing=cfg.data.packing, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        world=world,
+        rank=rank,
+        seed=cfg.seed,
+        packing=cfg.data.packing,
+        max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
         sync_max=engines.sync_max,
     )
-    train_data = Batches(train_examples, tokenizer, global_batch=cfg.batch_size,
-                         micro_batches_per_step=cfg.gradient_accumulation_steps, **batch_args)
-    eval_data = Batches(eval_examples, tokenizer, global_batch=cfg.eval_batch_size, micro_batches_per_step=1,
-                        **batch_args)
+    train_data = Batches(
+        train_examples,
+        tokenizer,
+        global_batch=cfg.batch_size,
+        micro_batches_per_step=cfg.gradient_accumulation_steps,
+        **batch_args,
+    )
+    eval_data = Batches(
+        eval_examples, tokenizer, global_batch=cfg.eval_batch_size, micro_batches_per_step=1, **batch_args
+    )
     n_steps = train_data.n_steps(cfg.n_epochs, cfg.n_examples)
     if n_steps == 0:
-        raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is more than the {len(train_examples)} "
-                          f"training examples of datasets={cfg.datasets}; no optimizer step would run")
+        raise ConfigError(
+            f"config key 'batch_size': {cfg.batch_size} is more than the {len(train_examples)} "
+            f"training examples of datasets={cfg.datasets}; no optimizer step would run"
+        )
     if cfg.n_eval_examples and min(cfg.n_eval_examples, len(eval_examples)) < cfg.eval_batch_size:
-        raise ConfigError(f"config key 'eval_batch_size': {cfg.eval_batch_size} is more than the "
-                          f"{min(cfg.n_eval_examples, len(eval_examples))} eval examples available (n_eval_examples)")
-    log.info(f"{len(train_examples)} train / {len(eval_examples)} eval examples, {n_steps} steps of {cfg.batch_size}")
+        raise ConfigError(
+            f"config key 'eval_batch_size': {cfg.eval_batch_size} is more than the "
+            f"{min(cfg.n_eval_examples, len(eval_examples))} eval examples available (n_eval_examples)"
+        )
+    log.info(
+        f"{len(train_examples)} train / {len(eval_examples)} eval examples, {n_steps} steps of {cfg.batch_size}"
+    )
 
     run_dir = Path(cfg.run_dir)
     if rank == 0:
@@ -101,16 +131,24 @@ def run(argv=None) -> dict:
 
     # 4. build: policy (and reference) start from the archive, the model dir's weights, or a seeded init
     weights = has_weights(model_dir)
-    state = archive["state"] if archive is not None else (None if weights else random_init_state(model_dir, cfg.seed))
+    state = (
+        archive["state"]
+        if archive is not None
+        else (None if weights else random_init_state(model_dir, cfg.seed))
+    )
     source = cfg.model.archive or f"seeded init of {model_dir}"
-    policy_lm = engines.build_lm(model_dir, ds_config, cfg.model.policy_dtype, from_weights=weights and state is None)
+    policy_lm = engines.build_lm(
+        model_dir, ds_config, cfg.model.policy_dtype, from_weights=weights and state is None
+    )
     if state is not None:
         engines.load_state(policy_lm, state, source)
-    policy = engines.build_policy(policy_lm, ds_config, cfg, n_steps)
+    policy = engines.build_policy(policy_lm, ds_config, cfg)
     reference = None
     if not sft and not cfg.loss.reference_free:
         ref_config = engines.reference_ds_config(ds_config, cfg)
-        ref_lm = engines.build_lm(model_dir, ref_config, cfg.model.reference_dtype, from_weights=weights and state is None)
+        ref_lm = engines.build_lm(
+            model_dir, ref_config, cfg.model.reference_dtype, from_weights=weights and state is None
+        )
         if state is not None:
             engines.load_state(ref_lm, state, source)
         reference = engines.build_reference(ref_lm, ref_config, cfg)

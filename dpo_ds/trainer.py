@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ class Trainer:
     def _reduce(self, sums: dict[str, torch.Tensor], count: int, split: str) -> dict[str, float]:
         """Means over all examples of all ranks, named as in the original: rewards_train/chosen..."""
         names = sorted(sums)
-        vec = torch.stack([sums[k] for k in names] + [torch.tensor(float(count))]).to(engines._comm_device())
+        vec = torch.stack([sums[k] for k in names] + [torch.tensor(float(count))]).to(engines.comm_device())
         vec = engines.all_reduce_sum(vec.double()).cpu()
         total = vec[-1].item()
         out = {}
@@ -151,14 +152,23 @@ class Trainer:
         if self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_steps, initial=start_step, desc=f"{cfg.loss.name}", dynamic_ncols=True)
+            # a bar only on a terminal; in a log file (slurm, CI) the periodic log lines say the same
+            bar = tqdm(
+                total=n_steps,
+                initial=start_step,
+                desc=cfg.loss.name,
+                dynamic_ncols=True,
+                disable=not sys.stderr.isatty(),
+            )
         eval_metrics: dict = {}
         self.policy.train()
         t_last = time.time()
         for step in self.train_data.train_steps(cfg.n_epochs, cfg.n_examples, start_step):
             sums: dict[str, torch.Tensor] = {}
             t0 = time.time()
+            tokens = torch.zeros(2, dtype=torch.float64)  # (real tokens, row slots incl. padding)
             for k, micro in enumerate(step.micro_batches):
+                tokens += torch.tensor([(micro["seq_ids"] >= 0).sum().item(), micro["input_ids"].numel()])
                 losses, stats = self.micro_batch(micro)
                 # normalised over this rank's examples in the whole step; DeepSpeed then averages
                 # the ranks, which see equal numbers of examples: the mean over the global batch.
@@ -166,12 +176,18 @@ class Trainer:
                 engines.backward(self.policy, loss, last_micro_batch=k == len(step.micro_batches) - 1)
                 self._accumulate(sums, losses, stats)
             metrics = self._reduce(sums, step.n_local, "train")
+            real, slots = engines.all_reduce_sum(tokens.to(engines.comm_device())).tolist()
+            seconds = max(time.time() - t0, 1e-9)
             examples = step.examples_after
             metrics.update(
                 {
                     "grad_norm": engines.grad_norm(self.policy),
                     "lr": engines.current_lr(self.policy),
-                    "examples_per_second": cfg.batch_size / max(time.time() - t0, 1e-9),
+                    "examples_per_second": cfg.batch_size / seconds,
+                    "throughput/step_seconds": seconds,
+                    "throughput/real_tokens_per_second": real / seconds,  # non-pad tokens, all ranks
+                    "throughput/padding_fraction": 1 - real / max(slots, 1),
+                    "memory/peak_gib": engines.peak_memory_gib(),
                     "counters/examples": examples,
                     "counters/updates": step.index + 1,
                 }
@@ -179,9 +195,10 @@ class Trainer:
             self.sink.write({"step": step.index + 1, **metrics})
             if bar is not None:
                 bar.update(1)
-                if (step.index + 1) % cfg.log_every == 0 or time.time() - t_last > 30:
+                if (step.index + 1) % cfg.log_every == 0 or time.time() - t_last > 60:
                     t_last = time.time()
-                    bar.write(self._line(step.index + 1, examples, metrics, "train"))
+                    line = self._line(step.index + 1, examples, metrics, "train")
+                    bar.write(line) if not bar.disable else log.info(line)
             bucket = examples // cfg.eval_every
             if bucket > last_eval_bucket:
                 last_eval_bucket = bucket
@@ -238,10 +255,15 @@ class Trainer:
         number of prompts; under ZeRO-3 `synced_gpus` keeps the ranks stepping together."""
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        ids = [bos + tok(p, add_special_tokens=False)["input_ids"][-(self.cfg.max_prompt_length - len(bos)) :] for p in prompts]
+        ids = [
+            bos + tok(p, add_special_tokens=False)["input_ids"][-(self.cfg.max_prompt_length - len(bos)) :]
+            for p in prompts
+        ]
         width = max(len(x) for x in ids)
         pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)  # left-padded
+        input_ids = torch.tensor(
+            [[pad] * (width - len(x)) + x for x in ids], device=self.device
+        )  # left-padded
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         lm = engines.unwrap_lm(engine)
         out = lm.generate(
@@ -263,7 +285,9 @@ class Trainer:
         mine = mine + [examples[-1]] * (per_rank - n_real)  # equal work on every rank
         prompts = [e.prompt for e in mine]
         policy_out = self.generate(self.policy, prompts)
-        ref_out = self.generate(self.reference, prompts) if self.reference is not None else [None] * len(prompts)
+        ref_out = (
+            self.generate(self.reference, prompts) if self.reference is not None else [None] * len(prompts)
+        )
         rows = [
             {"step": step, "prompt": p, "policy": a, "reference": b}
             for p, a, b in list(zip(prompts, policy_out, ref_out))[:n_real]

@@ -36,18 +36,33 @@ def env() -> dict:
 
 def deepspeed_cmd(*args: str, ranks: int = 2) -> list[str]:
     launcher = Path(sys.executable).parent / "deepspeed"
-    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "dpo_ds" / "train.py"), *args]
+    return [
+        str(launcher),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "dpo_ds" / "train.py"),
+        *args,
+    ]
 
 
 def run_train(*args: str, timeout: int = 300, ranks: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(
-        deepspeed_cmd(*args, ranks=ranks), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        deepspeed_cmd(*args, ranks=ranks),
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
-        raise AssertionError(f"launcher exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"launcher exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

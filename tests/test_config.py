@@ -7,9 +7,20 @@ from dpo_ds.engines import reference_ds_config, resolve_ds_config
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["loss=ipo", "loss.beta=0.5", "datasets=[hh,shp]", "model.archive=a/policy.pt",
-                             "batch_size=64", "n_epochs=null", "n_examples=1000", "do_first_eval=false",
-                             "exp_name=x"])
+    cfg = load_config(
+        None,
+        [
+            "loss=ipo",
+            "loss.beta=0.5",
+            "datasets=[hh,shp]",
+            "model.archive=a/policy.pt",
+            "batch_size=64",
+            "n_epochs=null",
+            "n_examples=1000",
+            "do_first_eval=false",
+            "exp_name=x",
+        ],
+    )
     assert cfg.loss.name == "ipo" and cfg.loss.beta == 0.5
     assert cfg.datasets == ["hh", "shp"]
     assert cfg.model.archive == "a/policy.pt"
@@ -20,7 +31,9 @@ def test_defaults_and_overrides():
 
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("loss:\n  name: dpo\n  beta: 0.2\nlr: 1.0e-6\ndatasets: [demo]\nmodel:\n  reference_dtype: bfloat16\n")
+    f.write_text(
+        "loss:\n  name: dpo\n  beta: 0.2\nlr: 1.0e-6\ndatasets: [demo]\nmodel:\n  reference_dtype: bfloat16\n"
+    )
     cfg = load_config(str(f), ["loss.beta=0.3"])
     assert cfg.loss.beta == 0.3 and cfg.lr == 1e-6 and cfg.model.reference_dtype == "bfloat16"
     f.write_text("loss: sft\n")
@@ -78,7 +91,9 @@ def _ds(tmp_path, obj):
 
 
 def test_ds_auto_fields_are_derived(tmp_path):
-    cfg = load_config(None, ["batch_size=32", "gradient_accumulation_steps=2", "max_grad_norm=1.0", "lr=1e-5"])
+    cfg = load_config(
+        None, ["batch_size=32", "gradient_accumulation_steps=2", "max_grad_norm=1.0", "lr=1e-5"]
+    )
     path = _ds(tmp_path, json.load(open("ds_configs/zero3.json")))
     ds = resolve_ds_config(path, cfg, world=8, on_cpu=False)
     assert ds["train_batch_size"] == 32
@@ -116,7 +131,9 @@ def test_ds_conflicts_are_errors(tmp_path):
 
 
 def test_reference_config_is_derived(tmp_path):
-    cfg = load_config(None, ["batch_size=16", "model.reference_dtype=bfloat16", "model.reference_offload=true"])
+    cfg = load_config(
+        None, ["batch_size=16", "model.reference_dtype=bfloat16", "model.reference_offload=true"]
+    )
     ds = resolve_ds_config(_ds(tmp_path, json.load(open("ds_configs/zero3.json"))), cfg, world=2, on_cpu=True)
     ref = reference_ds_config(ds, cfg)
     assert "optimizer" not in ref
@@ -124,7 +141,9 @@ def test_reference_config_is_derived(tmp_path):
     assert ref["zero_optimization"]["stage"] == 3
     assert ref["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ref["train_batch_size"] == ds["train_batch_size"]
-    ds2 = resolve_ds_config(_ds(tmp_path, json.load(open("ds_configs/zero2.json"))), cfg, world=2, on_cpu=True)
+    ds2 = resolve_ds_config(
+        _ds(tmp_path, json.load(open("ds_configs/zero2.json"))), cfg, world=2, on_cpu=True
+    )
     with pytest.raises(ConfigError, match="model.reference_offload"):
         reference_ds_config(ds2, cfg)
     cfg.model.reference_offload = False
@@ -133,8 +152,25 @@ def test_reference_config_is_derived(tmp_path):
 
 def test_config_is_a_dataclass_with_original_names():
     names = {f for f in Config.__dataclass_fields__}
-    for key in ["batch_size", "eval_batch_size", "gradient_accumulation_steps", "lr", "warmup_steps",
-                "max_grad_norm", "max_length", "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples",
-                "eval_every", "do_first_eval", "sample_during_eval", "n_eval_model_samples", "seed", "exp_name",
-                "run_dir", "datasets"]:
+    for key in [
+        "batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "lr",
+        "warmup_steps",
+        "max_grad_norm",
+        "max_length",
+        "max_prompt_length",
+        "n_epochs",
+        "n_examples",
+        "n_eval_examples",
+        "eval_every",
+        "do_first_eval",
+        "sample_during_eval",
+        "n_eval_model_samples",
+        "seed",
+        "exp_name",
+        "run_dir",
+        "datasets",
+    ]:
         assert key in names

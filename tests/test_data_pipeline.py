@@ -17,8 +17,9 @@ def tok():
 
 
 def test_prompt_masked_eos_appended(tok):
-    chosen, rejected = tokenize_example(tok, "12+34=", ["046", "036x"], max_length=32, max_prompt_length=16,
-                                        truncation_mode="keep_start")
+    chosen, rejected = tokenize_example(
+        tok, "12+34=", ["046", "036x"], max_length=32, max_prompt_length=16, truncation_mode="keep_start"
+    )
     # BOS + 6 prompt chars, then the response and EOS
     assert chosen.input_ids[0] == tok.bos_token_id
     assert chosen.input_ids[-1] == tok.eos_token_id and rejected.input_ids[-1] == tok.eos_token_id
@@ -47,7 +48,10 @@ def test_truncation_keep_start_and_keep_end(tok):
 
 
 def test_flatten_pairs_and_sft():
-    g = [PromptGroup("p", ["a", "b", "c"], [(0, 1), (2, 1)], "a", "keep_end"), PromptGroup("q", ["x"], [], "x", "keep_start")]
+    g = [
+        PromptGroup("p", ["a", "b", "c"], [(0, 1), (2, 1)], "a", "keep_end"),
+        PromptGroup("q", ["x"], [], "x", "keep_start"),
+    ]
     pref = flatten(g, sft=False)
     assert [(e.prompt, e.responses) for e in pref] == [("p", ["a", "b"]), ("p", ["c", "b"])]
     sft = flatten(g, sft=True)
@@ -55,8 +59,10 @@ def test_flatten_pairs_and_sft():
 
 
 def test_padded_collator_concatenates_chosen_then_rejected(tok):
-    exs = [tokenize_example(tok, p, ["1", "22"], max_length=16, max_prompt_length=8, truncation_mode="keep_end")
-           for p in ("a=", "bb=")]
+    exs = [
+        tokenize_example(tok, p, ["1", "22"], max_length=16, max_prompt_length=8, truncation_mode="keep_end")
+        for p in ("a=", "bb=")
+    ]
     b = collate_padded(exs, tok.pad_token_id)
     assert b["n_seqs"] == 4 and b["input_ids"].shape == (4, 1 + 3 + 2 + 1)
     # rows: chosen_0, chosen_1, rejected_0, rejected_1
@@ -76,8 +82,15 @@ def _groups(n):
 
 
 def _batches(tok, rank, world, **kw):
-    args = dict(max_length=16, max_prompt_length=8, global_batch=8, world=world, rank=rank,
-                micro_batches_per_step=2, seed=3)
+    args = dict(
+        max_length=16,
+        max_prompt_length=8,
+        global_batch=8,
+        world=world,
+        rank=rank,
+        micro_batches_per_step=2,
+        seed=3,
+    )
     args.update(kw)
     return Batches(flatten(_groups(20), sft=False), tok, **args)
 
@@ -99,7 +112,9 @@ def test_shuffle_is_deterministic_and_resumable(tok):
     a = [s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2).train_steps(2, None)]
     b = [s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2).train_steps(2, None)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    resumed = [s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2).train_steps(2, None, start_step=3)]
+    resumed = [
+        s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2).train_steps(2, None, start_step=3)
+    ]
     assert all(torch.equal(x, y) for x, y in zip(a[3:], resumed))
     other = [s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2, seed=4).train_steps(2, None)]
     assert not all(torch.equal(x, y) for x, y in zip(a, other))

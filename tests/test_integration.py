@@ -36,8 +36,16 @@ def sft_archive(tmp_path_factory, data_dir):
     run_dir = tmp_path_factory.mktemp("sft")
     check(
         run_train(
-            "--ds", str(ROOT / "ds_configs/zero3.json"), "loss=sft", "exp_name=sft", f"datasets=[{data_dir}]",
-            f"run_dir={run_dir}", "lr=3e-3", "n_epochs=10", "do_first_eval=false", *COMMON,
+            "--ds",
+            str(ROOT / "ds_configs/zero3.json"),
+            "loss=sft",
+            "exp_name=sft",
+            f"datasets=[{data_dir}]",
+            f"run_dir={run_dir}",
+            "lr=3e-3",
+            "n_epochs=10",
+            "do_first_eval=false",
+            *COMMON,
         )
     )
     train, _ = metrics(run_dir)
@@ -49,9 +57,19 @@ def _dpo(tmp_path, data_dir, archive, ds="zero3.json", *extra):
     run_dir = tmp_path / "dpo"
     proc = check(
         run_train(
-            "--ds", str(ROOT / "ds_configs" / ds), "loss=dpo", "loss.beta=0.1", "exp_name=dpo",
-            f"datasets=[{data_dir}]", f"run_dir={run_dir}", f"model.archive={archive}", "lr=1e-3", "n_epochs=6",
-            "eval_every=160", *COMMON, *extra,
+            "--ds",
+            str(ROOT / "ds_configs" / ds),
+            "loss=dpo",
+            "loss.beta=0.1",
+            "exp_name=dpo",
+            f"datasets=[{data_dir}]",
+            f"run_dir={run_dir}",
+            f"model.archive={archive}",
+            "lr=1e-3",
+            "n_epochs=6",
+            "eval_every=160",
+            *COMMON,
+            *extra,
         )
     )
     return run_dir, proc
@@ -81,14 +99,23 @@ def _check_dpo_run(run_dir, archive, first_loss_tol):
     fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "dpo_ds/demo/tiny"))
     fresh.load_state_dict(saved["state"], strict=True)
     sft_state = torch.load(archive, map_location="cpu", weights_only=True)["state"]
-    changed = [k for k in sft_state if not torch.equal(sft_state[k], saved["state"][k].to(sft_state[k].dtype))]
+    changed = [
+        k for k in sft_state if not torch.equal(sft_state[k], saved["state"][k].to(sft_state[k].dtype))
+    ]
     assert changed, "DPO did not change the policy"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "LATEST" / "ds").is_dir()
 
 
 def test_sft_then_dpo_zero3(tmp_path, data_dir, sft_archive):
-    run_dir, _ = _dpo(tmp_path, data_dir, sft_archive, "zero3.json", "sample_during_eval=true",
-                      "n_eval_model_samples=3", "max_new_tokens=4")
+    run_dir, _ = _dpo(
+        tmp_path,
+        data_dir,
+        sft_archive,
+        "zero3.json",
+        "sample_during_eval=true",
+        "n_eval_model_samples=3",
+        "max_new_tokens=4",
+    )
     _check_dpo_run(run_dir, sft_archive, first_loss_tol=1e-5)
     samples = (run_dir / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 3  # 3 prompts at each of 3 evals (first, mid-run, end)
@@ -120,9 +147,18 @@ def test_loss_variants(tmp_path, data_dir, sft_archive, loss_args, first_loss):
     run_dir = tmp_path / "run"
     check(
         run_train(
-            "--ds", str(ROOT / "ds_configs/zero3.json"), "loss=dpo", "loss.beta=0.1", f"datasets=[{data_dir}]",
-            f"run_dir={run_dir}", f"model.archive={sft_archive}", "lr=1e-3", "n_epochs=3", "do_first_eval=false",
-            *COMMON, *loss_args,
+            "--ds",
+            str(ROOT / "ds_configs/zero3.json"),
+            "loss=dpo",
+            "loss.beta=0.1",
+            f"datasets=[{data_dir}]",
+            f"run_dir={run_dir}",
+            f"model.archive={sft_archive}",
+            "lr=1e-3",
+            "n_epochs=3",
+            "do_first_eval=false",
+            *COMMON,
+            *loss_args,
         )
     )
     train, evals = metrics(run_dir)
@@ -131,6 +167,41 @@ def test_loss_variants(tmp_path, data_dir, sft_archive, loss_args, first_loss):
     else:
         # no reference: h = log pi(y_w) - log pi(y_l) of the SFT model, rewards = beta log pi
         assert train[0]["logps_train/ref_chosen"] == 0.0
-        assert train[0]["rewards_train/chosen"] == pytest.approx(0.1 * train[0]["logps_train/chosen"], rel=1e-5)
+        assert train[0]["rewards_train/chosen"] == pytest.approx(
+            0.1 * train[0]["logps_train/chosen"], rel=1e-5
+        )
     assert sum(r["loss/train"] for r in train[-3:]) / 3 < train[0]["loss/train"]
     assert (run_dir / "LATEST" / "policy.pt").is_file()
+
+
+def test_packed_run_matches_padded(tmp_path, data_dir, sft_archive):
+    """Same data, same steps: only the collator differs, so the losses agree step by step."""
+    runs = {}
+    for name, extra in (
+        ("padded", ["gradient_accumulation_steps=2"]),
+        ("packed", ["data.packing=true", "data.max_tokens_per_micro_batch=64"]),
+    ):
+        run_dir = tmp_path / name
+        check(
+            run_train(
+                "--ds",
+                str(ROOT / "ds_configs/zero3.json"),
+                "loss=dpo",
+                "loss.beta=0.1",
+                f"datasets=[{data_dir}]",
+                f"run_dir={run_dir}",
+                f"model.archive={sft_archive}",
+                "lr=1e-3",
+                "n_epochs=2",
+                "do_first_eval=false",
+                *COMMON,
+                *extra,
+            )
+        )
+        runs[name] = metrics(run_dir)[0]
+    padded, packed = runs["padded"], runs["packed"]
+    assert len(padded) == len(packed) == 6
+    for a, b in zip(padded, packed):
+        assert b["loss/train"] == pytest.approx(a["loss/train"], rel=1e-4, abs=1e-6)
+        assert b["rewards_train/margins"] == pytest.approx(a["rewards_train/margins"], rel=1e-3, abs=1e-5)
+    assert packed[0]["throughput/padding_fraction"] < padded[0]["throughput/padding_fraction"]

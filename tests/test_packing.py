@@ -98,20 +98,34 @@ def test_budget_split_keeps_pairs_and_equalises():
 def test_ranks_agree_on_micro_batch_count():
     tok = load_tokenizer(SHIPPED_MODELS["tiny"])
     rng = random.Random(0)
-    groups = [PromptGroup(f"{i}:", ["a" * rng.randint(1, 30), "b" * rng.randint(1, 30)], [(0, 1)], "a", "keep_end")
-              for i in range(32)]
+    groups = [
+        PromptGroup(f"{i}:", ["a" * rng.randint(1, 30), "b" * rng.randint(1, 30)], [(0, 1)], "a", "keep_end")
+        for i in range(32)
+    ]
     counts = {}
 
     def make(rank, sync):
-        return Batches(flatten(groups, sft=False), tok, max_length=40, max_prompt_length=8, global_batch=16, world=2,
-                       rank=rank, micro_batches_per_step=1, seed=0, packing=True, max_tokens_per_micro_batch=90,
-                       sync_max=sync)
+        return Batches(
+            flatten(groups, sft=False),
+            tok,
+            max_length=40,
+            max_prompt_length=8,
+            global_batch=16,
+            world=2,
+            rank=rank,
+            micro_batches_per_step=1,
+            seed=0,
+            packing=True,
+            max_tokens_per_micro_batch=90,
+            sync_max=sync,
+        )
 
     # first pass: record each rank's own count; second: sync to the max like the all-reduce does
     for rank in range(2):
         counts[rank] = [len(s.micro_batches) for s in make(rank, lambda n: n).train_steps(1, None)]
     target = [max(a, b) for a, b in zip(counts[0], counts[1])]
     for rank in range(2):
-        steps = list(make(rank, lambda n, it=iter(target): next(it)).train_steps(1, None))
+        synced = iter(target)
+        steps = list(make(rank, lambda n, it=synced: next(it)).train_steps(1, None))
         assert [len(s.micro_batches) for s in steps] == target
         assert all(sum(mb["n_seqs"] for mb in s.micro_batches) == 2 * 8 for s in steps)

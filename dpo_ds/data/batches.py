@@ -33,7 +33,9 @@ def flatten(groups: list[PromptGroup], sft: bool) -> list[Example]:
     if sft:
         return [Example(g.prompt, [g.sft_target], g.truncation_mode) for g in groups]
     return [
-        Example(g.prompt, [g.responses[c], g.responses[r]], g.truncation_mode) for g in groups for c, r in g.pairs
+        Example(g.prompt, [g.responses[c], g.responses[r]], g.truncation_mode)
+        for g in groups
+        for c, r in g.pairs
     ]
 
 
@@ -108,7 +110,9 @@ class Batches:
         if self.packing:
             from dpo_ds.data.packing import pack_micro_batches
 
-            return pack_micro_batches(seqs, self.max_tokens, self.n_micro, self.sync_max, self.pad_id, self.max_length)
+            return pack_micro_batches(
+                seqs, self.max_tokens, self.n_micro, self.sync_max, self.pad_id, self.max_length
+            )
         size = len(local) // self.n_micro
         return [collate_padded(seqs[k * size : (k + 1) * size], self.pad_id) for k in range(self.n_micro)]
 
@@ -118,7 +122,9 @@ class Batches:
             total.append(n_examples)
         return min(total) // self.global_batch
 
-    def train_steps(self, n_epochs: int | None, n_examples: int | None, start_step: int = 0) -> Iterator[Step]:
+    def train_steps(
+        self, n_epochs: int | None, n_examples: int | None, start_step: int = 0
+    ) -> Iterator[Step]:
         """Steps start_step.. of the stream; resuming at step k gives exactly the batches of a fresh run."""
         n = len(self.examples)
         for step in range(start_step, self.n_steps(n_epochs, n_examples)):
