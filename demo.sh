@@ -12,6 +12,7 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_H
 DS=${DS:-ds_configs/zero3.json}
 NUM_GPUS=${NUM_GPUS:-2}
 RUNS=${RUNS:-runs}
+rm -rf "$RUNS/demo-sft" "$RUNS/demo-dpo"  # the demo starts over; dpo_ds itself refuses to reuse a run dir
 t1=$SECONDS
 deepspeed --num_gpus "$NUM_GPUS" dpo_ds/train.py --ds "$DS" --config configs/demo_sft.yaml run_dir="$RUNS/demo-sft" "$@"
 deepspeed --num_gpus "$NUM_GPUS" dpo_ds/train.py --ds "$DS" --config configs/demo_dpo.yaml run_dir="$RUNS/demo-dpo" \

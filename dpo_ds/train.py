@@ -123,7 +123,17 @@ def run(argv=None) -> dict:
         f"{len(train_examples)} train / {len(eval_examples)} eval examples, {n_steps} steps of {cfg.batch_size}"
     )
 
+    # Never write into an earlier run's directory (its checkpoints would be overwritten and its
+    # metrics mixed with ours) unless resuming it. Rank 0 decides for all: with node-local disks
+    # ranks can see different things, and one rank raising alone would hang the others.
     run_dir = Path(cfg.run_dir)
+    taken = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "LATEST") if p.exists() or p.is_symlink()]
+    taken = engines.broadcast_from_rank0(taken if rank == 0 else None)
+    if taken and not cfg.resume_from:
+        raise ConfigError(
+            f"config key 'run_dir': {run_dir} already holds a run ({', '.join(taken)}); pick another "
+            f"exp_name/run_dir, or continue it with resume_from={run_dir}/LATEST"
+        )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
