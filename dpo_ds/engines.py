@@ -307,9 +307,20 @@ def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str)
             f"{source}: state keys do not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
             f" ({len(missing)}), unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
         )
+    # Shapes are checked on every rank before any gather (ds_shape: a ZeRO-3 parameter's full shape).
+    # Checked on rank 0 inside the gather, the other ranks would go on into the next collective and
+    # die on a closed peer (gloo) or hang (NCCL) instead of failing with the same message.
+    tensors = list(lm.named_parameters()) + list(lm.named_buffers())
+    for name, p in tensors:
+        if name in state:
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if tuple(state[name].shape) != shape:
+                raise ModelError(
+                    f"{source}: '{name}' has shape {tuple(state[name].shape)}, model has {shape}"
+                )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     with torch.no_grad():
-        for name, p in list(lm.named_parameters()) + list(lm.named_buffers()):
+        for name, p in tensors:
             if name not in state:
                 continue
             src = state[name]
@@ -317,10 +328,6 @@ def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str)
             ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3 else nullcontext()
             with ctx:
                 if rank == 0 or not zero3:
-                    if tuple(src.shape) != tuple(p.shape):
-                        raise ModelError(
-                            f"{source}: '{name}' has shape {tuple(src.shape)}, model has {tuple(p.shape)}"
-                        )
                     p.copy_(src.to(p.dtype))
 
 
