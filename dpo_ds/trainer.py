@@ -167,6 +167,7 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             t0 = time.time()
             tokens = torch.zeros(2, dtype=torch.float64)  # (real tokens, row slots incl. padding)
+            lr = engines.current_lr(self.policy)  # the rate this step uses; step() advances the schedule
             for k, micro in enumerate(step.micro_batches):
                 tokens += torch.tensor([(micro["seq_ids"] >= 0).sum().item(), micro["input_ids"].numel()])
                 losses, stats = self.micro_batch(micro)
@@ -182,7 +183,7 @@ class Trainer:
             metrics.update(
                 {
                     "grad_norm": engines.grad_norm(self.policy),
-                    "lr": engines.current_lr(self.policy),
+                    "lr": lr,
                     "examples_per_second": cfg.batch_size / seconds,
                     "throughput/step_seconds": seconds,
                     "throughput/real_tokens_per_second": real / seconds,  # non-pad tokens, all ranks
