@@ -34,10 +34,40 @@ def env() -> dict:
     return e
 
 
+# The tiny shipped Llama on the short addition rows: what every launcher test trains.
+TINY = [
+    "model.name_or_path=tiny",
+    "batch_size=16",
+    "eval_batch_size=16",
+    "n_eval_examples=32",
+    "max_length=16",
+    "max_prompt_length=8",
+]
+
+
+def single_process_env(**extra: str) -> dict:
+    """A world of one without a launcher: train.py's init needs these set."""
+    e = env()
+    e.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+    )
+    e.update(extra)
+    return e
+
+
+def launcher() -> str:
+    return str(Path(sys.executable).parent / "deepspeed")
+
+
 def deepspeed_cmd(*args: str, ranks: int = 2) -> list[str]:
-    launcher = Path(sys.executable).parent / "deepspeed"
     return [
-        str(launcher),
+        launcher(),
         "--num_gpus",
         str(ranks),
         "--master_port",

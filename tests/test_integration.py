@@ -11,19 +11,11 @@ import os
 import pytest
 import torch
 
-from tests.launch import ROOT, check, metrics, run_train, small_demo
+from tests.launch import ROOT, TINY, check, metrics, run_train, small_demo
 
 pytestmark = pytest.mark.integration
 LN2 = math.log(2)
-COMMON = [
-    "model.name_or_path=tiny",
-    "batch_size=16",
-    "eval_batch_size=16",
-    "n_eval_examples=32",
-    "max_length=16",
-    "max_prompt_length=8",
-    "warmup_steps=0",
-]
+COMMON = [*TINY, "warmup_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +45,8 @@ def sft_archive(tmp_path_factory, data_dir):
     return run_dir / "LATEST" / "policy.pt"
 
 
-def _dpo(tmp_path, data_dir, archive, ds="zero3.json", *extra):
-    run_dir = tmp_path / "dpo"
+def _dpo(run_dir, data_dir, archive, ds="zero3.json", *extra):
+    """A DPO run from the SFT archive; later key=value arguments override earlier ones."""
     proc = check(
         run_train(
             "--ds",
@@ -108,7 +100,7 @@ def _check_dpo_run(run_dir, archive, first_loss_tol):
 
 def test_sft_then_dpo_zero3(tmp_path, data_dir, sft_archive):
     run_dir, _ = _dpo(
-        tmp_path,
+        tmp_path / "dpo",
         data_dir,
         sft_archive,
         "zero3.json",
@@ -122,12 +114,14 @@ def test_sft_then_dpo_zero3(tmp_path, data_dir, sft_archive):
 
 
 def test_sft_then_dpo_zero2(tmp_path, data_dir, sft_archive):
-    run_dir, _ = _dpo(tmp_path, data_dir, sft_archive, "zero2.json")
+    run_dir, _ = _dpo(tmp_path / "dpo", data_dir, sft_archive, "zero2.json")
     _check_dpo_run(run_dir, sft_archive, first_loss_tol=1e-5)
 
 
 def test_dpo_reference_bf16(tmp_path, data_dir, sft_archive):
-    run_dir, proc = _dpo(tmp_path, data_dir, sft_archive, "zero3.json", "model.reference_dtype=bfloat16")
+    run_dir, proc = _dpo(
+        tmp_path / "dpo", data_dir, sft_archive, "zero3.json", "model.reference_dtype=bfloat16"
+    )
     # a bf16 reference rounds its log-probs, so the first loss is only near ln 2
     _check_dpo_run(run_dir, sft_archive, first_loss_tol=0.02)
     ds = (run_dir / "ds_config.json").read_text()
@@ -145,22 +139,7 @@ def test_dpo_reference_bf16(tmp_path, data_dir, sft_archive):
 )
 def test_loss_variants(tmp_path, data_dir, sft_archive, loss_args, first_loss):
     run_dir = tmp_path / "run"
-    check(
-        run_train(
-            "--ds",
-            str(ROOT / "ds_configs/zero3.json"),
-            "loss=dpo",
-            "loss.beta=0.1",
-            f"datasets=[{data_dir}]",
-            f"run_dir={run_dir}",
-            f"model.archive={sft_archive}",
-            "lr=1e-3",
-            "n_epochs=3",
-            "do_first_eval=false",
-            *COMMON,
-            *loss_args,
-        )
-    )
+    _dpo(run_dir, data_dir, sft_archive, "zero3.json", "n_epochs=3", "do_first_eval=false", *loss_args)
     train, evals = metrics(run_dir)
     if first_loss is not None:
         assert train[0]["loss/train"] == pytest.approx(first_loss, rel=1e-5)
@@ -182,26 +161,12 @@ def test_packed_run_matches_padded(tmp_path, data_dir, sft_archive):
         ("packed", ["data.packing=true", "data.max_tokens_per_micro_batch=64"]),
     ):
         run_dir = tmp_path / name
-        check(
-            run_train(
-                "--ds",
-                str(ROOT / "ds_configs/zero3.json"),
-                "loss=dpo",
-                "loss.beta=0.1",
-                f"datasets=[{data_dir}]",
-                f"run_dir={run_dir}",
-                f"model.archive={sft_archive}",
-                "lr=1e-3",
-                "n_epochs=2",
-                "do_first_eval=false",
-                *COMMON,
-                *extra,
-            )
-        )
+        _dpo(run_dir, data_dir, sft_archive, "zero3.json", "n_epochs=2", "do_first_eval=false", *extra)
         runs[name] = metrics(run_dir)[0]
     padded, packed = runs["padded"], runs["packed"]
     assert len(padded) == len(packed) == 6
     for a, b in zip(padded, packed):
         assert b["loss/train"] == pytest.approx(a["loss/train"], rel=1e-4, abs=1e-6)
         assert b["rewards_train/margins"] == pytest.approx(a["rewards_train/margins"], rel=1e-3, abs=1e-5)
-    assert packed[0]["throughput/padding_fraction"] < padded[0]["throughput/padding_fraction"]
+    # the addition rows all have one length, so neither path pads here (bench/step.py varies lengths)
+    assert packed[0]["throughput/padding_fraction"] <= padded[0]["throughput/padding_fraction"]

@@ -11,12 +11,11 @@ import math
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.launch import ROOT, env, free_port, metrics, small_demo
+from tests.launch import ROOT, env, free_port, launcher, metrics, small_demo
 
 pytestmark = pytest.mark.integration
 LN2 = math.log(2)
@@ -24,9 +23,8 @@ TIMEOUT = 300
 
 
 def _node_cmd(hostfile: Path, node_rank: int, port: int, *args: str) -> list[str]:
-    launcher = Path(sys.executable).parent / "deepspeed"
     return [
-        str(launcher),
+        launcher(),
         "--hostfile",
         str(hostfile),
         "--no_ssh",

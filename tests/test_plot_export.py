@@ -20,7 +20,7 @@ from dpo_ds import export, plot
 from dpo_ds.checkpoint import point_latest, write_policy
 from dpo_ds.config import dump_yaml, load_config
 from dpo_ds.model import SHIPPED_MODELS, load_tokenizer, random_init_state
-from tests.launch import ROOT, env, free_port
+from tests.launch import ROOT, single_process_env
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROMPTS = ["97+70=", "36+31=", "04+21=", "98+78="]
@@ -284,16 +284,7 @@ def test_export_from_zero2_model_states(tmp_path):
 @pytest.mark.integration
 def test_export_from_zero3_checkpoint(tmp_path):
     run = tmp_path / "run"
-    e = env()
-    e.update(
-        {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-        }
-    )
+    e = single_process_env()
     proc = subprocess.run(
         [
             sys.executable,

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.launch import ROOT, check, metrics, run_train, small_demo
+from tests.launch import ROOT, TINY, check, metrics, run_train, small_demo
 
 pytestmark = pytest.mark.integration
 ARGS = [
@@ -19,12 +19,7 @@ ARGS = [
     str(ROOT / "ds_configs/zero3.json"),
     "loss=dpo",
     "loss.beta=0.1",
-    "model.name_or_path=tiny",
-    "batch_size=16",
-    "eval_batch_size=16",
-    "n_eval_examples=32",
-    "max_length=16",
-    "max_prompt_length=8",
+    *TINY,
     "n_epochs=4",
     "eval_every=64",
     "lr=1e-3",

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.launch import ROOT, env, free_port, metrics, small_demo
+from tests.launch import ROOT, env, metrics, single_process_env, small_demo
 
 # In a fresh interpreter, so that no other test has imported wandb already. Builds the sink the
 # trainer builds and writes a record through it.
@@ -48,14 +48,8 @@ def test_wandb_not_imported_when_disabled(tmp_path, overrides):
 def test_sft_run_logs_to_wandb_offline(tmp_path):
     data = small_demo(tmp_path / "data")
     run_dir = tmp_path / "run"
-    e = env()
-    e.update(
-        {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
+    e = single_process_env(
+        **{
             "WANDB_MODE": "offline",
             "WANDB_DIR": str(tmp_path / "wandb_dir"),
             "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
