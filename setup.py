@@ -25,7 +25,7 @@ setup(
         "plot": ["matplotlib"],
         "triton": ["triton"],
         "test": ["pytest", "ruff", "matplotlib", "wandb", "triton"],
-        "bench": ["trl", "matplotlib"],
+        "bench": ["trl==1.16.0", "matplotlib"],
     },
     entry_points={"console_scripts": ["dpo-ds-plot=dpo_ds.plot:main", "dpo-ds-export=dpo_ds.export:main"]},
 )

@@ -81,7 +81,7 @@ def make_data(out: Path, n_train: int, max_length: int, seed: int = 0) -> dict:
 def run(name: str, args, model: Path, data: Path, run_dir: Path, extra: list[str]) -> dict:
     cmd = deepspeed_cmd(
         "--ds",
-        str(ROOT / "ds_configs" / "zero3.json"),
+        str(ROOT / args.ds),
         "loss=dpo",
         "loss.beta=0.1",
         f"model.name_or_path={model}",
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the medians")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ds", default="ds_configs/zero3.json", help="DeepSpeed JSON, relative to the repo")
     ap.add_argument("--keep", action="store_true", help="keep the temporary run directories")
     args = ap.parse_args()
     gas = args.batch // (args.ranks * args.micro)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# GPU check for dpo_ds on one lent H100/H200, prepared as ONE script that stays under 8 minutes.
+#
+#   bash bench/gpu_check.sh                # on the GPU machine (from the repository root or anywhere)
+#   bash bench/gpu_check.sh --cpu-smoke    # here, without a GPU: the same stages at tiny sizes on CPU
+#
+# Through the device tool (its machine has torch 2.11, triton 3.6, transformers 5.17, but no deepspeed,
+# datasets or pydantic), carry the wheels built here:
+#   run(command="bash bench/gpu_check.sh", carry=["bench/wheels"], timeout_s=540)
+# $OUT/gpu_check.md (the table) and $OUT/gpu_check.log (everything printed) come back.
+#
+# Building bench/wheels here (once; about 6 MB; add `/bench/wheels/` to .git/info/exclude so it is never
+# committed). deepspeed is an sdist: `pip wheel` builds a py3-none-any wheel that compiles no op. Its
+# pure-python needs missing on that machine are hjson and pydantic (+ pydantic_core, a cp312 binary,
+# annotated-types, typing-inspection); ninja, py-cpuinfo, msgpack, einops, psutil, tqdm, numpy are there.
+# datasets (dpo_ds reads the jsonl data through it) needs dill and multiprocess besides what is there:
+#   . .venv/bin/activate
+#   pip wheel --no-deps deepspeed==0.19.8 -w bench/wheels
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d bench/wheels hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+#       typing-inspection==0.4.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#
+# Stages, each under `timeout` (the whole script gives up new work after GPU_CHECK_BUDGET_S, 470 s):
+#   (a) tests/test_logprobs.py on CUDA with TRITON_INTERPRET=0: the compiled Triton kernel against fp64
+#   (b) naive / chunked / triton log-probs fwd+bwd at 16384 tokens x vocab 32000 and 128256, bf16, as GB/s of
+#       the nominal 3 x N x V elements and as a fraction of a measured device-to-device copy, + extra memory
+#   (c) 6 DPO steps (2 untimed) of a ~1B random Llama, ZeRO-3, bf16 policy and reference, packed, through
+#       dpo_ds/train.py in one process: real tokens/s, peak memory, MFU against 989 TFLOP/s dense bf16.
+#       Skipped with a line saying why when deepspeed or datasets cannot be imported.
+#   (d) one markdown table, printed and written to $OUT/gpu_check.md when $OUT is set
+# Nothing is downloaded: random weights, a generated word-level tokenizer, synthetic data.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=()
+if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=(--cpu-smoke); fi
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+START=$SECONDS
+# seconds for the next stage: what it asks for, at most what is left of the budget
+cap() { local want=$1 left=$((BUDGET - (SECONDS - START))); ((left < want)) && want=$left; ((want < 5)) && want=5; echo "$want"; }
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+RES=$(mktemp -d /tmp/gpu_check.XXXXXX)
+LOG=$RES/gpu_check.log
+exec > >(tee "$LOG") 2>&1
+echo "== gpu_check: $(date -u +%FT%TZ), python $PY, results in $RES${SMOKE:+, CPU smoke run}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+
+# 0. carried wheels (deepspeed & co.) into a private target dir; nothing of the machine's own install changes
+if compgen -G "bench/wheels/*.whl" >/dev/null; then
+    echo "== installing $(ls bench/wheels/*.whl | wc -l) carried wheels into $RES/site"
+    if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$RES/site" bench/wheels/*.whl; then
+        export PYTHONPATH="$RES/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "!! wheel install failed: (c) will be skipped if deepspeed cannot be imported"
+    fi
+else
+    echo "== no bench/wheels/*.whl: using whatever is installed (see the header to build them)"
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+timeout 60 "$PY" bench/gpu_check.py env --out "$RES/env.json"
+
+# (a) parity tests; conftest sets TRITON_INTERPRET only without CUDA, and 0 here keeps the compiled kernel
+echo "== (a) tests/test_logprobs.py, TRITON_INTERPRET=0"
+TRITON_INTERPRET=0 timeout -k 5 "$(cap 130)" "$PY" -m pytest -q -p no:cacheprovider tests/test_logprobs.py \
+    >"$RES/a_pytest.log" 2>&1
+echo $? >"$RES/a_pytest.rc"
+tail -n 15 "$RES/a_pytest.log"
+IMPL=()
+[ "$(cat "$RES/a_pytest.rc")" = 0 ] || IMPL=(--logprob-impl chunked)  # (c) avoids a kernel that failed its tests
+
+# (b) kernels against the copy bandwidth
+echo "== (b) log-prob kernels"
+timeout -k 5 "$(cap 90)" "$PY" bench/gpu_check.py kernels --out "$RES/b_kernels.json" "${SMOKE[@]}"
+
+# (c) DPO steps through dpo_ds; gpu_check.py stops its own run 15 s before this timeout
+echo "== (c) DPO steps of a ~1B Llama through dpo_ds"
+T=$(cap 240)
+timeout -k 10 "$T" "$PY" bench/gpu_check.py dpo --out "$RES/c_dpo.json" --budget-s $((T - 15)) "${IMPL[@]}" \
+    "${SMOKE[@]}"
+
+# (d) the table
+echo "== (d) summary ($((SECONDS - START)) s)"
+MD=()
+if [ -n "${OUT:-}" ]; then MD=(--md "$OUT/gpu_check.md"); fi
+"$PY" bench/gpu_check.py report --dir "$RES" "${MD[@]}"
+if [ -n "${OUT:-}" ]; then
+    cp "$LOG" "$OUT/gpu_check.log" 2>/dev/null
+    cp "$RES/c_dpo.log" "$OUT/c_dpo.log" 2>/dev/null
+fi
+echo "== done in $((SECONDS - START)) s"

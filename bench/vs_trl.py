@@ -1,0 +1,607 @@
+"""dpo_ds against TRL's DPOTrainer: same model, data, batch, beta and optimizer, one after the other.
+
+    pip install trl==1.16.0          # bench-only extra (bench/requirements-trl.txt); installs nothing else
+                                     # next to torch 2.13 / transformers 5.24 (checked with pip --dry-run)
+    python bench/vs_trl.py           # CPU defaults: ~4M-param Llama, 8 steps of 16 pairs, 2 rounds: ~4 min
+                                     # on 2 idle cores, up to ~10 when other work shares them
+    python bench/vs_trl.py --hidden 512 --layers 8 --steps 20 --batch-size 32
+
+What is compared
+- Model: a random Llama (default hidden 256, 4 layers, ~4M parameters) with dpo_ds's character-level
+  tokenizer (dpo_ds/demo/model, vocab 100: one character = one token), saved with save_pretrained to a
+  temporary HF directory. Both frameworks load those same safetensors weights into the policy and
+  into the reference, so the first DPO loss of both must be ln 2 = 0.6931.
+- Data: synthetic flat preference rows (prompt, chosen, rejected) with log-normal prompt and response
+  lengths (seeded), sized so that BOS + prompt + the longer response + EOS fits max_length: neither
+  framework truncates anything. dpo_ds reads them as train.jsonl/test.jsonl, TRL as a datasets.Dataset.
+- Training: one process (world 1) on CPU, 2 torch threads, fp32, global batch --batch-size pairs,
+  sigmoid DPO loss with beta 0.1, AdamW (betas 0.9/0.95, eps 1e-8, no weight decay), constant lr,
+  no warmup, gradient clipping 10, no gradient checkpointing, reference log-probs computed on the fly.
+  Each framework runs in its own subprocess so that peak memory (peak RSS, getrusage) is its own.
+- dpo_ds runs `dpo_ds/train.py --ds ds_configs/zero2.json` (ZeRO-2: at world 1 ZeRO-3 only adds
+  gather/release hooks around every module, which is overhead and nothing else on one process) with
+  its fast path (data.packing=true, model.logprob_impl=chunked) and, for reference, its padded path.
+- TRL runs DPOTrainer (DataCollatorForPreference pads each micro-batch to its longest sequence;
+  padding_free is left at its default, off; its log-probs come from TRL's own fused, chunked LM head).
+  DPOConfig's own defaults gradient_checkpointing=True and bf16=True are turned off to match dpo_ds.
+
+Real tokens/s = non-pad tokens that went through the policy (prompt + chosen and prompt + rejected,
+the prompt counted in both sequences, as both frameworks feed it twice) / step time, summed over the
+steps after the first --skip ones. dpo_ds reports it per step in metrics.jsonl; for TRL a counting
+collator records the non-pad tokens of each micro-batch and a TrainerCallback times each optimizer
+step from on_step_begin to on_step_end (batch collation excluded, as in dpo_ds's step time).
+dpo_ds sequences carry a BOS token (TRL's prompts do not, with this tokenizer): one token per
+sequence (under 1% of the default data's tokens) that dpo_ds counts and processes and TRL does not.
+
+The three runs take turns for --rounds rounds (order reversed every other round) and each is reported by
+its best round: other work on a shared machine only ever slows a run down. Every round's number is
+printed too, with the CPU share that other processes took meanwhile ("others' CPU", from /proc/stat);
+a best round above 10% is flagged as untrustworthy.
+
+Prints one markdown table and the target line: dpo_ds (packed) >= 1.5x TRL real tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "dpo_ds" / "demo" / "model"
+WORDS = "abcdefghijklmnopqrstuvwxyz"
+TARGET_RATIO = 1.5
+BUSY_WARN = 0.10  # others' share of the CPU above which a run's timing is flagged
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+
+def write_model(model_dir: Path, args) -> int:
+    """Random Llama + the dpo_ds char tokenizer in a HF directory; returns the parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = json.loads((TOKENIZER_DIR / "config.json").read_text())
+    heads = args.hidden // args.head_dim
+    config = LlamaConfig(
+        vocab_size=base["vocab_size"],
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or 4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(1024, args.max_length),
+        bos_token_id=base["bos_token_id"],
+        eos_token_id=base["eos_token_id"],
+        pad_token_id=base["pad_token_id"],
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, model_dir / name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def lognormal_len(rng: random.Random, median: float, sigma: float) -> int:
+    return max(1, round(rng.lognormvariate(math.log(median), sigma)))
+
+
+def text_of(rng: random.Random, n: int) -> str:
+    """n characters of lowercase 'words' separated by spaces (each character is one token)."""
+    out = []
+    while len(out) < n:
+        out.extend(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+        out.append(" ")
+    return "".join(out[:n])
+
+
+def make_rows(n: int, args, seed: int) -> list[dict]:
+    """Flat preference rows; lengths in tokens (characters) capped so nothing needs truncating:
+    BOS + prompt <= max_prompt_length and BOS + prompt + response + EOS <= max_length."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        tag = f"q{i} "  # unique prompts: dpo_ds groups flat rows that share a prompt
+        p = min(lognormal_len(rng, args.prompt_median, args.sigma), args.max_prompt_length - 1 - len(tag))
+        room = args.max_length - 2 - len(tag) - p
+        c = min(lognormal_len(rng, args.response_median, args.sigma), room)
+        r = min(lognormal_len(rng, args.response_median, args.sigma), room)
+        rows.append({"prompt": tag + text_of(rng, p), "chosen": text_of(rng, c), "rejected": text_of(rng, r)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        CUDA_VISIBLE_DEVICES="",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class OthersCPU:
+    """CPU time that processes other than this bench's children used while a run went on, as a fraction of
+    the machine (from /proc/stat's busy time minus the waited-for children's own CPU time). Near 0 means
+    the run had the cores to itself; on a shared machine it says which timings to distrust."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.kids0 = time.time(), self._busy(), self._kids()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.time() - self.t0
+        busy0 = self.busy0
+        busy1 = self._busy()
+        others = None if busy0 is None or busy1 is None else (busy1 - busy0) - (self._kids() - self.kids0)
+        self.fraction = None if others is None else max(others, 0.0) / (wall * (os.cpu_count() or 1))
+        return False
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _kids() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+
+def throughput(tokens: list[float], seconds: list[float], skip: int) -> float:
+    t, s = sum(tokens[skip:]), sum(seconds[skip:])
+    return t / s if s > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- dpo_ds
+
+
+def run_dpo_ds(name: str, work: Path, model_dir: Path, data_dir: Path, args, packed: bool) -> dict:
+    run_dir = work / name  # one per run: dpo_ds refuses a run_dir that already holds a run
+    overrides = [
+        "loss=dpo",
+        f"loss.beta={args.beta}",
+        f"model.name_or_path={model_dir}",
+        f"datasets=[{data_dir}]",
+        f"batch_size={args.batch_size}",
+        f"gradient_accumulation_steps={args.grad_accum}",
+        f"lr={args.lr}",
+        "warmup_steps=0",
+        "max_grad_norm=10.0",
+        f"max_length={args.max_length}",
+        f"max_prompt_length={args.max_prompt_length}",
+        "n_epochs=null",
+        f"n_examples={args.steps * args.batch_size}",
+        "do_first_eval=false",
+        "n_eval_examples=0",
+        "eval_every=1000000000",
+        f"torch_threads={args.threads}",
+        "log_every=1",
+        f"seed={args.seed}",
+        f"exp_name={name}",
+        f"run_dir={run_dir}",
+        f"data.cache_dir={work / 'hf_cache'}",
+        f"model.logprob_impl={args.logprob_impl}",
+        f"data.packing={'true' if packed else 'false'}",
+    ]
+    if packed and args.max_tokens_per_micro_batch:
+        overrides.append(f"data.max_tokens_per_micro_batch={args.max_tokens_per_micro_batch}")
+    env = child_env(args.threads)
+    env.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    cmd = [sys.executable, str(REPO / "dpo_ds" / "train.py"), "--ds", str(REPO / args.ds), *overrides]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.time() - t0
+    (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{name} failed (exit {proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    steps = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss/train" in rec:
+            steps.append(rec)
+    seconds = [r["throughput/step_seconds"] for r in steps]
+    tokens = [r["throughput/real_tokens_per_second"] * r["throughput/step_seconds"] for r in steps]
+    return {
+        "tokens_per_s": throughput(tokens, seconds, args.skip),
+        "peak_gib": max(r["memory/peak_gib"] for r in steps),
+        "losses": [r["loss/train"] for r in steps],
+        "padding": sum(r["throughput/padding_fraction"] for r in steps[args.skip :])
+        / max(len(steps) - args.skip, 1),
+        "step_s": sum(seconds[args.skip :]) / max(len(seconds) - args.skip, 1),
+        "step_seconds": seconds,
+        "steps": len(steps),
+        "wall_s": wall,
+    }
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def run_trl(name: str, work: Path, model_dir: Path, data_dir: Path, args) -> dict:
+    """TRL in its own process: its peak RSS is then its own."""
+    spec = work / f"{name}_spec.json"
+    out = work / f"{name}_result.json"
+    spec.write_text(json.dumps({"model_dir": str(model_dir), "data_dir": str(data_dir), **vars(args)}))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(spec), "--trl-out", str(out)]
+    t0 = time.time()
+    proc = subprocess.run(
+        cmd, cwd=work, env=child_env(args.threads), capture_output=True, text=True, timeout=args.timeout
+    )
+    wall = time.time() - t0
+    (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"TRL failed (exit {proc.returncode}); log tail:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    res = json.loads(out.read_text())
+    res["wall_s"] = wall
+    return res
+
+
+def trl_worker(spec_path: str, out_path: str) -> None:
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    from datasets import Dataset, disable_progress_bars
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    disable_progress_bars()
+    rows = [json.loads(line) for line in (Path(spec["data_dir"]) / "train.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+
+    class CountingCollator:
+        """TRL's own collator; records (non-pad tokens, row slots) of every micro-batch it builds."""
+
+        def __init__(self, inner):
+            self.inner = inner
+            self.counts: list[tuple[int, int]] = []
+
+        def __call__(self, examples):
+            out = self.inner(examples)
+            mask = out["attention_mask"]  # (2 * pairs, T): chosen rows then rejected rows
+            self.counts.append((int(mask.sum()), mask.numel()))
+            return out
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self.losses: list[float] = []
+            self._t0 = 0.0
+            self.threads = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.threads = (
+                torch.get_num_threads()
+            )  # what the step really runs with (accelerate may change it)
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds.append(time.perf_counter() - self._t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    micro = spec["batch_size"] // spec["grad_accum"]
+    config = DPOConfig(
+        output_dir=str(Path(out_path).parent / "trl_out"),
+        use_cpu=True,
+        bf16=False,  # DPOConfig defaults bf16 to True: keep fp32 like dpo_ds
+        fp16=False,
+        gradient_checkpointing=False,  # DPOConfig defaults it to True; dpo_ds runs without
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=spec["grad_accum"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.95,  # as ds_configs/*.json
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=10.0,
+        beta=spec["beta"],
+        loss_type=["sigmoid"],
+        max_length=spec["max_length"],
+        precompute_ref_log_probs=False,
+        model_init_kwargs={"dtype": torch.float32},
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=spec["seed"],
+    )
+    collator = CountingCollator(
+        DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=spec["max_length"])
+    )
+    timer = StepTimer()
+    trainer = DPOTrainer(
+        model=spec["model_dir"],  # policy and (ref_model=None) reference both load these weights
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=[timer],
+    )
+    trainer.train()
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+    gas = spec["grad_accum"]
+    n = len(timer.seconds)
+    # the dataloader can run one micro-batch ahead: step k consumed micro-batches [k*gas, (k+1)*gas)
+    counts = collator.counts[: n * gas]
+    real = [sum(c[0] for c in counts[k * gas : (k + 1) * gas]) for k in range(n)]
+    slots = [sum(c[1] for c in counts[k * gas : (k + 1) * gas]) for k in range(n)]
+    skip = spec["skip"]
+    result = {
+        "tokens_per_s": throughput(real, timer.seconds, skip),
+        "peak_gib": peak_gib,
+        "losses": timer.losses,
+        "padding": 1 - sum(real[skip:]) / max(sum(slots[skip:]), 1),
+        "step_s": sum(timer.seconds[skip:]) / max(n - skip, 1),
+        "step_seconds": timer.seconds,
+        "steps": n,
+        "threads": timer.threads,
+    }
+    Path(out_path).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    parts = []
+    for pkg in ("torch", "transformers", "deepspeed", "trl", "datasets", "accelerate"):
+        try:
+            parts.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            parts.append(f"{pkg} (not installed)")
+    return ", ".join(parts)
+
+
+def pct(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0%}"
+
+
+def fmt_row(name: str, r: dict | None, rounds: list[float], note: str = "") -> str:
+    if r is None:
+        return f"| {name} | - | - | - | - | - | - | - | {note} |"
+    losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])
+    per_round = " / ".join(f"{x:,.0f}" for x in rounds)
+    return (
+        f"| {name} | {r['tokens_per_s']:,.0f} | {per_round} | {r['peak_gib']:.2f} GiB | {losses} | "
+        f"{r['step_s']:.2f} | {r['padding']:.1%} | {pct(r.get('others_cpu'))} | {note} |"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=0, help="MLP width (default 4 x hidden)")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per framework and round")
+    ap.add_argument("--skip", type=int, default=2, help="first steps left out of tokens/s (warm-up)")
+    ap.add_argument("--batch-size", type=int, default=16, help="global preference pairs per step")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-prompt-length", type=int, default=128)
+    ap.add_argument(
+        "--prompt-median", type=float, default=48, help="log-normal median prompt length (tokens)"
+    )
+    ap.add_argument("--response-median", type=float, default=64, help="log-normal median response length")
+    ap.add_argument("--sigma", type=float, default=0.6, help="log-normal sigma of all lengths")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each framework's process")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ds", default="ds_configs/zero2.json", help="dpo_ds DeepSpeed JSON (relative to the repo)"
+    )
+    ap.add_argument("--logprob-impl", default="chunked", choices=("naive", "chunked", "triton"))
+    ap.add_argument(
+        "--max-tokens-per-micro-batch",
+        type=int,
+        default=0,
+        help="dpo_ds packed path's token budget per micro-batch (0: grad-accum micro-batches)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="runs of each framework, taking turns; best is reported"
+    )
+    ap.add_argument("--no-padded", action="store_true", help="skip the dpo_ds padded-path row")
+    ap.add_argument("--no-trl", action="store_true", help="skip TRL (no target line then)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds allowed for each framework's run")
+    ap.add_argument("--workdir", default=None, help="keep model, data and logs here (default: a temp dir)")
+    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.trl_worker:
+        trl_worker(args.trl_worker, args.trl_out)
+        return 0
+    if args.batch_size % args.grad_accum:
+        ap.error("--batch-size must be divisible by --grad-accum")
+    if args.skip >= args.steps:
+        ap.error("--skip must be less than --steps")
+    if args.max_prompt_length >= args.max_length:
+        ap.error("--max-prompt-length must be less than --max-length")
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dpo_vs_trl_"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, data_dir = work / "model", work / "data"
+    model_dir.mkdir(exist_ok=True)
+    data_dir.mkdir(exist_ok=True)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    n_params = write_model(model_dir, args)
+    rows = make_rows(args.steps * args.batch_size, args, args.seed)
+    write_jsonl(data_dir / "train.jsonl", rows)
+    write_jsonl(data_dir / "test.jsonl", make_rows(args.batch_size, args, args.seed + 1))
+    pair_tokens = [2 * len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) for r in rows]
+
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, no GPU used; python {platform.python_version()}"
+    )
+    print(f"versions: {versions()}")
+    print(
+        f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.2f}M parameters, "
+        f"char tokenizer (vocab 100); policy and reference load the same safetensors, fp32"
+    )
+    print(
+        f"data: {len(rows)} synthetic pairs, log-normal lengths (median prompt {args.prompt_median:g}, "
+        f"response {args.response_median:g}, sigma {args.sigma}), mean {sum(pair_tokens) / len(rows):.0f} "
+        f"tokens per pair (prompt counted twice), max_length {args.max_length}"
+    )
+    print(
+        f"training: batch {args.batch_size} pairs x {args.steps} steps (grad accum {args.grad_accum}), "
+        f"beta {args.beta}, AdamW lr {args.lr:g} constant, warmup 0, {args.threads} torch threads per process; "
+        f"tokens/s over steps {args.skip + 1}..{args.steps}"
+    )
+    print(
+        f"dpo_ds: single process (world 1), --ds {args.ds}, logprob_impl {args.logprob_impl}; work dir {work}\n",
+        flush=True,
+    )
+
+    # The runs take turns, round after round (reversed order every other round), and each framework is
+    # reported by its best round: on a shared machine other work slows some runs down, never speeds one up.
+    runs = (
+        []
+        if args.no_trl
+        else [("TRL DPOTrainer", lambda k: run_trl(f"trl_r{k}", work, model_dir, data_dir, args))]
+    )
+    runs.append(
+        ("dpo_ds packed", lambda k: run_dpo_ds(f"dpo_ds_packed_r{k}", work, model_dir, data_dir, args, True))
+    )
+    if not args.no_padded:
+        runs.append(
+            (
+                "dpo_ds padded",
+                lambda k: run_dpo_ds(f"dpo_ds_padded_r{k}", work, model_dir, data_dir, args, False),
+            )
+        )
+    per_round: dict[str, list[dict]] = {name: [] for name, _ in runs}
+    errors: dict[str, str] = {}
+    for k in range(args.rounds):
+        for name, fn in runs if k % 2 == 0 else runs[::-1]:
+            if name in errors:
+                continue
+            load = os.getloadavg()[0]
+            print(
+                f"round {k + 1}/{args.rounds}: {name} (1-min load average before: {load:.1f}) ...", flush=True
+            )
+            try:
+                with OthersCPU() as others:
+                    r = fn(k + 1)
+                r["others_cpu"] = others.fraction
+                per_round[name].append(r)
+                print(
+                    f"  {r['tokens_per_s']:,.0f} real tokens/s, {r['step_s']:.2f} s/step; "
+                    f"{r['wall_s']:.0f} s from process start to exit; other processes used "
+                    f"{pct(r['others_cpu'])} of the machine's CPU meanwhile",
+                    flush=True,
+                )
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                errors[name] = (str(e).splitlines() or ["failed"])[0]
+                print(f"  FAILED: {e}", flush=True)
+    results = {
+        name: max(rs, key=lambda r: r["tokens_per_s"]) if rs else None for name, rs in per_round.items()
+    }
+
+    trl = results.get("TRL DPOTrainer")
+    print(
+        "\n| framework | real tokens/s (best round) | each round | peak memory (RSS) | first 3 losses | s/step "
+        "| padding | others' CPU | vs TRL |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|---:|---|")
+    for name, r in results.items():
+        note = errors.get(name, "")
+        if r is not None and trl is not None and name != "TRL DPOTrainer":
+            note = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x"
+        print(fmt_row(name, r, [x["tokens_per_s"] for x in per_round[name]], note))
+
+    busy = [n for n, r in results.items() if r is not None and (r.get("others_cpu") or 0) > BUSY_WARN]
+    if busy:
+        print(
+            f"\nwarning: other processes used over {BUSY_WARN:.0%} of the CPU during the best round of "
+            f"{', '.join(busy)}: those timings are slowed by work outside this bench; rerun on an idle machine"
+        )
+    ln2 = math.log(2)
+    for name, r in results.items():
+        if r is not None and r["losses"] and abs(r["losses"][0] - ln2) > 1e-3:
+            print(f"\nwarning: {name}'s first loss {r['losses'][0]:.4f} is not ln 2 = {ln2:.4f}")
+    fast = results.get("dpo_ds packed")
+    if trl is not None and fast is not None:
+        ratio = fast["tokens_per_s"] / trl["tokens_per_s"]
+        verdict = "PASS" if ratio >= TARGET_RATIO else "MISS"
+        print(
+            f"\ntarget: dpo_ds >= {TARGET_RATIO}x TRL real tokens/s: {verdict} "
+            f"({ratio:.2f}x: {fast['tokens_per_s']:,.0f} vs {trl['tokens_per_s']:,.0f} tokens/s, best rounds)"
+        )
+    else:
+        print(
+            f"\ntarget: dpo_ds >= {TARGET_RATIO}x TRL real tokens/s: not measured (a run failed or was skipped)"
+        )
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
