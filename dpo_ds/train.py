@@ -72,6 +72,8 @@ def run(argv=None) -> dict:
     )
     on_cpu = device.type == "cpu"
     ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
+    with_reference = cfg.loss.name != "sft" and not cfg.loss.reference_free
+    ref_config = engines.reference_ds_config(ds_config, cfg) if with_reference else None
     stage = ds_config["zero_optimization"].get("stage", 0)
     log.info(
         f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}"
@@ -154,8 +156,7 @@ def run(argv=None) -> dict:
         engines.load_state(policy_lm, state, source)
     policy = engines.build_policy(policy_lm, ds_config, cfg)
     reference = None
-    if not sft and not cfg.loss.reference_free:
-        ref_config = engines.reference_ds_config(ds_config, cfg)
+    if with_reference:
         ref_lm = engines.build_lm(
             model_dir, ref_config, cfg.model.reference_dtype, from_weights=weights and state is None
         )
