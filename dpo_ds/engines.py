@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 
 from dpo_ds.config import Config, ConfigError
-from dpo_ds.model import LogprobLM, ModelError, disable_dropout, load_config
+from dpo_ds.model import TORCH_DTYPES, LogprobLM, ModelError, disable_dropout, load_config
 
 log = logging.getLogger("dpo_ds")
-
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -283,13 +281,20 @@ def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool):
     try:
         config = load_config(model_dir)
         if from_weights:
-            lm = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=DTYPE[dtype])
+            lm = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), config=config, dtype=TORCH_DTYPES[dtype]
+            )
         else:
-            lm = AutoModelForCausalLM.from_config(config, dtype=DTYPE[dtype])
+            lm = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype])
     finally:
         unset_hf_deepspeed_config()
     disable_dropout(lm)
     return lm
+
+
+def _tensors(lm: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer by name (tied weights once), the things a state dict holds."""
+    return list(lm.named_parameters()) + list(lm.named_buffers())
 
 
 def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -310,7 +315,7 @@ def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str)
     # Shapes are checked on every rank before any gather (ds_shape: a ZeRO-3 parameter's full shape).
     # Checked on rank 0 inside the gather, the other ranks would go on into the next collective and
     # die on a closed peer (gloo) or hang (NCCL) instead of failing with the same message.
-    tensors = list(lm.named_parameters()) + list(lm.named_buffers())
+    tensors = _tensors(lm)
     for name, p in tensors:
         if name in state:
             shape = tuple(getattr(p, "ds_shape", p.shape))
@@ -401,7 +406,7 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     lm = unwrap_lm(engine)
     rank = torch.distributed.get_rank()
     out = {}
-    for name, p in list(lm.named_parameters()) + list(lm.named_buffers()):
+    for name, p in _tensors(lm):
         ctx = (
             deepspeed.zero.GatheredParameters([p], modifier_rank=None)
             if hasattr(p, "ds_id")
@@ -424,7 +429,7 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 def _alias_of(lm, name: str) -> str | None:
     target = lm.state_dict(keep_vars=True)[name]
-    for n, p in list(lm.named_parameters()) + list(lm.named_buffers()):
+    for n, p in _tensors(lm):
         if p is target:
             return n
     return None

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds.model import ModelError, resolve_model_dir
+from dpo_ds.model import TORCH_DTYPES, ModelError, resolve_model_dir
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DS_PREFIX = "lm."  # the DeepSpeed engine's module is LogprobLM, which holds the HF model as .lm
 DS_TAG = "ds"  # engines.save_engine saves with this tag
 MAX_LISTED = 8
@@ -205,8 +204,8 @@ def export(
 ) -> Path:
     from transformers import AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
     step_dir = find_step_dir(checkpoint)
     model_dir = resolve_model_dir(model if model is not None else run_model_name(step_dir))
     out_dir = Path(out_dir)
@@ -217,7 +216,7 @@ def export(
         state, source = read_deepspeed_state(step_dir), f"DeepSpeed checkpoint {step_dir / DS_TAG}"
     else:
         state, source = read_policy_state(step_dir), str(step_dir / "policy.pt")
-    hf_model = build_model(model_dir, state, DTYPES[dtype], source)
+    hf_model = build_model(model_dir, state, TORCH_DTYPES[dtype], source)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # as shipped, without training's pad fix-ups
 
     # write beside the target and swap in at the end, so OUT_DIR is never a half-written model
@@ -241,7 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="Hugging Face model directory to write")
     ap.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=sorted(TORCH_DTYPES),
         default="float32",
         help="dtype of the saved weights (default float32)",
     )

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent
 # files) without weights; weights are initialised from the config with the run's seed.
 SHIPPED_MODELS = {"demo": PACKAGE / "demo" / "model", "tiny": PACKAGE / "demo" / "tiny"}
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelError(ValueError):
