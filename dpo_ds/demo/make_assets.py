@@ -3,7 +3,8 @@
     python -m dpo_ds.demo.make_assets        # rewrites dpo_ds/demo/{model,tiny}/
 
 No downloads: the tokenizer is a `tokenizers` WordLevel model over printable ASCII, one token per
-character, saved as a standard tokenizer.json that AutoTokenizer loads. Weights are not shipped;
+character, saved as a standard tokenizer.json that AutoTokenizer loads. Like Llama's, it puts <s>
+in front of a text by default (`tokenizer(text)`), which is the rule dpo_ds follows for BOS. Weights are not shipped;
 dpo_ds initialises them from config.json with the run's seed.
 """
 
@@ -19,13 +20,17 @@ CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # 95 printable
 
 
 def build_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")  # one token per char
     core.decoder = decoders.Fuse()  # join characters back without spaces
+    bos = vocab["<s>"]
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
