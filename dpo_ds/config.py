@@ -22,6 +22,9 @@ class ConfigError(ValueError):
 
 
 LOSSES = ("sft", "dpo", "ipo")
+SFT_NORMALIZE = ("sequence", "token")
+TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
+ADD_BOS = ("auto", "true", "false")
 DTYPES = ("float32", "bfloat16", "float16")
 LOGPROB_IMPLS = ("naive", "chunked", "triton")
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
@@ -34,6 +37,9 @@ class LossConfig:
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
     reference_free: bool = False  # implicit reference that is uniform over responses
     chosen_nll_weight: float = 0.0  # RPO: + weight * NLL(chosen) per token (Pang et al. 2024)
+    # SFT: "sequence" sums each sequence's NLL and averages over sequences (the original code);
+    # "token" averages over every trained-on token of the global batch (TRL's SFTTrainer, HF Trainer)
+    sft_normalize: str = "sequence"
 
 
 @dataclass
@@ -52,6 +58,11 @@ class DataConfig:
     packing: bool = False  # pack several sequences per row, no padding
     max_tokens_per_micro_batch: int = 0  # packing token budget per micro-batch (0 = no budget)
     cache_dir: str | None = None  # `datasets` cache
+    # auto: each source's end (hh keep_end, shp/se keep_start); keep_start | keep_end for all;
+    # original: the original code's rules token for token (no BOS, responses to max_length - max_prompt_length)
+    truncation_mode: str = "auto"
+    add_bos: str = "auto"  # auto: what tokenizer(text) adds in front (Llama <s>, GPT-2 nothing); true | false
+    chat_template: str | None = None  # a Jinja file for conversational rows; default: the tokenizer's own
 
 
 @dataclass
@@ -185,6 +196,28 @@ def validate(cfg: Config) -> None:
     need(cfg.loss.beta > 0, "loss.beta", "must be > 0")
     need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
     need(cfg.loss.chosen_nll_weight >= 0, "loss.chosen_nll_weight", "must be >= 0")
+    need(cfg.loss.sft_normalize in SFT_NORMALIZE, "loss.sft_normalize", f"must be one of {SFT_NORMALIZE}")
+    if cfg.loss.sft_normalize != "sequence":
+        need(cfg.loss.name == "sft", "loss.sft_normalize", "applies to loss=sft only")
+    need(
+        cfg.data.truncation_mode in TRUNCATION_MODES,
+        "data.truncation_mode",
+        f"must be one of {TRUNCATION_MODES}",
+    )
+    cfg.data.add_bos = str(cfg.data.add_bos).lower()
+    need(cfg.data.add_bos in ADD_BOS, "data.add_bos", f"must be one of {ADD_BOS}")
+    if cfg.data.truncation_mode == "original":
+        need(
+            cfg.data.add_bos != "true",
+            "data.add_bos",
+            "cannot be true with data.truncation_mode=original (the original code adds no BOS)",
+        )
+    if cfg.data.chat_template is not None:
+        need(
+            Path(cfg.data.chat_template).is_file(),
+            "data.chat_template",
+            "must name a Jinja template file that exists",
+        )
     if cfg.loss.name == "ipo":
         need(cfg.loss.label_smoothing == 0, "loss.label_smoothing", "is not defined for IPO; must be 0")
     if cfg.loss.name == "sft":

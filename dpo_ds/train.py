@@ -24,9 +24,10 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 from dpo_ds.checkpoint import ArchiveError
 from dpo_ds.config import ConfigError
 from dpo_ds.data.sources import DataError
+from dpo_ds.data.tokenize import TokenizationError
 from dpo_ds.model import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ArchiveError, ModelError)
+USER_ERRORS = (ConfigError, DataError, ArchiveError, ModelError, TokenizationError)
 log = logging.getLogger("dpo_ds")
 
 
@@ -53,6 +54,7 @@ def run(argv=None) -> dict:
     from dpo_ds.config import dump_yaml, load_config
     from dpo_ds.data.batches import Batches, flatten
     from dpo_ds.data.sources import load_sources
+    from dpo_ds.data.tokenize import Tokenization
     from dpo_ds.model import has_weights, load_tokenizer, random_init_state, resolve_model_dir
     from dpo_ds.trainer import Trainer
 
@@ -90,9 +92,22 @@ def run(argv=None) -> dict:
     sft = cfg.loss.name == "sft"
     train_examples = flatten(load_sources(cfg.datasets, "train", cfg.data.cache_dir), sft)
     eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
-    batch_args = dict(
+    if not train_examples:
+        raise ConfigError(
+            f"config key 'datasets': {cfg.datasets} hold no {'SFT targets' if sft else 'preference pairs'} "
+            f"for the train split{'' if sft else ' (rows with only `messages` are SFT data: use loss=sft)'}"
+        )
+    # One owner of row -> ids for training, eval and generation: the tokenizer's BOS rule, its chat
+    # template (or data.chat_template), truncation. Every row is tokenized below, before any engine.
+    tokenization = Tokenization(
+        tokenizer,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
+        truncation_mode=cfg.data.truncation_mode,
+        add_bos=cfg.data.add_bos,
+        chat_template=Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None,
+    )
+    batch_args = dict(
         world=world,
         rank=rank,
         seed=cfg.seed,
@@ -102,13 +117,18 @@ def run(argv=None) -> dict:
     )
     train_data = Batches(
         train_examples,
-        tokenizer,
+        tokenization,
         global_batch=cfg.batch_size,
         micro_batches_per_step=cfg.gradient_accumulation_steps,
         **batch_args,
     )
     eval_data = Batches(
-        eval_examples, tokenizer, global_batch=cfg.eval_batch_size, micro_batches_per_step=1, **batch_args
+        eval_examples,
+        tokenization,
+        global_batch=cfg.eval_batch_size,
+        micro_batches_per_step=1,
+        used=max(cfg.n_eval_examples, cfg.n_eval_model_samples if cfg.sample_during_eval else 0),
+        **batch_args,
     )
     n_steps = train_data.n_steps(cfg.n_epochs, cfg.n_examples)
     if n_steps == 0:

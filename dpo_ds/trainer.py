@@ -80,6 +80,7 @@ class Trainer:
         self.world = world
         self.device = device
         self.sft = cfg.loss.name == "sft"
+        self.stop_ids = eval_data.tokenization.stop_ids  # EOS and the chat template's end of turn
         self.sink = MetricsSink(cfg, run_dir, rank)
 
     # ------------------------------------------------------------------ one micro-batch
@@ -90,7 +91,12 @@ class Trainer:
         args = (b["input_ids"], b["labels"], b["attention_mask"], b["position_ids"])
         logps, counts = sequence_logps(self.policy(*args).float(), b)  # (seqs,)
         if self.sft:
-            return sft_loss(logps), {"logps/chosen": logps.detach()}
+            losses = sft_loss(logps)  # (seqs,) summed NLL per sequence, as in the original
+            if self.cfg.loss.sft_normalize == "token":
+                # every trained-on token of the global batch weighs the same: the trainer averages
+                # over examples, so examples / tokens turns that mean into a per-token mean
+                losses = losses * (b["global_examples"] / max(b["global_tokens"], 1))
+            return losses, {"logps/chosen": logps.detach()}
         n = b["n_seqs"] // 2  # sequences [0, n) are chosen, [n, 2n) rejected
         policy_chosen, policy_rejected = logps[:n], logps[n:]
         if self.reference is None:  # reference-free: uniform reference, log pi_ref constant
@@ -251,21 +257,18 @@ class Trainer:
             self._eval_batches = self.eval_data.eval_batches(self.cfg.n_eval_examples)
         return self._eval_batches
 
-    def generate(self, engine, prompts: list[str]) -> list[str]:
-        """Greedy continuations. Every rank runs the same number of generate calls on the same
-        number of prompts; under ZeRO-3 `synced_gpus` keeps the ranks stepping together."""
+    def generate(self, engine, prompts: list[list[int]]) -> list[str]:
+        """Greedy continuations of prompt ids rendered as in training (chat template, BOS rule),
+        stopping at EOS or the template's end of turn. Every rank runs the same number of generate
+        calls on the same number of prompts; under ZeRO-3 `synced_gpus` keeps the ranks stepping
+        together."""
         tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        ids = [
-            bos + tok(p, add_special_tokens=False)["input_ids"][-(self.cfg.max_prompt_length - len(bos)) :]
-            for p in prompts
-        ]
-        width = max(len(x) for x in ids)
+        width = max(len(x) for x in prompts)
         pad = tok.pad_token_id
         input_ids = torch.tensor(
-            [[pad] * (width - len(x)) + x for x in ids], device=self.device
+            [[pad] * (width - len(x)) + x for x in prompts], device=self.device
         )  # left-padded
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=self.device)
         lm = engines.unwrap_lm(engine)
         out = lm.generate(
             input_ids=input_ids,
@@ -273,25 +276,23 @@ class Trainer:
             max_new_tokens=self.cfg.max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=self.stop_ids,
             synced_gpus=self.world > 1 and any(hasattr(p, "ds_id") for p in lm.parameters()),
         )
         return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def write_samples(self, step: int) -> None:
-        examples = self.eval_data.prompts(self.cfg.n_eval_model_samples)
-        per_rank = -(-len(examples) // self.world)
-        mine = examples[self.rank * per_rank : (self.rank + 1) * per_rank]
+        prompts = self.eval_data.prompts(self.cfg.n_eval_model_samples)
+        per_rank = -(-len(prompts) // self.world)
+        mine = prompts[self.rank * per_rank : (self.rank + 1) * per_rank]
         n_real = len(mine)
-        mine = mine + [examples[-1]] * (per_rank - n_real)  # equal work on every rank
-        prompts = [e.prompt for e in mine]
-        policy_out = self.generate(self.policy, prompts)
-        ref_out = (
-            self.generate(self.reference, prompts) if self.reference is not None else [None] * len(prompts)
-        )
+        mine = mine + [prompts[-1]] * (per_rank - n_real)  # equal work on every rank
+        policy_out = self.generate(self.policy, mine)
+        ref_out = self.generate(self.reference, mine) if self.reference is not None else [None] * len(mine)
+        # the prompt as the model saw it: the chat template's (or BOS's) special tokens shown
         rows = [
-            {"step": step, "prompt": p, "policy": a, "reference": b}
-            for p, a, b in list(zip(prompts, policy_out, ref_out))[:n_real]
+            {"step": step, "prompt": self.tokenizer.decode(p), "policy": a, "reference": b}
+            for p, a, b in list(zip(mine, policy_out, ref_out))[:n_real]
         ]
         gathered = engines.all_gather_objects(rows)
         if self.rank == 0:

@@ -58,6 +58,11 @@ def test_yaml_then_overrides(tmp_path):
         ("max_prompt_length=512", "max_prompt_length"),
         ("gradient_accumulation_steps=3", "batch_size"),
         ("lr=0", "lr"),
+        ("data.truncation_mode=middle", "data.truncation_mode"),
+        ("data.add_bos=maybe", "data.add_bos"),
+        ("data.chat_template=/no/such/template.jinja", "data.chat_template"),
+        ("loss.sft_normalize=batch", "loss.sft_normalize"),
+        ("loss.sft_normalize=token", "loss.sft_normalize"),  # with loss=dpo: applies to SFT only
         ("model=gpt2", "model"),
         ("batch_size", "key=value"),
         ("wandb.mode=cloud", "wandb.mode"),
@@ -174,3 +179,17 @@ def test_config_is_a_dataclass_with_original_names():
         "datasets",
     ]:
         assert key in names
+
+
+def test_tokenisation_keys():
+    cfg = load_config(
+        None, ["loss=sft", "loss.sft_normalize=token", "data.add_bos=false", "data.truncation_mode=original"]
+    )
+    assert (
+        cfg.loss.sft_normalize == "token"
+        and cfg.data.add_bos == "false"
+        and cfg.data.truncation_mode == "original"
+    )
+    assert load_config(None, ["data.add_bos=true"]).data.add_bos == "true"  # YAML's true arrives as a bool
+    with pytest.raises(ConfigError, match="data.add_bos.*original"):
+        load_config(None, ["data.add_bos=true", "data.truncation_mode=original"])

@@ -1,5 +1,6 @@
 """Tokenisation, truncation, batching and the padded collator on the shipped char-level tokenizer
-(one token per character, so every expected length below is counted by hand)."""
+(one token per character, and like Llama's it puts <s> in front of a text, so every expected length
+below is counted by hand). Chat templates and other tokenizers: tests/test_chat.py."""
 
 import pytest
 import torch
@@ -7,13 +8,18 @@ import torch
 from dpo_ds.data.batches import Batches, flatten
 from dpo_ds.data.collate import collate_padded, sequence_logps
 from dpo_ds.data.sources import PromptGroup
-from dpo_ds.data.tokenize import IGNORE, tokenize_example
+from dpo_ds.data.tokenize import IGNORE, Tokenization
 from dpo_ds.model import SHIPPED_MODELS, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(SHIPPED_MODELS["tiny"])
+
+
+def tokenize_example(tok, prompt, responses, *, max_length, max_prompt_length, truncation_mode):
+    rules = Tokenization(tok, max_length=max_length, max_prompt_length=max_prompt_length)
+    return rules.tokenize(prompt, responses, truncation_mode)
 
 
 def test_prompt_masked_eos_appended(tok):
@@ -83,8 +89,6 @@ def _groups(n):
 
 def _batches(tok, rank, world, **kw):
     args = dict(
-        max_length=16,
-        max_prompt_length=8,
         global_batch=8,
         world=world,
         rank=rank,
@@ -92,7 +96,9 @@ def _batches(tok, rank, world, **kw):
         seed=3,
     )
     args.update(kw)
-    return Batches(flatten(_groups(20), sft=False), tok, **args)
+    return Batches(
+        flatten(_groups(20), sft=False), Tokenization(tok, max_length=16, max_prompt_length=8), **args
+    )
 
 
 def test_ranks_get_disjoint_shards_and_equal_micro_batches(tok):

@@ -9,7 +9,7 @@ from dpo_ds.data.batches import Batches, flatten
 from dpo_ds.data.collate import collate_padded, sequence_logps
 from dpo_ds.data.packing import collate_packed, equalise, pack_rows, split_by_budget
 from dpo_ds.data.sources import PromptGroup
-from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
+from dpo_ds.data.tokenize import IGNORE, Tokenization, TokenizedSeq
 from dpo_ds.model import SHIPPED_MODELS, LogprobLM, load_tokenizer, random_init_state
 
 
@@ -107,9 +107,7 @@ def test_ranks_agree_on_micro_batch_count():
     def make(rank, sync):
         return Batches(
             flatten(groups, sft=False),
-            tok,
-            max_length=40,
-            max_prompt_length=8,
+            Tokenization(tok, max_length=40, max_prompt_length=8),
             global_batch=16,
             world=2,
             rank=rank,

@@ -14,26 +14,44 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from dpo_ds.data.collate import collate_padded
-from dpo_ds.data.sources import PromptGroup
-from dpo_ds.data.tokenize import TokenizedSeq, tokenize_example
+from dpo_ds.data.collate import IGNORE, collate_padded
+from dpo_ds.data.sources import PromptGroup, Text
+from dpo_ds.data.tokenize import Tokenization, TokenizedSeq
 
 log = logging.getLogger("dpo_ds.data")
 
 
 @dataclass
 class Example:
-    prompt: str
-    responses: list[str]  # [chosen, rejected] for preference losses, [sft_target] for SFT
+    prompt: Text
+    responses: list[Text]  # [chosen, rejected] for preference losses, [sft_target] for SFT
     truncation_mode: str
+    origins: list[str] | None = None  # [prompt's, each response's]: "FILE row I (0-based), field 'F'"
 
 
 def flatten(groups: list[PromptGroup], sft: bool) -> list[Example]:
     """One SFT example per prompt (its sft_target), or one preference example per pair."""
+
+    def origin(g: PromptGroup, k: int) -> str:
+        return g.response_origins[k] if k < len(g.response_origins) else g.prompt_origin
+
     if sft:
-        return [Example(g.prompt, [g.sft_target], g.truncation_mode) for g in groups]
+        return [
+            Example(
+                g.prompt,
+                [g.sft_target],
+                g.truncation_mode,
+                [g.prompt_origin, g.sft_origin or g.prompt_origin],
+            )
+            for g in groups
+        ]
     return [
-        Example(g.prompt, [g.responses[c], g.responses[r]], g.truncation_mode)
+        Example(
+            g.prompt,
+            [g.responses[c], g.responses[r]],
+            g.truncation_mode,
+            [g.prompt_origin, origin(g, c), origin(g, r)],
+        )
         for g in groups
         for c, r in g.pairs
     ]
@@ -53,10 +71,8 @@ class Batches:
     def __init__(
         self,
         examples: list[Example],
-        tokenizer,
+        tokenization: Tokenization,
         *,
-        max_length: int,
-        max_prompt_length: int,
         global_batch: int,
         world: int,
         rank: int,
@@ -65,13 +81,17 @@ class Batches:
         packing: bool = False,
         max_tokens_per_micro_batch: int = 0,
         sync_max: Callable[[int], int] | None = None,
+        used: int | None = None,
     ):
+        """used: tokenize only the examples an eval over the first `used` of epoch 0's order needs
+        (None: all of them, for training). Tokenizing happens here, before any engine exists, so a
+        row the tokenizer or chat template cannot take stops every rank before training starts."""
         if global_batch % world:
             raise ValueError(f"batch of {global_batch} cannot be split evenly over {world} ranks")
         self.examples = examples
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.max_prompt_length = max_prompt_length
+        self.tokenization = tokenization
+        self.max_length = tokenization.max_length
+        tokenizer = tokenization.tok
         self.global_batch = global_batch
         self.world = world
         self.rank = rank
@@ -84,19 +104,23 @@ class Batches:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._cache: dict[int, list[TokenizedSeq]] = {}
         self._orders: dict[int, list[int]] = {}
+        self._n_labelled: dict[int, int] = {}
+        for i in range(len(examples)) if used is None else self._order(0)[:used]:
+            self.tokenized(i)
 
     def tokenized(self, i: int) -> list[TokenizedSeq]:
         if i not in self._cache:
             ex = self.examples[i]
-            self._cache[i] = tokenize_example(
-                self.tokenizer,
-                ex.prompt,
-                ex.responses,
-                max_length=self.max_length,
-                max_prompt_length=self.max_prompt_length,
-                truncation_mode=ex.truncation_mode,
+            self._cache[i] = self.tokenization.tokenize(
+                ex.prompt, ex.responses, ex.truncation_mode, ex.origins
             )
         return self._cache[i]
+
+    def _labelled(self, i: int) -> int:
+        """Trained-on tokens of example i (a sequence's first token is never scored)."""
+        if i not in self._n_labelled:
+            self._n_labelled[i] = sum(sum(1 for t in s.labels[1:] if t != IGNORE) for s in self.tokenized(i))
+        return self._n_labelled[i]
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -105,16 +129,25 @@ class Batches:
             self._orders = {epoch: order}  # one epoch at a time is all a step needs
         return self._orders[epoch]
 
-    def _micro_batches(self, local: list[int]) -> list[dict]:
+    def _micro_batches(self, local: list[int], batch: list[int]) -> list[dict]:
+        """local: this rank's examples; batch: the whole global batch (every rank knows it), whose
+        labelled-token count each micro-batch carries for per-token loss normalisation."""
         seqs = [self.tokenized(i) for i in local]
         if self.packing:
             from dpo_ds.data.packing import pack_micro_batches
 
-            return pack_micro_batches(
+            micro = pack_micro_batches(
                 seqs, self.max_tokens, self.n_micro, self.sync_max, self.pad_id, self.max_length
             )
-        size = len(local) // self.n_micro
-        return [collate_padded(seqs[k * size : (k + 1) * size], self.pad_id) for k in range(self.n_micro)]
+        else:
+            size = len(local) // self.n_micro
+            micro = [
+                collate_padded(seqs[k * size : (k + 1) * size], self.pad_id) for k in range(self.n_micro)
+            ]
+        tokens = sum(self._labelled(i) for i in batch)
+        for m in micro:
+            m["global_examples"], m["global_tokens"] = len(batch), tokens
+        return micro
 
     def n_steps(self, n_epochs: int | None, n_examples: int | None) -> int:
         total = [len(self.examples) * n_epochs] if n_epochs is not None else []
@@ -128,11 +161,10 @@ class Batches:
         """Steps start_step.. of the stream; resuming at step k gives exactly the batches of a fresh run."""
         n = len(self.examples)
         for step in range(start_step, self.n_steps(n_epochs, n_examples)):
-            first = step * self.global_batch + self.rank * self.per_rank
-            local = []
-            for pos in range(first, first + self.per_rank):
-                local.append(self._order(pos // n)[pos % n])
-            yield Step(step, (step + 1) * self.global_batch, self._micro_batches(local), len(local))
+            start = step * self.global_batch
+            batch = [self._order(pos // n)[pos % n] for pos in range(start, start + self.global_batch)]
+            local = batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+            yield Step(step, (step + 1) * self.global_batch, self._micro_batches(local, batch), len(local))
 
     def eval_batches(self, n_eval_examples: int) -> list[tuple[list[dict], int]]:
         """Held-out examples in global batches of `global_batch`; the remainder is dropped."""
@@ -140,11 +172,12 @@ class Batches:
         n_batches = len(order) // self.global_batch
         out = []
         for b in range(n_batches):
-            first = b * self.global_batch + self.rank * self.per_rank
-            local = order[first : first + self.per_rank]
-            out.append((self._micro_batches(local), len(local)))
+            batch = order[b * self.global_batch : (b + 1) * self.global_batch]
+            local = batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+            out.append((self._micro_batches(local, batch), len(local)))
         return out
 
-    def prompts(self, n: int) -> list[Example]:
-        """The first n held-out examples, the same on every rank (for samples during eval)."""
-        return [self.examples[i] for i in self._order(0)[:n]]
+    def prompts(self, n: int) -> list[list[int]]:
+        """Prompt ids of the first n held-out examples, the same on every rank (samples during eval):
+        rendered and truncated exactly as the model saw them in training and eval."""
+        return [(s := self.tokenized(i)[0]).input_ids[: s.prompt_len] for i in self._order(0)[:n]]

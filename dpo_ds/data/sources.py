@@ -4,8 +4,13 @@ Spec forms accepted by `load_source(spec, split)`:
 
   hh, shp, se            Anthropic/hh-rlhf, stanfordnlp/SHP, HuggingFaceH4/stack-exchange-preferences
                          from the Hugging Face hub (or its local cache).
+  ultrafeedback          HuggingFaceH4/ultrafeedback_binarized, splits train_prefs / test_prefs
+                         (conversations: rendered later with the model's chat template).
   hh:DIR, shp:DIR        the same parsing, from DIR/{split}.jsonl|json|parquet (optionally .gz for json)
                          with the hub's columns.
+  ultrafeedback:DIR      DIR/{train_prefs|test_prefs}.jsonl|json|parquet, or the hub repository's own
+                         layout DIR/data/{split}-NNNNN-of-NNNNN.parquet (as `huggingface-cli download`
+                         writes it).
   se:DIR                 the same parsing, from DIR/train.jsonl|json|parquet, then the held-out rule.
                          stack-exchange has only a train split: 'test' is the 1% of questions whose
                          sha256(raw question HTML) falls in bucket 0 of 100, 'train' the rest.
@@ -14,12 +19,23 @@ Spec forms accepted by `load_source(spec, split)`:
                          'test' in the file name.
   DIR                    a local directory holding {split}.jsonl|json|parquet.
 
-Local files hold one of two row formats, detected from the columns:
+Local files hold one of these row formats, detected from the columns and the values' types:
   original  prompt (str), responses (list[str]), pairs (list of [chosen, rejected] indices),
             sft_target (str), optional truncation_mode ('keep_start' | 'keep_end').
             Rows are taken as they are (one group per row).
   flat      prompt, chosen, rejected (str each); rows with the same prompt are grouped,
             each row adds two responses and the pair (i, i + 1); sft_target = the first chosen.
+  conversational, each message a {'role', 'content'} record:
+    ultrafeedback  prompt (str) + chosen / rejected: whole conversations (the user turns repeated,
+                   the assistant's answer last); the prompt is the turns before the last.
+    trl            prompt: a message list (system and earlier turns allowed); chosen / rejected:
+                   lists of assistant messages (TRL's conversational preference shape).
+    trl implicit   chosen / rejected whole conversations and no prompt column: the prompt is the
+                   turns they share.
+    messages       one conversation per row (SFT only): the prompt is everything before the first
+                   assistant turn; every assistant turn after it is trained on, nothing else.
+  Conversational prompts and responses stay message lists here; data/tokenize.py renders them with
+  the tokenizer's chat template.
 Local truncation_mode defaults to 'keep_end' (hh: 'keep_end', shp and se: 'keep_start', as in the
 original DPO code).
 
@@ -35,7 +51,9 @@ missing column or a value of the wrong type is a DataError naming the file, row 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import re
 from collections import Counter
@@ -55,6 +73,13 @@ HUB_NAMES = {
     "hh": "Anthropic/hh-rlhf",
     "shp": "stanfordnlp/SHP",
     "se": "HuggingFaceH4/stack-exchange-preferences",
+    "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+}
+# The hub split each dpo_ds split reads. stack-exchange has only 'train' (its 'test' is held out
+# from it); ultrafeedback_binarized names its preference splits train_prefs / test_prefs.
+HUB_SPLITS = {
+    "se": {"train": "train", "test": "train"},
+    "ultrafeedback": {"train": "train_prefs", "test": "test_prefs"},
 }
 # Suffixes tried, in this order, for {split}.* in a directory. json files may hold JSON lines.
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
@@ -63,9 +88,9 @@ SHP_MIN_SCORE_RATIO = 2.0  # as in the original DPO code: keep pairs with a clea
 SE_TEST_PERCENT = 1  # percent of stack-exchange questions held out as 'test'
 
 ACCEPTED_FORMS = (
-    "'hh', 'shp', 'se' (Hugging Face hub); 'hh:DIR', 'shp:DIR', 'se:DIR' (local copies shaped like "
-    "the hub's rows); 'demo'; a local file ending .jsonl, .json or .parquet; or a directory holding "
-    "{split}.jsonl|json|parquet"
+    "'hh', 'shp', 'se', 'ultrafeedback' (Hugging Face hub); 'hh:DIR', 'shp:DIR', 'se:DIR', "
+    "'ultrafeedback:DIR' (local copies shaped like the hub's rows); 'demo'; a local file ending "
+    ".jsonl, .json or .parquet; or a directory holding {split}.jsonl|json|parquet"
 )
 
 
@@ -73,13 +98,25 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file, the row and the field."""
 
 
+Message = dict[str, Any]  # {'role': str, 'content': str, ...}
+# A prompt or response is plain text, or a conversation (a list of messages) that the tokenizer's
+# chat template renders. A conversational prompt ends before an assistant turn; a conversational
+# response is the assistant turn(s) that follow it.
+Text = str | list[Message]
+
+
 @dataclass
 class PromptGroup:
-    prompt: str
-    responses: list[str]
+    prompt: Text
+    responses: list[Text]
     pairs: list[tuple[int, int]]  # (chosen_index, rejected_index) into responses
-    sft_target: str
+    sft_target: Text
     truncation_mode: str  # 'keep_start' | 'keep_end'
+    # Where each piece came from, for errors raised later (tokenisation): "FILE row I (0-based),
+    # field 'F'". Not part of equality: two groups with the same content are the same data.
+    prompt_origin: str = dataclasses.field(default="", compare=False)
+    response_origins: list[str] = dataclasses.field(default_factory=list, compare=False)
+    sft_origin: str = dataclasses.field(default="", compare=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,18 +202,21 @@ def _read_file(path: Path, cache_dir: str | None):
         raise DataError(f"{path}: could not be read as {builder}: {type(e).__name__}: {e}") from e
 
 
+def _hub_split(kind: str, split: str) -> str:
+    return HUB_SPLITS.get(kind, {}).get(split, split)
+
+
 def _read_hub(kind: str, split: str, cache_dir: str | None):
     import datasets
 
     name = HUB_NAMES[kind]
+    hub_split = _hub_split(kind, split)
     try:
-        # stack-exchange-preferences has only a 'train' split; 'test' is held out from it.
-        hub_split = "train" if kind == "se" else split
         return datasets.load_dataset(name, split=hub_split, cache_dir=cache_dir)
     except Exception as e:
         offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
         why = " (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)" if offline else ""
-        files = "train.*" if kind == "se" else f"{split}.jsonl|json|parquet"
+        files = f"{hub_split}.jsonl|json|parquet"
         raise DataError(
             f"could not load {name!r} from the Hugging Face hub{why}: {type(e).__name__}: {e}. "
             f"This machine may be offline and the dataset is not in the cache. To use a local copy, "
@@ -207,11 +247,24 @@ def _require_columns(ds, where: str, required: list[str], what: str) -> None:
 
 def _load_hub_source(kind: str, split: str, cache_dir: str | None) -> list[PromptGroup]:
     ds = _read_hub(kind, split, cache_dir)
-    return _PARSERS[kind](ds, f"{HUB_NAMES[kind]} ({'train' if kind == 'se' else split})", split)
+    return _PARSERS[kind](ds, f"{HUB_NAMES[kind]} ({_hub_split(kind, split)})", split)
 
 
 def _load_hub_shaped_dir(kind: str, directory: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
-    path = _find_split_file(directory, "train" if kind == "se" else split)
+    hub_split = _hub_split(kind, split)
+    shards = sorted(directory.glob(f"data/{hub_split}-*.parquet")) if directory.is_dir() else []
+    if shards and not any((directory / f"{hub_split}{s}").is_file() for s in LOCAL_SUFFIXES):
+        # the hub repository's own layout (huggingface-cli download --repo-type dataset)
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(
+                "parquet", data_files=[str(p) for p in shards], split="train", cache_dir=cache_dir
+            )
+        except Exception as e:
+            raise DataError(f"{shards[0].parent}: could not read {hub_split}-*.parquet: {e}") from e
+        return _PARSERS[kind](ds, str(directory / "data" / f"{hub_split}-*.parquet"), split)
+    path = _find_split_file(directory, hub_split)
     return _PARSERS[kind](_read_file(path, cache_dir), str(path), split)
 
 
@@ -238,7 +291,15 @@ def _parse_hh(ds, where: str, split: str) -> list[PromptGroup]:
         if chosen_response == rejected_response:
             dropped["chosen and rejected responses identical"] += 1
             continue
-        groups.add(prompt, [chosen_response, rejected_response], [(0, 1)], sft_target=chosen_response)
+        groups.add(
+            prompt,
+            [chosen_response, rejected_response],
+            [(0, 1)],
+            at=_at(where, i),
+            fields=["chosen", "rejected"],
+            sft_target=chosen_response,
+            sft_field="chosen",
+        )
     return groups.finish(where, n_rows, dropped)
 
 
@@ -267,7 +328,14 @@ def _parse_shp(ds, where: str, split: str) -> list[PromptGroup]:
             dropped[f"score ratio below {SHP_MIN_SCORE_RATIO:g}"] += 1
             continue
         pair = (0, 1) if _as_int(label) == 1 else (1, 0)
-        groups.add(prompt, responses, [pair], scores=[score_a, score_b])
+        groups.add(
+            prompt,
+            responses,
+            [pair],
+            at=_at(where, i),
+            fields=["human_ref_A", "human_ref_B"],
+            scores=[score_a, score_b],
+        )
     return groups.finish(where, n_rows, dropped)
 
 
@@ -312,7 +380,8 @@ def _parse_se(ds, where: str, split: str) -> list[PromptGroup]:
                 elif scores[b] > scores[a]:
                     pairs.append((b, a))
         prompt = "\n\nHuman: " + html_to_text(question) + "\n\nAssistant:"
-        groups.add(prompt, responses, pairs, scores=scores)
+        fields = [f"answers[{k}].text" for k in range(len(responses))]
+        groups.add(prompt, responses, pairs, at=_at(where, i), fields=fields, scores=scores)
     logger.info(
         "%s: %d of %d rows are in split %r (%d%% of questions held out as 'test' by a hash of the question)",
         where, n_rows, n_rows + n_other_split, split, SE_TEST_PERCENT,
@@ -320,11 +389,17 @@ def _parse_se(ds, where: str, split: str) -> list[PromptGroup]:
     return groups.finish(where, n_rows, dropped)
 
 
-_PARSERS = {"hh": _parse_hh, "shp": _parse_shp, "se": _parse_se}
+def _parse_ultrafeedback(ds, where: str, split: str) -> list[PromptGroup]:
+    """HuggingFaceH4/ultrafeedback_binarized: prompt (str), chosen / rejected whole conversations."""
+    _require_columns(ds, where, FLAT_COLUMNS, "ultrafeedback_binarized rows")
+    return _parse_preference(ds, where)
+
+
+_PARSERS = {"hh": _parse_hh, "shp": _parse_shp, "se": _parse_se, "ultrafeedback": _parse_ultrafeedback}
 
 
 # ---------------------------------------------------------------------------------------------
-# local files in the original or flat format
+# local files: original, flat text, conversational
 
 
 def _load_local_dir(directory: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
@@ -350,17 +425,23 @@ def _load_local_file(path: Path, split: str, cache_dir: str | None) -> list[Prom
 
 ORIGINAL_COLUMNS = ["prompt", "responses", "pairs", "sft_target"]
 FLAT_COLUMNS = ["prompt", "chosen", "rejected"]
+PREFERENCE_COLUMNS = ["chosen", "rejected"]  # + 'prompt', except for TRL's implicit-prompt rows
+MESSAGES_COLUMNS = ["messages"]
 
 
 def _parse_local(ds, where: str) -> list[PromptGroup]:
     columns = set(ds.column_names)
     if set(ORIGINAL_COLUMNS) <= columns:
         return _parse_original(ds, where)
-    if set(FLAT_COLUMNS) <= columns:
-        return _parse_flat(ds, where)
+    if set(PREFERENCE_COLUMNS) <= columns:
+        return _parse_preference(ds, where)
+    if set(MESSAGES_COLUMNS) <= columns:
+        return _parse_messages(ds, where)
     raise DataError(
         f"{where}: unrecognised columns {sorted(columns)}; expected the original format "
-        f"{ORIGINAL_COLUMNS} (+ optional 'truncation_mode') or the flat format {FLAT_COLUMNS}"
+        f"{ORIGINAL_COLUMNS} (+ optional 'truncation_mode'), preference rows {FLAT_COLUMNS} (text, or "
+        f"conversations as lists of {{'role', 'content'}} messages; 'prompt' may be left out when "
+        f"chosen and rejected are whole conversations), or conversations for SFT {MESSAGES_COLUMNS}"
     )
 
 
@@ -380,29 +461,194 @@ def _parse_original(ds, where: str) -> list[PromptGroup]:
             mode = LOCAL_DEFAULT_TRUNCATION
         elif mode not in TRUNCATION_MODES:
             raise _bad(where, i, "truncation_mode", f"one of {list(TRUNCATION_MODES)} or null", mode)
-        groups.append(PromptGroup(prompt, list(responses), pairs, sft_target, mode))
+        at = _at(where, i)
+        groups.append(
+            PromptGroup(
+                prompt,
+                list(responses),
+                pairs,
+                sft_target,
+                mode,
+                prompt_origin=f"{at}, field 'prompt'",
+                response_origins=[f"{at}, field 'responses[{k}]'" for k in range(len(responses))],
+                sft_origin=f"{at}, field 'sft_target'",
+            )
+        )
     _log_summary(where, len(groups), groups, Counter())
     return groups
 
 
-def _parse_flat(ds, where: str) -> list[PromptGroup]:
+def _parse_preference(ds, where: str) -> list[PromptGroup]:
+    """Preference rows, text or conversational; the shape is read from each row's value types."""
+    has_prompt = "prompt" in ds.column_names
     groups = _Groups(LOCAL_DEFAULT_TRUNCATION)
     dropped: Counter[str] = Counter()
     n_rows = 0
-    for i, row in enumerate(_rows(ds, FLAT_COLUMNS)):
+    for i, row in enumerate(_rows(ds, (["prompt"] if has_prompt else []) + PREFERENCE_COLUMNS)):
         n_rows += 1
-        prompt = _str_field(row, "prompt", where, i)
-        chosen = _str_field(row, "chosen", where, i)
-        rejected = _str_field(row, "rejected", where, i)
+        prompt, chosen, rejected = _preference_row(row, where, i, has_prompt)
         if chosen == rejected:
             dropped["chosen and rejected identical"] += 1
             continue
-        groups.add(prompt, [chosen, rejected], [(0, 1)], sft_target=chosen)
+        groups.add(
+            prompt,
+            [chosen, rejected],
+            [(0, 1)],
+            at=_at(where, i),
+            fields=["chosen", "rejected"],
+            sft_target=chosen,
+            sft_field="chosen",
+        )
     return groups.finish(where, n_rows, dropped)
+
+
+def _preference_row(row: dict, where: str, i: int, has_prompt: bool) -> tuple[Text, Text, Text]:
+    """(prompt, chosen, rejected) of one row in any of the preference shapes."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    prompt = row["prompt"] if has_prompt else None
+    if isinstance(chosen, str) or isinstance(rejected, str):  # flat text
+        if not has_prompt:
+            raise DataError(
+                f"{_at(where, i)}: text 'chosen' / 'rejected' need a 'prompt' column (only whole "
+                f"conversations, lists of messages, can leave the prompt out)"
+            )
+        return (
+            _str_field(row, "prompt", where, i),
+            _str_field(row, "chosen", where, i),
+            _str_field(row, "rejected", where, i),
+        )
+    chosen = _messages(chosen, where, i, "chosen")
+    rejected = _messages(rejected, where, i, "rejected")
+    if chosen == rejected:
+        return prompt, chosen, rejected  # the caller drops it and counts it
+    if isinstance(prompt, list):  # TRL: the prompt's turns, then assistant-only responses
+        prompt = _messages(prompt, where, i, "prompt")
+        _answers(chosen, where, i, "chosen")
+        _answers(rejected, where, i, "rejected")
+        return prompt, chosen, rejected
+    if prompt is not None and not isinstance(prompt, str):
+        raise _bad(where, i, "prompt", "a string or a list of {'role', 'content'} messages", prompt)
+    # UltraFeedback (prompt: str) and TRL's implicit prompt (no prompt): chosen and rejected are whole
+    # conversations that share their first turns; the shared turns are the prompt.
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if prompt is not None:
+        shared = min(shared, len(chosen) - 1, len(rejected) - 1)  # UltraFeedback: the answer is the last turn
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError(
+                f"{_at(where, i)}: 'chosen' and 'rejected' must repeat the same turns before the "
+                f"answer; they differ at message {shared}"
+            )
+    if shared == 0:
+        raise DataError(
+            f"{_at(where, i)}: 'chosen' and 'rejected' share no first turn, so there is no prompt; "
+            f"give the prompt's messages in a 'prompt' column"
+        )
+    turns = chosen[:shared]
+    if isinstance(prompt, str):
+        users = [m["content"] for m in turns if m["role"] == "user"]
+        if not users or users[-1] != prompt:
+            raise DataError(
+                f"{_at(where, i)}: field 'prompt' {_short(prompt)} is not the last user turn of 'chosen' "
+                f"({_short(users[-1]) if users else 'no user turn'}); the conversation in 'chosen' is "
+                f"what is trained on, so the two must agree"
+            )
+    _answers(chosen[shared:], where, i, "chosen", offset=shared)
+    _answers(rejected[shared:], where, i, "rejected", offset=shared)
+    return turns, chosen[shared:], rejected[shared:]
+
+
+def _parse_messages(ds, where: str) -> list[PromptGroup]:
+    """One conversation per row, for SFT: the prompt is everything before the first assistant turn,
+    the target everything from there (its non-assistant turns are rendered but not trained on).
+    Rows are not grouped by prompt: two chats that open alike are still two examples."""
+    groups = []
+    for i, row in enumerate(_rows(ds, MESSAGES_COLUMNS)):
+        messages = _messages(row["messages"], where, i, "messages")
+        first = next((k for k, m in enumerate(messages) if m["role"] == "assistant"), None)
+        if first is None or first == 0:
+            raise _bad(
+                where,
+                i,
+                "messages",
+                "a conversation with at least one turn (the prompt) before an assistant turn",
+                messages,
+            )
+        if messages[-1]["role"] != "assistant":
+            raise _bad(
+                where,
+                i,
+                f"messages[{len(messages) - 1}].role",
+                "'assistant': a conversation for SFT ends with the assistant's turn",
+                messages[-1]["role"],
+            )
+        at = _at(where, i)
+        groups.append(
+            PromptGroup(
+                messages[:first],
+                [],
+                [],
+                messages[first:],
+                LOCAL_DEFAULT_TRUNCATION,
+                prompt_origin=f"{at}, field 'messages'",
+                sft_origin=f"{at}, field 'messages'",
+            )
+        )
+    _log_summary(where, len(groups), groups, Counter())
+    return groups
+
+
+def _messages(value: Any, where: str, i: int, name: str) -> list[Message]:
+    """A non-empty list of {'role': str, 'content': str} records. Keys whose value is null are
+    dropped: arrow gives every struct in a column the same keys, filling the absent ones with null."""
+    expected = "a non-empty list of {'role', 'content'} messages"
+    if not isinstance(value, list) or not value:
+        raise _bad(where, i, name, expected, value)
+    out = []
+    for k, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _bad(where, i, f"{name}[{k}]", "a {'role', 'content'} record", m)
+        m = {key: v for key, v in m.items() if v is not None}
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise _bad(where, i, f"{name}[{k}].role", "a non-empty string", m.get("role"))
+        if not isinstance(m.get("content"), str):
+            raise _bad(
+                where,
+                i,
+                f"{name}[{k}].content",
+                "a string (content given as a list of parts is not supported)",
+                m.get("content"),
+            )
+        out.append(m)
+    return out
+
+
+def _answers(messages: list[Message], where: str, i: int, name: str, offset: int = 0) -> None:
+    if not messages:
+        raise _bad(where, i, name, "at least one assistant message after the prompt", messages)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            raise _bad(
+                where,
+                i,
+                f"{name}[{offset + k}].role",
+                "'assistant': a response holds the assistant's turn(s) only",
+                m["role"],
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # grouping, validation helpers, logging
+
+
+def _at(where: str, row: int) -> str:
+    return f"{where} row {row} (0-based)"
+
+
+def _key(prompt: Text) -> str:
+    """Rows group by prompt; a conversational prompt groups by its exact messages."""
+    return prompt if isinstance(prompt, str) else "\0" + json.dumps(prompt, sort_keys=True)
 
 
 class _Groups:
@@ -415,31 +661,47 @@ class _Groups:
 
     def add(
         self,
-        prompt: str,
-        responses: list[str],
+        prompt: Text,
+        responses: list[Text],
         pairs: list[tuple[int, int]],
-        sft_target: str | None = None,
+        *,
+        at: str,
+        fields: list[str],
+        sft_target: Text | None = None,
+        sft_field: str | None = None,
         scores: list[float] | None = None,
     ) -> None:
-        group = self.by_prompt.get(prompt)
+        """`at` names the row ("FILE row I (0-based)"); fields[k] names the column of responses[k]."""
+        key = _key(prompt)
+        group = self.by_prompt.get(key)
         if group is None:
             # sft_target given: the first row's wins; scores given: the top-scored response, at finish.
-            group = PromptGroup(prompt, [], [], sft_target or "", self.truncation_mode)
-            self.by_prompt[prompt] = group
-            self.scores[prompt] = []
+            group = PromptGroup(
+                prompt,
+                [],
+                [],
+                sft_target if sft_target is not None else "",
+                self.truncation_mode,
+                prompt_origin=f"{at}, field 'prompt'",
+                sft_origin=f"{at}, field '{sft_field}'" if sft_field else "",
+            )
+            self.by_prompt[key] = group
+            self.scores[key] = []
         offset = len(group.responses)
         group.responses.extend(responses)
+        group.response_origins.extend(f"{at}, field '{f}'" for f in fields)
         group.pairs.extend((offset + c, offset + r) for c, r in pairs)
         if scores is not None:
-            self.scores[prompt].extend(scores)
+            self.scores[key].extend(scores)
 
     def finish(self, where: str, n_rows: int, dropped: Counter[str]) -> list[PromptGroup]:
         groups = list(self.by_prompt.values())
         for group in groups:
-            scores = self.scores[group.prompt]
+            scores = self.scores[_key(group.prompt)]
             if scores:
                 best = max(range(len(scores)), key=lambda k: scores[k])  # first of equal maxima
                 group.sft_target = group.responses[best]
+                group.sft_origin = group.response_origins[best]
         _log_summary(where, n_rows, groups, dropped)
         return groups
 

@@ -1,58 +1,347 @@
-"""Text -> token ids with prompt labels = -100, EOS appended, truncated like the original DPO code."""
+"""Rows -> token ids, by the tokenizer's own rules; prompt labels = -100; truncation.
+
+Plain text (the original format, hh, shp, se, flat rows)
+  prompt    tokenizer(prompt, add_special_tokens=False), preceded by what `tokenizer(text)` puts in
+            front by default: Llama's <s>, nothing for GPT-2 or ChatML tokenizers. Never twice: a
+            prompt whose text already starts with it (rendered by hand) keeps its own.
+            `data.add_bos=true|false` overrides the tokenizer's rule.
+  response  tokenizer(response, add_special_tokens=False) + eos_token, unless the text already ends
+            with it. An EOS before a response's end is an error naming the row: the model would learn
+            to stop and then go on.
+Conversations (lists of {'role', 'content'} messages)
+  prompt    apply_chat_template(prompt, add_generation_prompt=True)
+  response  apply_chat_template(prompt + response) minus the prompt's ids: exactly what the template
+            renders for the assistant turn, its end-of-turn token included. Checked on every row: the
+            prompt's ids must be the start of the whole conversation's ids, or the row is an error
+            naming where they differ. In a response, assistant turns are labelled and nothing else
+            (SFT on multi-turn `messages` rows); a special token inside a message's text is an error.
+
+Truncation, when prompt + the longest response is longer than max_length
+  dpo_ds rule (data.truncation_mode = auto | keep_start | keep_end): the prompt is cut to
+            max_prompt_length tokens, keeping its start or its end (keep_end keeps a leading BOS too),
+            then every response is cut to the room left after the prompt.
+  original  (data.truncation_mode=original) eric-mitchell/direct-preference-optimization's
+            tokenize_batch_element on the same rows, token for token: no BOS, a row whose text holds
+            the EOS token is refused (the original asserts), the prompt is cut the same way (its BOS
+            is not special there), then every response is cut to max_length - max_prompt_length,
+            whatever the prompt kept. Plain-text rows only: the original has no chat templates.
+  Both: a cut response can lose its EOS, as in the original. `auto` takes each source's end (hh:
+  keep_end, shp/se: keep_start, local files: keep_end or the row's truncation_mode).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+from dpo_ds.data.sources import DataError, Text
 
 IGNORE = -100
+TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
+ADD_BOS = ("auto", "true", "false")
+
+
+class TokenizationError(ValueError):
+    """A tokenizer or template that cannot serve the data (no chat template, no BOS to add, ...)."""
 
 
 @dataclass
 class TokenizedSeq:
     input_ids: list[int]
-    labels: list[int]  # IGNORE on prompt tokens
+    labels: list[int]  # IGNORE on the prompt (and on non-assistant turns of a conversation)
+    prompt_len: int = 0  # input_ids[:prompt_len] is the prompt as trained on (and as generated from)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+@dataclass
+class _Piece:
+    """A response before truncation: its ids and which of them are trained on."""
+
+    ids: list[int]
+    labelled: list[bool] = field(default_factory=list)
+
+    def cut(self, n: int) -> _Piece:
+        return _Piece(self.ids[:n], self.labelled[:n])
 
 
-def _truncate_prompt(prompt: list[int], keep: int, mode: str) -> list[int]:
-    if mode == "keep_start":
-        return prompt[:keep]
-    if mode == "keep_end":
-        return prompt[-keep:]
-    raise ValueError(f"unknown truncation_mode {mode!r}; expected keep_start or keep_end")
+def _first_difference(a: list[int], b: list[int]) -> int:
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return k
+    return min(len(a), len(b))
 
 
-def tokenize_example(
-    tokenizer,
-    prompt: str,
-    responses: list[str],
-    *,
-    max_length: int,
-    max_prompt_length: int,
-    truncation_mode: str,
-) -> list[TokenizedSeq]:
-    """Tokenize prompt + each response (chosen, rejected; or just the SFT target).
+class Tokenization:
+    """The one owner of turning a row into ids: BOS/EOS rules, chat template, truncation.
 
-    Truncation as in the original: if prompt + the longest response exceeds max_length, the prompt
-    is cut to max_prompt_length (keeping its start or its end); if that is still too long, every
-    response is cut to the room left. EOS is appended to each response before truncation, and BOS
-    (when the tokenizer has one) starts the prompt and survives truncation.
-    """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    p = _ids(tokenizer, prompt)
-    rs = [_ids(tokenizer, r) + [tokenizer.eos_token_id] for r in responses]
-    longest = max(len(r) for r in rs)
-    if len(bos) + len(p) + longest > max_length:
-        p = _truncate_prompt(p, max_prompt_length - len(bos), truncation_mode)
-    p = bos + p
-    room = max_length - len(p)
-    rs = [r[:room] for r in rs]
-    return [TokenizedSeq(p + r, [IGNORE] * len(p) + r) for r in rs]
+    Built once per run from the tokenizer and the data config; training, eval and generation all
+    ask it, so a prompt is rendered the same way everywhere."""
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        max_length: int,
+        max_prompt_length: int,
+        truncation_mode: str = "auto",
+        add_bos: str = "auto",
+        chat_template: str | None = None,
+    ):
+        if truncation_mode not in TRUNCATION_MODES:
+            raise TokenizationError(
+                f"data.truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}"
+            )
+        add_bos = str(add_bos).lower()
+        if add_bos not in ADD_BOS:
+            raise TokenizationError(f"data.add_bos must be one of {ADD_BOS}, got {add_bos!r}")
+        if tokenizer.eos_token_id is None:
+            raise TokenizationError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
+        if truncation_mode == "original" and add_bos == "true":
+            raise TokenizationError(
+                "data.add_bos=true contradicts data.truncation_mode=original (the original adds no BOS)"
+            )
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.mode = truncation_mode
+        self.original = truncation_mode == "original"
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id
+        self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        if self.original or add_bos == "false":
+            self.prompt_prefix: list[int] = []
+        elif add_bos == "true":
+            if self.bos_id is None:
+                raise TokenizationError("data.add_bos=true, but the tokenizer has no bos_token")
+            self.prompt_prefix = [self.bos_id]
+        else:
+            self.prompt_prefix = self._default_prefix()
+        specials = self._special_tokens()
+        self.special_ids = set(specials.values())
+        # one pass over a message's text finds any special token in it (longest first: '<|im_end|>'
+        # before a shorter token that is its prefix)
+        self._special_re = (
+            re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+            if specials
+            else None
+        )
+        self.stop_ids = [self.eos_id] + [t for t in self._end_of_turn() if t != self.eos_id]
+
+    # ------------------------------------------------------------------ the tokenizer's rules
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _default_prefix(self) -> list[int]:
+        """What `tokenizer(text)` puts before the text by default (a BOS, or nothing)."""
+        probe = "Hello world"
+        plain = self._encode(probe)
+        full = list(self.tok(probe)["input_ids"])
+        for k in range(len(full) - len(plain) + 1):
+            if full[k : k + len(plain)] == plain:
+                return full[:k]
+        raise TokenizationError(
+            "cannot tell which special tokens the tokenizer adds to a text (tokenizer('Hello world') "
+            "does not contain its tokens without special tokens); set data.add_bos=true or false"
+        )
+
+    def _special_tokens(self) -> dict[str, int]:
+        """Every special token's text -> id: the named ones and added tokens marked special."""
+        out = {}
+        for text in getattr(self.tok, "all_special_tokens", []):
+            tid = self.tok.convert_tokens_to_ids(text)
+            if isinstance(tid, int):
+                out[text] = tid
+        for tid, added in getattr(self.tok, "added_tokens_decoder", {}).items():
+            if getattr(added, "special", False):
+                out[str(added)] = tid
+        return out
+
+    def _end_of_turn(self) -> list[int]:
+        """The special token that ends an assistant turn in the chat template (ChatML's <|im_end|>,
+        Llama-3's <|eot_id|>): generation stops there as well as at EOS."""
+        if not self.template:
+            return []
+        user = [{"role": "user", "content": "ping"}]
+        try:
+            prompt = self._encode(self._render(user, True))
+            full = self._encode(self._render(user + [{"role": "assistant", "content": "pong"}], False))
+        except Exception:  # noqa: BLE001 - a template that needs more than this probe: EOS only
+            return []
+        return [t for t in full[len(prompt) :] if t in self.special_ids][:1]
+
+    # ------------------------------------------------------------------ rendering
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(
+            messages,
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+
+    def _render_ids(self, messages: list[dict], add_generation_prompt: bool, origin: str) -> list[int]:
+        try:
+            return self._encode(self._render(messages, add_generation_prompt))
+        except Exception as e:  # jinja's own errors ("roles must alternate ...") name no row
+            raise DataError(f"{origin}: the chat template failed on this conversation: {e}") from None
+
+    def _plain_prompt(self, text: str, origin: str) -> list[int]:
+        ids = self._encode(text)
+        if self.original:
+            if self.eos_id in ids:
+                raise DataError(
+                    f"{origin}: the prompt holds the EOS token {self.tok.eos_token!r}; "
+                    f"data.truncation_mode=original refuses it, as the original code's assert does"
+                )
+            return ids
+        prefix = self.prompt_prefix
+        if prefix and ids[: len(prefix)] == prefix:
+            return ids  # the text already starts with the BOS: never a second one
+        return prefix + ids
+
+    def _plain_response(self, text: str, origin: str) -> _Piece:
+        ids = self._encode(text)
+        body = ids[:-1] if (ids and ids[-1] == self.eos_id and not self.original) else ids
+        if self.eos_id in body:
+            at = body.index(self.eos_id)
+            raise DataError(
+                f"{origin}: the text holds the EOS token {self.tok.eos_token!r} before its end (token "
+                f"{at} of {len(ids)}); the model would learn to stop and then go on. dpo_ds appends the "
+                f"EOS itself: remove it from the text"
+            )
+        ids = body + [self.eos_id]
+        return _Piece(ids, [True] * len(ids))
+
+    def _check_text(self, messages: list[dict], origin: str) -> None:
+        if self._special_re is None:
+            return
+        for k, m in enumerate(messages):
+            hit = self._special_re.search(m["content"])
+            if hit:
+                raise DataError(
+                    f"{origin}: message {k} ({m['role']}) holds the special token {hit.group()!r} in "
+                    f"its text; the chat template writes the special tokens, so text holding one would "
+                    f"be read as a turn boundary. Remove or escape it"
+                )
+
+    def _chat_response(
+        self, prompt: list[dict], prompt_ids: list[int], response: list[dict], origin: str
+    ) -> _Piece:
+        """The ids the template adds after the prompt for these turns; assistant turns labelled."""
+        self._check_text(response, origin)
+        conversation = list(prompt)
+        full = self._render_ids(conversation + response, False, origin)
+        self._require_prefix(
+            prompt_ids, full, origin, "the prompt (rendered with add_generation_prompt=True)"
+        )
+        labelled = [False] * len(full)
+        at = len(prompt_ids)
+        for k, message in enumerate(response):
+            if k > 0 and message["role"] == "assistant":
+                # a later assistant turn: its header (the generation prompt) is not trained on
+                head = self._render_ids(conversation, True, origin)
+                self._require_prefix(head, full, origin, f"the conversation up to turn {len(conversation)}")
+                at = max(at, len(head))
+            conversation.append(message)
+            if k == len(response) - 1:
+                end = len(full)
+            else:
+                upto = self._render_ids(conversation, False, origin)
+                self._require_prefix(upto, full, origin, f"the conversation up to turn {len(conversation)}")
+                end = len(upto)
+            if message["role"] == "assistant":
+                labelled[at:end] = [True] * (end - at)
+            at = end
+        start = len(prompt_ids)
+        return _Piece(full[start:], labelled[start:])
+
+    def _require_prefix(self, part: list[int], full: list[int], origin: str, what: str) -> None:
+        if full[: len(part)] == part:
+            return
+        d = _first_difference(part, full)
+        show = self.tok.convert_ids_to_tokens
+        raise DataError(
+            f"{origin}: the chat template does not render {what} as the start of the whole "
+            f"conversation: they differ at token {d} ({show(part[d : d + 4])} vs {show(full[d : d + 4])}). "
+            f"dpo_ds trains on the ids the template gives the whole conversation and masks the prompt's, "
+            f"so the prompt's ids must be a prefix; use a template that renders earlier turns the same "
+            f"whatever follows (data.chat_template=FILE)"
+        )
+
+    def render(
+        self, prompt: Text, responses: list[Text], origins: list[str] | None = None
+    ) -> tuple[list[int], list[_Piece]]:
+        """(prompt ids, one _Piece per response), nothing cut yet. origins: [prompt's, each response's]."""
+        origins = origins or ["prompt"] + [f"response {k}" for k in range(len(responses))]
+        if isinstance(prompt, str):
+            for k, r in enumerate(responses):
+                if not isinstance(r, str):
+                    raise DataError(f"{origins[k + 1]}: a conversation answering a plain-text prompt")
+            return self._plain_prompt(prompt, origins[0]), [
+                self._plain_response(r, o) for r, o in zip(responses, origins[1:])
+            ]
+        if self.original:
+            raise DataError(
+                f"{origins[0]}: a conversation, but data.truncation_mode=original reproduces the original "
+                f"code, which has no chat templates; use data.truncation_mode=auto"
+            )
+        if not self.template:
+            raise TokenizationError(
+                f"{origins[0]} is a conversation, but the tokenizer has no chat_template to render it; "
+                f"set data.chat_template to a Jinja template file"
+            )
+        self._check_text(prompt, origins[0])
+        prompt_ids = self._render_ids(prompt, True, origins[0])
+        pieces = []
+        for r, o in zip(responses, origins[1:]):
+            if isinstance(r, str):
+                raise DataError(f"{o}: plain text answering a conversational prompt")
+            pieces.append(self._chat_response(prompt, prompt_ids, r, o))
+        return prompt_ids, pieces
+
+    # ------------------------------------------------------------------ truncation
+
+    def _truncate(self, prompt: list[int], pieces: list[_Piece], side: str) -> tuple[list[int], list[_Piece]]:
+        longest = max((len(p.ids) for p in pieces), default=0)
+        mpl, ml = self.max_prompt_length, self.max_length
+        if self.original:  # token for token what tokenize_batch_element does
+            if len(prompt) + longest > ml:
+                prompt = prompt[:mpl] if side == "keep_start" else prompt[-mpl:]
+            if len(prompt) + longest > ml:
+                pieces = [p.cut(ml - mpl) for p in pieces]
+            return prompt, pieces
+        if len(prompt) + longest > ml and len(prompt) > mpl:
+            if side == "keep_start":
+                prompt = prompt[:mpl]
+            else:
+                head = prompt[:1] if (self.bos_id is not None and prompt[:1] == [self.bos_id]) else []
+                keep = mpl - len(head)  # >= 0; a `prompt[-0:]` slice would keep everything
+                prompt = head + (prompt[len(prompt) - keep :] if keep else [])
+        room = ml - len(prompt)
+        return prompt, [p.cut(room) for p in pieces]
+
+    def tokenize(
+        self,
+        prompt: Text,
+        responses: list[Text],
+        truncation_mode: str,
+        origins: list[str] | None = None,
+    ) -> list[TokenizedSeq]:
+        """prompt + each response (chosen, rejected; or the SFT target), truncated, prompt masked.
+
+        truncation_mode: the source's keep_start / keep_end; data.truncation_mode other than auto wins."""
+        side = truncation_mode if self.mode in ("auto", "original") else self.mode
+        prompt_ids, pieces = self.render(prompt, responses, origins)
+        prompt_ids, pieces = self._truncate(prompt_ids, pieces, side)
+        n = len(prompt_ids)
+        return [
+            TokenizedSeq(
+                prompt_ids + p.ids,
+                [IGNORE] * n + [t if keep else IGNORE for t, keep in zip(p.ids, p.labelled)],
+                n,
+            )
+            for p in pieces
+        ]

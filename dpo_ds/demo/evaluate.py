@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from dpo_ds.data.collate import collate_padded, sequence_logps
-from dpo_ds.data.tokenize import tokenize_example
+from dpo_ds.data.tokenize import Tokenization
 from dpo_ds.demo.make_data import OUT as DATA
 from dpo_ds.model import LogprobLM, load_tokenizer, resolve_model_dir
 
@@ -35,21 +35,26 @@ def load_policy(path: Path, model_dir: Path):
     return lm.eval()
 
 
+def tokenization(tok) -> Tokenization:
+    # the demo configs' lengths; prompts and answers are far shorter, so nothing is cut
+    return Tokenization(tok, max_length=64, max_prompt_length=32)
+
+
 @torch.no_grad()
 def greedy(lm, tok, prompts: list[str], new_tokens: int = 4, batch: int = 250) -> list[str]:
+    """Greedy answers; prompts rendered as training renders them (the tokenizer's BOS rule)."""
+    rules = tokenization(tok)
     outs = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
-        ids = torch.tensor(
-            [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        )
+        ids = torch.tensor([rules.render(p, [])[0] for p in chunk])  # equal lengths: no padding
         gen = lm.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=rules.stop_ids,
         )
         outs += [tok.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in gen]
     return outs
@@ -58,17 +63,11 @@ def greedy(lm, tok, prompts: list[str], new_tokens: int = 4, batch: int = 250) -
 @torch.no_grad()
 def pair_logps(lm, tok, rows: list[dict], batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
     model = LogprobLM(lm, "naive")
+    rules = tokenization(tok)
     chosen, rejected = [], []
     for i in range(0, len(rows), batch):
         exs = [
-            tokenize_example(
-                tok,
-                r["prompt"],
-                [r["responses"][c], r["responses"][j]],
-                max_length=64,
-                max_prompt_length=32,
-                truncation_mode="keep_end",
-            )
+            rules.tokenize(r["prompt"], [r["responses"][c], r["responses"][j]], "keep_end")
             for r in rows[i : i + batch]
             for c, j in r["pairs"]
         ]
