@@ -130,6 +130,11 @@ def run(argv=None) -> dict:
         used=max(cfg.n_eval_examples, cfg.n_eval_model_samples if cfg.sample_during_eval else 0),
         **batch_args,
     )
+    if tokenization.boundary_splits:
+        log.info(
+            f"{tokenization.boundary_splits} responses begin with characters that merge with the end of the "
+            f"generation prompt when tokenized together; they are tokenized apart from it, as at generation"
+        )
     n_steps = train_data.n_steps(cfg.n_epochs, cfg.n_examples)
     if n_steps == 0:
         raise ConfigError(

@@ -281,9 +281,31 @@ def test_template_whose_prompt_is_not_a_prefix_names_the_row(toks, tmp_path):
     )
     rules = Tokenization(toks["chatml"], max_length=64, max_prompt_length=32, chat_template=template)
     with pytest.raises(
-        DataError, match=r"p\.train\.jsonl row 0 \(0-based\), field 'chosen'.*differ at token \d+"
+        DataError,
+        match=r"p\.train\.jsonl row 0 \(0-based\), field 'chosen'.*differ at character \d+ \('think:'",
     ):
         rules.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins)
+
+
+def test_response_merging_with_the_generation_prompt(toks):
+    """An answer starting with spaces: byte-level BPE merges the header's newline with them when the
+    whole conversation is tokenized at once. The prompt then keeps its generation-time ids (what the
+    model sees when it answers) and the answer is tokenized on its own, counted."""
+    tok = toks["chatml"]
+    rules = Tokenization(tok, max_length=512, max_prompt_length=256)
+    turns = [user("Show me code.")]
+    answer = "    x = 1"
+    whole = ids_of(tok, turns + [assistant(answer)])
+    prompt_ids = ids_of(tok, turns, add_generation_prompt=True)
+    assert whole[: len(prompt_ids)] != prompt_ids  # the merge this test is about does happen
+    seq, _ = rules.tokenize(turns, [[assistant(answer)], [assistant("no")]], "keep_end")
+    assert seq.input_ids[: seq.prompt_len] == prompt_ids
+    response_text = tok.apply_chat_template(turns + [assistant(answer)], tokenize=False)[
+        len(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)) :
+    ]
+    assert seq.input_ids[seq.prompt_len :] == tok(response_text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(seq.input_ids) == tok.decode(whole)  # the same text, cut at the turn
+    assert rules.boundary_splits == 1  # the rejected "no" needed no split
 
 
 def test_conversations_need_a_template(tmp_path):

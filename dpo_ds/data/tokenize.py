@@ -12,9 +12,13 @@ Conversations (lists of {'role', 'content'} messages)
   prompt    apply_chat_template(prompt, add_generation_prompt=True)
   response  apply_chat_template(prompt + response) minus the prompt's ids: exactly what the template
             renders for the assistant turn, its end-of-turn token included. Checked on every row: the
-            prompt's ids must be the start of the whole conversation's ids, or the row is an error
-            naming where they differ. In a response, assistant turns are labelled and nothing else
-            (SFT on multi-turn `messages` rows); a special token inside a message's text is an error.
+            rendered prompt must be the start of the rendered conversation, or the row is an error
+            naming where they differ. (One exception to "exactly": when a response's first characters
+            merge with the generation prompt's last token, as an answer starting with spaces after
+            the header's newline does under byte-level BPE, the prompt keeps the ids it has at
+            generation and the response is tokenized on its own; counted and logged.) In a response,
+            assistant turns are labelled and nothing else (SFT on multi-turn `messages` rows); a
+            special token inside a message's text is an error.
 
 Truncation, when prompt + the longest response is longer than max_length
   dpo_ds rule (data.truncation_mode = auto | keep_start | keep_end): the prompt is cut to
@@ -64,13 +68,6 @@ class _Piece:
 
     def cut(self, n: int) -> _Piece:
         return _Piece(self.ids[:n], self.labelled[:n])
-
-
-def _first_difference(a: list[int], b: list[int]) -> int:
-    for k, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return k
-    return min(len(a), len(b))
 
 
 class Tokenization:
@@ -128,6 +125,7 @@ class Tokenization:
             else None
         )
         self.stop_ids = [self.eos_id] + [t for t in self._end_of_turn() if t != self.eos_id]
+        self.boundary_splits = 0  # responses tokenized apart from the prompt (see _chat_response)
 
     # ------------------------------------------------------------------ the tokenizer's rules
 
@@ -182,9 +180,9 @@ class Tokenization:
             tokenize=False,
         )
 
-    def _render_ids(self, messages: list[dict], add_generation_prompt: bool, origin: str) -> list[int]:
+    def _render_text(self, messages: list[dict], add_generation_prompt: bool, origin: str) -> str:
         try:
-            return self._encode(self._render(messages, add_generation_prompt))
+            return self._render(messages, add_generation_prompt)
         except Exception as e:  # jinja's own errors ("roles must alternate ...") name no row
             raise DataError(f"{origin}: the chat template failed on this conversation: {e}") from None
 
@@ -228,47 +226,75 @@ class Tokenization:
                 )
 
     def _chat_response(
-        self, prompt: list[dict], prompt_ids: list[int], response: list[dict], origin: str
+        self, prompt: list[dict], prompt_text: str, prompt_ids: list[int], response: list[dict], origin: str
     ) -> _Piece:
-        """The ids the template adds after the prompt for these turns; assistant turns labelled."""
+        """The ids the template adds after the prompt for these turns; assistant turns labelled.
+
+        The template is checked on text: the prompt, and each earlier turn, must render as the start of
+        the whole conversation, or the row is an error. The ids are then the whole conversation's
+        ids, when every turn boundary is also a token boundary. When a response's first characters
+        merge with the generation prompt's last token (an answer that starts with spaces after the
+        header's newline), the prompt keeps the ids it has at generation time and each turn is
+        tokenized on its own; such rows are counted in `boundary_splits`."""
         self._check_text(response, origin)
         conversation = list(prompt)
-        full = self._render_ids(conversation + response, False, origin)
+        full_text = self._render_text(conversation + response, False, origin)
         self._require_prefix(
-            prompt_ids, full, origin, "the prompt (rendered with add_generation_prompt=True)"
+            prompt_text, full_text, origin, "the prompt (rendered with add_generation_prompt=True)"
         )
-        labelled = [False] * len(full)
-        at = len(prompt_ids)
+        spans = []  # (start char, end char, trained on)
+        at = len(prompt_text)
         for k, message in enumerate(response):
             if k > 0 and message["role"] == "assistant":
                 # a later assistant turn: its header (the generation prompt) is not trained on
-                head = self._render_ids(conversation, True, origin)
-                self._require_prefix(head, full, origin, f"the conversation up to turn {len(conversation)}")
-                at = max(at, len(head))
+                head = self._render_text(conversation, True, origin)
+                self._require_prefix(
+                    head, full_text, origin, f"the conversation up to turn {len(conversation)}"
+                )
+                if len(head) > at:
+                    spans.append((at, len(head), False))
+                    at = len(head)
             conversation.append(message)
-            if k == len(response) - 1:
-                end = len(full)
-            else:
-                upto = self._render_ids(conversation, False, origin)
-                self._require_prefix(upto, full, origin, f"the conversation up to turn {len(conversation)}")
+            end = len(full_text)
+            if k < len(response) - 1:
+                upto = self._render_text(conversation, False, origin)
+                self._require_prefix(
+                    upto, full_text, origin, f"the conversation up to turn {len(conversation)}"
+                )
                 end = len(upto)
-            if message["role"] == "assistant":
-                labelled[at:end] = [True] * (end - at)
+            spans.append((at, end, message["role"] == "assistant"))
             at = end
-        start = len(prompt_ids)
-        return _Piece(full[start:], labelled[start:])
+        full = self._encode(full_text)
+        bounds = [len(prompt_ids)]
+        for start, _, _ in spans[1:]:
+            bounds.append(len(self._encode(full_text[:start])))
+        exact = full[: len(prompt_ids)] == prompt_ids and all(
+            full[:b] == self._encode(full_text[: s[0]]) for b, s in zip(bounds[1:], spans[1:])
+        )
+        ids, labelled = [], []
+        if exact:
+            ends = bounds[1:] + [len(full)]
+            for (start, end), (_, _, trained) in zip(zip(bounds, ends), spans):
+                ids += full[start:end]
+                labelled += [trained] * (end - start)
+        else:
+            self.boundary_splits += 1
+            for start, end, trained in spans:
+                piece = self._encode(full_text[start:end])
+                ids += piece
+                labelled += [trained] * len(piece)
+        return _Piece(ids, labelled)
 
-    def _require_prefix(self, part: list[int], full: list[int], origin: str, what: str) -> None:
-        if full[: len(part)] == part:
+    def _require_prefix(self, part: str, full: str, origin: str, what: str) -> None:
+        if full.startswith(part):
             return
-        d = _first_difference(part, full)
-        show = self.tok.convert_ids_to_tokens
+        d = next((k for k, (x, y) in enumerate(zip(part, full)) if x != y), min(len(part), len(full)))
         raise DataError(
             f"{origin}: the chat template does not render {what} as the start of the whole "
-            f"conversation: they differ at token {d} ({show(part[d : d + 4])} vs {show(full[d : d + 4])}). "
-            f"dpo_ds trains on the ids the template gives the whole conversation and masks the prompt's, "
-            f"so the prompt's ids must be a prefix; use a template that renders earlier turns the same "
-            f"whatever follows (data.chat_template=FILE)"
+            f"conversation: they differ at character {d} ({part[d : d + 24]!r} vs {full[d : d + 24]!r}). "
+            f"dpo_ds trains on what the template renders for the whole conversation and masks the "
+            f"prompt, so the prompt must be its start; use a template that renders earlier turns the "
+            f"same whatever follows (data.chat_template=FILE)"
         )
 
     def render(
@@ -294,12 +320,13 @@ class Tokenization:
                 f"set data.chat_template to a Jinja template file"
             )
         self._check_text(prompt, origins[0])
-        prompt_ids = self._render_ids(prompt, True, origins[0])
+        prompt_text = self._render_text(prompt, True, origins[0])
+        prompt_ids = self._encode(prompt_text)
         pieces = []
         for r, o in zip(responses, origins[1:]):
             if isinstance(r, str):
                 raise DataError(f"{o}: plain text answering a conversational prompt")
-            pieces.append(self._chat_response(prompt, prompt_ids, r, o))
+            pieces.append(self._chat_response(prompt, prompt_text, prompt_ids, r, o))
         return prompt_ids, pieces
 
     # ------------------------------------------------------------------ truncation
