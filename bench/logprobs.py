@@ -9,6 +9,11 @@ impl has to hold; what remains is what the impl itself adds (naive: an fp32 (N, 
 its gradient; chunked: about one fp32 chunk).
 Table 2: an lm_head (hidden -> vocab) applied at every position, versus only at the positions that
 have a label (hidden[mask] @ W.T): DPO ignores prompt tokens, so the logits there are wasted work.
+Table 3: lm_head + log-probs together, from hidden states and the lm_head weight: the logits materialised
+(F.linear, then naive or chunked) versus fused_linear, which only ever builds (chunk, V) rows of them.
+"extra" there is peak memory above the hidden and weight gradients, which every path has to hold, as a
+fraction of the fp32 (tokens, V) logits. For fused_linear the peak comes while both gradients exist, so
+that is exactly what it adds; the materialised paths peak before dL/dW exists, so theirs is a lower bound.
 
 CPU has no max_memory_allocated, so peak memory there is tracked with a TorchDispatchMode that adds each
 new tensor storage's bytes when an op creates it and subtracts them when the storage is freed.
@@ -33,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dpo_ds.logprobs import token_logprobs  # noqa: E402
+from dpo_ds.logprobs.fused_linear import fused_linear_logprobs  # noqa: E402
 
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,6 +178,53 @@ def bench_lm_head(args, device, dtype, impls) -> list[dict]:
     return rows
 
 
+# Each maps (hidden (N, H), weight (V, H), labels (N,)) to log p (N,).
+LINEAR_PATHS = {
+    "naive": lambda h, w, y: token_logprobs(h @ w.T, y, IGNORE, impl="naive"),  # (N, V) logits + fp32 copy
+    "chunked": lambda h, w, y: token_logprobs(h @ w.T, y, IGNORE, impl="chunked"),  # (N, V) logits
+    "fused_linear": lambda h, w, y: fused_linear_logprobs(h, w, y, ignore_index=IGNORE),  # (chunk, V) only
+}
+
+
+def linear_logprobs_step(fn, hidden, weight, labels) -> torch.Tensor:
+    out = fn(hidden, weight, labels)
+    out.sum().backward()
+    hidden.grad = weight.grad = None
+    return out.detach()
+
+
+def bench_fused_linear(args, device, dtype) -> list[dict]:
+    rows = []
+    hidden_size, vocab = args.hidden, args.vocab
+    weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype)  # (V, H)
+    weight.requires_grad_()
+    for n in args.fused_tokens:
+        hidden = torch.randn(n, hidden_size, device=device).to(dtype).requires_grad_()  # (N, H)
+        labels = make_labels(n, vocab, args.response_frac, device)  # (N,)
+        logits_fp32_bytes = n * vocab * 4
+        grads_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()  # dL/dh, dL/dW
+        reference = None
+        for impl, fn in LINEAR_PATHS.items():
+            step = functools.partial(linear_logprobs_step, fn, hidden, weight, labels)
+            peak, out = peak_bytes(step, device)
+            reference = out if reference is None else reference
+            ms = median_ms(step, device, args.reps)
+            extra = peak - grads_bytes
+            diff = (out - reference).abs().max().item()
+            rows.append(
+                dict(
+                    impl=impl,
+                    tokens=n,
+                    ms=ms,
+                    peak=peak,
+                    extra=extra,
+                    ratio=extra / logits_fp32_bytes,
+                    diff=diff,
+                )
+            )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", help="token counts (default 1024 4096 8192)")
@@ -180,8 +233,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--impls", nargs="+", default=["naive", "chunked"], help="triton is added on a GPU")
     p.add_argument("--triton", action="store_true", help="on CPU: add triton under the interpreter (tiny)")
-    p.add_argument("--hidden", type=int, default=512, help="lm_head table: hidden size")
+    p.add_argument("--hidden", type=int, default=512, help="lm_head tables: hidden size")
     p.add_argument("--lm-tokens", type=int, default=2048, help="lm_head table: token count (0 skips it)")
+    p.add_argument(
+        "--fused-tokens",
+        type=int,
+        nargs="+",
+        help="fused_linear table: token counts (default --tokens; 0 skips)",
+    )
     p.add_argument("--response-frac", type=float, default=0.5, help="fraction of positions with a label")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -199,6 +258,7 @@ def main() -> None:
         if args.tokens is None:
             args.tokens = [32]  # the interpreter runs ~seconds per call at 32 x 32k
             args.lm_tokens = 0
+            args.fused_tokens = args.fused_tokens or [0]
         print("note: triton runs under the CPU interpreter here: its times mean nothing, memory does\n")
     if args.tokens is None:
         args.tokens = [1024, 4096, 8192]
@@ -243,6 +303,33 @@ def main() -> None:
         print("|---|---|---:|---:|---:|")
         for r in lm_rows:
             print(f"| {r['impl']} | {r['path']} | {r['ms']:.1f} | {r['peak'] / MIB:.1f} | {r['diff']:.1e} |")
+
+    if args.fused_tokens is None:
+        args.fused_tokens = args.tokens
+    args.fused_tokens = [n for n in args.fused_tokens if n > 0]
+    if args.fused_tokens:
+        print(
+            f"\nlm_head + log-probs from hidden states: hidden {args.hidden}, vocab {args.vocab}, "
+            f"label fraction {args.response_frac}; extra = peak above the hidden and weight gradients, "
+            "/ fp32 (tokens, V) logits\n"
+        )
+        fused_rows = bench_fused_linear(args, device, dtype)
+        print(
+            "| path | tokens | fwd+bwd ms | peak MiB | extra MiB | extra / fp32 logits "
+            "| max abs diff vs naive |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in fused_rows:
+            print(
+                f"| {r['impl']} | {r['tokens']} | {r['ms']:.1f} | {r['peak'] / MIB:.1f} | "
+                f"{r['extra'] / MIB:.1f} | {r['ratio']:.3f} | {r['diff']:.1e} |"
+            )
+        fused = [r["ratio"] for r in fused_rows if r["impl"] == "fused_linear"]
+        verdict = "PASS" if max(fused) <= 1 / 8 else "FAIL"
+        print(
+            f"\ntarget: fused_linear extra memory <= 1/8 of the fp32 logits at vocab {args.vocab}: {verdict} "
+            f"(worst {max(fused):.3f}; per token count: {', '.join(f'{x:.3f}' for x in fused)})"
+        )
 
 
 if __name__ == "__main__":
