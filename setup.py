@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Direct Preference Optimization on DeepSpeed (ZeRO-2/3, offload), SFT -> DPO/IPO/cDPO",
     packages=find_packages(include=["dpo_ds", "dpo_ds.*"]),
-    package_data={"dpo_ds": ["demo/data/*.jsonl", "demo/model/*", "assets/*/*"]},
+    # every file the package reads at run time that is not Python (tests/test_packaging.py checks the wheel)
+    package_data={"dpo_ds": ["demo/data/*.jsonl", "demo/model/*", "demo/tiny/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

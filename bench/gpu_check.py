@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dpo_ds.launcher import free_port  # noqa: E402
+
 sys.path.insert(0, str(REPO))  # dpo_ds from this checkout, installed or not
 
 GIB = 2**30
@@ -283,12 +285,6 @@ def write_data(data_dir: Path, n_train: int, n_test: int, vocab: int, args) -> f
     return total / (n_train + n_test)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cmd_dpo(args) -> None:
     import torch
 
@@ -371,7 +367,7 @@ def cmd_dpo(args) -> None:
         LOCAL_RANK="0",
         WORLD_SIZE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         WANDB_MODE="disabled",

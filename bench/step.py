@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.launch import deepspeed_cmd, env  # noqa: E402
+from dpo_ds.launcher import deepspeed_cmd, env  # noqa: E402
 
 
 def make_model(out: Path, hidden: int, layers: int) -> int:

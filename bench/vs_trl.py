@@ -51,7 +51,6 @@ import platform
 import random
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dpo_ds.launcher import free_port  # noqa: E402
+
 TOKENIZER_DIR = REPO / "dpo_ds" / "demo" / "model"
 WORDS = "abcdefghijklmnopqrstuvwxyz"
 TARGET_RATIO = 1.5
@@ -131,12 +133,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(threads: int) -> dict:

@@ -21,18 +21,18 @@ class ConfigError(ValueError):
     """A bad config key, type or value; the message names the key."""
 
 
-LOSSES = ("sft", "dpo", "ipo")
 SFT_NORMALIZE = ("sequence", "token")
 TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
 ADD_BOS = ("auto", "true", "false")
 DTYPES = ("float32", "bfloat16", "float16")
-LOGPROB_IMPLS = ("naive", "chunked", "triton")
+LOGPROB_IMPLS = ("naive", "chunked", "triton", "fused_linear")
+REFERENCE_MODES = ("engine", "precomputed")
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
 
 
 @dataclass
 class LossConfig:
-    name: str = "dpo"  # sft | dpo | ipo   (`loss=ipo` on the command line sets this)
+    name: str = "dpo"  # sft | dpo | ipo: objectives.OBJECTIVES   (`loss=ipo` on the command line sets this)
     beta: float = 0.1  # KL temperature of Eq. 7; for IPO it is tau
     label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
     reference_free: bool = False  # implicit reference that is uniform over responses
@@ -49,7 +49,11 @@ class ModelConfig:
     policy_dtype: str = "float32"  # float32 | bfloat16 | float16 (DeepSpeed mixed precision)
     reference_dtype: str = "float32"
     reference_offload: bool = False  # ZeRO-3 reference parameters live on CPU
-    logprob_impl: str = "chunked"  # naive | chunked | triton
+    # engine: a frozen inference engine beside the policy; precomputed: its log-probs computed once
+    # before training (the engine is then destroyed, none exists while the policy trains)
+    reference_mode: str = "engine"
+    reference_zero_stage: int | None = None  # 0 | 3; null: 3 when the policy is ZeRO-3, else 0
+    logprob_impl: str = "chunked"  # naive | chunked | triton | fused_linear
     gradient_checkpointing: bool = False
 
 
@@ -66,6 +70,11 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save_optimizer: bool = True  # false: policy.pt only (weights), no DeepSpeed checkpoint to resume from
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "dpo_ds"
@@ -78,6 +87,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     datasets: list[str] = field(default_factory=lambda: ["demo"])
     batch_size: int = 4  # global: preference pairs (or SFT examples) per optimizer step
@@ -192,7 +202,9 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}, got {_get(cfg, key)!r}")
 
-    need(cfg.loss.name in LOSSES, "loss.name", f"must be one of {LOSSES}")
+    from dpo_ds.objectives import OBJECTIVES, PREFERENCE_LOSSES
+
+    need(cfg.loss.name in OBJECTIVES, "loss.name", f"must be one of {OBJECTIVES}")
     need(cfg.loss.beta > 0, "loss.beta", "must be > 0")
     need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
     need(cfg.loss.chosen_nll_weight >= 0, "loss.chosen_nll_weight", "must be >= 0")
@@ -218,13 +230,24 @@ def validate(cfg: Config) -> None:
             "data.chat_template",
             "must name a Jinja template file that exists",
         )
-    if cfg.loss.name == "ipo":
-        need(cfg.loss.label_smoothing == 0, "loss.label_smoothing", "is not defined for IPO; must be 0")
+    spec = PREFERENCE_LOSSES.get(cfg.loss.name)
+    if spec is not None and not spec.label_smoothing:
+        need(
+            cfg.loss.label_smoothing == 0,
+            "loss.label_smoothing",
+            f"is not defined for loss={cfg.loss.name}; must be 0",
+        )
     if cfg.loss.name == "sft":
         need(not cfg.loss.reference_free, "loss.reference_free", "has no meaning for loss=sft")
     need(cfg.model.policy_dtype in DTYPES, "model.policy_dtype", f"must be one of {DTYPES}")
     need(cfg.model.reference_dtype in DTYPES, "model.reference_dtype", f"must be one of {DTYPES}")
     need(cfg.model.logprob_impl in LOGPROB_IMPLS, "model.logprob_impl", f"must be one of {LOGPROB_IMPLS}")
+    need(
+        cfg.model.reference_mode in REFERENCE_MODES,
+        "model.reference_mode",
+        f"must be one of {REFERENCE_MODES}",
+    )
+    need(cfg.model.reference_zero_stage in (None, 0, 3), "model.reference_zero_stage", "must be 0, 3 or null")
     need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a model directory")
     need(len(cfg.datasets) > 0, "datasets", "must list at least one dataset")
     need(cfg.batch_size > 0, "batch_size", "must be > 0")

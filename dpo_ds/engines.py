@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from dpo_ds.checkpoint import DS_TAG, ds_dir
 from dpo_ds.config import Config, ConfigError
+from dpo_ds.launcher import free_port
 from dpo_ds.model import TORCH_DTYPES, LogprobLM, ModelError, disable_dropout, load_config
 
 log = logging.getLogger("dpo_ds")
@@ -51,7 +53,7 @@ def init_distributed(torch_threads: int = 0) -> tuple[int, int, torch.device]:
     ):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -69,14 +71,6 @@ def init_distributed(torch_threads: int = 0) -> tuple[int, int, torch.device]:
     acc.set_device(local_rank)
     device = torch.device(acc.device_name(local_rank)) if not on_cpu else torch.device("cpu")
     return rank, world, device
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -231,7 +225,9 @@ def resolve_ds_config(path: str, cfg: Config, world: int, on_cpu: bool) -> dict:
 
 def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
     """Inference-only config for the frozen reference: same batch fields (DeepSpeed checks them),
-    its own precision, no optimizer; ZeRO-3 (optionally CPU-offloaded) only when the policy is."""
+    its own precision, no optimizer. Its placement is its own: ZeRO-3 (parameters sharded over the
+    ranks, optionally on CPU) or stage 0 (a whole copy per rank, no gathers), by
+    model.reference_zero_stage; by default it follows the policy (3 when the policy is ZeRO-3)."""
     ref = {
         k: copy.deepcopy(policy_ds[k])
         for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -239,9 +235,12 @@ def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
     ref["bf16"] = {"enabled": cfg.model.reference_dtype == "bfloat16"}
     ref["fp16"] = {"enabled": cfg.model.reference_dtype == "float16"}
     ref["steps_per_print"] = 10**9
-    stage = policy_ds.get("zero_optimization", {}).get("stage", 0)
+    policy_stage = policy_ds.get("zero_optimization", {}).get("stage", 0)
+    stage = cfg.model.reference_zero_stage
+    if stage is None:
+        stage = 3 if policy_stage == 3 else 0
     if stage == 3:
-        src = policy_ds["zero_optimization"]
+        src = policy_ds.get("zero_optimization", {})
         zero = {"stage": 3}
         for k in (
             "stage3_param_persistence_threshold",
@@ -256,7 +255,8 @@ def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
     else:
         if cfg.model.reference_offload:
             raise ConfigError(
-                "config key 'model.reference_offload': needs a ZeRO-3 policy config (zero_optimization.stage=3)"
+                "config key 'model.reference_offload': needs a ZeRO-3 reference (a ZeRO-3 policy config, or "
+                "model.reference_zero_stage=3)"
             )
         ref["zero_optimization"] = {"stage": 0}
     return ref
@@ -300,13 +300,18 @@ def _tensors(lm: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy a full state dict into `lm`, partitioned (ZeRO-3) or not, after checking the keys.
 
-    Under ZeRO-3 each parameter is gathered in turn, rank 0 writes it, and DeepSpeed re-partitions
-    it: every rank must call this (all do, in the same order)."""
+    Tied weights (lm_head and embed_tokens as one tensor) need one of their names: policy.pt has
+    both, a Hugging Face safetensors file only one. Under ZeRO-3 each parameter is gathered in turn,
+    rank 0 writes it, and DeepSpeed re-partitions it: every rank must call this (all do, in the same
+    order)."""
     import deepspeed
 
-    expected = set(lm.state_dict().keys())
-    got = set(state.keys())
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    names_of: dict[int, list[str]] = {}  # one entry per tensor: all its state-dict names
+    for name, t in lm.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(t), []).append(name)
+    expected = {n for names in names_of.values() for n in names}
+    missing = sorted(names[0] for names in names_of.values() if not any(n in state for n in names))
+    unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelError(
             f"{source}: state keys do not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
@@ -315,20 +320,19 @@ def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str)
     # Shapes are checked on every rank before any gather (ds_shape: a ZeRO-3 parameter's full shape).
     # Checked on rank 0 inside the gather, the other ranks would go on into the next collective and
     # die on a closed peer (gloo) or hang (NCCL) instead of failing with the same message.
-    tensors = _tensors(lm)
-    for name, p in tensors:
-        if name in state:
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            if tuple(state[name].shape) != shape:
-                raise ModelError(
-                    f"{source}: '{name}' has shape {tuple(state[name].shape)}, model has {shape}"
-                )
+    sources = []  # (parameter or buffer, the state entry it takes)
+    for name, p in _tensors(lm):
+        present = [n for n in names_of.get(id(p), [name]) if n in state]
+        if not present:
+            continue  # a non-persistent buffer (rotary inv_freq): not saved, rebuilt by the model
+        src = state[present[0]]
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if tuple(src.shape) != shape:
+            raise ModelError(f"{source}: '{present[0]}' has shape {tuple(src.shape)}, model has {shape}")
+        sources.append((p, src))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     with torch.no_grad():
-        for name, p in tensors:
-            if name not in state:
-                continue
-            src = state[name]
+        for p, src in sources:
             zero3 = hasattr(p, "ds_id")
             ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3 else nullcontext()
             with ctx:
@@ -370,7 +374,34 @@ def build_reference(lm, ds: dict, cfg: Config):
     model = LogprobLM(lm, cfg.model.logprob_impl)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
+    zero = ds.get("zero_optimization", {})
+    offload = zero.get("offload_param", {}).get("device", "none")
+    log.info(
+        f"reference engine: ZeRO stage {zero.get('stage', 0)}, {cfg.model.reference_dtype}, "
+        f"parameters offloaded to {offload}"
+    )
     return engine
+
+
+def destroy(engine) -> None:
+    """Give an engine's memory back: DeepSpeed's hooks and partitioned parameters hold references
+    to the module, so dropping the engine object alone frees nothing."""
+    import gc
+
+    engine.destroy()
+    for p in engine.module.parameters():
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # a ZeRO-3 partition or a full copy
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_now_gib() -> float:
+    """This rank's memory now: device allocations on a GPU, the process's resident set on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated() / 2**30
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 # ----------------------------------------------------------------------------- train surface
@@ -399,49 +430,77 @@ def unwrap_lm(engine):
     return engine.module.lm
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The HF model's full state dict on rank 0 (None elsewhere); every rank must call this."""
+class SaveError(RuntimeError):
+    """A checkpoint that was not written (or must not become LATEST); raised on every rank alike."""
+
+
+def save_policy(engine, path: Path, step_idx: int, metrics: dict) -> None:
+    """{'step_idx', 'state', 'metrics'} at `path`, as torch.save would write the HF model's state dict,
+    streamed while gathering: every rank gathers one ZeRO-3 parameter at a time, rank 0 writes its
+    bytes and drops it, so no rank ever holds more than the largest tensor beyond its own shard. The
+    weights are checked finite on the way. Every rank must call this; every rank raises SaveError
+    alike if rank 0 could not write the file (which is then absent) or found non-finite weights."""
     import deepspeed
+
+    from dpo_ds.archive_writer import STATE, ArchiveWriter, TensorSpec
 
     lm = unwrap_lm(engine)
     rank = torch.distributed.get_rank()
-    out = {}
-    for name, p in _tensors(lm):
-        ctx = (
-            deepspeed.zero.GatheredParameters([p], modifier_rank=None)
-            if hasattr(p, "ds_id")
-            else nullcontext()
-        )
-        with ctx:
-            if rank == 0:
-                out[name] = p.detach().cpu().clone()
-    if rank != 0:
-        return None
-    # tied weights share one parameter: state_dict() lists them under every name
-    for name in lm.state_dict():
-        if name not in out:
-            alias = _alias_of(lm, name)
-            if alias is None or alias not in out:
-                raise RuntimeError(f"cannot consolidate '{name}': not a parameter or buffer alias")
-            out[name] = out[alias]
-    return {k: out[k] for k in lm.state_dict().keys()}
-
-
-def _alias_of(lm, name: str) -> str | None:
-    target = lm.state_dict(keep_vars=True)[name]
-    for n, p in _tensors(lm):
-        if p is target:
-            return n
-    return None
+    state = lm.state_dict(keep_vars=True)  # names in state-dict order; tied names share one tensor
+    first: dict[int, str] = {}
+    specs = []
+    for name, t in state.items():
+        owner = first.setdefault(id(t), name)
+        shape = tuple(getattr(t, "ds_shape", t.shape))  # a ZeRO-3 parameter's full shape
+        specs.append(TensorSpec(name, shape, t.dtype, alias_of=None if owner == name else owner))
+    error, nonfinite = None, []
+    writer = None
+    if rank == 0:
+        try:
+            writer = ArchiveWriter(path, {"step_idx": step_idx, "state": STATE, "metrics": metrics}, specs)
+            writer.__enter__()
+        except Exception as e:  # noqa: BLE001 - reported on every rank below, after the gathers
+            error, writer = f"{type(e).__name__}: {e}", None
+    for name, t in state.items():
+        if first[id(t)] != name:
+            continue
+        zero3 = hasattr(t, "ds_id")
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None) if zero3 else nullcontext():
+            if writer is not None:
+                try:
+                    full = t.detach()
+                    if full.is_floating_point() and not bool(torch.isfinite(full).all()):
+                        nonfinite.append(name)
+                    writer.write(name, full)
+                except Exception as e:  # noqa: BLE001 - keep gathering: the other ranks are in this loop too
+                    error = error or f"{type(e).__name__}: {e}"
+    if writer is not None:
+        try:
+            if error or nonfinite:
+                writer.__exit__(SaveError, SaveError("not saved"), None)  # leaves no file behind
+            else:
+                writer.__exit__(None, None, None)
+        except Exception as e:  # noqa: BLE001
+            error = error or f"{type(e).__name__}: {e}"
+    if nonfinite and not error:
+        error = f"non-finite weights in {nonfinite[:4]}{' ...' if len(nonfinite) > 4 else ''}; not saved"
+    error = broadcast_from_rank0(error)
+    if error:
+        raise SaveError(f"{path}: {error}")
 
 
 def save_engine(engine, directory: Path, client_state: dict) -> None:
     """Sharded DeepSpeed checkpoint (module, optimizer, scheduler) for resume; every rank calls it."""
-    engine.save_checkpoint(str(directory), tag="ds", client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state, save_latest=False)
 
 
 def load_engine(engine, directory: Path) -> dict:
-    path, client_state = engine.load_checkpoint(str(directory), tag="ds")
+    if not ds_dir(directory).is_dir():
+        raise ConfigError(
+            f"resume_from: {directory} holds no DeepSpeed checkpoint ({ds_dir(directory)} is missing; a run "
+            f"with checkpoint.save_optimizer=false saves weights only, which cannot resume a run)"
+        )
+    path, client_state = engine.load_checkpoint(str(directory), tag=DS_TAG)
     if path is None:
-        raise ConfigError(f"resume_from: no DeepSpeed checkpoint under {directory}/ds")
+        raise ConfigError(f"resume_from: no DeepSpeed checkpoint under {ds_dir(directory)}")
     return client_state

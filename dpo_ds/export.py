@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
+from dpo_ds import checkpoint as ckpt
+from dpo_ds.checkpoint import ArchiveError, run_dir_of
 from dpo_ds.model import TORCH_DTYPES, ModelError, resolve_model_dir
 
 DS_PREFIX = "lm."  # the DeepSpeed engine's module is LogprobLM, which holds the HF model as .lm
-DS_TAG = "ds"  # engines.save_engine saves with this tag
 MAX_LISTED = 8
 
 
@@ -40,23 +41,11 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- locating inputs
 
 
-def find_step_dir(path: Path) -> Path:
-    """Accepts a step dir (or RUN_DIR/LATEST), a policy.pt inside one, or a run dir with LATEST."""
-    path = Path(path)
-    if path.is_file() and path.name == "policy.pt":
-        return path.parent
-    if not path.is_dir():
-        raise ExportError(f"{path}: no such checkpoint directory (expected RUN_DIR/LATEST or RUN_DIR/step-N)")
-    if not (path / "policy.pt").exists() and not (path / DS_TAG).exists() and (path / "LATEST").exists():
-        return path / "LATEST"  # a run directory: its latest checkpoint
-    return path
-
-
 def run_model_name(step_dir: Path) -> str:
-    """model.name_or_path from the run's config.yaml, one level above the step dir (after LATEST)."""
+    """model.name_or_path from the config.yaml of the run the step dir belongs to."""
     import yaml
 
-    cfg_path = step_dir.resolve().parent / "config.yaml"
+    cfg_path = run_dir_of(step_dir).config
     if not cfg_path.is_file():
         raise ExportError(
             f"{cfg_path} does not exist: cannot tell which model {step_dir} holds; pass --model DIR"
@@ -78,23 +67,9 @@ def run_model_name(step_dir: Path) -> str:
 # ----------------------------------------------------------------------------- reading weights
 
 
-def read_policy_state(step_dir: Path) -> dict[str, torch.Tensor]:
-    path = step_dir / "policy.pt"
-    try:
-        archive = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ExportError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e})") from None
-    state = archive.get("state") if isinstance(archive, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ExportError(
-            f"{path}: expected a dict with a 'state' state dict of tensors (as checkpoint.write_policy writes)"
-        )
-    return state
-
-
 def read_deepspeed_state(step_dir: Path) -> dict[str, torch.Tensor]:
     """The HF model's state dict from step_dir/ds/, without the LogprobLM 'lm.' prefix."""
-    ds_dir = step_dir / DS_TAG
+    ds_dir = ckpt.ds_dir(step_dir)
     if not ds_dir.is_dir():
         raise ExportError(f"{ds_dir} does not exist: {step_dir} holds no DeepSpeed checkpoint")
     if any(ds_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):
@@ -104,7 +79,7 @@ def read_deepspeed_state(step_dir: Path) -> dict[str, torch.Tensor]:
 
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for our result
             try:
-                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG)
+                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=ckpt.DS_TAG)
             except (FileNotFoundError, ValueError, KeyError) as e:
                 raise ExportError(
                     f"{ds_dir}: cannot consolidate the ZeRO-3 checkpoint ({type(e).__name__}: {e})"
@@ -195,7 +170,7 @@ def build_model(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dt
 
 
 def export(
-    checkpoint: Path,
+    checkpoint_path: Path,
     out_dir: Path,
     dtype: str = "float32",
     from_deepspeed: bool = False,
@@ -206,16 +181,17 @@ def export(
 
     if dtype not in TORCH_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
-    step_dir = find_step_dir(checkpoint)
+    step_dir = ckpt.find_step_dir(checkpoint_path)
     model_dir = resolve_model_dir(model if model is not None else run_model_name(step_dir))
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty; choose another OUT_DIR or pass --overwrite")
 
-    if from_deepspeed or not (step_dir / "policy.pt").is_file():
-        state, source = read_deepspeed_state(step_dir), f"DeepSpeed checkpoint {step_dir / DS_TAG}"
+    policy = ckpt.policy_file(step_dir)
+    if from_deepspeed or not policy.is_file():
+        state, source = read_deepspeed_state(step_dir), f"DeepSpeed checkpoint {ckpt.ds_dir(step_dir)}"
     else:
-        state, source = read_policy_state(step_dir), str(step_dir / "policy.pt")
+        state, source = ckpt.read_archive(policy)["state"], str(policy)
     hf_model = build_model(model_dir, state, TORCH_DTYPES[dtype], source)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # as shipped, without training's pad fix-ups
 
@@ -260,7 +236,7 @@ def main(argv=None) -> int:
         out = export(
             args.checkpoint, args.out_dir, args.dtype, args.from_deepspeed, args.model, args.overwrite
         )
-    except (ExportError, ModelError) as e:
+    except (ExportError, ModelError, ArchiveError) as e:
         print(f"dpo_ds.export: error: {e}", file=sys.stderr)
         return 2
     print(out)

@@ -3,7 +3,7 @@
 Every preference loss takes four tensors of shape (pairs,) -- the summed log-probs of the chosen and
 rejected responses under the policy and under the reference -- and returns
 (losses, chosen_rewards, rejected_rewards), each of shape (pairs,). No config reads, no distributed
-calls: the trainer picks a function by name from LOSS_FNS.
+calls: objectives.py picks a function by name (PREFERENCE_LOSSES) and owns its hyperparameters.
 
 Reference-free DPO (`loss.reference_free=true`) is the same function called with zeros for the
 reference log-probs: log pi_ref is then a constant for every response, so it cancels (and
@@ -57,9 +57,6 @@ def ipo_loss(
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (pairs,)
     losses = (h - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
-
-
-LOSS_FNS = {"dpo": dpo_loss, "ipo": ipo_loss}
 
 
 def sft_loss(policy_logps: Tensor) -> Tensor:

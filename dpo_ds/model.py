@@ -5,6 +5,7 @@ No deepspeed here: engines.py decides how a model is built (zero.Init or not) an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,8 +40,12 @@ def resolve_model_dir(name_or_path: str) -> Path:
     return path
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted({f for p in WEIGHT_PATTERNS for f in model_dir.glob(p)})
+
+
 def has_weights(model_dir: Path) -> bool:
-    return any(any(model_dir.glob(p)) for p in WEIGHT_PATTERNS)
+    return bool(weight_files(model_dir))
 
 
 def load_tokenizer(model_dir: Path):
@@ -91,12 +96,84 @@ def _restricted_head_ok(config) -> bool:
     )
 
 
+@dataclass
+class SequenceLogps:
+    """Per-sequence sums of response log-probs and response token counts, (n_seqs,) each. For
+    preference data sequences [0, n) are the chosen responses and [n, 2n) the rejected ones
+    (pair i = (i, n + i), the collators' order); split_pairs is the one place that split is made."""
+
+    logps: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        return split_pairs(self.logps)[0]
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        return split_pairs(self.logps)[1]
+
+    @property
+    def chosen_counts(self) -> torch.Tensor:
+        return split_pairs(self.counts)[0]
+
+
+def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) halves of a (2 * pairs,) per-sequence tensor."""
+    n = x.shape[0] // 2
+    return x[:n], x[n:]
+
+
+def reduce_sequences(
+    per_token: torch.Tensor, labels, seq_ids, n_seqs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (rows, T-1), position t scoring token t + 1, -> per-sequence sums and
+    counts of scored tokens ((n_seqs,), (n_seqs,)). Padded and packed rows reduce alike: `seq_ids`
+    (rows, T) names each token's sequence, -1 for padding."""
+    keep = (labels[:, 1:] != IGNORE) & (seq_ids[:, 1:] >= 0)  # a token's sequence read one position on
+    idx = seq_ids[:, 1:][keep]  # (M,) sequence of each scored token
+    logps = per_token.new_zeros(n_seqs).index_add(0, idx, per_token[keep])
+    counts = torch.zeros(n_seqs, dtype=torch.long, device=idx.device).index_add(0, idx, torch.ones_like(idx))
+    return logps, counts
+
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "seq_ids", "n_seqs")
+
+
+def sequence_logps(engine, batch: dict) -> SequenceLogps:
+    """Run a LogprobLM (or the DeepSpeed engine around one) on a micro-batch from the collators."""
+    return SequenceLogps(*engine(**{k: batch[k] for k in MODEL_INPUTS}))
+
+
+def _fuse_head(head: nn.Module) -> None:
+    """Let the lm_head answer head(hidden, labels) with per-token log-probs computed in chunks from
+    its weight (logprobs/fused_linear.py), and head(hidden) with logits as before (generation).
+
+    The computation runs inside the head module's own call, so DeepSpeed ZeRO-3 gathers the weight
+    for it in forward and again in backward exactly as for a plain Linear; the weight is never
+    gathered or copied by hand, and tied embeddings stay one tensor."""
+    from dpo_ds.logprobs.fused_linear import fused_linear_logprobs
+
+    plain = head.forward
+
+    def forward(hidden, labels=None):
+        if labels is None:
+            return plain(hidden)
+        return fused_linear_logprobs(hidden, head.weight, labels, bias=getattr(head, "bias", None))
+
+    head.forward = forward
+
+
 class LogprobLM(nn.Module):
-    """Wraps a HF causal LM; forward returns per-token log p(label) of shape (rows, T-1).
+    """Wraps a HF causal LM; forward returns, per sequence of the micro-batch, the sum of its
+    response tokens' log-probs and their count: ((n_seqs,), (n_seqs,)), a tuple so that DeepSpeed's
+    ZeRO-3 hooks see the tensors.
 
     Position t scores labels[:, t + 1]; ignored labels give 0. The lm_head runs only at positions
     whose label is not ignored, so prompt and padding positions never produce logits (for DPO data
     prompts are often half the tokens, and the (tokens, vocab) logits are the biggest activation).
+    `seq_ids` (rows, T) says which sequence each token belongs to (-1: padding), so padded and
+    packed rows reduce the same way.
     """
 
     def __init__(self, lm: nn.Module, logprob_impl: str = "chunked"):
@@ -104,8 +181,20 @@ class LogprobLM(nn.Module):
         self.lm = lm
         self.logprob_impl = logprob_impl
         self.restricted_head = _restricted_head_ok(lm.config)
+        if logprob_impl == "fused_linear":
+            if not self.restricted_head:
+                raise ModelError(
+                    "model.logprob_impl=fused_linear: this model post-processes its logits (soft-capping or "
+                    "a logit scale), which the fused head does not apply; use chunked"
+                )
+            _fuse_head(lm.get_output_embeddings())
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, labels, attention_mask, position_ids, seq_ids, n_seqs):
+        per_token = self.token_logps(input_ids, labels, attention_mask, position_ids)  # (rows, T-1)
+        return reduce_sequences(per_token, labels, seq_ids, n_seqs)
+
+    def token_logps(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """Per-token log p(label) (rows, T-1) in fp32; 0 where the label is ignored."""
         target = labels[:, 1:]  # (rows, T-1)
         keep = target != IGNORE
         # use_cache=False: with packed rows (restarting position_ids, no mask) a cache makes the model
@@ -116,11 +205,15 @@ class LogprobLM(nn.Module):
         if self.restricted_head:
             decoder = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
             hidden = decoder(**kwargs).last_hidden_state[:, :-1]  # (rows, T-1, H)
-            logits = self.lm.get_output_embeddings()(hidden[keep])  # (M, V), M = labelled positions
-            per_token = token_logprobs(logits, target[keep], impl=self.logprob_impl)  # (M,)
+            head = self.lm.get_output_embeddings()
+            if self.logprob_impl == "fused_linear":
+                per_token = head(hidden[keep], target[keep])  # (M,) the fused head: no (M, V) logits
+            else:
+                logits = head(hidden[keep])  # (M, V), M = labelled positions
+                per_token = token_logprobs(logits, target[keep], impl=self.logprob_impl)  # (M,)
         else:
             logits = self.lm(**kwargs).logits[:, :-1]  # (rows, T-1, V)
             per_token = token_logprobs(logits[keep], target[keep], impl=self.logprob_impl)
-        out = per_token.new_zeros(target.shape)
-        out[keep] = per_token
+        out = per_token.new_zeros(target.shape, dtype=torch.float32)
+        out[keep] = per_token.float()
         return out

@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from dpo_ds.checkpoint import RunDir
+
 X_KEY = "counters/examples"
 SPLITS = ("train", "eval")
 # (title, y label, [(metric group, field, line style)]); a key is f"{group}_{split}/{field}",
@@ -40,7 +42,7 @@ def metric_key(group: str, field: str, split: str) -> str:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of run_dir/metrics.jsonl, in file order."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise PlotError(
             f"{path} does not exist (expected the metrics.jsonl that dpo_ds/train.py writes into its run_dir)"
@@ -97,7 +99,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     if not panels:
         wanted = sorted({metric_key(g, f, s) for _, _, ls in PANELS for g, f, _ in ls for s in SPLITS})
         raise PlotError(
-            f"no plottable metrics in {', '.join(str(d / 'metrics.jsonl') for d, _ in runs)}: "
+            f"no plottable metrics in {', '.join(str(RunDir(d).metrics) for d, _ in runs)}: "
             f"expected '{X_KEY}' and some of {wanted}"
         )
 

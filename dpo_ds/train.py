@@ -49,13 +49,16 @@ def parse_args(argv):
 
 
 def run(argv=None) -> dict:
+    from dpo_ds import checkpoint as ckpt
     from dpo_ds import engines
-    from dpo_ds.checkpoint import read_archive
+    from dpo_ds.checkpoint import RunDir, read_archive
     from dpo_ds.config import dump_yaml, load_config
     from dpo_ds.data.batches import Batches, flatten
     from dpo_ds.data.sources import load_sources
     from dpo_ds.data.tokenize import Tokenization
     from dpo_ds.model import has_weights, load_tokenizer, random_init_state, resolve_model_dir
+    from dpo_ds.objectives import build_objective
+    from dpo_ds.reference import build_reference_source
     from dpo_ds.trainer import Trainer
 
     # 1. parse: the whole config is checked before anything starts
@@ -74,8 +77,9 @@ def run(argv=None) -> dict:
     )
     on_cpu = device.type == "cpu"
     ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
-    with_reference = cfg.loss.name != "sft" and not cfg.loss.reference_free
-    ref_config = engines.reference_ds_config(ds_config, cfg) if with_reference else None
+    # the one place the training mode is decided: the objective says whether it needs a reference
+    objective = build_objective(cfg)
+    ref_config = engines.reference_ds_config(ds_config, cfg) if objective.needs_reference else None
     stage = ds_config["zero_optimization"].get("stage", 0)
     log.info(
         f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}"
@@ -89,7 +93,7 @@ def run(argv=None) -> dict:
         log.info(
             f"archive {cfg.model.archive}: step_idx {archive.get('step_idx')} metrics {archive.get('metrics')}"
         )
-    sft = cfg.loss.name == "sft"
+    sft = not objective.pairs  # each prompt's sft_target, or one example per preference pair
     train_examples = flatten(load_sources(cfg.datasets, "train", cfg.data.cache_dir), sft)
     eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
     if not train_examples:
@@ -128,6 +132,7 @@ def run(argv=None) -> dict:
         global_batch=cfg.eval_batch_size,
         micro_batches_per_step=1,
         used=max(cfg.n_eval_examples, cfg.n_eval_model_samples if cfg.sample_during_eval else 0),
+        split="test",
         **batch_args,
     )
     if tokenization.boundary_splits:
@@ -153,20 +158,21 @@ def run(argv=None) -> dict:
     # Never write into an earlier run's directory (its checkpoints would be overwritten and its
     # metrics mixed with ours) unless resuming it. Rank 0 decides for all: with node-local disks
     # ranks can see different things, and one rank raising alone would hang the others.
-    run_dir = Path(cfg.run_dir)
-    taken = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "LATEST") if p.exists() or p.is_symlink()]
-    taken = engines.broadcast_from_rank0(taken if rank == 0 else None)
+    run_dir = RunDir(cfg.run_dir)
+    taken = engines.broadcast_from_rank0(run_dir.taken() if rank == 0 else None)
     if taken and not cfg.resume_from:
         raise ConfigError(
-            f"config key 'run_dir': {run_dir} already holds a run ({', '.join(taken)}); pick another "
-            f"exp_name/run_dir, or continue it with resume_from={run_dir}/LATEST"
+            f"config key 'run_dir': {run_dir.root} already holds a run ({', '.join(taken)}); pick another "
+            f"exp_name/run_dir, or continue it with resume_from={run_dir.latest}"
         )
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir.config)
+        run_dir.ds_config.write_text(json.dumps(ds_config, indent=2))
 
-    # 4. build: policy (and reference) start from the archive, the model dir's weights, or a seeded init
+    # 4. build: both models start from the archive, the model dir's weights, or a seeded init. The
+    # reference comes first: precomputed, it is built, run over the data and destroyed before the
+    # policy and its optimizer take the memory.
     weights = has_weights(model_dir)
     state = (
         archive["state"]
@@ -174,30 +180,37 @@ def run(argv=None) -> dict:
         else (None if weights else random_init_state(model_dir, cfg.seed))
     )
     source = cfg.model.archive or f"seeded init of {model_dir}"
-    policy_lm = engines.build_lm(
-        model_dir, ds_config, cfg.model.policy_dtype, from_weights=weights and state is None
+    from_weights = weights and state is None
+    reference = build_reference_source(
+        cfg,
+        objective,
+        ref_config=ref_config,
+        model_dir=model_dir,
+        state=state,
+        from_weights=from_weights,
+        source=source,
+        splits=[train_data, eval_data],
+        run_dir=run_dir,
+        rank=rank,
+        world=world,
+        device=device,
     )
+    policy_lm = engines.build_lm(model_dir, ds_config, cfg.model.policy_dtype, from_weights=from_weights)
     if state is not None:
         engines.load_state(policy_lm, state, source)
     policy = engines.build_policy(policy_lm, ds_config, cfg)
-    reference = None
-    if with_reference:
-        ref_lm = engines.build_lm(
-            model_dir, ref_config, cfg.model.reference_dtype, from_weights=weights and state is None
-        )
-        if state is not None:
-            engines.load_state(ref_lm, state, source)
-        reference = engines.build_reference(ref_lm, ref_config, cfg)
     del state, archive
 
     start_step = 0
     if cfg.resume_from:
-        client = engines.load_engine(policy, Path(cfg.resume_from))
+        client = engines.load_engine(policy, ckpt.find_step_dir(cfg.resume_from))
         start_step = int(client["step"])
         log.info(f"resumed from {cfg.resume_from} at step {start_step}")
 
     # 5. train, evaluate, save
-    trainer = Trainer(cfg, policy, reference, train_data, eval_data, tokenizer, run_dir, rank, world, device)
+    trainer = Trainer(
+        cfg, policy, objective, reference, train_data, eval_data, tokenizer, run_dir, rank, world, device
+    )
     metrics = trainer.train(start_step)
 
     # 6. close

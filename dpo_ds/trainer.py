@@ -1,7 +1,10 @@
-"""The loop: forward policy, forward reference (no grad), loss, backward/step, eval, save.
+"""The loop: policy log-probs, reference log-probs, objective, backward/step, eval, save.
 
-Every rank runs the same forwards in the same order (policy, then reference, then generation at
-eval), which ZeRO-3 requires: parameters are gathered collectively on each module call.
+The trainer asks; it does not decide: the objective (objectives.py) says what the loss is and
+whether it needs a reference, the reference source (reference.py) answers with a live engine's
+log-probs, a precomputed table's, or None. Every rank runs the same forwards in the same order
+(policy, then reference, then generation at eval), which ZeRO-3 requires: parameters are gathered
+collectively on each module call.
 """
 
 from __future__ import annotations
@@ -10,15 +13,15 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from dpo_ds import checkpoint, engines
+from dpo_ds.checkpoint import RunDir
 from dpo_ds.config import Config, to_dict
 from dpo_ds.data.batches import Batches
-from dpo_ds.data.collate import sequence_logps, to_device
-from dpo_ds.losses import LOSS_FNS, chosen_nll, sft_loss
+from dpo_ds.data.collate import to_device
+from dpo_ds.model import sequence_logps
 
 log = logging.getLogger("dpo_ds")
 
@@ -26,9 +29,9 @@ log = logging.getLogger("dpo_ds")
 class MetricsSink:
     """metrics.jsonl on rank 0, and wandb when enabled (offline mode needs no account)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, rank: int):
+    def __init__(self, cfg: Config, run_dir: RunDir, rank: int):
         self.rank = rank
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir.metrics
         self.wandb = None
         if rank == 0 and cfg.wandb.enabled and cfg.wandb.mode != "disabled":
             import wandb
@@ -38,7 +41,7 @@ class MetricsSink:
                 entity=cfg.wandb.entity,
                 name=cfg.exp_name,
                 mode=cfg.wandb.mode,
-                dir=str(run_dir),
+                dir=str(run_dir.root),
                 config=to_dict(cfg),
             )
 
@@ -60,18 +63,20 @@ class Trainer:
         self,
         cfg: Config,
         policy,
+        objective,
         reference,
         train_data: Batches,
         eval_data: Batches,
         tokenizer,
-        run_dir: Path,
+        run_dir: RunDir,
         rank: int,
         world: int,
         device: torch.device,
     ):
         self.cfg = cfg
         self.policy = policy
-        self.reference = reference  # None for SFT and reference-free losses
+        self.objective = objective  # objectives.py: the loss and what it needs
+        self.reference = reference  # reference.py: a live engine, a precomputed table, or nothing
         self.train_data = train_data
         self.eval_data = eval_data
         self.tokenizer = tokenizer
@@ -79,7 +84,8 @@ class Trainer:
         self.rank = rank
         self.world = world
         self.device = device
-        self.sft = cfg.loss.name == "sft"
+        if cfg.sample_during_eval and objective.needs_reference and reference.engine is None:
+            log.info("samples during eval come from the policy only: the reference is precomputed, no model")
         self.stop_ids = eval_data.tokenization.stop_ids  # EOS and the chat template's end of turn
         self.sink = MetricsSink(cfg, run_dir, rank)
 
@@ -88,45 +94,8 @@ class Trainer:
     def micro_batch(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example losses (examples,) and per-example statistics for one micro-batch."""
         b = to_device(batch, self.device)
-        args = (b["input_ids"], b["labels"], b["attention_mask"], b["position_ids"])
-        logps, counts = sequence_logps(self.policy(*args).float(), b)  # (seqs,)
-        if self.sft:
-            losses = sft_loss(logps)  # (seqs,) summed NLL per sequence, as in the original
-            if self.cfg.loss.sft_normalize == "token":
-                # every trained-on token of the global batch weighs the same: the trainer averages
-                # over examples, so examples / tokens turns that mean into a per-token mean
-                losses = losses * (b["global_examples"] / max(b["global_tokens"], 1))
-            return losses, {"logps/chosen": logps.detach()}
-        n = b["n_seqs"] // 2  # sequences [0, n) are chosen, [n, 2n) rejected
-        policy_chosen, policy_rejected = logps[:n], logps[n:]
-        if self.reference is None:  # reference-free: uniform reference, log pi_ref constant
-            ref_chosen = ref_rejected = torch.zeros_like(policy_chosen)
-        else:
-            with torch.no_grad():
-                ref_logps, _ = sequence_logps(self.reference(*args).float(), b)
-            ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
-        loss_fn = LOSS_FNS[self.cfg.loss.name]
-        losses, chosen_rewards, rejected_rewards = loss_fn(
-            policy_chosen,
-            policy_rejected,
-            ref_chosen,
-            ref_rejected,
-            beta=self.cfg.loss.beta,
-            label_smoothing=self.cfg.loss.label_smoothing,
-        )
-        if self.cfg.loss.chosen_nll_weight:
-            losses = losses + self.cfg.loss.chosen_nll_weight * chosen_nll(policy_chosen, counts[:n])
-        stats = {
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": policy_chosen.detach(),
-            "logps/rejected": policy_rejected.detach(),
-            "logps/ref_chosen": ref_chosen,
-            "logps/ref_rejected": ref_rejected,
-        }
-        return losses, stats
+        policy = sequence_logps(self.policy, b)  # per sequence: summed log-probs and token counts
+        return self.objective(policy, self.reference.logps(b), b)
 
     def _reduce(self, sums: dict[str, torch.Tensor], count: int, split: str) -> dict[str, float]:
         """Means over all examples of all ranks, named as in the original: rewards_train/chosen..."""
@@ -220,9 +189,7 @@ class Trainer:
         return eval_metrics
 
     def _line(self, step: int, examples: int, m: dict, split: str) -> str:
-        keys = [f"loss/{split}"]
-        if not self.sft:
-            keys += [f"rewards_{split}/accuracies", f"rewards_{split}/margins"]
+        keys = [f"loss/{split}", f"rewards_{split}/accuracies", f"rewards_{split}/margins"]
         keys += [f"logps_{split}/chosen"] + (["grad_norm", "lr"] if split == "train" else [])
         parts = [f"{k} {m[k]:.4g}" for k in keys if k in m]
         return f"[{split}] step {step} examples {examples} | " + " | ".join(parts)
@@ -288,7 +255,9 @@ class Trainer:
         n_real = len(mine)
         mine = mine + [prompts[-1]] * (per_rank - n_real)  # equal work on every rank
         policy_out = self.generate(self.policy, mine)
-        ref_out = self.generate(self.reference, mine) if self.reference is not None else [None] * len(mine)
+        # a precomputed or absent reference has no model to sample from: the policy's samples only
+        ref = self.reference.engine
+        ref_out = self.generate(ref, mine) if ref is not None else [None] * len(mine)
         # the prompt as the model saw it: the chat template's (or BOS's) special tokens shown
         rows = [
             {"step": step, "prompt": self.tokenizer.decode(p), "policy": a, "reference": b}
@@ -296,7 +265,7 @@ class Trainer:
         ]
         gathered = engines.all_gather_objects(rows)
         if self.rank == 0:
-            with open(self.run_dir / "samples.jsonl", "a") as f:
+            with open(self.run_dir.samples, "a") as f:
                 for part in gathered:
                     for r in part:
                         f.write(json.dumps(r) + "\n")
@@ -305,13 +274,15 @@ class Trainer:
 
     def save(self, step: int, examples: int, metrics: dict) -> None:
         """step-{examples}/ (policy.pt + DeepSpeed checkpoint), then LATEST points at it."""
-        target = checkpoint.step_dir(self.run_dir, examples)
-        state = engines.consolidated_state_dict(self.policy)
+        target = self.run_dir.step(examples)
         if self.rank == 0:
             target.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_policy(target / "policy.pt", examples, state, metrics)
-        engines.save_engine(self.policy, target, {"step": step, "examples": examples})
+        engines.barrier()
+        # streamed while gathering: rank 0 never holds the whole model (engines.save_policy)
+        engines.save_policy(self.policy, checkpoint.policy_file(target), examples, metrics)
+        if self.cfg.checkpoint.save_optimizer:  # else weights only: policy.pt, nothing to resume from
+            engines.save_engine(self.policy, target, {"step": step, "examples": examples})
         engines.barrier()  # every rank's shard is on disk before LATEST moves
         if self.rank == 0:
-            checkpoint.point_latest(self.run_dir, target)
+            checkpoint.point_latest(self.run_dir.root, target)
             log.info(f"saved {target} (LATEST)")

@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+from dpo_ds.launcher import deepspeed_cmd, env, free_port, launcher, single_process_env  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "dpo_ds" / "demo" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e.update(
-        {
-            "PYTHONPATH": str(ROOT),
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "WANDB_MODE": "offline",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
-    return e
 
 
 # The tiny shipped Llama on the short addition rows: what every launcher test trains.
@@ -43,38 +21,6 @@ TINY = [
     "max_length=16",
     "max_prompt_length=8",
 ]
-
-
-def single_process_env(**extra: str) -> dict:
-    """A world of one without a launcher: train.py's init needs these set."""
-    e = env()
-    e.update(
-        {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-        }
-    )
-    e.update(extra)
-    return e
-
-
-def launcher() -> str:
-    return str(Path(sys.executable).parent / "deepspeed")
-
-
-def deepspeed_cmd(*args: str, ranks: int = 2) -> list[str]:
-    return [
-        launcher(),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "dpo_ds" / "train.py"),
-        *args,
-    ]
 
 
 def run_train(*args: str, timeout: int = 300, ranks: int = 2) -> subprocess.CompletedProcess:

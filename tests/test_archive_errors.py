@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from dpo_ds.checkpoint import ArchiveError, point_latest, read_archive, step_dir, write_policy
+from dpo_ds.checkpoint import ArchiveError, RunDir, point_latest, read_archive, write_policy
 from dpo_ds.model import SHIPPED_MODELS, ModelError, load_config
 
 
@@ -177,7 +177,7 @@ def test_load_state_wrong_shape(tiny_lm):
 def test_point_latest_creates_and_replaces(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    first, second = step_dir(run, 64), step_dir(run, 128)
+    first, second = RunDir(run).step(64), RunDir(run).step(128)
     assert first.name == "step-64"
     for d in (first, second):
         d.mkdir()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dpo_ds.data.batches import Batches, flatten
-from dpo_ds.data.collate import collate_padded, sequence_logps
+from dpo_ds.data.collate import collate_padded
 from dpo_ds.data.sources import PromptGroup
 from dpo_ds.data.tokenize import IGNORE, Tokenization
-from dpo_ds.model import SHIPPED_MODELS, load_tokenizer
+from dpo_ds.model import SHIPPED_MODELS, load_tokenizer, reduce_sequences
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_padded_collator_concatenates_chosen_then_rejected(tok):
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
     # per-sequence sums only count response tokens of their own sequence
     token_logps = torch.ones(4, b["input_ids"].shape[1] - 1)
-    logps, counts = sequence_logps(token_logps, b)
+    logps, counts = reduce_sequences(token_logps, b["labels"], b["seq_ids"], b["n_seqs"])
     assert counts.tolist() == [2, 2, 3, 3]  # "1</s>", "22</s>"
     assert logps.tolist() == [2.0, 2.0, 3.0, 3.0]
 

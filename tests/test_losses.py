@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from dpo_ds.losses import LOSS_FNS, chosen_nll, dpo_loss, ipo_loss, sft_loss
+from dpo_ds.losses import chosen_nll, dpo_loss, ipo_loss, sft_loss
+from dpo_ds.objectives import PREFERENCE_LOSSES
 
 
 def _sig(x):
@@ -82,4 +83,4 @@ def test_sft_and_chosen_nll_by_hand():
 
 
 def test_losses_chosen_by_name():
-    assert LOSS_FNS["dpo"] is dpo_loss and LOSS_FNS["ipo"] is ipo_loss
+    assert PREFERENCE_LOSSES["dpo"].fn is dpo_loss and PREFERENCE_LOSSES["ipo"].fn is ipo_loss

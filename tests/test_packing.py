@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from dpo_ds.data.batches import Batches, flatten
-from dpo_ds.data.collate import collate_padded, sequence_logps
+from dpo_ds.data.collate import collate_padded
 from dpo_ds.data.packing import collate_packed, equalise, pack_rows, split_by_budget
 from dpo_ds.data.sources import PromptGroup
 from dpo_ds.data.tokenize import IGNORE, Tokenization, TokenizedSeq
-from dpo_ds.model import SHIPPED_MODELS, LogprobLM, load_tokenizer, random_init_state
+from dpo_ds.model import SHIPPED_MODELS, LogprobLM, load_tokenizer, random_init_state, sequence_logps
 
 
 def _random_pairs(n, seed, vocab=100, max_len=40):
@@ -41,8 +41,8 @@ def model():
 
 def _logps(model, batch):
     with torch.no_grad():
-        tok = model(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["position_ids"])
-    return sequence_logps(tok, batch)
+        seqs = sequence_logps(model, batch)
+    return seqs.logps, seqs.counts
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -16,10 +16,11 @@ _NOT_IMPORTED = """
 import sys
 from pathlib import Path
 from dpo_ds.config import load_config
+from dpo_ds.checkpoint import RunDir
 from dpo_ds.trainer import MetricsSink
 run_dir = Path(sys.argv[1])
 cfg = load_config(None, sys.argv[2:])
-sink = MetricsSink(cfg, run_dir, rank=0)
+sink = MetricsSink(cfg, RunDir(run_dir), rank=0)
 sink.write({"step": 1, "loss/train": 0.5})
 sink.close()
 assert sink.wandb is None

@@ -14,6 +14,8 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 from dpo_ds.data.collate import IGNORE, collate_padded
 from dpo_ds.data.sources import PromptGroup, Text
 from dpo_ds.data.tokenize import Tokenization, TokenizedSeq
@@ -82,6 +84,7 @@ class Batches:
         max_tokens_per_micro_batch: int = 0,
         sync_max: Callable[[int], int] | None = None,
         used: int | None = None,
+        split: str = "train",
     ):
         """used: tokenize only the examples an eval over the first `used` of epoch 0's order needs
         (None: all of them, for training). Tokenizing happens here, before any engine exists, so a
@@ -89,6 +92,7 @@ class Batches:
         if global_batch % world:
             raise ValueError(f"batch of {global_batch} cannot be split evenly over {world} ranks")
         self.examples = examples
+        self.split = split
         self.tokenization = tokenization
         self.max_length = tokenization.max_length
         tokenizer = tokenization.tok
@@ -131,23 +135,49 @@ class Batches:
 
     def _micro_batches(self, local: list[int], batch: list[int]) -> list[dict]:
         """local: this rank's examples; batch: the whole global batch (every rank knows it), whose
-        labelled-token count each micro-batch carries for per-token loss normalisation."""
+        labelled-token count each micro-batch carries for per-token loss normalisation.
+
+        Each micro-batch also carries `example_ids` (its examples' indices in this split, in the
+        order of its pairs) and `split`, which a precomputed reference looks its log-probs up by."""
         seqs = [self.tokenized(i) for i in local]
         if self.packing:
             from dpo_ds.data.packing import pack_micro_batches
 
-            micro = pack_micro_batches(
+            parts = pack_micro_batches(
                 seqs, self.max_tokens, self.n_micro, self.sync_max, self.pad_id, self.max_length
             )
         else:
             size = len(local) // self.n_micro
-            micro = [
-                collate_padded(seqs[k * size : (k + 1) * size], self.pad_id) for k in range(self.n_micro)
-            ]
+            parts = []
+            for k in range(self.n_micro):
+                group = list(range(k * size, (k + 1) * size))
+                parts.append((group, collate_padded([seqs[i] for i in group], self.pad_id)))
         tokens = sum(self._labelled(i) for i in batch)
-        for m in micro:
+        micro = []
+        for group, m in parts:
+            m["example_ids"] = torch.tensor([local[i] for i in group], dtype=torch.long)
+            m["split"] = self.split
             m["global_examples"], m["global_tokens"] = len(batch), tokens
+            micro.append(m)
         return micro
+
+    def collate(self, indices: list[int]) -> dict:
+        """One micro-batch of these examples in the run's layout (padded, or packed into rows of
+        max_length): what a pass over the data outside the training steps (the reference pre-pass) runs."""
+        seqs = [self.tokenized(i) for i in indices]
+        if self.packing:
+            from dpo_ds.data.packing import collate_packed
+
+            m = collate_packed(seqs, self.pad_id, self.max_length)
+        else:
+            m = collate_padded(seqs, self.pad_id)
+        m["example_ids"] = torch.tensor(indices, dtype=torch.long)
+        m["split"] = self.split
+        return m
+
+    def used_indices(self) -> list[int]:
+        """The examples this split's steps or evals can touch (all of them for training)."""
+        return sorted(self._cache)
 
     def n_steps(self, n_epochs: int | None, n_examples: int | None) -> int:
         total = [len(self.examples) * n_epochs] if n_epochs is not None else []

@@ -8,7 +8,8 @@ A micro-batch is a dict of tensors that the trainer hands to the model wrapper:
   seq_ids      (rows, T)  long: which sequence each token belongs to, -1 for padding
   n_seqs       int: sequences in the micro-batch; for preference data the first half are the
                chosen responses and the second half the rejected ones, pair i = (i, n_seqs/2 + i)
-Chosen and rejected therefore go through the model in one concatenated forward.
+Chosen and rejected therefore go through the model in one concatenated forward; the model wrapper
+(model.LogprobLM) reduces its per-token log-probs to per-sequence sums with `seq_ids`.
 """
 
 from __future__ import annotations
@@ -46,24 +47,6 @@ def collate_padded(examples: list[list[TokenizedSeq]], pad_token_id: int) -> dic
         "seq_ids": seq_ids,
         "n_seqs": rows,
     }
-
-
-def sequence_logps(token_logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum per-token log-probs into per-sequence log-probs.
-
-    token_logps: (rows, T-1), position t scores label t+1, 0 where the label is ignored.
-    Returns (logps (n_seqs,), response token counts (n_seqs,)).
-    """
-    labels = batch["labels"][:, 1:]  # (rows, T-1)
-    seq_ids = batch["seq_ids"][:, 1:]
-    keep = (labels != IGNORE) & (seq_ids >= 0)
-    idx = seq_ids[keep]
-    logps = torch.zeros(batch["n_seqs"], dtype=token_logps.dtype, device=token_logps.device)
-    logps = logps.index_add(0, idx, token_logps[keep])
-    counts = torch.zeros(batch["n_seqs"], dtype=torch.long, device=idx.device).index_add(
-        0, idx, torch.ones_like(idx)
-    )
-    return logps, counts
 
 
 def to_device(batch: dict, device) -> dict:

@@ -3,7 +3,7 @@
 Position ids restart at 0 for every segment and the model is called with attention_mask=None and
 use_cache=False; transformers then builds a block-diagonal causal mask from the position ids (or
 flash-attention runs varlen), so a token never sees another segment. Per-sequence log-probs are
-segment sums via `seq_ids`, exactly as for padded rows (collate.sequence_logps).
+segment sums via `seq_ids`, exactly as for padded rows (model.reduce_sequences).
 
 A pair's chosen and rejected sequences always land in the same micro-batch (the loss needs both).
 Micro-batches are filled up to a token budget; ranks then agree on a count (the max) and the rank
@@ -107,7 +107,8 @@ def pack_micro_batches(
     sync_max: Callable[[int], int],
     pad_token_id: int,
     row_len: int,
-) -> list[dict]:
+) -> list[tuple[list[int], dict]]:
+    """(indices into `examples`, micro-batch) for each micro-batch, the same count on every rank."""
     groups = split_by_budget(examples, max_tokens, n_micro)
     groups = equalise(groups, sync_max(len(groups)))
-    return [collate_packed([examples[i] for i in g], pad_token_id, row_len) for g in groups]
+    return [(g, collate_packed([examples[i] for i in g], pad_token_id, row_len)) for g in groups]

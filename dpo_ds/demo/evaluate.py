@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from dpo_ds.data.collate import collate_padded, sequence_logps
+from dpo_ds.checkpoint import find_step_dir, run_dir_of
+from dpo_ds.data.collate import collate_padded
 from dpo_ds.data.tokenize import Tokenization
 from dpo_ds.demo.make_data import OUT as DATA
-from dpo_ds.model import LogprobLM, load_tokenizer, resolve_model_dir
+from dpo_ds.model import LogprobLM, load_tokenizer, resolve_model_dir, sequence_logps
 
 
 def load_policy(path: Path, model_dir: Path):
@@ -72,10 +73,9 @@ def pair_logps(lm, tok, rows: list[dict], batch: int = 250) -> tuple[torch.Tenso
             for c, j in r["pairs"]
         ]
         b = collate_padded(exs, tok.pad_token_id)
-        logps, _ = sequence_logps(model(b["input_ids"], b["labels"], b["attention_mask"]), b)
-        n = b["n_seqs"] // 2
-        chosen.append(logps[:n])
-        rejected.append(logps[n:])
+        seqs = sequence_logps(model, b)
+        chosen.append(seqs.chosen)
+        rejected.append(seqs.rejected)
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     beta = args.beta
     if beta is None:
-        cfg_file = args.dpo.resolve().parent / "config.yaml"
+        cfg_file = run_dir_of(find_step_dir(args.dpo)).config
         beta = yaml.safe_load(cfg_file.read_text())["loss"]["beta"]
     torch.set_num_threads(2)
     r = evaluate(args.sft, args.dpo, beta)

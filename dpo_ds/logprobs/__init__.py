@@ -5,6 +5,10 @@
     triton   one Triton program per row, online logsumexp over vocabulary blocks
 
 Triton is imported only when impl="triton" is asked for, so this package imports fast anywhere.
+
+A fourth path never has the logits at all: fused_linear.fused_linear_logprobs takes the final hidden
+states and the lm_head weight and computes the log-probs in chunks of tokens, forward and backward
+(model.logprob_impl=fused_linear; model.LogprobLM runs it inside the lm_head module's call).
 """
 
 from __future__ import annotations

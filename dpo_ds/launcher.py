@@ -1,0 +1,62 @@
+"""Starting dpo_ds processes: a free port, the environment, the `deepspeed` command line.
+
+One helper for the engines (a world of one under plain `python`), the tests and the benches, which
+run several launcher jobs on one machine: each needs its own --master_port, or they collide on
+DeepSpeed's default 29500.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+TRAIN_PY = PACKAGE / "train.py"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(threads: int = 1, **extra: str) -> dict:
+    """The environment of an offline CPU run: no hub, wandb offline, `threads` per rank."""
+    e = dict(os.environ)
+    e.update(
+        {
+            "PYTHONPATH": str(PACKAGE.parent),
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(threads),
+        }
+    )
+    e.update(extra)
+    return e
+
+
+def single_process_env(**extra: str) -> dict:
+    """A world of one without a launcher: what train.py's init needs set."""
+    return env(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        **extra,
+    )
+
+
+def launcher() -> str:
+    """The `deepspeed` launcher of this interpreter's environment."""
+    return str(Path(sys.executable).parent / "deepspeed")
+
+
+def deepspeed_cmd(*args: str, ranks: int = 2, script: Path = TRAIN_PY) -> list[str]:
+    """`deepspeed --num_gpus R --master_port P script args...` with this interpreter's launcher."""
+    return [launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]

@@ -1,0 +1,265 @@
+"""Where the reference log-probs of a micro-batch come from: the one thing the trainer asks.
+
+    LiveReference         a frozen inference engine beside the policy (model.reference_mode=engine)
+    PrecomputedReference  a table computed once before training by a reference engine that is then
+                          destroyed, so none exists while the policy trains (reference_mode=precomputed)
+    NoReference           the objective needs none (SFT, reference-free losses): nothing is built
+
+Each answers `logps(batch)` with the reference's per-sequence log-probs (2 * pairs,) in the
+collators' order, or None; `engine` is the model that can generate samples, or None.
+
+The precomputed table lives in `reference_logps.pt` (checkpoint.RunDir names it) with a fingerprint
+of everything that changes its numbers. A rerun or resume with the same fingerprint reuses it; a
+cache whose fingerprint differs is refused, naming what changed; it is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from array import array
+from pathlib import Path
+
+import torch
+
+from dpo_ds.checkpoint import archive_files
+from dpo_ds.config import ConfigError
+from dpo_ds.data.collate import to_device
+from dpo_ds.model import sequence_logps, weight_files
+
+log = logging.getLogger("dpo_ds")
+
+
+class NoReference:
+    engine = None
+
+    def logps(self, batch: dict) -> torch.Tensor | None:
+        return None
+
+
+class LiveReference:
+    """A frozen inference engine run on the same micro-batch as the policy, under no_grad."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logps(self.engine, batch).logps.float()
+
+
+class PrecomputedReference:
+    """Looks a micro-batch's reference log-probs up by its examples' ids: tables[split] is
+    (examples, 2) fp32 (chosen, rejected), NaN for examples the run never uses."""
+
+    engine = None
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.tables = tables
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        rows = self.tables[batch["split"]][batch["example_ids"].cpu()]  # (pairs, 2)
+        if torch.isnan(rows).any():  # an example the pre-pass did not compute: never guess
+            missing = batch["example_ids"][torch.isnan(rows).any(dim=1).to(batch["example_ids"].device)]
+            raise RuntimeError(
+                f"no precomputed reference log-probs for {batch['split']} examples {missing.tolist()}"
+            )
+        device = batch["input_ids"].device
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(device)  # (2 * pairs,) chosen then rejected
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def _file_facts(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()} {st.st_size} bytes, mtime {int(st.st_mtime)}"
+
+
+def weights_facts(archive: str | None, model_dir: Path, seed: int) -> str:
+    """What the reference's weights are: the archive's file(s), the model directory's weight files,
+    or a seeded initialisation."""
+    if archive:
+        files = archive_files(archive)
+        return "; ".join(_file_facts(f) for f in files) if files else str(Path(archive).resolve())
+    files = weight_files(model_dir)
+    if files:
+        return "; ".join(_file_facts(f) for f in files)
+    return f"seeded init of {model_dir.resolve()} with seed {seed}"
+
+
+def data_digest(splits) -> str:
+    """sha256 over the token ids and labels of every example the run uses, per split: it changes
+    with the data files, the tokenizer, its chat template and every truncation setting."""
+    h = hashlib.sha256()
+    for data in splits:
+        h.update(data.split.encode())
+        for i in data.used_indices():
+            h.update(i.to_bytes(8, "little"))
+            for s in data.tokenized(i):
+                h.update(array("q", s.input_ids).tobytes())
+                h.update(array("q", s.labels).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(cfg, model_dir: Path, splits) -> dict[str, str]:
+    return {
+        "reference weights": weights_facts(cfg.model.archive, model_dir, cfg.seed),
+        "model config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
+        "data (token ids of every example)": data_digest(splits),
+        "model.reference_dtype": cfg.model.reference_dtype,
+        "model.logprob_impl": cfg.model.logprob_impl,
+        "layout (data.packing)": "packed" if cfg.data.packing else "padded",
+    }
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def read_cache(path: Path, want: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """The cached tables when `path` holds a complete cache with this fingerprint; None when there
+    is none; a ConfigError naming what changed when there is one for something else."""
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a cut-short or foreign file is refused, never half-used
+        raise ConfigError(
+            f"reference cache {path} cannot be read ({type(e).__name__}: {e}); delete it"
+        ) from None
+    if not isinstance(cache, dict) or not cache.get("complete") or "fingerprint" not in cache:
+        raise ConfigError(f"reference cache {path} is incomplete; delete it to compute it again")
+    changed = _changed(cache["fingerprint"], want)
+    if changed:
+        what = "; ".join(f"{k}: {cache['fingerprint'].get(k)!r} -> {want.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"reference cache {path} was computed for a different run ({what}); delete it to compute it "
+            f"again, or point data.cache_dir elsewhere"
+        )
+    return cache["tables"]
+
+
+def write_cache(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor]) -> None:
+    """Whole or nothing: a temporary file, fsync, then an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"fingerprint": want, "tables": tables, "complete": True}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the pre-pass
+
+
+@torch.no_grad()
+def compute_tables(engine, splits, pairs_per_forward: int, rank: int, world: int, device, gather) -> dict:
+    """Every rank runs the reference on its shard of each split's used examples, the same number of
+    forwards on every rank (short shards repeat their last example); `gather` (all_gather_object)
+    then gives every rank the whole table."""
+    tables = {}
+    for data in splits:
+        used = data.used_indices()
+        per_rank = -(-len(used) // world)
+        mine = used[rank * per_rank : (rank + 1) * per_rank]
+        n_real = len(mine)
+        mine = mine + [mine[-1] if mine else used[-1]] * (per_rank - n_real)
+        rows: list[tuple[int, float, float]] = []
+        for start in range(0, per_rank, pairs_per_forward):
+            ids = mine[start : start + pairs_per_forward]
+            batch = to_device(data.collate(ids), device)
+            seqs = sequence_logps(engine, batch)
+            chosen, rejected = seqs.chosen.float().cpu(), seqs.rejected.float().cpu()
+            for k, i in enumerate(ids):
+                if start + k < n_real:
+                    rows.append((i, chosen[k].item(), rejected[k].item()))
+        table = torch.full((len(data.examples), 2), float("nan"), dtype=torch.float32)
+        for part in gather(rows):
+            for i, c, r in part:
+                table[i, 0], table[i, 1] = c, r
+        tables[data.split] = table
+        log.info(f"reference log-probs precomputed for {len(used)} {data.split} examples")
+    return tables
+
+
+def build_reference_source(
+    cfg,
+    objective,
+    *,
+    ref_config: dict | None,
+    model_dir: Path,
+    state: dict | None,
+    from_weights: bool,
+    source: str,
+    splits,
+    run_dir,
+    rank: int,
+    world: int,
+    device,
+):
+    """The reference the objective asked for, built before the policy: nothing, a live engine, or a
+    table precomputed by an engine that is destroyed before the policy (and its optimizer) exists."""
+    from dpo_ds import engines
+
+    if not objective.needs_reference:
+        return NoReference()
+
+    def build():
+        lm = engines.build_lm(model_dir, ref_config, cfg.model.reference_dtype, from_weights=from_weights)
+        if state is not None:
+            engines.load_state(lm, state, source)
+        return engines.build_reference(lm, ref_config, cfg)
+
+    if cfg.model.reference_mode == "engine":
+        return LiveReference(build())
+
+    want = fingerprint(cfg, model_dir, splits)
+    path = cache_path(cfg, run_dir, want)
+    candidates = [path]
+    if cfg.resume_from:  # the run being resumed may hold it
+        from dpo_ds.checkpoint import find_step_dir, run_dir_of
+
+        candidates.append(run_dir_of(find_step_dir(cfg.resume_from)).reference_cache)
+    # rank 0 reads and decides for all (node-local disks may differ; one rank raising alone would hang)
+    found = None
+    if rank == 0:
+        try:
+            found = next(((str(p), t) for p in candidates if (t := read_cache(p, want)) is not None), None)
+        except ConfigError as e:
+            found = ("error", str(e))
+    found = engines.broadcast_from_rank0(found)
+    if found is not None and found[0] == "error":
+        raise ConfigError(found[1])
+    if found is not None:
+        log.info(f"reference log-probs from {found[0]} (fingerprint matches); no reference model is built")
+        return PrecomputedReference(found[1])
+
+    before = engines.memory_now_gib()
+    engine = build()
+    built = engines.memory_now_gib()
+    tables = compute_tables(
+        engine, splits, max(1, cfg.eval_batch_size // world), rank, world, device, engines.all_gather_objects
+    )
+    engines.destroy(engine)
+    del engine
+    after = engines.memory_now_gib()
+    log.info(
+        f"reference pre-pass done; its engine is destroyed: memory {before:.2f} GiB before it, {built:.2f} GiB "
+        f"with it, {after:.2f} GiB after (rank {rank}), before the policy is built"
+    )
+    if rank == 0:
+        write_cache(path, want, tables)
+        log.info(f"reference log-probs cached in {path}")
+    engines.barrier()
+    return PrecomputedReference(tables)
+
+
+def cache_path(cfg, run_dir, want: dict[str, str]) -> Path:
+    """data.cache_dir/reference_logps-{digest}.pt, shared by every run with the same fingerprint; or
+    the run dir's reference_logps.pt, which a resume must match."""
+    if cfg.data.cache_dir:
+        digest = hashlib.sha256(repr(sorted(want.items())).encode()).hexdigest()[:16]
+        return Path(cfg.data.cache_dir) / f"{run_dir.reference_cache.stem}-{digest}.pt"
+    return run_dir.reference_cache

@@ -1,0 +1,152 @@
+"""Where the reference's log-probs come from and where the reference lives, through the real launcher
+(2 CPU ranks): a precomputed reference gives the same training as a live engine; the reference's
+ZeRO stage, dtype and offload are its own, whatever the policy's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.launch import ROOT, TINY, check, metrics, run_train, small_demo
+
+pytestmark = pytest.mark.integration
+LN2 = math.log(2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return small_demo(tmp_path_factory.mktemp("data"), n_train=48, n_test=32)
+
+
+def _dpo(run_dir, data_dir, *extra, ds="zero3.json"):
+    return check(
+        run_train(
+            "--ds",
+            str(ROOT / "ds_configs" / ds),
+            "loss=dpo",
+            "loss.beta=0.1",
+            f"datasets=[{data_dir}]",
+            f"run_dir={run_dir}",
+            "lr=3e-3",
+            "warmup_steps=0",
+            "n_epochs=2",
+            "eval_every=48",
+            *TINY,
+            *extra,
+        )
+    )
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_precomputed_reference_trains_exactly_like_the_engine(tmp_path, data_dir, layout):
+    extra = ["data.packing=true", "data.max_tokens_per_micro_batch=64"] if layout == "packed" else []
+    engine_dir, pre_dir = tmp_path / "engine", tmp_path / "precomputed"
+    _dpo(engine_dir, data_dir, *extra)
+    proc = _dpo(pre_dir, data_dir, "model.reference_mode=precomputed", "sample_during_eval=true",
+                "n_eval_model_samples=2", "max_new_tokens=3", *extra)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert "reference pre-pass done; its engine is destroyed" in log
+    assert (pre_dir / "reference_logps.pt").is_file()
+    (a_train, a_eval), (b_train, b_eval) = metrics(engine_dir), metrics(pre_dir)
+    assert len(a_train) == len(b_train) == 6
+    assert a_train[0]["loss/train"] == pytest.approx(LN2, abs=1e-6)
+    for a, b in zip(a_train, b_train):
+        assert abs(a["loss/train"] - b["loss/train"]) <= 1e-6, (a["loss/train"], b["loss/train"])
+        assert abs(a["logps_train/ref_chosen"] - b["logps_train/ref_chosen"]) <= 1e-4
+    for a, b in zip(a_eval, b_eval):
+        assert abs(a["loss/eval"] - b["loss/eval"]) <= 1e-6
+    # the precomputed run has no reference model to sample from: policy samples only, said so
+    samples = [json.loads(line) for line in (pre_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["reference"] is None and s["policy"] is not None for s in samples)
+    assert "samples during eval come from the policy only" in log
+
+
+def test_precomputed_reference_resumes_from_its_cache(tmp_path, data_dir):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    _dpo(first, data_dir, "model.reference_mode=precomputed", "do_first_eval=false")
+    proc = _dpo(
+        resumed,
+        data_dir,
+        "model.reference_mode=precomputed",
+        "do_first_eval=false",
+        f"resume_from={first}/step-48",
+    )
+    log = proc.stdout + proc.stderr
+    assert f"reference log-probs from {first / 'reference_logps.pt'}" in log
+    assert "reference pre-pass done" not in log  # no reference model was built at all
+    a, b = metrics(first)[0], metrics(resumed)[0]
+    assert [r["loss/train"] for r in b] == pytest.approx([r["loss/train"] for r in a[3:]], abs=1e-7)
+
+
+def test_precomputed_cache_in_cache_dir_is_shared_and_keyed(tmp_path, data_dir):
+    cache = tmp_path / "cache"
+    common = [
+        "model.reference_mode=precomputed",
+        "do_first_eval=false",
+        f"data.cache_dir={cache}",
+        "n_epochs=1",
+    ]
+    _dpo(tmp_path / "a", data_dir, *common)
+    proc = _dpo(tmp_path / "b", data_dir, *common)
+    assert "fingerprint matches" in proc.stdout + proc.stderr
+    _dpo(
+        tmp_path / "c", data_dir, *common, "max_length=10", "max_prompt_length=6"
+    )  # prompts cut: other ids, other file
+    assert len(list(cache.glob("reference_logps-*.pt"))) == 2
+
+
+@pytest.mark.parametrize(
+    "ds, extra, placement, tol",
+    [
+        ("zero2.json", ["model.reference_zero_stage=3"], "ZeRO stage 3, float32, parameters offloaded to none", 1e-5),
+        ("zero3.json", ["model.reference_zero_stage=0"], "ZeRO stage 0, float32, parameters offloaded to none", 1e-5),
+        ("zero2.json", ["model.reference_zero_stage=3", "model.reference_offload=true", "model.reference_dtype=bfloat16"],
+         "ZeRO stage 3, bfloat16, parameters offloaded to cpu", 0.02),
+        ("zero3.json", ["model.reference_zero_stage=0", "model.reference_dtype=bfloat16"],
+         "ZeRO stage 0, bfloat16, parameters offloaded to none", 0.02),
+    ],
+    ids=["zero2-policy_zero3-ref", "zero3-policy_zero0-ref", "zero2-policy_zero3-offload-bf16-ref", "zero3-policy_zero0-bf16-ref"],
+)  # fmt: skip
+def test_reference_placement_is_independent(tmp_path, data_dir, ds, extra, placement, tol):
+    run_dir = tmp_path / "run"
+    proc = _dpo(run_dir, data_dir, "n_epochs=1", "do_first_eval=false", *extra, ds=ds)
+    assert f"reference engine: {placement}" in proc.stdout + proc.stderr
+    train, _ = metrics(run_dir)
+    # policy == reference at step 0: ln 2, up to the bf16 reference's rounding
+    assert abs(train[0]["loss/train"] - LN2) < tol
+    assert len(train) == 3 and train[-1]["loss/train"] != train[0]["loss/train"]  # the policy trained
+    policy = json.loads((run_dir / "ds_config.json").read_text())
+    assert policy["zero_optimization"]["stage"] == int(ds[4])  # the policy's own JSON is untouched
+
+
+def test_weights_only_checkpoints(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    _dpo(run_dir, data_dir, "n_epochs=1", "do_first_eval=false", "checkpoint.save_optimizer=false")
+    latest = run_dir / "LATEST"
+    assert (latest / "policy.pt").is_file() and not (latest / "ds").exists()
+    proc = run_train(
+        "--ds", str(ROOT / "ds_configs/zero3.json"), f"datasets=[{data_dir}]", f"run_dir={tmp_path / 'again'}",
+        f"resume_from={latest}", *TINY,
+    )  # fmt: skip
+    assert (
+        proc.returncode == 2
+        and "holds no DeepSpeed checkpoint" in proc.stderr
+        and "save_optimizer=false" in proc.stderr
+    )
+
+
+def test_fused_linear_trains_like_chunked_under_zero3(tmp_path, data_dir):
+    """The fused head runs inside the lm_head's module call, so ZeRO-3 gathers its weight in forward
+    and backward as for a plain Linear: the same losses as the logits path, policy and reference."""
+    runs = {}
+    for impl in ("chunked", "fused_linear"):
+        _dpo(tmp_path / impl, data_dir, f"model.logprob_impl={impl}", "n_epochs=1", "do_first_eval=false")
+        runs[impl] = metrics(tmp_path / impl)[0]
+    assert len(runs["chunked"]) == len(runs["fused_linear"]) == 3
+    assert runs["fused_linear"][0]["loss/train"] == pytest.approx(LN2, abs=1e-6)
+    for a, b in zip(runs["chunked"], runs["fused_linear"]):
+        assert b["loss/train"] == pytest.approx(a["loss/train"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
