@@ -91,12 +91,24 @@ def all_gather_objects(obj) -> list:
 
 
 def peak_memory_gib() -> float:
-    """This rank's peak memory: device allocations on a GPU, the process's peak RSS on CPU."""
+    """This rank's peak memory since reset_peak_memory(): device allocations on a GPU, the process's
+    resident-set high-water mark (VmHWM) on CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
+    with open("/proc/self/status") as f:
+        kib = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    return kib / 2**20
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+def reset_peak_memory() -> None:
+    """Start peak_memory_gib() over from now (the build phase's peak is not training's)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+    except OSError:
+        pass
 
 
 def broadcast_from_rank0(obj):

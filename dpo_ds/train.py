@@ -173,6 +173,7 @@ def run(argv=None) -> dict:
     # 4. build: both models start from the archive, the model dir's weights, or a seeded init. The
     # reference comes first: precomputed, it is built, run over the data and destroyed before the
     # policy and its optimizer take the memory.
+    memory = {"memory/before_models_gib": engines.memory_now_gib()}
     weights = has_weights(model_dir)
     state = (
         archive["state"]
@@ -200,6 +201,7 @@ def run(argv=None) -> dict:
         engines.load_state(policy_lm, state, source)
     policy = engines.build_policy(policy_lm, ds_config, cfg)
     del state, archive
+    memory["memory/models_built_gib"] = engines.memory_now_gib()
 
     start_step = 0
     if cfg.resume_from:
@@ -209,7 +211,18 @@ def run(argv=None) -> dict:
 
     # 5. train, evaluate, save
     trainer = Trainer(
-        cfg, policy, objective, reference, train_data, eval_data, tokenizer, run_dir, rank, world, device
+        cfg,
+        policy,
+        objective,
+        reference,
+        train_data,
+        eval_data,
+        tokenizer,
+        run_dir,
+        rank,
+        world,
+        device,
+        memory,
     )
     metrics = trainer.train(start_step)
 

@@ -72,10 +72,12 @@ class Trainer:
         rank: int,
         world: int,
         device: torch.device,
+        memory: dict | None = None,
     ):
         self.cfg = cfg
         self.policy = policy
         self.objective = objective  # objectives.py: the loss and what it needs
+        self.memory = memory or {}  # rank 0's memory before and after the models were built, logged at step 1
         self.reference = reference  # reference.py: a live engine, a precomputed table, or nothing
         self.train_data = train_data
         self.eval_data = eval_data
@@ -137,6 +139,7 @@ class Trainer:
             )
         eval_metrics: dict = {}
         self.policy.train()
+        engines.reset_peak_memory()
         t_last = time.time()
         for step in self.train_data.train_steps(cfg.n_epochs, cfg.n_examples, start_step):
             sums: dict[str, torch.Tensor] = {}
@@ -163,11 +166,15 @@ class Trainer:
                     "throughput/step_seconds": seconds,
                     "throughput/real_tokens_per_second": real / seconds,  # non-pad tokens, all ranks
                     "throughput/padding_fraction": 1 - real / max(slots, 1),
+                    # rank 0: peak since training started (the build phase excluded), and after the step
                     "memory/peak_gib": engines.peak_memory_gib(),
+                    "memory/now_gib": engines.memory_now_gib(),
                     "counters/examples": examples,
                     "counters/updates": step.index + 1,
                 }
             )
+            if step.index == start_step:
+                metrics.update(self.memory)
             self.sink.write({"step": step.index + 1, **metrics})
             if bar is not None:
                 bar.update(1)
