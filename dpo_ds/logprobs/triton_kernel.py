@@ -20,6 +20,22 @@ import triton.language as tl
 
 DEFAULT_BLOCK_V = 1024
 
+# Compile specs: how each @triton.jit function in this module is compiled for a real GPU target on a machine
+# without one (tests/test_triton_compile.py, bench/triton_kernels.py). One entry per kernel, written right
+# below it, so a change to a kernel's arguments or to its host launch is made next to its spec. Keys:
+#   signature        argument -> Triton type as the JIT specialises the host launch: "*bf16" a pointer to
+#                    bf16, "i32" a Python int in [-2**31, 2**31), "constexpr" a tl.constexpr argument;
+#                    "{logits}" stands for each dtype in `dtypes`.
+#   dtypes           placeholder -> the Triton dtypes it takes; every combination is compiled.
+#   constexprs       constexpr argument -> the values the host code passes.
+#   divisible_by_16  variant -> the arguments the JIT marks tt.divisibility=16 in it: a tensor whose
+#                    data_ptr() % 16 == 0 (every fresh torch allocation) or an int % 16 == 0 (vocab 32000 or
+#                    128256, not GPT-2's 50257). Each variant is compiled: they generate different code.
+# tests/test_triton_compile.py launches the host functions below and fails unless each launch is one of
+# these combinations, and fails if a @triton.jit function in dpo_ds has no entry.
+COMPILE_SPECS: dict[str, dict] = {}
+LOGITS_DTYPES = ("fp32", "bf16", "fp16")  # torch.float32, bfloat16, float16 as Triton names them
+
 
 @triton.jit
 def _logprobs_fwd_kernel(
@@ -58,6 +74,28 @@ def _logprobs_fwd_kernel(
     tl.store(log_sum_ptr + row, log_s)
 
 
+_FWD_POINTERS = ("logits_ptr", "labels_ptr", "out_ptr", "row_max_ptr", "log_sum_ptr")
+COMPILE_SPECS["_logprobs_fwd_kernel"] = {
+    "signature": {
+        "logits_ptr": "*{logits}",
+        "labels_ptr": "*i64",
+        "out_ptr": "*fp32",
+        "row_max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
+        "row_stride": "i32",
+        "V": "i32",
+        "ignore_index": "i32",  # -100 by default: neither 1 (a constexpr then) nor a multiple of 16
+        "BLOCK_V": "constexpr",
+    },
+    "dtypes": {"logits": LOGITS_DTYPES},
+    "constexprs": {"BLOCK_V": (DEFAULT_BLOCK_V,)},  # the default: dpo_ds never passes another block_v
+    "divisible_by_16": {
+        "V%16==0": (*_FWD_POINTERS, "row_stride", "V"),
+        "V%16!=0": _FWD_POINTERS,
+    },
+}
+
+
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr,  # (N, V), last dim contiguous
@@ -92,6 +130,30 @@ def _logprobs_bwd_kernel(
         # A block is read before it is written and no other program touches this row, so grad may alias
         # the logits (inplace_backward).
         tl.store(grad_row_ptr + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+_BWD_POINTERS = ("logits_ptr", "grad_ptr", "labels_ptr", "row_max_ptr", "log_sum_ptr", "grad_out_ptr")
+COMPILE_SPECS["_logprobs_bwd_kernel"] = {
+    "signature": {
+        "logits_ptr": "*{logits}",
+        "grad_ptr": "*{logits}",  # the gradient has the logits' dtype
+        "labels_ptr": "*i64",
+        "row_max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
+        "grad_out_ptr": "*fp32",
+        "row_stride": "i32",
+        "grad_row_stride": "i32",
+        "V": "i32",
+        "ignore_index": "i32",
+        "BLOCK_V": "constexpr",
+    },
+    "dtypes": {"logits": LOGITS_DTYPES},
+    "constexprs": {"BLOCK_V": (DEFAULT_BLOCK_V,)},
+    "divisible_by_16": {
+        "V%16==0": (*_BWD_POINTERS, "row_stride", "grad_row_stride", "V"),
+        "V%16!=0": _BWD_POINTERS,
+    },
+}
 
 
 def _check_runnable(kernel, device: torch.device) -> None:
