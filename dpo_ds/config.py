@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 
 SFT_NORMALIZE = ("sequence", "token")
+IPO_NORMALIZE = ("sum", "length")
 TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
 ADD_BOS = ("auto", "true", "false")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,14 +33,26 @@ OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
 
 @dataclass
 class LossConfig:
-    name: str = "dpo"  # sft | dpo | ipo: objectives.OBJECTIVES   (`loss=ipo` on the command line sets this)
-    beta: float = 0.1  # KL temperature of Eq. 7; for IPO it is tau
-    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+    # one of objectives.OBJECTIVES (`loss=ipo` on the command line sets this), or a weighted sum written as
+    # a list, `loss=[dpo,sft]` (YAML `loss: [dpo, sft]`), stored as "dpo+sft" (which parses too)
+    name: str = "dpo"
+    weights: list[float] = field(default_factory=list)  # one per summed loss; empty: all 1
+    beta: float = 0.1  # KL temperature of Eq. 7; for IPO it is tau; SimPO's reward scale
+    label_smoothing: float = 0.0  # cDPO / robust: assumed probability that a label is flipped
     reference_free: bool = False  # implicit reference that is uniform over responses
     chosen_nll_weight: float = 0.0  # RPO: + weight * NLL(chosen) per token (Pang et al. 2024)
+    gamma: float = 0.5  # SimPO's target reward margin (Eq. 6; TRL's simpo_gamma default)
+    orpo_lambda: float = 0.1  # ORPO's lambda: weight of its odds-ratio term (Eq. 6; TRL's default too)
+    # IPO: "sum" forms h from summed log-probs (the paper); "length" from per-token means (TRL's DPOTrainer)
+    ipo_normalize: str = "sum"
     # SFT: "sequence" sums each sequence's NLL and averages over sequences (the original code);
     # "token" averages over every trained-on token of the global batch (TRL's SFTTrainer, HF Trainer)
     sft_normalize: str = "sequence"
+
+    @property
+    def names(self) -> list[str]:
+        """The losses summed: ["dpo"] for loss=dpo, ["dpo", "sft"] for loss=[dpo,sft]."""
+        return self.name.split("+")
 
 
 @dataclass
@@ -72,6 +85,22 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     save_optimizer: bool = True  # false: policy.pt only (weights), no DeepSpeed checkpoint to resume from
+    save_every: int = 0  # also save every N optimizer steps (0: only at evals and the end)
+    keep_last: int = 0  # keep the N newest step dirs (never LATEST's); 0 keeps all
+    max_failed_saves: int = 3  # a failed save is logged and training goes on, until N fail in a row
+
+
+@dataclass
+class GuardConfig:
+    # a step whose loss or gradient norm is not finite on any rank is skipped (DeepSpeed discards it)
+    # and counted; this many in a row stop the run
+    max_bad_steps: int = 5
+
+
+@dataclass
+class ResumeConfig:
+    # keys that may differ from the checkpoint's config on resume (logged); the others must match
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +117,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     datasets: list[str] = field(default_factory=lambda: ["demo"])
     batch_size: int = 4  # global: preference pairs (or SFT examples) per optimizer step
@@ -110,7 +141,10 @@ class Config:
     seed: int = 0
     exp_name: str = "run"
     run_dir: str | None = None  # default runs/{exp_name}
-    resume_from: str | None = None  # a step-N or LATEST directory of an earlier run of this config
+    resume_from: str | None = None  # auto (this run_dir's LATEST, if any), or a step-N / LATEST directory
+    dist_timeout_s: float = 1800.0  # deadline of every collective (and the process group's timeout)
+    # deadline of a training step; null: 10x the slowest of the first steps, at least 60 s
+    step_timeout_s: float | None = None
     torch_threads: int = 0  # per rank; 0 = 1 per rank on CPU, torch's default on GPU
     log_every: int = 10  # optimizer steps between log lines
 
@@ -185,14 +219,26 @@ def _set(obj, dotted: str, value, prefix: str = "") -> None:
         elif isinstance(value, dict):
             for k, v in value.items():
                 _set(current, str(k), v, prefix=full + ".")
-        elif head == "loss" and not isinstance(value, (list, dict)):
-            current.name = _coerce("loss", value, str)  # `loss=dpo` as in the original's hydra groups
+        elif head == "loss":
+            current.name = _loss_name("loss", value)  # `loss=dpo` as in the original's hydra groups
         else:
             raise ConfigError(f"config key '{full}' is a group; set its fields as {full}.<field>=value")
         return
     if rest:
         raise ConfigError(f"unknown config key '{prefix + dotted}': '{full}' has no sub-keys")
+    if isinstance(obj, LossConfig) and head == "name":
+        value = _loss_name(full, value)
     setattr(obj, head, _coerce(full, value, hints[head]))
+
+
+def _loss_name(key: str, value) -> str:
+    """`dpo`, or a sum of losses written as a list, `[dpo,sft]` (CLI) / `[dpo, sft]` (YAML): 'dpo+sft'."""
+    if isinstance(value, list) or (isinstance(value, str) and value.strip().startswith("[")):
+        try:
+            value = "+".join(name.strip() for name in _coerce(key, value, list[str]))
+        except yaml.YAMLError:
+            raise ConfigError(f"config key '{key}': expected a list like [dpo,sft], got {value!r}") from None
+    return _coerce(key, value, str)
 
 
 def validate(cfg: Config) -> None:
@@ -204,8 +250,32 @@ def validate(cfg: Config) -> None:
 
     from dpo_ds.objectives import OBJECTIVES, PREFERENCE_LOSSES
 
-    need(cfg.loss.name in OBJECTIVES, "loss.name", f"must be one of {OBJECTIVES}")
+    names = cfg.loss.names
+    need(
+        all(n in OBJECTIVES for n in names),
+        "loss.name",
+        f"must be one of {OBJECTIVES} or a list of them like [dpo,sft]",
+    )
+    need(len(set(names)) == len(names), "loss.name", "names a loss twice")
+    if cfg.loss.weights:
+        need(
+            len(cfg.loss.weights) == len(names) and names != ["sft"],
+            "loss.weights",
+            f"must give one weight per loss in loss={cfg.loss.name} ({len(names)}); loss=sft takes none",
+        )
+    need(all(w >= 0 for w in cfg.loss.weights), "loss.weights", "must be >= 0")
+    if "sft" in names and len(names) > 1:
+        need(
+            cfg.loss.chosen_nll_weight == 0,
+            "loss.chosen_nll_weight",
+            f"is the sft term of loss={cfg.loss.name} already; give its weight in loss.weights only",
+        )
     need(cfg.loss.beta > 0, "loss.beta", "must be > 0")
+    need(cfg.loss.gamma >= 0, "loss.gamma", "must be >= 0")
+    need(cfg.loss.orpo_lambda >= 0, "loss.orpo_lambda", "must be >= 0")
+    need(cfg.loss.ipo_normalize in IPO_NORMALIZE, "loss.ipo_normalize", f"must be one of {IPO_NORMALIZE}")
+    if cfg.loss.ipo_normalize != "sum":
+        need("ipo" in names, "loss.ipo_normalize", "applies to loss=ipo only")
     need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
     need(cfg.loss.chosen_nll_weight >= 0, "loss.chosen_nll_weight", "must be >= 0")
     need(cfg.loss.sft_normalize in SFT_NORMALIZE, "loss.sft_normalize", f"must be one of {SFT_NORMALIZE}")
@@ -230,15 +300,20 @@ def validate(cfg: Config) -> None:
             "data.chat_template",
             "must name a Jinja template file that exists",
         )
-    spec = PREFERENCE_LOSSES.get(cfg.loss.name)
-    if spec is not None and not spec.label_smoothing:
+    specs = {n: PREFERENCE_LOSSES[n] for n in names if n != "sft"}
+    for n, spec in specs.items():
+        if "label_smoothing" not in spec.hparams:
+            need(
+                cfg.loss.label_smoothing == 0,
+                "loss.label_smoothing",
+                f"is not defined for loss={n}; must be 0",
+            )
+    if cfg.loss.reference_free:
         need(
-            cfg.loss.label_smoothing == 0,
-            "loss.label_smoothing",
-            f"is not defined for loss={cfg.loss.name}; must be 0",
+            any(spec.reference for spec in specs.values()),
+            "loss.reference_free",
+            f"has no meaning for loss={cfg.loss.name}, which uses no reference",
         )
-    if cfg.loss.name == "sft":
-        need(not cfg.loss.reference_free, "loss.reference_free", "has no meaning for loss=sft")
     need(cfg.model.policy_dtype in DTYPES, "model.policy_dtype", f"must be one of {DTYPES}")
     need(cfg.model.reference_dtype in DTYPES, "model.reference_dtype", f"must be one of {DTYPES}")
     need(cfg.model.logprob_impl in LOGPROB_IMPLS, "model.logprob_impl", f"must be one of {LOGPROB_IMPLS}")
@@ -282,6 +357,12 @@ def validate(cfg: Config) -> None:
     need(cfg.max_new_tokens > 0, "max_new_tokens", "must be > 0")
     need(cfg.torch_threads >= 0, "torch_threads", "must be >= 0")
     need(cfg.log_every > 0, "log_every", "must be > 0")
+    need(cfg.dist_timeout_s > 0, "dist_timeout_s", "must be > 0")
+    need(cfg.step_timeout_s is None or cfg.step_timeout_s > 0, "step_timeout_s", "must be > 0 or null")
+    need(cfg.guard.max_bad_steps > 0, "guard.max_bad_steps", "must be > 0")
+    need(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+    need(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps every checkpoint)")
+    need(cfg.checkpoint.max_failed_saves > 0, "checkpoint.max_failed_saves", "must be > 0")
     need(bool(cfg.exp_name) and "/" not in cfg.exp_name, "exp_name", "must be a non-empty name without '/'")
     need(cfg.data.max_tokens_per_micro_batch >= 0, "data.max_tokens_per_micro_batch", "must be >= 0")
     if cfg.data.max_tokens_per_micro_batch:
