@@ -9,13 +9,19 @@
                                     original DPO code writes and reads it (N = training examples seen)
 {run_dir}/step-{N}/ds/              DeepSpeed's sharded checkpoint (module, optimizer, scheduler,
                                     client state) for resume_from
+{run_dir}/step-{N}/run_state.json   the resolved config, the data's digest, world size, step: what a
+                                    resume is checked against before any engine is built
+{run_dir}/step-{N}/COMPLETE         written last: a step dir without it is never resumed from
 {run_dir}/LATEST -> step-{N}        a symlink, swapped atomically only once step-{N} is complete,
                                     so LATEST always names a whole checkpoint
+{run_dir}/hang-rank{r}.txt          every thread's stack of a rank the watchdog stopped
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,6 +35,8 @@ LATEST = "LATEST"
 POLICY = "policy.pt"
 DS_TAG = "ds"  # the tag engines.save_engine / load_engine use: step-N/ds/
 STEP_PREFIX = "step-"
+COMPLETE = "COMPLETE"
+RUN_STATE = "run_state.json"
 ARCHIVE_KEYS = ("step_idx", "state", "metrics")
 HF_WEIGHTS = (
     "model.safetensors",
@@ -78,6 +86,80 @@ class RunDir:
     def taken(self) -> list[str]:
         """What of an earlier run is here (a run dir is never reused unless resuming)."""
         return [p.name for p in (self.metrics, self.latest) if p.exists() or p.is_symlink()]
+
+    def hang_report(self, rank: int) -> Path:
+        return self.root / f"hang-rank{rank}.txt"
+
+    def step_dirs(self) -> list[tuple[int, Path]]:
+        """(examples, dir) of every step dir here, oldest first, complete or not."""
+        out = []
+        for p in self.root.glob(f"{STEP_PREFIX}*"):
+            tail = p.name[len(STEP_PREFIX) :]
+            if p.is_dir() and tail.isdigit():
+                out.append((int(tail), p))
+        return sorted(out)
+
+    def latest_target(self) -> Path | None:
+        return self.latest.resolve() if self.latest.is_symlink() and self.latest.exists() else None
+
+
+def is_complete(step_dir: Path) -> bool:
+    return (Path(step_dir) / COMPLETE).is_file()
+
+
+def mark_complete(step_dir: Path, run_state: dict) -> None:
+    """run_state.json, then COMPLETE: the last two files of a checkpoint, fsynced, in this order."""
+    for name, text in ((RUN_STATE, json.dumps(run_state, indent=1, sort_keys=True)), (COMPLETE, "")):
+        path = Path(step_dir) / name
+        with open(path, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_run_state(step_dir: Path) -> dict:
+    path = Path(step_dir) / RUN_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArchiveError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def rotate(run_dir: RunDir, keep_last: int) -> list[Path]:
+    """Delete step dirs beyond the `keep_last` newest complete ones, and incomplete ones (a failed or
+    killed save); never LATEST's target. Rank 0 only. Returns what it deleted."""
+    target = run_dir.latest_target()
+    complete = [p for _, p in run_dir.step_dirs() if is_complete(p)]
+    keep = set(complete[-keep_last:]) if keep_last else set(complete)
+    gone = []
+    for _, p in run_dir.step_dirs():
+        if p in keep or (target is not None and p.resolve() == target):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    return gone
+
+
+def truncate_records(path: Path, last_step: int) -> int:
+    """Keep the JSON lines of `path` whose "step" is <= last_step (a resumed run replays the rest);
+    returns how many were dropped. Atomic: a temporary file, then a rename."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except ValueError:
+            dropped += 1  # a line cut short by a kill
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
 
 
 def policy_file(step_dir: Path) -> Path:
@@ -207,3 +289,88 @@ def write_policy(path: Path, step_idx: int, state: dict, metrics: dict) -> None:
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- resume
+
+# Keys whose change leaves the training trajectory alone: never compared on resume. Everything else
+# (batch sizes, world size, data, seed, model, loss, optimizer, schedule, lengths, layout) must match
+# the checkpoint's config unless resume.allow_changes names it.
+RESUME_FREE = (
+    "exp_name", "run_dir", "resume_from", "n_epochs", "n_examples", "eval_every", "do_first_eval",
+    "n_eval_examples", "eval_batch_size", "sample_during_eval", "n_eval_model_samples", "max_new_tokens",
+    "log_every", "torch_threads", "dist_timeout_s", "step_timeout_s", "data.cache_dir",
+)  # fmt: skip
+RESUME_FREE_GROUPS = ("wandb.", "checkpoint.", "guard.", "resume.")
+# What a DeepSpeed checkpoint cannot take changed, allowed or not: the step <-> example mapping and
+# the partitioning of the optimizer state.
+RESUME_FIXED = ("batch_size", "world size")
+DATA_KEY = "data (token ids of the training data)"
+
+
+def resolve_resume(resume_from: str | None, run_dir: RunDir) -> Path | None:
+    """The complete step dir to resume from: resume_from=auto takes run_dir's LATEST (None when
+    there is none: a fresh start); a path must name a complete checkpoint, or the error says what
+    is missing."""
+    if resume_from is None:
+        return None
+    if resume_from == "auto":
+        return run_dir.latest_target()
+    p = Path(resume_from)
+    if not p.exists():
+        raise ArchiveError(f"resume_from={resume_from}: {p} does not exist")
+    step = find_step_dir(p)
+    if not step.is_dir():
+        raise ArchiveError(f"resume_from={resume_from}: {step} is not a checkpoint directory")
+    if not is_complete(step):
+        raise ArchiveError(
+            f"resume_from={resume_from}: {step} is not a complete checkpoint ({COMPLETE} is missing: its save "
+            f"was cut short or failed); resume from the run's LATEST, which only ever names complete ones"
+        )
+    missing = [n for n in (RUN_STATE, DS_TAG) if not (step / n).exists()]
+    if missing:
+        why = " (saved with checkpoint.save_optimizer=false: weights only)" if DS_TAG in missing else ""
+        raise ArchiveError(f"resume_from={resume_from}: {step} has no {' and no '.join(missing)}{why}")
+    return step.resolve()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _free(key: str) -> bool:
+    return key in RESUME_FREE or key.startswith(RESUME_FREE_GROUPS)
+
+
+def check_resume(state: dict, config: dict, data_digest: str, world: int, allow: list[str]) -> list[str]:
+    """Compare a checkpoint's run_state with this run. Returns the changes resume.allow_changes lets
+    through (to log); raises ConfigError naming every other key that differs."""
+    from dpo_ds.config import ConfigError
+
+    old = {**_flat(state.get("config", {})), "world size": state.get("world"), DATA_KEY: state.get("data")}
+    new = {**_flat(config), "world size": world, DATA_KEY: data_digest}
+    diffs = [k for k in sorted(set(old) | set(new)) if not _free(k) and old.get(k) != new.get(k)]
+
+    def show(k: str) -> str:
+        return f"{k}: changed" if k == DATA_KEY else f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+
+    fixed = [k for k in diffs if k in RESUME_FIXED]
+    refused = [k for k in diffs if k not in allow and k not in fixed]
+    if fixed or refused:
+        parts = []
+        if refused:
+            parts.append(
+                "differs from the checkpoint's config: "
+                + "; ".join(show(k) for k in refused)
+                + f" (resume.allow_changes=[{','.join(refused)}] accepts these if that is what you mean)"
+            )
+        if fixed:
+            parts.append("cannot change on resume: " + "; ".join(show(k) for k in fixed))
+        raise ConfigError(f"resume from step {state.get('step')}: " + ". ".join(parts))
+    return [show(k) for k in diffs]

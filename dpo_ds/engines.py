@@ -41,10 +41,11 @@ def set_threads(n: int, on_cpu: bool) -> None:
         torch.set_num_threads(1)
 
 
-def init_distributed(torch_threads: int = 0) -> tuple[int, int, torch.device]:
+def init_distributed(torch_threads: int = 0, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed; returns (rank, world_size, device).
 
-    Works under the `deepspeed` launcher, torchrun, and a bare `python` (a world of one)."""
+    Works under the `deepspeed` launcher, torchrun, and a bare `python` (a world of one). timeout_s
+    bounds every collective of the process group (gloo raises after it; NCCL aborts)."""
     for key, default in (
         ("RANK", "0"),
         ("LOCAL_RANK", "0"),
@@ -65,7 +66,12 @@ def init_distributed(torch_threads: int = 0) -> tuple[int, int, torch.device]:
         # fine for CPU runs. Patch the module object itself: `import deepspeed.comm.torch as m`
         # binds the real `torch` package instead.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed()
+    if timeout_s is not None:
+        from datetime import timedelta
+
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    else:
+        deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc.set_device(local_rank)
@@ -436,6 +442,31 @@ def grad_norm(engine) -> float:
 
 def current_lr(engine) -> float:
     return float(engine.get_lr()[0])
+
+
+def apply_lr(engine, lr: float) -> None:
+    """Make a resumed engine use the configured lr (allowed by resume.allow_changes): the checkpoint
+    restored the scheduler's base lr and the optimizer's current one, both from the old run."""
+    sched = engine.lr_scheduler
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    for group, fn in zip(engine.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(sched.last_epoch)
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def local_weights_finite(engine) -> bool:
+    """Whether this rank's parameters (its ZeRO-3 partition, or the whole model) are all finite; no
+    gathering. For the guard: ZeRO stages 1-3 discard a step with a non-finite gradient norm; a stage
+    0 optimizer applies it."""
+    for p in engine.module.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
 
 
 def unwrap_lm(engine):

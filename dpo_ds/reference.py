@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from array import array
 from pathlib import Path
 
 import torch
 
 from dpo_ds.checkpoint import archive_files
 from dpo_ds.config import ConfigError
+from dpo_ds.data.batches import data_digest
 from dpo_ds.data.collate import to_device
 from dpo_ds.model import sequence_logps, weight_files
 
@@ -87,20 +87,6 @@ def weights_facts(archive: str | None, model_dir: Path, seed: int) -> str:
     if files:
         return "; ".join(_file_facts(f) for f in files)
     return f"seeded init of {model_dir.resolve()} with seed {seed}"
-
-
-def data_digest(splits) -> str:
-    """sha256 over the token ids and labels of every example the run uses, per split: it changes
-    with the data files, the tokenizer, its chat template and every truncation setting."""
-    h = hashlib.sha256()
-    for data in splits:
-        h.update(data.split.encode())
-        for i in data.used_indices():
-            h.update(i.to_bytes(8, "little"))
-            for s in data.tokenized(i):
-                h.update(array("q", s.input_ids).tobytes())
-                h.update(array("q", s.labels).tobytes())
-    return h.hexdigest()
 
 
 def fingerprint(cfg, model_dir: Path, splits) -> dict[str, str]:
@@ -198,6 +184,7 @@ def build_reference_source(
     rank: int,
     world: int,
     device,
+    resume_dir: Path | None = None,
 ):
     """The reference the objective asked for, built before the policy: nothing, a live engine, or a
     table precomputed by an engine that is destroyed before the policy (and its optimizer) exists."""
@@ -218,10 +205,10 @@ def build_reference_source(
     want = fingerprint(cfg, model_dir, splits)
     path = cache_path(cfg, run_dir, want)
     candidates = [path]
-    if cfg.resume_from:  # the run being resumed may hold it
-        from dpo_ds.checkpoint import find_step_dir, run_dir_of
+    if resume_dir is not None:  # the run being resumed may hold it
+        from dpo_ds.checkpoint import run_dir_of
 
-        candidates.append(run_dir_of(find_step_dir(cfg.resume_from)).reference_cache)
+        candidates.append(run_dir_of(resume_dir).reference_cache)
     # rank 0 reads and decides for all (node-local disks may differ; one rank raising alone would hang)
     found = None
     if rank == 0:

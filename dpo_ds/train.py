@@ -52,14 +52,15 @@ def run(argv=None) -> dict:
     from dpo_ds import checkpoint as ckpt
     from dpo_ds import engines
     from dpo_ds.checkpoint import RunDir, read_archive
-    from dpo_ds.config import dump_yaml, load_config
-    from dpo_ds.data.batches import Batches, flatten
+    from dpo_ds.config import dump_yaml, load_config, to_dict
+    from dpo_ds.data.batches import Batches, data_digest, flatten
     from dpo_ds.data.sources import load_sources
     from dpo_ds.data.tokenize import Tokenization
     from dpo_ds.model import has_weights, load_tokenizer, random_init_state, resolve_model_dir
     from dpo_ds.objectives import build_objective
     from dpo_ds.reference import build_reference_source
     from dpo_ds.trainer import Trainer
+    from dpo_ds.watchdog import Preemption, Watchdog
 
     # 1. parse: the whole config is checked before anything starts
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step
@@ -68,7 +69,7 @@ def run(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
 
     # 2. distributed
-    rank, world, device = engines.init_distributed(cfg.torch_threads)
+    rank, world, device = engines.init_distributed(cfg.torch_threads, cfg.dist_timeout_s)
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
@@ -163,12 +164,49 @@ def run(argv=None) -> dict:
     if taken and not cfg.resume_from:
         raise ConfigError(
             f"config key 'run_dir': {run_dir.root} already holds a run ({', '.join(taken)}); pick another "
-            f"exp_name/run_dir, or continue it with resume_from={run_dir.latest}"
+            f"exp_name/run_dir, or continue it with resume_from=auto"
         )
+
+    # Resume checks itself before any engine exists: a complete checkpoint, and a config and data that
+    # match it (resume.allow_changes lets named keys differ). Rank 0 decides for all.
+    digest = data_digest([train_data])
+    decision = None
+    if rank == 0:
+        try:
+            start_dir = ckpt.resolve_resume(cfg.resume_from, run_dir)
+            changed = []
+            if start_dir is not None:
+                state = ckpt.read_run_state(start_dir)
+                changed = ckpt.check_resume(state, to_dict(cfg), digest, world, cfg.resume.allow_changes)
+            decision = ("ok", str(start_dir) if start_dir else None, changed)
+        except (ConfigError, ckpt.ArchiveError) as e:
+            decision = ("error", type(e).__name__, str(e))
+    decision = engines.broadcast_from_rank0(decision)
+    if decision[0] == "error":
+        raise (ConfigError if decision[1] == "ConfigError" else ckpt.ArchiveError)(decision[2])
+    start_dir = Path(decision[1]) if decision[1] else None
+    for change in decision[2]:
+        log.warning(f"resume: {change} (allowed by resume.allow_changes)")
+    if cfg.resume_from == "auto" and start_dir is None:
+        log.info(f"resume_from=auto: no checkpoint in {run_dir.root}; starting from the beginning")
     if rank == 0:
         run_dir.root.mkdir(parents=True, exist_ok=True)
+        # a resumed run replays the steps after its checkpoint: their records go, so each step is logged once
+        last = (
+            ckpt.read_run_state(start_dir)["step"]
+            if start_dir and start_dir.parent == run_dir.root.resolve()
+            else -1
+        )
+        for path in (run_dir.metrics, run_dir.samples):
+            if ckpt.truncate_records(path, last):
+                log.info(
+                    f"{path.name}: dropped the records after step {max(last, 0)}, which this run writes again"
+                )
         dump_yaml(cfg, run_dir.config)
         run_dir.ds_config.write_text(json.dumps(ds_config, indent=2))
+    # A rank that hangs is reported by the others; a preemption signal becomes a save and exit 0.
+    watchdog = Watchdog(rank, run_dir.root, cfg.dist_timeout_s, cfg.step_timeout_s).start()
+    preemption = Preemption().install()
 
     # 4. build: both models start from the archive, the model dir's weights, or a seeded init. The
     # reference comes first: precomputed, it is built, run over the data and destroyed before the
@@ -195,6 +233,7 @@ def run(argv=None) -> dict:
         rank=rank,
         world=world,
         device=device,
+        resume_dir=start_dir,
     )
     policy_lm = engines.build_lm(model_dir, ds_config, cfg.model.policy_dtype, from_weights=from_weights)
     if state is not None:
@@ -204,10 +243,12 @@ def run(argv=None) -> dict:
     memory["memory/models_built_gib"] = engines.memory_now_gib()
 
     start_step = 0
-    if cfg.resume_from:
-        client = engines.load_engine(policy, ckpt.find_step_dir(cfg.resume_from))
+    if start_dir is not None:
+        client = engines.load_engine(policy, start_dir)
         start_step = int(client["step"])
-        log.info(f"resumed from {cfg.resume_from} at step {start_step}")
+        if any(c.startswith(("lr:", "warmup_steps:")) for c in decision[2]):
+            engines.apply_lr(policy, cfg.lr)  # the checkpoint restored the old schedule
+        log.info(f"resumed from {start_dir} at step {start_step}")
 
     # 5. train, evaluate, save
     trainer = Trainer(
@@ -224,20 +265,27 @@ def run(argv=None) -> dict:
         device,
         memory,
     )
+    trainer.watchdog, trainer.preemption, trainer.data_digest = watchdog, preemption, digest
     metrics = trainer.train(start_step)
 
     # 6. close
     engines.barrier()
+    watchdog.stop()
     engines.shutdown()
     return metrics
 
 
 def main(argv=None) -> int:
+    from dpo_ds.trainer import TrainingStopped
+
     try:
         run(argv)
     except USER_ERRORS as e:
         print(f"dpo_ds: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingStopped as e:  # the guard, or too many failed saves: every rank stops alike
+        print(f"dpo_ds: stopped: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

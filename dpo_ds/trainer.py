@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import shutil
+import signal
 import sys
 import time
 
@@ -24,6 +28,10 @@ from dpo_ds.data.collate import to_device
 from dpo_ds.model import sequence_logps
 
 log = logging.getLogger("dpo_ds")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite steps in a row, saves failing in a row); raised on every rank."""
 
 
 class MetricsSink:
@@ -88,7 +96,15 @@ class Trainer:
         self.device = device
         if cfg.sample_during_eval and objective.needs_reference and reference.engine is None:
             log.info("samples during eval come from the policy only: the reference is precomputed, no model")
-        self.stop_ids = eval_data.tokenization.stop_ids  # EOS and the chat template's end of turn
+        self.stop_ids = eval_data.tokenization.stop_ids
+        self.watchdog = None  # set by train.py: watchdog.Watchdog and watchdog.Preemption
+        self.preemption = None
+        self.data_digest = ""  # what a resume is checked against (run_state.json)
+        self.preempted = False
+        self.bad_steps_total = 0
+        self.bad_in_a_row = 0
+        self.failed_saves = 0
+        self.saves = 0  # EOS and the chat template's end of turn
         self.sink = MetricsSink(cfg, run_dir, rank)
 
     # ------------------------------------------------------------------ one micro-batch
@@ -142,58 +158,119 @@ class Trainer:
         engines.reset_peak_memory()
         t_last = time.time()
         for step in self.train_data.train_steps(cfg.n_epochs, cfg.n_examples, start_step):
-            sums: dict[str, torch.Tensor] = {}
-            t0 = time.time()
-            tokens = torch.zeros(2, dtype=torch.float64)  # (real tokens, row slots incl. padding)
-            lr = engines.current_lr(self.policy)  # the rate this step uses; step() advances the schedule
-            for k, micro in enumerate(step.micro_batches):
-                tokens += torch.tensor([(micro["seq_ids"] >= 0).sum().item(), micro["input_ids"].numel()])
-                losses, stats = self.micro_batch(micro)
-                # normalised over this rank's examples in the whole step; DeepSpeed then averages
-                # the ranks, which see equal numbers of examples: the mean over the global batch.
-                loss = losses.sum() / step.n_local
-                engines.backward(self.policy, loss, last_micro_batch=k == len(step.micro_batches) - 1)
-                self._accumulate(sums, losses, stats)
-            metrics = self._reduce(sums, step.n_local, "train")
-            real, slots = engines.all_reduce_sum(tokens.to(engines.comm_device())).tolist()
-            seconds = max(time.time() - t0, 1e-9)
-            examples = step.examples_after
-            metrics.update(
-                {
-                    "grad_norm": engines.grad_norm(self.policy),
-                    "lr": lr,
-                    "examples_per_second": cfg.batch_size / seconds,
-                    "throughput/step_seconds": seconds,
-                    "throughput/real_tokens_per_second": real / seconds,  # non-pad tokens, all ranks
-                    "throughput/padding_fraction": 1 - real / max(slots, 1),
-                    # rank 0: peak since training started (the build phase excluded), and after the step
-                    "memory/peak_gib": engines.peak_memory_gib(),
-                    "memory/now_gib": engines.memory_now_gib(),
-                    "counters/examples": examples,
-                    "counters/updates": step.index + 1,
-                }
-            )
+            with self.watchdog.phase(f"training step {step.index + 1}"):
+                metrics = self._step(step)
             if step.index == start_step:
                 metrics.update(self.memory)
-            self.sink.write({"step": step.index + 1, **metrics})
+            examples = step.examples_after
+            # one collective for both decisions, so every rank takes the same branch
+            bad, preempted = self._agree(not math.isfinite(metrics["loss/train"]), self.preemption.requested)
+            bad = bad or not math.isfinite(metrics["grad_norm"])
+            stop = self._guard(step.index + 1, bad, metrics)
+            self.sink.write({"step": step.index + 1, **metrics})  # the bad step is on record too
+            if stop is not None:
+                raise stop
             if bar is not None:
                 bar.update(1)
                 if (step.index + 1) % cfg.log_every == 0 or time.time() - t_last > 60:
                     t_last = time.time()
                     line = self._line(step.index + 1, examples, metrics, "train")
                     bar.write(line) if not bar.disable else log.info(line)
+            saved = False
             bucket = examples // cfg.eval_every
             if bucket > last_eval_bucket:
                 last_eval_bucket = bucket
                 eval_metrics = self.evaluate(step.index + 1, examples, save=True)
+                saved = True
                 self.policy.train()
+            every = cfg.checkpoint.save_every
+            if (every and (step.index + 1) % every == 0 or preempted) and not saved:
+                self.save(step.index + 1, examples, metrics)
+            if preempted:
+                log.warning(
+                    f"preempted at step {step.index + 1} ({self.preemption.signal_name or 'a signal on another rank'}): "
+                    f"saved; continue with resume_from=auto"
+                )
+                self.preempted = True
+                break
         if bar is not None:
             bar.close()
-        final_step = n_steps
-        if not (eval_metrics and eval_metrics.get("counters/examples") == examples):
-            eval_metrics = self.evaluate(final_step, examples, save=True)
+        if not self.preempted and not (eval_metrics and eval_metrics.get("counters/examples") == examples):
+            eval_metrics = self.evaluate(n_steps, examples, save=True, final=True)
         self.sink.close()
         return eval_metrics
+
+    def _step(self, step) -> dict:
+        """Forward, backward and optimizer step of one global batch; this rank's share."""
+        cfg = self.cfg
+        sums: dict[str, torch.Tensor] = {}
+        t0 = time.time()
+        tokens = torch.zeros(2, dtype=torch.float64)  # (real tokens, row slots incl. padding)
+        lr = engines.current_lr(self.policy)  # the rate this step uses; step() advances the schedule
+        for k, micro in enumerate(step.micro_batches):
+            tokens += torch.tensor([(micro["seq_ids"] >= 0).sum().item(), micro["input_ids"].numel()])
+            losses, stats = self.micro_batch(micro)
+            # normalised over this rank's examples in the whole step; DeepSpeed then averages the
+            # ranks, which see equal numbers of examples: the mean over the global batch. A step with
+            # a non-finite gradient norm is discarded by DeepSpeed's ZeRO optimizers (see _guard).
+            loss = losses.sum() / step.n_local
+            engines.backward(self.policy, loss, last_micro_batch=k == len(step.micro_batches) - 1)
+            self._accumulate(sums, losses, stats)
+        metrics = self._reduce(sums, step.n_local, "train")
+        real, slots = engines.all_reduce_sum(tokens.to(engines.comm_device())).tolist()
+        seconds = max(time.time() - t0, 1e-9)
+        metrics.update(
+            {
+                "grad_norm": engines.grad_norm(self.policy),
+                "lr": lr,
+                "examples_per_second": cfg.batch_size / seconds,
+                "throughput/step_seconds": seconds,
+                "throughput/real_tokens_per_second": real / seconds,  # non-pad tokens, all ranks
+                "throughput/padding_fraction": 1 - real / max(slots, 1),
+                # rank 0: peak since training started (the build phase excluded), and after the step
+                "memory/peak_gib": engines.peak_memory_gib(),
+                "memory/now_gib": engines.memory_now_gib(),
+                "counters/examples": step.examples_after,
+                "counters/updates": step.index + 1,
+            }
+        )
+        return metrics
+
+    @staticmethod
+    def _agree(*flags: bool) -> list[bool]:
+        """Whether any rank raised each flag (one all-reduce)."""
+        t = torch.tensor([float(f) for f in flags], device=engines.comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _guard(self, step: int, bad: bool, metrics: dict) -> TrainingStopped | None:
+        """Count steps whose loss or gradient norm is not finite, decided alike on every rank. Under
+        ZeRO 1-3 DeepSpeed discards such a step (its gradient norm is not finite); a stage-0
+        optimizer applies it, so there the weights are checked too. Returns the error that stops the
+        run when there are too many in a row (raised once the step is logged)."""
+        self.bad_steps_total += bad
+        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+        metrics["guard/bad_steps"] = self.bad_steps_total
+        if not bad:
+            return None
+        cause = f"loss {metrics['loss/train']:.4g}, gradient norm {metrics['grad_norm']:.4g}"
+        if engines.zero_stage(self.policy) == 0:
+            (broken,) = self._agree(not engines.local_weights_finite(self.policy))
+            if broken:
+                return TrainingStopped(
+                    f"step {step}: {cause}, and the weights are no longer finite (a ZeRO stage 0 optimizer "
+                    f"applies a non-finite update); LATEST still names {self.run_dir.latest_target()}"
+                )
+        log.warning(
+            f"step {step} skipped: {cause} ({self.bad_in_a_row} in a row; the run stops at "
+            f"guard.max_bad_steps={self.cfg.guard.max_bad_steps})"
+        )
+        if self.bad_in_a_row >= self.cfg.guard.max_bad_steps:
+            return TrainingStopped(
+                f"step {step}: {self.bad_in_a_row} steps in a row with a non-finite loss or gradient norm (last: "
+                f"{cause}); the weights were not updated by them; LATEST still names {self.run_dir.latest_target()}"
+            )
+        return None
 
     def _line(self, step: int, examples: int, m: dict, split: str) -> str:
         keys = [f"loss/{split}", f"rewards_{split}/accuracies", f"rewards_{split}/margins"]
@@ -204,7 +281,7 @@ class Trainer:
     # ------------------------------------------------------------------ eval
 
     @torch.no_grad()
-    def evaluate(self, step: int, examples: int, save: bool) -> dict:
+    def evaluate(self, step: int, examples: int, save: bool, final: bool = False) -> dict:
         cfg = self.cfg
         self.policy.eval()
         sums: dict[str, torch.Tensor] = {}
@@ -222,7 +299,7 @@ class Trainer:
         if self.rank == 0:
             log.info(self._line(step, examples, metrics, "eval"))
         if save:
-            self.save(step, examples, metrics)
+            self.save(step, examples, metrics, final=final)
         return metrics
 
     @property
@@ -279,17 +356,84 @@ class Trainer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, examples: int, metrics: dict) -> None:
-        """step-{examples}/ (policy.pt + DeepSpeed checkpoint), then LATEST points at it."""
+    def save(self, step: int, examples: int, metrics: dict, final: bool = False) -> bool:
+        """step-{examples}/: policy.pt (streamed: rank 0 never holds the whole model), the DeepSpeed
+        checkpoint, run_state.json, then COMPLETE; only then LATEST moves to it and old step dirs are
+        rotated out. Every rank agrees on success. A failed save is logged and training goes on with
+        the previous LATEST, until checkpoint.max_failed_saves fail in a row (or the final one fails)."""
+        cfg = self.cfg
         target = self.run_dir.step(examples)
+        if self.bad_in_a_row:  # decided alike on every rank (_guard)
+            log.warning(f"not saving {target.name}: step {step} had a non-finite loss or gradient norm")
+            return False
+        try:
+            error = None
+            if self.rank == 0:
+                try:
+                    if target.exists() and target.resolve() != self.run_dir.latest_target():
+                        shutil.rmtree(target)  # left over from a save that was cut short
+                    target.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    error = f"{type(e).__name__}: {e}"
+            error = engines.broadcast_from_rank0(error)
+            if error:
+                raise engines.SaveError(f"{target}: {error}")
+            engines.save_policy(self.policy, checkpoint.policy_file(target), examples, metrics)
+            self.saves += 1
+            _inject_fault(self.rank, self.saves)
+            if cfg.checkpoint.save_optimizer:  # else weights only: policy.pt, nothing to resume from
+                error = None
+                try:
+                    engines.save_engine(self.policy, target, {"step": step, "examples": examples})
+                except Exception as e:  # noqa: BLE001 - agreed on below
+                    error = f"rank {self.rank}: {type(e).__name__}: {e}"
+                failed = engines.all_gather_objects(error)
+                if any(failed):
+                    raise engines.SaveError(
+                        f"{checkpoint.ds_dir(target)}: " + "; ".join(f for f in failed if f)
+                    )
+            error = None
+            if self.rank == 0:
+                state = {
+                    "step": step,
+                    "examples": examples,
+                    "world": self.world,
+                    "config": to_dict(cfg),
+                    "data": self.data_digest,
+                }
+                try:
+                    checkpoint.mark_complete(target, state)
+                    checkpoint.point_latest(self.run_dir.root, target)
+                except OSError as e:
+                    error = f"{type(e).__name__}: {e}"
+            error = engines.broadcast_from_rank0(error)
+            if error:
+                raise engines.SaveError(f"{target}: {error}")
+        except engines.SaveError as e:
+            self.failed_saves += 1
+            latest = self.run_dir.latest_target()
+            log.error(
+                f"save failed ({e}); LATEST still names {latest}; "
+                f"{self.failed_saves} in a row of checkpoint.max_failed_saves={cfg.checkpoint.max_failed_saves}"
+            )
+            if self.rank == 0 and target.exists() and target.resolve() != latest:
+                shutil.rmtree(target, ignore_errors=True)
+            if final or self.failed_saves >= cfg.checkpoint.max_failed_saves:
+                why = "the final save" if final else f"{self.failed_saves} saves in a row"
+                raise TrainingStopped(f"{why} failed at step {step}: {e}; LATEST names {latest}") from None
+            return False
+        self.failed_saves = 0
         if self.rank == 0:
-            target.mkdir(parents=True, exist_ok=True)
-        engines.barrier()
-        # streamed while gathering: rank 0 never holds the whole model (engines.save_policy)
-        engines.save_policy(self.policy, checkpoint.policy_file(target), examples, metrics)
-        if self.cfg.checkpoint.save_optimizer:  # else weights only: policy.pt, nothing to resume from
-            engines.save_engine(self.policy, target, {"step": step, "examples": examples})
-        engines.barrier()  # every rank's shard is on disk before LATEST moves
-        if self.rank == 0:
-            checkpoint.point_latest(self.run_dir.root, target)
-            log.info(f"saved {target} (LATEST)")
+            gone = checkpoint.rotate(self.run_dir, cfg.checkpoint.keep_last)
+            log.info(
+                f"saved {target} (LATEST)" + (f"; removed {', '.join(p.name for p in gone)}" if gone else "")
+            )
+        return True
+
+
+def _inject_fault(rank: int, save_index: int) -> None:
+    """Tests only: DPO_DS_TEST_KILL_IN_SAVE=R:K SIGKILLs rank R in its K-th save, once policy.pt is
+    written and before its DeepSpeed shards are: a checkpoint half on disk."""
+    spec = os.environ.get("DPO_DS_TEST_KILL_IN_SAVE")
+    if spec and spec == f"{rank}:{save_index}":
+        os.kill(os.getpid(), signal.SIGKILL)

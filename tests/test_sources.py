@@ -497,7 +497,7 @@ def test_missing_paths(tmp_path, cache):
 def test_unreadable_file(tmp_path, cache):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "P", "chosen": \n')
-    with pytest.raises(DataError, match="train.jsonl: could not be read as json"):
+    with pytest.raises(DataError, match=r"train\.jsonl: line 1 \(row 0, 0-based\) is not valid JSON"):
         load_source(str(path), "train", cache_dir=cache)
 
 
@@ -526,3 +526,49 @@ def test_hub_offline_fails_fast_with_a_clear_error(cache, monkeypatch):
     assert time.monotonic() - start < 30
     msg = str(err.value)
     assert "'Anthropic/hh-rlhf'" in msg and "offline" in msg and "'hh:DIR'" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# files that cannot be read: the file, the line, the row
+
+
+def test_malformed_jsonl_line_names_file_and_row(tmp_path, cache):
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "P", "chosen": "c", "rejected": "r"})
+    path.write_text(good + "\n" + good + "\n" + '{"prompt": "Q", "chosen": "c" "rejected": "r"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl: line 3 \(row 2, 0-based\) is not valid JSON"):
+        load_source(str(path), "train", cache_dir=cache)
+
+
+def test_invalid_utf8_names_file_and_row(tmp_path, cache):
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "P", "chosen": "c", "rejected": "r"}).encode()
+    path.write_bytes(good + b"\n\n" + b'{"prompt": "Q\xff\xfe", "chosen": "c", "rejected": "r"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl: line 3 \(row 1, 0-based\) is not valid UTF-8"):
+        load_source(str(path), "train", cache_dir=cache)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_empty_file_says_empty(tmp_path, cache, content):
+    path = tmp_path / "train.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"train\.jsonl is empty"):
+        load_source(str(path), "train", cache_dir=cache)
+
+
+def test_json_keyed_by_prompt_loads(tmp_path, cache):
+    """The original code's in-memory shape, {prompt: {responses, pairs, sft_target}}, json.dump'ed."""
+    data = {
+        "Q1?": {"responses": ["a", "b", "c"], "pairs": [[0, 1], [0, 2]], "sft_target": "a"},
+        "Q2?": {"responses": ["x", "y"], "pairs": [[1, 0]], "sft_target": "y"},
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(data, indent=2))
+    groups = load_source(str(path), "train", cache_dir=cache)
+    assert [(g.prompt, g.responses, g.pairs, g.sft_target) for g in groups] == [
+        ("Q1?", ["a", "b", "c"], [(0, 1), (0, 2)], "a"),
+        ("Q2?", ["x", "y"], [(1, 0)], "y"),
+    ]
+    path.write_text(json.dumps({"Q1?": {"responses": ["a"], "sft_target": "a"}}))
+    with pytest.raises(DataError, match=r"entry 0 \(prompt 'Q1\?'\): missing \['pairs'\]"):
+        load_source(str(path), "train", cache_dir=cache)

@@ -9,8 +9,10 @@ the packed path agrees on a count across ranks through `sync_max`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -211,3 +213,18 @@ class Batches:
         """Prompt ids of the first n held-out examples, the same on every rank (samples during eval):
         rendered and truncated exactly as the model saw them in training and eval."""
         return [(s := self.tokenized(i)[0]).input_ids[: s.prompt_len] for i in self._order(0)[:n]]
+
+
+def data_digest(splits: list[Batches]) -> str:
+    """sha256 over the token ids and labels of every example the splits use: it changes with the
+    data files, the tokenizer, its chat template and every truncation setting (a resume and a
+    precomputed reference are checked against it)."""
+    h = hashlib.sha256()
+    for data in splits:
+        h.update(data.split.encode())
+        for i in data.used_indices():
+            h.update(i.to_bytes(8, "little"))
+            for s in data.tokenized(i):
+                h.update(array("q", s.input_ids).tobytes())
+                h.update(array("q", s.labels).tobytes())
+    return h.hexdigest()
