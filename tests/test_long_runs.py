@@ -219,3 +219,58 @@ def test_rotation_keeps_two_step_dirs(straight):
     assert os.readlink(straight / "LATEST") == "step-192"
     assert all((straight / d / "COMPLETE").is_file() for d in ("step-160", "step-192"))
     assert not list(straight.glob("*.tmp")) and not list(straight.glob(".*tmp*"))
+
+
+def test_slurm_script_preempts_requeues_and_resumes(tmp_path, data, straight):
+    """launch/slurm.sbatch with stand-ins for srun and scontrol: USR1 (slurm's warning before the time
+    limit) reaches the ranks, which save and exit 0; the script requeues the job; the requeued job
+    (the same script) resumes from LATEST and ends exactly where the uninterrupted run does."""
+    import sys
+
+    from dpo_ds.launcher import free_port
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(
+        '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexport SLURM_NODEID=0\nexec "$@"\n'
+    )
+    (fake / "scontrol").write_text(
+        '#!/usr/bin/env bash\ncase "$1" in\n  show) echo localhost ;;\n  requeue) echo "$2" > "$FAKE_SLURM/requeued" ;;\nesac\n'
+    )
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    work = tmp_path / "submit"
+    work.mkdir()
+    for name in ("dpo_ds", "ds_configs"):
+        (work / name).symlink_to(ROOT / name)
+    run_dir = tmp_path / "run"
+    slurm_env = {
+        **env(),
+        "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(work),
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": "4242",
+        "GPUS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "FAKE_SLURM": str(tmp_path),
+    }
+    args = [*BASE[2:], f"datasets=[{data}]", f"run_dir={run_dir}"]  # the script passes --ds itself
+
+    def sbatch() -> subprocess.Popen:
+        return subprocess.Popen(
+            ["bash", str(ROOT / "launch/slurm.sbatch"), *args],
+            cwd=work, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    proc = sbatch()
+    _wait_for_step(run_dir, 4, proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    code, out = _finish(proc, timeout=90)
+    assert code == 0, out[-3000:]
+    assert "preempted at step" in out and "requeueing job 4242" in out
+    assert (tmp_path / "requeued").read_text().strip() == "4242"
+    (tmp_path / "requeued").unlink()
+    code, out = _finish(sbatch(), timeout=120)  # the requeued job
+    assert code == 0, out[-3000:]
+    assert not (tmp_path / "requeued").exists()
+    _assert_same_run(run_dir, straight)
