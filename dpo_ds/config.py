@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ ADD_BOS = ("auto", "true", "false")
 DTYPES = ("float32", "bfloat16", "float16")
 LOGPROB_IMPLS = ("naive", "chunked", "triton", "fused_linear")
 REFERENCE_MODES = ("engine", "precomputed")
+LAYOUTS = ("padded", "packed", "shared_prompt")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2")
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
 
 
@@ -67,13 +70,20 @@ class ModelConfig:
     reference_mode: str = "engine"
     reference_zero_stage: int | None = None  # 0 | 3; null: 3 when the policy is ZeRO-3, else 0
     logprob_impl: str = "chunked"  # naive | chunked | triton | fused_linear
+    # auto: flex_attention on a GPU for packed/shared_prompt rows (block-sparse, no dense mask),
+    # transformers' default (sdpa) otherwise
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
 
 
 @dataclass
 class DataConfig:
-    packing: bool = False  # pack several sequences per row, no padding
-    max_tokens_per_micro_batch: int = 0  # packing token budget per micro-batch (0 = no budget)
+    # padded: one sequence per row; packed: several sequences per row, no padding between them;
+    # shared_prompt: each pair one block [prompt | chosen | rejected], the prompt computed once
+    layout: str = "padded"
+    packing: bool = False  # deprecated alias of layout=packed
+    max_tokens_per_micro_batch: int = 0  # token budget of a packed micro-batch (0 = no budget)
+    row_tokens: int = 0  # length of a packed row; 0: max_length (packed), 2 x max_length (shared_prompt)
     cache_dir: str | None = None  # `datasets` cache
     # auto: each source's end (hh keep_end, shp/se keep_start); keep_start | keep_end for all;
     # original: the original code's rules token for token (no BOS, responses to max_length - max_prompt_length)
@@ -365,8 +375,25 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.max_failed_saves > 0, "checkpoint.max_failed_saves", "must be > 0")
     need(bool(cfg.exp_name) and "/" not in cfg.exp_name, "exp_name", "must be a non-empty name without '/'")
     need(cfg.data.max_tokens_per_micro_batch >= 0, "data.max_tokens_per_micro_batch", "must be >= 0")
+    if cfg.data.packing:
+        need(
+            cfg.data.layout in ("padded", "packed"),
+            "data.packing",
+            f"contradicts data.layout={cfg.data.layout}",
+        )
+    need(cfg.data.layout in LAYOUTS, "data.layout", f"must be one of {LAYOUTS}")
+    need(cfg.data.row_tokens >= 0, "data.row_tokens", "must be >= 0 (0: the layout's default)")
+    need(
+        cfg.model.attn_implementation in ATTN_IMPLEMENTATIONS,
+        "model.attn_implementation",
+        f"must be one of {ATTN_IMPLEMENTATIONS}",
+    )
     if cfg.data.max_tokens_per_micro_batch:
-        need(cfg.data.packing, "data.packing", "must be true when data.max_tokens_per_micro_batch is set")
+        need(
+            cfg.data.layout != "padded",
+            "data.max_tokens_per_micro_batch",
+            "needs a packed layout (data.layout=packed or shared_prompt)",
+        )
         need(
             cfg.data.max_tokens_per_micro_batch >= 2 * cfg.max_length,
             "data.max_tokens_per_micro_batch",
@@ -415,6 +442,9 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
         _set(cfg, key, value)
     if cfg.run_dir is None:
         cfg.run_dir = str(Path("runs") / cfg.exp_name)
+    if cfg.data.packing and cfg.data.layout == "padded":
+        warnings.warn("data.packing=true is deprecated: use data.layout=packed", FutureWarning, stacklevel=2)
+        cfg.data.layout = "packed"
     validate(cfg)
     return cfg
 

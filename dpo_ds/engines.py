@@ -287,7 +287,17 @@ def _zero3(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool):
+def attn_implementation(cfg: Config, on_cpu: bool) -> str | None:
+    """model.attn_implementation, with auto resolved: FlexAttention on a GPU when rows hold several
+    segments (block-sparse: no dense mask, nothing computed across segments); otherwise None,
+    transformers' own default (sdpa)."""
+    impl = cfg.model.attn_implementation
+    if impl != "auto":
+        return impl
+    return "flex_attention" if not on_cpu and cfg.data.layout != "padded" else None
+
+
+def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool, attn: str | None = None):
     """A HF causal LM built for `ds`: under ZeRO-3 its parameters are partitioned as they are created
     (HfDeepSpeedConfig makes transformers build inside deepspeed.zero.Init, and from_pretrained
     load each shard into the partitions), so no rank ever holds a full 70B model."""
@@ -298,12 +308,13 @@ def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool):
     hf_ds = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841  (kept alive while building)
     try:
         config = load_config(model_dir)
+        extra = {"attn_implementation": attn} if attn else {}
         if from_weights:
             lm = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), config=config, dtype=TORCH_DTYPES[dtype]
+                str(model_dir), config=config, dtype=TORCH_DTYPES[dtype], **extra
             )
         else:
-            lm = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype])
+            lm = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype], **extra)
     finally:
         unset_hf_deepspeed_config()
     disable_dropout(lm)

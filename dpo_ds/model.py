@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpo_ds.data.tokenize import IGNORE
 from dpo_ds.logprobs import token_logprobs
 
 PACKAGE = Path(__file__).resolve().parent
@@ -125,19 +124,21 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reduce_sequences(
-    per_token: torch.Tensor, labels, seq_ids, n_seqs: int
+    per_token: torch.Tensor, target_seq: torch.Tensor, n_seqs: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs (rows, T-1), position t scoring token t + 1, -> per-sequence sums and
-    counts of scored tokens ((n_seqs,), (n_seqs,)). Padded and packed rows reduce alike: `seq_ids`
-    (rows, T) names each token's sequence, -1 for padding."""
-    keep = (labels[:, 1:] != IGNORE) & (seq_ids[:, 1:] >= 0)  # a token's sequence read one position on
-    idx = seq_ids[:, 1:][keep]  # (M,) sequence of each scored token
-    logps = per_token.new_zeros(n_seqs).index_add(0, idx, per_token[keep])
-    counts = torch.zeros(n_seqs, dtype=torch.long, device=idx.device).index_add(0, idx, torch.ones_like(idx))
-    return logps, counts
+    """Per-scored-token log-probs (M,) -> per-sequence sums and counts ((n_seqs,), (n_seqs,))."""
+    logps = per_token.new_zeros(n_seqs).index_add(0, target_seq, per_token)
+    counts = torch.zeros(n_seqs, dtype=torch.long, device=target_seq.device)
+    return logps, counts.index_add(0, target_seq, torch.ones_like(target_seq))
 
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "seq_ids", "n_seqs")
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "position_ids", "block_ids", "branch_ids",
+    "target_pos", "target_ids", "target_seq", "n_seqs",
+)  # fmt: skip
+# A dense additive mask is (rows, 1, T, T): 256 MiB of fp32 per row at 8192 tokens, and attention
+# computes every masked pair anyway. Longer rows need FlexAttention (model.attn_implementation).
+DENSE_MASK_MAX_TOKENS = 8192
 
 
 def sequence_logps(engine, batch: dict) -> SequenceLogps:
@@ -169,11 +170,12 @@ class LogprobLM(nn.Module):
     response tokens' log-probs and their count: ((n_seqs,), (n_seqs,)), a tuple so that DeepSpeed's
     ZeRO-3 hooks see the tensors.
 
-    Position t scores labels[:, t + 1]; ignored labels give 0. The lm_head runs only at positions
-    whose label is not ignored, so prompt and padding positions never produce logits (for DPO data
+    Every layout (padded, packed, shared_prompt; data/collate.py) gives the scored tokens explicitly:
+    target_pos (the flat position whose hidden state predicts each), target_ids, target_seq. The
+    lm_head runs only there, so prompt and padding positions never produce logits (for DPO data
     prompts are often half the tokens, and the (tokens, vocab) logits are the biggest activation).
-    `seq_ids` (rows, T) says which sequence each token belongs to (-1: padding), so padded and
-    packed rows reduce the same way.
+    A shared-prompt micro-batch carries block_ids/branch_ids instead of a mask; the attention mask is
+    built here, dense (eager/sdpa) or as a FlexAttention BlockMask (attn_implementation=flex_attention).
     """
 
     def __init__(self, lm: nn.Module, logprob_impl: str = "chunked"):
@@ -181,6 +183,7 @@ class LogprobLM(nn.Module):
         self.lm = lm
         self.logprob_impl = logprob_impl
         self.restricted_head = _restricted_head_ok(lm.config)
+        self.flex = getattr(lm.config, "_attn_implementation", None) == "flex_attention"
         if logprob_impl == "fused_linear":
             if not self.restricted_head:
                 raise ModelError(
@@ -189,14 +192,57 @@ class LogprobLM(nn.Module):
                 )
             _fuse_head(lm.get_output_embeddings())
 
-    def forward(self, input_ids, labels, attention_mask, position_ids, seq_ids, n_seqs):
-        per_token = self.token_logps(input_ids, labels, attention_mask, position_ids)  # (rows, T-1)
-        return reduce_sequences(per_token, labels, seq_ids, n_seqs)
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        block_ids,
+        branch_ids,
+        target_pos,
+        target_ids,
+        target_seq,
+        n_seqs,
+    ):
+        if block_ids is not None:
+            attention_mask = self.block_mask(block_ids, branch_ids)
+        per_token = self.scored_logps(input_ids, attention_mask, position_ids, target_pos, target_ids)  # (M,)
+        return reduce_sequences(per_token, target_seq, n_seqs)
 
-    def token_logps(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
-        """Per-token log p(label) (rows, T-1) in fp32; 0 where the label is ignored."""
-        target = labels[:, 1:]  # (rows, T-1)
-        keep = target != IGNORE
+    def block_mask(self, block_ids: torch.Tensor, branch_ids: torch.Tensor):
+        """The attention of shared-prompt blocks (data/shared_prompt.allowed): a FlexAttention
+        BlockMask, which computes only the blocks that are needed, or a dense (rows, 1, T, T) mask."""
+        from dpo_ds.data.shared_prompt import allowed
+
+        rows, t = block_ids.shape
+        if self.flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def mask_mod(b, h, q, k):
+                return allowed(block_ids[b, q], branch_ids[b, q], q, block_ids[b, k], branch_ids[b, k], k)
+
+            return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=t, KV_LEN=t, device=block_ids.device)
+        if t > DENSE_MASK_MAX_TOKENS:
+            raise ModelError(
+                f"a row of {t} tokens needs a dense {t}x{t} attention mask per row; rows over "
+                f"{DENSE_MASK_MAX_TOKENS} tokens need model.attn_implementation=flex_attention (GPU), or lower "
+                f"data.row_tokens / data.max_tokens_per_micro_batch"
+            )
+        pos = torch.arange(t, device=block_ids.device)
+        ok = allowed(
+            block_ids[:, :, None],
+            branch_ids[:, :, None],
+            pos[None, :, None],
+            block_ids[:, None, :],
+            branch_ids[:, None, :],
+            pos[None, None, :],
+        )  # fmt: skip  (rows, T, T): query along dim 1, key along dim 2
+        dtype = next(self.lm.parameters()).dtype
+        mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
+        return mask[:, None]  # (rows, 1, T, T) additive: 0 where allowed
+
+    def scored_logps(self, input_ids, attention_mask, position_ids, target_pos, target_ids) -> torch.Tensor:
+        """log p(target_ids) (M,) in fp32, each from the hidden state at its target_pos."""
         # use_cache=False: with packed rows (restarting position_ids, no mask) a cache makes the model
         # attend across segments silently.
         kwargs = dict(
@@ -204,16 +250,13 @@ class LogprobLM(nn.Module):
         )
         if self.restricted_head:
             decoder = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
-            hidden = decoder(**kwargs).last_hidden_state[:, :-1]  # (rows, T-1, H)
+            hidden = decoder(**kwargs).last_hidden_state  # (rows, T, H)
+            hidden = hidden.reshape(-1, hidden.shape[-1])[target_pos]  # (M, H) only where a token is scored
             head = self.lm.get_output_embeddings()
             if self.logprob_impl == "fused_linear":
-                per_token = head(hidden[keep], target[keep])  # (M,) the fused head: no (M, V) logits
-            else:
-                logits = head(hidden[keep])  # (M, V), M = labelled positions
-                per_token = token_logprobs(logits, target[keep], impl=self.logprob_impl)  # (M,)
+                return head(hidden, target_ids).float()  # (M,) the fused head: no (M, V) logits
+            logits = head(hidden)  # (M, V)
         else:
-            logits = self.lm(**kwargs).logits[:, :-1]  # (rows, T-1, V)
-            per_token = token_logprobs(logits[keep], target[keep], impl=self.logprob_impl)
-        out = per_token.new_zeros(target.shape, dtype=torch.float32)
-        out[keep] = per_token.float()
-        return out
+            logits = self.lm(**kwargs).logits  # (rows, T, V)
+            logits = logits.reshape(-1, logits.shape[-1])[target_pos]
+        return token_logprobs(logits, target_ids, impl=self.logprob_impl).float()  # (M,)

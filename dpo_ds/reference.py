@@ -96,7 +96,7 @@ def fingerprint(cfg, model_dir: Path, splits) -> dict[str, str]:
         "data (token ids of every example)": data_digest(splits),
         "model.reference_dtype": cfg.model.reference_dtype,
         "model.logprob_impl": cfg.model.logprob_impl,
-        "layout (data.packing)": "packed" if cfg.data.packing else "padded",
+        "data.layout": f"{cfg.data.layout}, rows of {cfg.data.row_tokens or 'default'} tokens",
     }
 
 
@@ -185,6 +185,7 @@ def build_reference_source(
     world: int,
     device,
     resume_dir: Path | None = None,
+    attn: str | None = None,
 ):
     """The reference the objective asked for, built before the policy: nothing, a live engine, or a
     table precomputed by an engine that is destroyed before the policy (and its optimizer) exists."""
@@ -194,7 +195,9 @@ def build_reference_source(
         return NoReference()
 
     def build():
-        lm = engines.build_lm(model_dir, ref_config, cfg.model.reference_dtype, from_weights=from_weights)
+        lm = engines.build_lm(
+            model_dir, ref_config, cfg.model.reference_dtype, from_weights=from_weights, attn=attn
+        )
         if state is not None:
             engines.load_state(lm, state, source)
         return engines.build_reference(lm, ref_config, cfg)

@@ -56,7 +56,13 @@ def run(argv=None) -> dict:
     from dpo_ds.data.batches import Batches, data_digest, flatten
     from dpo_ds.data.sources import load_sources
     from dpo_ds.data.tokenize import Tokenization
-    from dpo_ds.model import has_weights, load_tokenizer, random_init_state, resolve_model_dir
+    from dpo_ds.model import (
+        DENSE_MASK_MAX_TOKENS,
+        has_weights,
+        load_tokenizer,
+        random_init_state,
+        resolve_model_dir,
+    )
     from dpo_ds.objectives import build_objective
     from dpo_ds.reference import build_reference_source
     from dpo_ds.trainer import Trainer
@@ -78,6 +84,15 @@ def run(argv=None) -> dict:
     )
     on_cpu = device.type == "cpu"
     ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
+    attn = engines.attn_implementation(cfg, on_cpu)
+    if cfg.data.layout == "shared_prompt" and attn != "flex_attention":
+        row = cfg.data.row_tokens or 2 * cfg.max_length
+        if row > DENSE_MASK_MAX_TOKENS:
+            raise ConfigError(
+                f"config key 'data.row_tokens': shared_prompt rows of {row} tokens need a dense {row}x{row} "
+                f"attention mask per row without FlexAttention; keep rows <= {DENSE_MASK_MAX_TOKENS} tokens or set "
+                f"model.attn_implementation=flex_attention (GPU)"
+            )
     # the one place the training mode is decided: the objective says whether it needs a reference
     objective = build_objective(cfg)
     ref_config = engines.reference_ds_config(ds_config, cfg) if objective.needs_reference else None
@@ -116,7 +131,8 @@ def run(argv=None) -> dict:
         world=world,
         rank=rank,
         seed=cfg.seed,
-        packing=cfg.data.packing,
+        layout=cfg.data.layout,
+        row_tokens=cfg.data.row_tokens,
         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
         sync_max=engines.sync_max,
     )
@@ -234,8 +250,11 @@ def run(argv=None) -> dict:
         world=world,
         device=device,
         resume_dir=start_dir,
+        attn=attn,
     )
-    policy_lm = engines.build_lm(model_dir, ds_config, cfg.model.policy_dtype, from_weights=from_weights)
+    policy_lm = engines.build_lm(
+        model_dir, ds_config, cfg.model.policy_dtype, from_weights=from_weights, attn=attn
+    )
     if state is not None:
         engines.load_state(policy_lm, state, source)
     policy = engines.build_policy(policy_lm, ds_config, cfg)

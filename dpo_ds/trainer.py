@@ -205,10 +205,13 @@ class Trainer:
         cfg = self.cfg
         sums: dict[str, torch.Tensor] = {}
         t0 = time.time()
-        tokens = torch.zeros(2, dtype=torch.float64)  # (real tokens, row slots incl. padding)
+        # (logical tokens: prompt + response of every sequence, as a padded layout or TRL runs them;
+        #  tokens actually computed; row slots incl. padding)
+        tokens = torch.zeros(3, dtype=torch.float64)
         lr = engines.current_lr(self.policy)  # the rate this step uses; step() advances the schedule
         for k, micro in enumerate(step.micro_batches):
-            tokens += torch.tensor([(micro["seq_ids"] >= 0).sum().item(), micro["input_ids"].numel()])
+            computed = (micro["seq_ids"] >= 0).sum().item()
+            tokens += torch.tensor([micro["logical_tokens"], computed, micro["input_ids"].numel()])
             losses, stats = self.micro_batch(micro)
             # normalised over this rank's examples in the whole step; DeepSpeed then averages the
             # ranks, which see equal numbers of examples: the mean over the global batch. A step with
@@ -217,7 +220,7 @@ class Trainer:
             engines.backward(self.policy, loss, last_micro_batch=k == len(step.micro_batches) - 1)
             self._accumulate(sums, losses, stats)
         metrics = self._reduce(sums, step.n_local, "train")
-        real, slots = engines.all_reduce_sum(tokens.to(engines.comm_device())).tolist()
+        real, computed, slots = engines.all_reduce_sum(tokens.to(engines.comm_device())).tolist()
         seconds = max(time.time() - t0, 1e-9)
         metrics.update(
             {
@@ -225,8 +228,10 @@ class Trainer:
                 "lr": lr,
                 "examples_per_second": cfg.batch_size / seconds,
                 "throughput/step_seconds": seconds,
-                "throughput/real_tokens_per_second": real / seconds,  # non-pad tokens, all ranks
-                "throughput/padding_fraction": 1 - real / max(slots, 1),
+                # all ranks; "real" counts a shared prompt once per response, so layouts compare
+                "throughput/real_tokens_per_second": real / seconds,
+                "throughput/computed_tokens_per_second": computed / seconds,
+                "throughput/padding_fraction": 1 - computed / max(slots, 1),
                 # rank 0: peak since training started (the build phase excluded), and after the step
                 "memory/peak_gib": engines.peak_memory_gib(),
                 "memory/now_gib": engines.memory_now_gib(),

@@ -66,7 +66,9 @@ def test_yaml_then_overrides(tmp_path):
         ("model=gpt2", "model"),
         ("batch_size", "key=value"),
         ("wandb.mode=cloud", "wandb.mode"),
-        ("data.max_tokens_per_micro_batch=4096", "data.packing"),
+        ("data.max_tokens_per_micro_batch=4096", "data.max_tokens_per_micro_batch"),
+        ("data.layout=rows", "data.layout"),
+        ("model.attn_implementation=flash", "model.attn_implementation"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

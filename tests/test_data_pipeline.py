@@ -77,8 +77,7 @@ def test_padded_collator_concatenates_chosen_then_rejected(tok):
     assert b["attention_mask"][0].tolist() == [1] * 5 + [0] * 2
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
     # per-sequence sums only count response tokens of their own sequence
-    token_logps = torch.ones(4, b["input_ids"].shape[1] - 1)
-    logps, counts = reduce_sequences(token_logps, b["labels"], b["seq_ids"], b["n_seqs"])
+    logps, counts = reduce_sequences(torch.ones(len(b["target_pos"])), b["target_seq"], b["n_seqs"])
     assert counts.tolist() == [2, 2, 3, 3]  # "1</s>", "22</s>"
     assert logps.tolist() == [2.0, 2.0, 3.0, 3.0]
 

@@ -153,20 +153,23 @@ def test_loss_variants(tmp_path, data_dir, sft_archive, loss_args, first_loss):
     assert (run_dir / "LATEST" / "policy.pt").is_file()
 
 
-def test_packed_run_matches_padded(tmp_path, data_dir, sft_archive):
-    """Same data, same steps: only the collator differs, so the losses agree step by step."""
+def test_packed_and_shared_prompt_runs_match_padded(tmp_path, data_dir, sft_archive):
+    """Same data, same steps: only the layout differs, so the losses agree step by step (<= 1e-5)."""
     runs = {}
     for name, extra in (
         ("padded", ["gradient_accumulation_steps=2"]),
-        ("packed", ["data.packing=true", "data.max_tokens_per_micro_batch=64"]),
+        ("packed", ["data.layout=packed", "data.max_tokens_per_micro_batch=64"]),
+        ("shared_prompt", ["data.layout=shared_prompt", "data.max_tokens_per_micro_batch=64"]),
     ):
         run_dir = tmp_path / name
         _dpo(run_dir, data_dir, sft_archive, "zero3.json", "n_epochs=2", "do_first_eval=false", *extra)
         runs[name] = metrics(run_dir)[0]
-    padded, packed = runs["padded"], runs["packed"]
-    assert len(padded) == len(packed) == 6
-    for a, b in zip(padded, packed):
-        assert b["loss/train"] == pytest.approx(a["loss/train"], rel=1e-4, abs=1e-6)
-        assert b["rewards_train/margins"] == pytest.approx(a["rewards_train/margins"], rel=1e-3, abs=1e-5)
-    # the addition rows all have one length, so neither path pads here (bench/step.py varies lengths)
-    assert packed[0]["throughput/padding_fraction"] <= padded[0]["throughput/padding_fraction"]
+    padded = runs["padded"]
+    assert len(padded) == 6
+    for layout in ("packed", "shared_prompt"):
+        assert len(runs[layout]) == 6
+        for a, b in zip(padded, runs[layout]):
+            assert abs(b["loss/train"] - a["loss/train"]) <= 1e-5, (layout, a["loss/train"], b["loss/train"])
+            assert b["rewards_train/margins"] == pytest.approx(a["rewards_train/margins"], rel=1e-3, abs=1e-5)
+    # the addition rows all have one length, so padded pads nothing; shared_prompt runs each prompt once
+    assert runs["packed"][0]["throughput/padding_fraction"] <= padded[0]["throughput/padding_fraction"]

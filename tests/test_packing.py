@@ -113,7 +113,7 @@ def test_ranks_agree_on_micro_batch_count():
             rank=rank,
             micro_batches_per_step=1,
             seed=0,
-            packing=True,
+            layout="packed",
             max_tokens_per_micro_batch=90,
             sync_max=sync,
         )

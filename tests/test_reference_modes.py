@@ -40,9 +40,9 @@ def _dpo(run_dir, data_dir, *extra, ds="zero3.json"):
     )
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
 def test_precomputed_reference_trains_exactly_like_the_engine(tmp_path, data_dir, layout):
-    extra = ["data.packing=true", "data.max_tokens_per_micro_batch=64"] if layout == "packed" else []
+    extra = [f"data.layout={layout}", "data.max_tokens_per_micro_batch=64"] if layout != "padded" else []
     engine_dir, pre_dir = tmp_path / "engine", tmp_path / "precomputed"
     _dpo(engine_dir, data_dir, *extra)
     proc = _dpo(pre_dir, data_dir, "model.reference_mode=precomputed", "sample_during_eval=true",

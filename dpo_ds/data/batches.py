@@ -82,7 +82,8 @@ class Batches:
         rank: int,
         micro_batches_per_step: int,
         seed: int,
-        packing: bool = False,
+        layout: str = "padded",
+        row_tokens: int = 0,
         max_tokens_per_micro_batch: int = 0,
         sync_max: Callable[[int], int] | None = None,
         used: int | None = None,
@@ -104,7 +105,10 @@ class Batches:
         self.per_rank = global_batch // world
         self.n_micro = micro_batches_per_step
         self.seed = seed
-        self.packing = packing
+        self.layout = layout  # padded | packed | shared_prompt
+        self.row_tokens = (
+            row_tokens  # packed rows' length (0: max_length, or 2 x max_length for shared blocks)
+        )
         self.max_tokens = max_tokens_per_micro_batch
         self.sync_max = sync_max or (lambda n: n)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -142,11 +146,11 @@ class Batches:
         Each micro-batch also carries `example_ids` (its examples' indices in this split, in the
         order of its pairs) and `split`, which a precomputed reference looks its log-probs up by."""
         seqs = [self.tokenized(i) for i in local]
-        if self.packing:
+        if self.layout != "padded":
             from dpo_ds.data.packing import pack_micro_batches
 
             parts = pack_micro_batches(
-                seqs, self.max_tokens, self.n_micro, self.sync_max, self.pad_id, self.max_length
+                seqs, self.max_tokens, self.n_micro, self.sync_max, self._collate, self._size
             )
         else:
             size = len(local) // self.n_micro
@@ -167,15 +171,28 @@ class Batches:
         """One micro-batch of these examples in the run's layout (padded, or packed into rows of
         max_length): what a pass over the data outside the training steps (the reference pre-pass) runs."""
         seqs = [self.tokenized(i) for i in indices]
-        if self.packing:
-            from dpo_ds.data.packing import collate_packed
-
-            m = collate_packed(seqs, self.pad_id, self.max_length)
-        else:
-            m = collate_padded(seqs, self.pad_id)
+        m = self._collate(seqs) if self.layout != "padded" else collate_padded(seqs, self.pad_id)
         m["example_ids"] = torch.tensor(indices, dtype=torch.long)
         m["split"] = self.split
         return m
+
+    def _collate(self, examples: list[list[TokenizedSeq]]) -> dict:
+        """One micro-batch of examples in a packed layout, rows of row_tokens."""
+        if self.layout == "shared_prompt":
+            from dpo_ds.data.shared_prompt import collate_shared
+
+            return collate_shared(examples, self.pad_id, self.row_tokens or 2 * self.max_length)
+        from dpo_ds.data.packing import collate_packed
+
+        return collate_packed(examples, self.pad_id, self.row_tokens or self.max_length)
+
+    def _size(self, example: list[TokenizedSeq]) -> int:
+        """Tokens an example takes in a row of this layout (the micro-batch budget counts these)."""
+        if self.layout == "shared_prompt":
+            from dpo_ds.data.shared_prompt import block_length
+
+            return block_length(example)
+        return sum(len(s) for s in example)
 
     def used_indices(self) -> list[int]:
         """The examples this split's steps or evals can touch (all of them for training)."""

@@ -16,19 +16,23 @@ from collections.abc import Callable
 
 import torch
 
-from dpo_ds.data.collate import order_sequences
+from dpo_ds.data.collate import order_sequences, targets_from_labels
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
 
 
-def split_by_budget(examples: list[list[TokenizedSeq]], max_tokens: int, n_micro: int) -> list[list[int]]:
-    """Indices of examples per micro-batch: consecutive examples up to max_tokens tokens each,
-    or (max_tokens == 0) n_micro groups of equal count."""
+def split_by_budget(
+    examples: list[list[TokenizedSeq]], max_tokens: int, n_micro: int, size: Callable | None = None
+) -> list[list[int]]:
+    """Indices of examples per micro-batch: consecutive examples up to max_tokens tokens each (an
+    example's tokens counted by `size`, default all its sequences), or (max_tokens == 0) n_micro
+    groups of equal count."""
     if not max_tokens:
-        size = -(-len(examples) // n_micro)
-        return [list(range(k, min(k + size, len(examples)))) for k in range(0, len(examples), size)]
+        per = -(-len(examples) // n_micro)
+        return [list(range(k, min(k + per, len(examples)))) for k in range(0, len(examples), per)]
+    size = size or (lambda ex: sum(len(s) for s in ex))
     groups, current, used = [], [], 0
     for i, ex in enumerate(examples):
-        n = sum(len(s) for s in ex)
+        n = size(ex)
         if current and used + n > max_tokens:
             groups.append(current)
             current, used = [], 0
@@ -95,8 +99,12 @@ def collate_packed(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
         "labels": labels,
         "attention_mask": None,
         "position_ids": position_ids,
+        "block_ids": None,
+        "branch_ids": None,
+        **targets_from_labels(labels, seq_ids),
         "seq_ids": seq_ids,
         "n_seqs": len(seqs),
+        "logical_tokens": sum(len(s) for s in seqs),
     }
 
 
@@ -105,10 +113,12 @@ def pack_micro_batches(
     max_tokens: int,
     n_micro: int,
     sync_max: Callable[[int], int],
-    pad_token_id: int,
-    row_len: int,
+    collate: Callable[[list[list[TokenizedSeq]]], dict],
+    size: Callable | None = None,
 ) -> list[tuple[list[int], dict]]:
-    """(indices into `examples`, micro-batch) for each micro-batch, the same count on every rank."""
-    groups = split_by_budget(examples, max_tokens, n_micro)
+    """(indices into `examples`, micro-batch) for each micro-batch, the same count on every rank:
+    examples are grouped up to max_tokens (counted by `size`), ranks agree on the most groups any of
+    them has, and `collate` (packed or shared-prompt rows) makes each group a micro-batch."""
+    groups = split_by_budget(examples, max_tokens, n_micro, size)
     groups = equalise(groups, sync_max(len(groups)))
-    return [(g, collate_packed([examples[i] for i in g], pad_token_id, row_len)) for g in groups]
+    return [(g, collate([examples[i] for i in g])) for g in groups]
