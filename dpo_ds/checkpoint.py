@@ -301,7 +301,7 @@ RESUME_FREE = (
     "n_eval_examples", "eval_batch_size", "sample_during_eval", "n_eval_model_samples", "max_new_tokens",
     "log_every", "torch_threads", "dist_timeout_s", "step_timeout_s", "data.cache_dir",
 )  # fmt: skip
-RESUME_FREE_GROUPS = ("wandb.", "checkpoint.", "guard.", "resume.")
+RESUME_FREE_GROUPS = ("wandb.", "checkpoint.", "guard.", "resume.", "eval.")
 # What a DeepSpeed checkpoint cannot take changed, allowed or not: the step <-> example mapping and
 # the partitioning of the optimizer state.
 RESUME_FIXED = ("batch_size", "world size")

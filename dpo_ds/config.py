@@ -105,6 +105,16 @@ class GuardConfig:
     # a step whose loss or gradient norm is not finite on any rank is skipped (DeepSpeed discards it)
     # and counted; this many in a row stop the run
     max_bad_steps: int = 5
+    # likelihood displacement (guards.py): off when null; else the per-token drop of the chosen
+    # responses below the reference, with reward accuracy above 0.5, that makes the run warn or stop
+    max_chosen_drop_per_token: float | None = None
+    action: str = "warn"  # warn | stop (saves a checkpoint, exits 0)
+
+
+@dataclass
+class EvalConfig:
+    checker: str | None = None  # module:function scoring (prompt, generation, row) -> [0, 1] at each eval
+    n_checked: int = 64  # held-out prompts generated from and checked at each eval
 
 
 @dataclass
@@ -128,6 +138,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     datasets: list[str] = field(default_factory=lambda: ["demo"])
@@ -370,6 +381,10 @@ def validate(cfg: Config) -> None:
     need(cfg.dist_timeout_s > 0, "dist_timeout_s", "must be > 0")
     need(cfg.step_timeout_s is None or cfg.step_timeout_s > 0, "step_timeout_s", "must be > 0 or null")
     need(cfg.guard.max_bad_steps > 0, "guard.max_bad_steps", "must be > 0")
+    drop = cfg.guard.max_chosen_drop_per_token
+    need(drop is None or drop >= 0, "guard.max_chosen_drop_per_token", "must be >= 0 or null")
+    need(cfg.guard.action in ("warn", "stop"), "guard.action", "must be warn or stop")
+    need(cfg.eval.n_checked > 0, "eval.n_checked", "must be > 0")
     need(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")
     need(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps every checkpoint)")
     need(cfg.checkpoint.max_failed_saves > 0, "checkpoint.max_failed_saves", "must be > 0")

@@ -125,6 +125,11 @@ class PreferenceObjective:
             "logps/ref_chosen": rc,
             "logps/ref_rejected": rr,
         }
+        if reference is not None:
+            # likelihood displacement (guards.py): how far each response's per-token log-prob moved
+            # from the reference's; DPO can push the chosen down while the margin grows
+            stats["logps/chosen_shift_per_token"] = (pc.detach() - rc) / chosen_tokens.clamp(min=1)
+            stats["logps/rejected_shift_per_token"] = (pr.detach() - rr) / rejected_tokens.clamp(min=1)
         return losses, stats
 
 

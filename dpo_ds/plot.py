@@ -29,6 +29,12 @@ PANELS = [
     ("reward margin", "r(chosen) - r(rejected)", [("rewards", "margins", "-")]),
     ("rewards", "beta * log(pi / pi_ref)", [("rewards", "chosen", "-"), ("rewards", "rejected", "--")]),
     ("policy log-probs", "sum of log p(response)", [("logps", "chosen", "-"), ("logps", "rejected", "--")]),
+    (
+        "log-prob shift from the reference",
+        "per token: (log pi - log pi_ref) / |y|",
+        [("logps", "chosen_shift_per_token", "-"), ("logps", "rejected_shift_per_token", "--")],
+    ),
+    ("checker score", "eval.checker's mean score of greedy generations", [("eval", "checker_score", "-")]),
 ]
 
 
@@ -37,6 +43,8 @@ class PlotError(ValueError):
 
 
 def metric_key(group: str, field: str, split: str) -> str:
+    if group == "eval":  # eval-only metrics, named eval/<field> (the checker score)
+        return f"eval/{field}" if split == "eval" else ""
     return f"{group}/{split}" if not field else f"{group}_{split}/{field}"
 
 
@@ -133,6 +141,8 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         if title == "reward accuracy":
             ax.set_ylim(-0.02, 1.02)
             ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        if title == "checker score":
+            ax.set_ylim(-0.02, 1.02)
         if title == "reward margin":
             ax.axhline(0.0, color="grey", lw=0.6, ls=":")
         ax.set_title(title + (" (solid chosen, dashed rejected)" if len(drawn) > 1 else ""))

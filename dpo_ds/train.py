@@ -45,7 +45,7 @@ def parse_args(argv):
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by launchers
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. loss=dpo loss.beta=0.1 datasets=[hh,shp]")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # key=value before and after --ds / --config
 
 
 def run(argv=None) -> dict:
@@ -56,6 +56,7 @@ def run(argv=None) -> dict:
     from dpo_ds.data.batches import Batches, data_digest, flatten
     from dpo_ds.data.sources import load_sources
     from dpo_ds.data.tokenize import Tokenization
+    from dpo_ds.guards import load_checker
     from dpo_ds.model import (
         DENSE_MASK_MAX_TOKENS,
         has_weights,
@@ -109,6 +110,7 @@ def run(argv=None) -> dict:
         log.info(
             f"archive {cfg.model.archive}: step_idx {archive.get('step_idx')} metrics {archive.get('metrics')}"
         )
+    checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
     sft = not objective.pairs  # each prompt's sft_target, or one example per preference pair
     train_examples = flatten(load_sources(cfg.datasets, "train", cfg.data.cache_dir), sft)
     eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
@@ -148,7 +150,11 @@ def run(argv=None) -> dict:
         tokenization,
         global_batch=cfg.eval_batch_size,
         micro_batches_per_step=1,
-        used=max(cfg.n_eval_examples, cfg.n_eval_model_samples if cfg.sample_during_eval else 0),
+        used=max(
+            cfg.n_eval_examples,
+            cfg.n_eval_model_samples if cfg.sample_during_eval else 0,
+            cfg.eval.n_checked if cfg.eval.checker else 0,
+        ),
         split="test",
         **batch_args,
     )
@@ -285,6 +291,7 @@ def run(argv=None) -> dict:
         memory,
     )
     trainer.watchdog, trainer.preemption, trainer.data_digest = watchdog, preemption, digest
+    trainer.checker = checker
     metrics = trainer.train(start_step)
 
     # 6. close

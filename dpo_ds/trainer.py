@@ -25,6 +25,7 @@ from dpo_ds.checkpoint import RunDir
 from dpo_ds.config import Config, to_dict
 from dpo_ds.data.batches import Batches
 from dpo_ds.data.collate import to_device
+from dpo_ds.guards import DisplacementGuard, score
 from dpo_ds.model import sequence_logps
 
 log = logging.getLogger("dpo_ds")
@@ -104,7 +105,12 @@ class Trainer:
         self.bad_steps_total = 0
         self.bad_in_a_row = 0
         self.failed_saves = 0
-        self.saves = 0  # EOS and the chat template's end of turn
+        self.saves = 0
+        self.displacement = DisplacementGuard(cfg.guard.max_chosen_drop_per_token)
+        self.checker = None  # set by train.py: eval.checker's function
+        self.stop_reason = (
+            ""  # guard.action=stop: why the run ended early  # EOS and the chat template's end of turn
+        )
         self.sink = MetricsSink(cfg, run_dir, rank)
 
     # ------------------------------------------------------------------ one micro-batch
@@ -167,6 +173,7 @@ class Trainer:
             bad, preempted = self._agree(not math.isfinite(metrics["loss/train"]), self.preemption.requested)
             bad = bad or not math.isfinite(metrics["grad_norm"])
             stop = self._guard(step.index + 1, bad, metrics)
+            displaced = self.displacement.check(metrics, "train")
             self.sink.write({"step": step.index + 1, **metrics})  # the bad step is on record too
             if stop is not None:
                 raise stop
@@ -177,8 +184,10 @@ class Trainer:
                     line = self._line(step.index + 1, examples, metrics, "train")
                     bar.write(line) if not bar.disable else log.info(line)
             saved = False
+            if displaced:
+                saved = self._displaced(displaced, step.index + 1, examples, metrics)
             bucket = examples // cfg.eval_every
-            if bucket > last_eval_bucket:
+            if bucket > last_eval_bucket and not self.stop_reason:
                 last_eval_bucket = bucket
                 eval_metrics = self.evaluate(step.index + 1, examples, save=True)
                 saved = True
@@ -186,6 +195,8 @@ class Trainer:
             every = cfg.checkpoint.save_every
             if (every and (step.index + 1) % every == 0 or preempted) and not saved:
                 self.save(step.index + 1, examples, metrics)
+            if self.stop_reason:
+                break
             if preempted:
                 log.warning(
                     f"preempted at step {step.index + 1} ({self.preemption.signal_name or 'a signal on another rank'}): "
@@ -195,7 +206,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        if not self.preempted and not (eval_metrics and eval_metrics.get("counters/examples") == examples):
+        done = self.preempted or self.stop_reason
+        if not done and not (eval_metrics and eval_metrics.get("counters/examples") == examples):
             eval_metrics = self.evaluate(n_steps, examples, save=True, final=True)
         self.sink.close()
         return eval_metrics
@@ -279,7 +291,8 @@ class Trainer:
 
     def _line(self, step: int, examples: int, m: dict, split: str) -> str:
         keys = [f"loss/{split}", f"rewards_{split}/accuracies", f"rewards_{split}/margins"]
-        keys += [f"logps_{split}/chosen"] + (["grad_norm", "lr"] if split == "train" else [])
+        keys += [f"logps_{split}/chosen", f"logps_{split}/chosen_shift_per_token"]
+        keys += ["grad_norm", "lr"] if split == "train" else ["eval/checker_score"]
         parts = [f"{k} {m[k]:.4g}" for k in keys if k in m]
         return f"[{split}] step {step} examples {examples} | " + " | ".join(parts)
 
@@ -298,14 +311,51 @@ class Trainer:
             count += n_local
         metrics = self._reduce(sums, count, "eval") if count else {}
         metrics["counters/examples"] = examples
+        if self.checker is not None:
+            metrics["eval/checker_score"] = self.check_generations()
         if cfg.sample_during_eval and cfg.n_eval_model_samples:
             self.write_samples(step)
+        displaced = self.displacement.check(metrics, "eval")
         self.sink.write({"step": step, **metrics})
         if self.rank == 0:
             log.info(self._line(step, examples, metrics, "eval"))
+        if displaced and self._displaced(displaced, step, examples, metrics):
+            return metrics  # saved already
         if save:
             self.save(step, examples, metrics, final=final)
         return metrics
+
+    def _displaced(self, reason: str, step: int, examples: int, metrics: dict) -> bool:
+        """guard.max_chosen_drop_per_token fired (guards.py): warn, or save and stop. Every rank gets
+        here alike (the metrics it reads are reduced over all ranks). Returns whether it saved."""
+        if self.cfg.guard.action == "warn":
+            log.warning(f"guard: {reason} (step {step}; guard.action=stop would save and stop here)")
+            return False
+        log.warning(f"guard: stopping at step {step}: {reason}")
+        self.sink.write({"step": step, "guard/stopped": reason})
+        self.stop_reason = reason
+        return self.save(step, examples, metrics)
+
+    @torch.no_grad()
+    def check_generations(self) -> float:
+        """eval.checker's mean score of greedy generations on eval.n_checked held-out prompts. Every
+        rank generates its share (the same count on every rank, as ZeRO-3 requires) and scores it."""
+        items = self.eval_data.checked(self.cfg.eval.n_checked)
+        per_rank = -(-len(items) // self.world)
+        mine = items[self.rank * per_rank : (self.rank + 1) * per_rank]
+        n_real = len(mine)
+        mine = mine + [items[-1]] * (per_rank - n_real)
+        answers = self.generate(self.policy, [ids for ids, _ in mine])
+        total = 0.0
+        for (_, ex), answer in list(zip(mine, answers))[:n_real]:
+            row = {"prompt": ex.prompt, "chosen": ex.responses[0], "origin": (ex.origins or [""])[0]}
+            if len(ex.responses) > 1:
+                row["rejected"] = ex.responses[1]
+            total += score(self.checker, ex.prompt, answer, row)
+        sums = engines.all_reduce_sum(
+            torch.tensor([total, float(n_real)], dtype=torch.float64, device=engines.comm_device())
+        )
+        return (sums[0] / sums[1].clamp(min=1)).item()
 
     @property
     def eval_batches(self):

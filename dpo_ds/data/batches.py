@@ -226,6 +226,13 @@ class Batches:
             out.append((self._micro_batches(local, batch), len(local)))
         return out
 
+    def checked(self, n: int) -> list[tuple[list[int], Example]]:
+        """(prompt ids, example) of the first n held-out examples: what a checker scores generations of."""
+        return [
+            ((s := self.tokenized(i)[0]).input_ids[: s.prompt_len], self.examples[i])
+            for i in self._order(0)[:n]
+        ]
+
     def prompts(self, n: int) -> list[list[int]]:
         """Prompt ids of the first n held-out examples, the same on every rank (samples during eval):
         rendered and truncated exactly as the model saw them in training and eval."""

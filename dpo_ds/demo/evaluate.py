@@ -21,6 +21,7 @@ import yaml
 from dpo_ds.checkpoint import find_step_dir, run_dir_of
 from dpo_ds.data.collate import collate_padded
 from dpo_ds.data.tokenize import Tokenization
+from dpo_ds.demo import checker
 from dpo_ds.demo.make_data import OUT as DATA
 from dpo_ds.model import LogprobLM, load_tokenizer, resolve_model_dir, sequence_logps
 
@@ -85,14 +86,13 @@ def evaluate(sft_path: Path, dpo_path: Path, beta: float, model: str = "demo", s
     tok = load_tokenizer(model_dir)
     rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in rows]
-    truth = [r["responses"][0] for r in rows]
     carry = torch.tensor([r["carry"] for r in rows])
     results = {}
     ref = None
     for name, path in (("SFT", sft_path), ("DPO", dpo_path)):
         lm = load_policy(path, model_dir)
         answers = greedy(lm, tok, prompts)
-        correct = torch.tensor([a == t for a, t in zip(answers, truth)], dtype=torch.float)
+        correct = torch.tensor([checker.exact_sum(p, a) for p, a in zip(prompts, answers)], dtype=torch.float)
         pc, pr = pair_logps(lm, tok, rows)
         if ref is None:
             ref = (pc, pr)  # the SFT model is DPO's reference
