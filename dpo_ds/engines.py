@@ -419,7 +419,9 @@ def destroy(engine) -> None:
 
     engine.destroy()
     for p in engine.module.parameters():
-        p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # a ZeRO-3 partition or a full copy
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: the rank's partition lives here, p.data is a placeholder
+            p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # a full copy (stage 0)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -523,7 +525,10 @@ def save_policy(engine, path: Path, step_idx: int, metrics: dict) -> None:
             if writer is not None:
                 try:
                     full = t.detach()
-                    if full.is_floating_point() and not bool(torch.isfinite(full).all()):
+                    # in chunks: a whole isfinite() mask of the largest tensor would be a second copy of it
+                    if full.is_floating_point() and not all(
+                        bool(torch.isfinite(c).all()) for c in full.reshape(-1).split(1 << 22)
+                    ):
                         nonfinite.append(name)
                     writer.write(name, full)
                 except Exception as e:  # noqa: BLE001 - keep gathering: the other ranks are in this loop too

@@ -148,6 +148,9 @@ def compute_tables(engine, splits, pairs_per_forward: int, rank: int, world: int
     tables = {}
     for data in splits:
         used = data.used_indices()
+        if not used:  # n_eval_examples=0: an eval split nothing reads
+            tables[data.split] = torch.full((len(data.examples), 2), float("nan"), dtype=torch.float32)
+            continue
         per_rank = -(-len(used) // world)
         mine = used[rank * per_rank : (rank + 1) * per_rank]
         n_real = len(mine)
