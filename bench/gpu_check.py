@@ -3,7 +3,7 @@
     python bench/gpu_check.py env     --out R/env.json
     python bench/gpu_check.py kernels --out R/b_kernels.json      # (b) log-prob kernels vs copy bandwidth
     python bench/gpu_check.py dpo     --out R/c_dpo.json          # (c) DPO steps of a ~1B Llama through dpo_ds
-    python bench/gpu_check.py report  --dir R [--md OUT.md]       # (d) one markdown table of everything
+    python bench/gpu_check.py report  --dir R [--md OUT.md]       # (e) one markdown table of everything
     ... --cpu-smoke                                               # tiny sizes on CPU: checks the plumbing only
 
 Nothing is downloaded: random weights, a generated word-level tokenizer, synthetic data.
@@ -457,7 +457,7 @@ def cmd_dpo(args) -> None:
         print(f"dpo: {status}; log tail:\n{log_tail}")
 
 
-# ----------------------------------------------------------------------------- (d) report
+# ----------------------------------------------------------------------------- (e) report
 
 
 def _load(path: Path):
@@ -480,11 +480,49 @@ def _pytest_summary(res: Path) -> tuple[str, str]:
     return verdict, summary or (lines[-1][:120] if lines else "")
 
 
+def _memory_rows(mem: dict | None) -> list[str]:
+    """(d): bench/memory.py --gpu-short's training rows, module-level fused_linear figures and targets."""
+    if mem is None:
+        return ["| (d) peak memory | | | | | | no result (timed out or crashed; see the log) |"]
+    if "skipped" in mem:
+        return [f"| (d) peak memory | | | | | | SKIPPED: {mem['skipped']} |"]
+    rows = []
+    for r in mem.get("rows", []):
+        case = f"{mem['n_params'] / 1e9:.2f}B, {r['name']}, {r['ranks']} rank"
+        if r.get("skipped"):
+            rows.append(f"| (d) peak memory | {case} | | | | | skipped: {r['skipped']} |")
+        elif "error" in r:
+            rows.append(f"| (d) peak memory | {case} | | | | | FAILED: {r['error']} |")
+        else:
+            rows.append(
+                f"| (d) peak memory | {case}, batch {r['batch']} x {r['max_length']} | {r['step_s']:.2f} s/step "
+                f"| | | {r['peak_gib']:.2f} GiB | models+opt {r['model_opt_gib']:.2f} GiB |"
+            )
+    for pairs, res in sorted(mem.get("module", {}).items()):
+        if "none" not in res:
+            rows.append(
+                f"| (d) fwd+bwd, module | {pairs} pair(s) | | | | | FAILED: {res.get('error', '?')} |"
+            )
+            continue
+        logits = res["scored_tokens"] * 32000 * 4
+        for v in ("none", "fused_linear", "chunked", "naive"):
+            if v in res:
+                d = res[v] - res["none"]
+                rows.append(
+                    f"| (d) fwd+bwd, module | {v}, {res['scored_tokens']} scored tokens | | | | "
+                    f"{res[v] / GIB:.2f} GiB | +{d / GIB:.2f} GiB over none = {d / logits:.3f} x fp32 logits |"
+                )
+    for name, t in mem.get("targets", {}).items():
+        rows.append(f"| (d) target | {name} | | | | | {t['line']} |")
+    return rows
+
+
 def cmd_report(args) -> None:
     res = Path(args.dir)
     env = _load(res / "env.json") or {}
     kern = _load(res / "b_kernels.json")
     dpo = _load(res / "c_dpo.json")
+    memory = _load(res / "d_memory.json")  # bench/memory.py --gpu-short
     out = []
     dev = env.get("device", "?")
     out.append(
@@ -535,6 +573,7 @@ def cmd_report(args) -> None:
             )
         else:
             out.append(f"| (c) DPO steps | {case} | | | | | {dpo['status']} (no step finished) |")
+    out.extend(_memory_rows(memory))
     text = "\n".join(out)
     print(text)
     if args.md:

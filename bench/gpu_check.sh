@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for dpo_ds on one lent H100/H200, prepared as ONE script that stays under 8 minutes.
+# GPU check for dpo_ds on one lent H100/H200, prepared as ONE script that stays under 10 minutes.
 #
 #   bash bench/gpu_check.sh                # on the GPU machine (from the repository root or anywhere)
 #   bash bench/gpu_check.sh --cpu-smoke    # here, without a GPU: the same stages at tiny sizes on CPU
 #
 # Through the device tool (its machine has torch 2.11, triton 3.6, transformers 5.17, but no deepspeed,
 # datasets or pydantic), carry the wheels built here:
-#   run(command="bash bench/gpu_check.sh", carry=["bench/wheels"], timeout_s=540)
+#   run(command="bash bench/gpu_check.sh", carry=["bench/wheels"], timeout_s=600)
 # $OUT/gpu_check.md (the table) and $OUT/gpu_check.log (everything printed) come back.
 #
 # Building bench/wheels here (once; about 6 MB; add `/bench/wheels/` to .git/info/exclude so it is never
@@ -21,21 +21,25 @@
 #       -d bench/wheels hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
 #       typing-inspection==0.4.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 #
-# Stages, each under `timeout` (the whole script gives up new work after GPU_CHECK_BUDGET_S, 470 s):
+# Stages, each under `timeout` (the whole script gives up new work after GPU_CHECK_BUDGET_S, 560 s):
 #   (a) tests/test_logprobs.py on CUDA with TRITON_INTERPRET=0: the compiled Triton kernel against fp64
 #   (b) naive / chunked / triton log-probs fwd+bwd at 16384 tokens x vocab 32000 and 128256, bf16, as GB/s of
 #       the nominal 3 x N x V elements and as a fraction of a measured device-to-device copy, + extra memory
 #   (c) 6 DPO steps (2 untimed) of a ~1B random Llama, ZeRO-3, bf16 policy and reference, packed, through
 #       dpo_ds/train.py in one process: real tokens/s, peak memory, MFU against 989 TFLOP/s dense bf16.
 #       Skipped with a line saying why when deepspeed or datasets cannot be imported.
-#   (d) one markdown table, printed and written to $OUT/gpu_check.md when $OUT is set
+#   (d) peak memory per config (bench/memory.py --gpu-short, <= 90 s): max allocated of fwd+bwd at module level
+#       (no logits / fused_linear / chunked / naive, the fused_linear target), then 1-rank DPO runs of the ~1B
+#       model (bf16 reference engine vs precomputed, fused_linear vs naive at 8k tokens) while its budget lasts.
+#       Its training rows are skipped with a line saying why when deepspeed or datasets cannot be imported.
+#   (e) one markdown table, printed and written to $OUT/gpu_check.md when $OUT is set
 # Nothing is downloaded: random weights, a generated word-level tokenizer, synthetic data.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=()
 if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=(--cpu-smoke); fi
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
 START=$SECONDS
 # seconds for the next stage: what it asks for, at most what is left of the budget
 cap() { local want=$1 left=$((BUDGET - (SECONDS - START))); ((left < want)) && want=$left; ((want < 5)) && want=5; echo "$want"; }
@@ -82,8 +86,14 @@ T=$(cap 240)
 timeout -k 10 "$T" "$PY" bench/gpu_check.py dpo --out "$RES/c_dpo.json" --budget-s $((T - 15)) "${IMPL[@]}" \
     "${SMOKE[@]}"
 
-# (d) the table
-echo "== (d) summary ($((SECONDS - START)) s)"
+# (d) peak memory per config; memory.py starts no run it cannot finish 20 s before this timeout
+echo "== (d) peak memory per config (bench/memory.py --gpu-short)"
+T=$(cap 90)
+timeout -k 10 "$T" "$PY" bench/memory.py --gpu-short --out "$RES/d_memory.json" --budget-s $((T - 20)) \
+    "${SMOKE[@]}"
+
+# (e) the table
+echo "== (e) summary ($((SECONDS - START)) s)"
 MD=()
 if [ -n "${OUT:-}" ]; then MD=(--md "$OUT/gpu_check.md"); fi
 "$PY" bench/gpu_check.py report --dir "$RES" "${MD[@]}"
