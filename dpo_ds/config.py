@@ -30,7 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOGPROB_IMPLS = ("naive", "chunked", "triton", "fused_linear")
 REFERENCE_MODES = ("engine", "precomputed")
 LAYOUTS = ("padded", "packed", "shared_prompt")
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "dpo_ds_blocks")
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
 
 
@@ -70,8 +70,8 @@ class ModelConfig:
     reference_mode: str = "engine"
     reference_zero_stage: int | None = None  # 0 | 3; null: 3 when the policy is ZeRO-3, else 0
     logprob_impl: str = "chunked"  # naive | chunked | triton | fused_linear
-    # auto: flex_attention on a GPU for packed/shared_prompt rows (block-sparse, no dense mask),
-    # transformers' default (sdpa) otherwise
+    # auto: for packed/shared_prompt rows flex_attention on a GPU (block-sparse mask) and dpo_ds_blocks
+    # on CPU (attention per segment, no mask; attention.py); transformers' default (sdpa) otherwise
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
 

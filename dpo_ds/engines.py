@@ -288,13 +288,19 @@ def _zero3(ds: dict) -> bool:
 
 
 def attn_implementation(cfg: Config, on_cpu: bool) -> str | None:
-    """model.attn_implementation, with auto resolved: FlexAttention on a GPU when rows hold several
-    segments (block-sparse: no dense mask, nothing computed across segments); otherwise None,
-    transformers' own default (sdpa)."""
+    """model.attn_implementation, with auto resolved for packed and shared_prompt rows: FlexAttention on
+    a GPU (a block-sparse mask), dpo_ds_blocks on CPU (attention.py: per segment, no mask); for padded
+    rows None, transformers' own default (sdpa)."""
     impl = cfg.model.attn_implementation
-    if impl != "auto":
-        return impl
-    return "flex_attention" if not on_cpu and cfg.data.layout != "padded" else None
+    if impl == "auto":
+        if cfg.data.layout == "padded":
+            return None
+        impl = "dpo_ds_blocks" if on_cpu else "flex_attention"
+    if impl == "dpo_ds_blocks":
+        from dpo_ds.attention import register
+
+        register()
+    return impl
 
 
 def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool, attn: str | None = None):

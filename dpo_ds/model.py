@@ -133,12 +133,13 @@ def reduce_sequences(
 
 
 MODEL_INPUTS = (
-    "input_ids", "attention_mask", "position_ids", "block_ids", "branch_ids",
+    "input_ids", "attention_mask", "position_ids", "block_ids", "branch_ids", "spans",
     "target_pos", "target_ids", "target_seq", "n_seqs",
 )  # fmt: skip
 # A dense additive mask is (rows, 1, T, T): 256 MiB of fp32 per row at 8192 tokens, and attention
 # computes every masked pair anyway. Longer rows need FlexAttention (model.attn_implementation).
 DENSE_MASK_MAX_TOKENS = 8192
+BLOCK_ATTENTION = "dpo_ds_blocks"  # attention.NAME, spelled here so this module needs no transformers import
 
 
 def sequence_logps(engine, batch: dict) -> SequenceLogps:
@@ -174,8 +175,9 @@ class LogprobLM(nn.Module):
     target_pos (the flat position whose hidden state predicts each), target_ids, target_seq. The
     lm_head runs only there, so prompt and padding positions never produce logits (for DPO data
     prompts are often half the tokens, and the (tokens, vocab) logits are the biggest activation).
-    A shared-prompt micro-batch carries block_ids/branch_ids instead of a mask; the attention mask is
-    built here, dense (eager/sdpa) or as a FlexAttention BlockMask (attn_implementation=flex_attention).
+    A shared-prompt micro-batch carries block_ids/branch_ids and spans instead of a mask; attention is
+    computed per segment from the spans (attn_implementation=dpo_ds_blocks, attention.py), or with a mask
+    built here, a FlexAttention BlockMask (flex_attention) or dense (eager/sdpa).
     """
 
     def __init__(self, lm: nn.Module, logprob_impl: str = "chunked"):
@@ -183,7 +185,9 @@ class LogprobLM(nn.Module):
         self.lm = lm
         self.logprob_impl = logprob_impl
         self.restricted_head = _restricted_head_ok(lm.config)
-        self.flex = getattr(lm.config, "_attn_implementation", None) == "flex_attention"
+        impl = getattr(lm.config, "_attn_implementation", None)
+        self.flex = impl == "flex_attention"
+        self.blocks = impl == BLOCK_ATTENTION  # attention.py: per segment, from the collators' spans
         if logprob_impl == "fused_linear":
             if not self.restricted_head:
                 raise ModelError(
@@ -199,15 +203,22 @@ class LogprobLM(nn.Module):
         position_ids,
         block_ids,
         branch_ids,
+        spans,
         target_pos,
         target_ids,
         target_seq,
         n_seqs,
     ):
-        if block_ids is not None:
+        extra = {}
+        if self.blocks and spans is not None:
+            extra = {"dpo_spans": spans}  # no mask at all: attention.block_attention reads the spans
+            attention_mask = None
+        elif block_ids is not None:
             attention_mask = self.block_mask(block_ids, branch_ids)
-        per_token = self.scored_logps(input_ids, attention_mask, position_ids, target_pos, target_ids)  # (M,)
-        return reduce_sequences(per_token, target_seq, n_seqs)
+        per_token = self.scored_logps(
+            input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
+        )
+        return reduce_sequences(per_token, target_seq, n_seqs)  # per_token: (M,)
 
     def block_mask(self, block_ids: torch.Tensor, branch_ids: torch.Tensor):
         """The attention of shared-prompt blocks (data/shared_prompt.allowed): a FlexAttention
@@ -241,12 +252,18 @@ class LogprobLM(nn.Module):
         mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
         return mask[:, None]  # (rows, 1, T, T) additive: 0 where allowed
 
-    def scored_logps(self, input_ids, attention_mask, position_ids, target_pos, target_ids) -> torch.Tensor:
+    def scored_logps(
+        self, input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
+    ) -> torch.Tensor:
         """log p(target_ids) (M,) in fp32, each from the hidden state at its target_pos."""
         # use_cache=False: with packed rows (restarting position_ids, no mask) a cache makes the model
         # attend across segments silently.
         kwargs = dict(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **extra,
         )
         if self.restricted_head:
             decoder = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model

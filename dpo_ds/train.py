@@ -53,7 +53,7 @@ def run(argv=None) -> dict:
     from dpo_ds import engines
     from dpo_ds.checkpoint import RunDir, read_archive
     from dpo_ds.config import dump_yaml, load_config, to_dict
-    from dpo_ds.data.batches import Batches, data_digest, flatten
+    from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, flatten
     from dpo_ds.data.sources import load_sources
     from dpo_ds.data.tokenize import Tokenization
     from dpo_ds.guards import load_checker
@@ -86,7 +86,13 @@ def run(argv=None) -> dict:
     on_cpu = device.type == "cpu"
     ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
     attn = engines.attn_implementation(cfg, on_cpu)
-    if cfg.data.layout == "shared_prompt" and attn != "flex_attention":
+    # Packed rows: under FlexAttention (block-sparse) one row fills the whole micro-batch budget; a
+    # dense mask costs (row x row) per row, so there rows stay near max_length unless data.row_tokens says
+    row_tokens = cfg.data.row_tokens
+    if not row_tokens and attn in ("flex_attention", "dpo_ds_blocks"):
+        # nothing is computed across segments: one row per micro-batch, no padding at all
+        row_tokens = cfg.data.max_tokens_per_micro_batch or ONE_ROW
+    if cfg.data.layout == "shared_prompt" and attn not in ("flex_attention", "dpo_ds_blocks"):
         row = cfg.data.row_tokens or 2 * cfg.max_length
         if row > DENSE_MASK_MAX_TOKENS:
             raise ConfigError(
@@ -134,7 +140,7 @@ def run(argv=None) -> dict:
         rank=rank,
         seed=cfg.seed,
         layout=cfg.data.layout,
-        row_tokens=cfg.data.row_tokens,
+        row_tokens=row_tokens,
         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
         sync_max=engines.sync_max,
     )

@@ -23,6 +23,7 @@ from dpo_ds.data.sources import PromptGroup, Text
 from dpo_ds.data.tokenize import Tokenization, TokenizedSeq
 
 log = logging.getLogger("dpo_ds.data")
+ONE_ROW = 1 << 30  # data.row_tokens that puts a whole micro-batch in one row (block or flex attention)
 
 
 @dataclass

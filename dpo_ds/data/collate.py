@@ -7,6 +7,8 @@ A micro-batch is a dict of tensors that the trainer hands to the model wrapper, 
   position_ids   (rows, T)  or None (the model derives them)
   block_ids      (rows, T)  or None: the attention block of each token, -1 on padding (shared_prompt)
   branch_ids     (rows, T)  or None: 0 on a block's prompt, k on its k-th response (shared_prompt)
+  spans          per row, (start, prompt_len, [(response_start, length), ...]) per block (a packed
+                 segment: (start, length, [])), or None: what block attention computes (attention.py)
   target_pos     (M,) long  flat index (row * T + t) of the position whose hidden state predicts a
                             scored token: t - 1 in a plain row, the prompt's last position for the
                             first token of every response of a shared-prompt block
@@ -54,6 +56,7 @@ def collate_padded(examples: list[list[TokenizedSeq]], pad_token_id: int) -> dic
         "position_ids": None,
         "block_ids": None,
         "branch_ids": None,
+        "spans": None,
         **targets_from_labels(labels, seq_ids),
         "seq_ids": seq_ids,
         "n_seqs": rows,

@@ -81,11 +81,13 @@ def collate_packed(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     seq_ids = torch.full(shape, -1, dtype=torch.long)
+    spans = [[] for _ in rows]  # per row: (start, length, []) per segment, for block attention
     for r, row in enumerate(rows):
         at = 0
         for i in row:
             s = seqs[i]
             n = len(s)
+            spans[r].append((at, n, []))
             input_ids[r, at : at + n] = torch.tensor(s.input_ids)
             labels[r, at : at + n] = torch.tensor(s.labels)
             labels[r, at] = IGNORE  # a segment's first token has no context of its own
@@ -101,6 +103,7 @@ def collate_packed(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
         "position_ids": position_ids,
         "block_ids": None,
         "branch_ids": None,
+        "spans": spans,
         **targets_from_labels(labels, seq_ids),
         "seq_ids": seq_ids,
         "n_seqs": len(seqs),

@@ -76,11 +76,13 @@ def collate_shared(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
     branch_ids = torch.zeros(shape, dtype=torch.long)
     seq_ids = torch.full(shape, -1, dtype=torch.long)
     target_pos, target_ids, target_seq = [], [], []
+    spans = [[] for _ in rows]  # per row: (start, prompt_len, [(response_start, length), ...]) per block
     for r, row in enumerate(rows):
         at = 0
         for e in row:
             ex = examples[e]
             p = ex[0].prompt_len
+            spans[r].append((at, p, []))
             prompt = ex[0].input_ids[:p]
             input_ids[r, at : at + p] = torch.tensor(prompt, dtype=torch.long)
             position_ids[r, at : at + p] = torch.arange(p)
@@ -92,6 +94,7 @@ def collate_shared(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
                 resp, lab = s.input_ids[p:], s.labels[p:]
                 m = len(resp)
                 seq = k * n + e
+                spans[r][-1][2].append((at, m))
                 input_ids[r, at : at + m] = torch.tensor(resp, dtype=torch.long)
                 labels[r, at : at + m] = torch.tensor(lab, dtype=torch.long)
                 position_ids[r, at : at + m] = torch.arange(p, p + m)  # continues from the prompt's end
@@ -114,6 +117,7 @@ def collate_shared(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
         "position_ids": position_ids,
         "block_ids": block_ids,
         "branch_ids": branch_ids,
+        "spans": spans,
         "target_pos": torch.tensor(target_pos, dtype=torch.long),
         "target_ids": torch.tensor(target_ids, dtype=torch.long),
         "target_seq": torch.tensor(target_seq, dtype=torch.long),

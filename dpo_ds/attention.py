@@ -1,0 +1,80 @@
+"""Block attention: attention computed per segment, for packed and shared-prompt rows without padding.
+
+A dense (T x T) mask makes a packed row pay attention between every two of its tokens, masked or not,
+and forces every row of a micro-batch to one length (padding again). Block attention computes only what
+a row's layout allows, straight from the collators' spans:
+
+    packed segment        one causal attention over the segment
+    shared-prompt block   [prompt | response 1] causal; each further response k attends to the prompt
+                          and causally to itself (never to another response): one attention each
+
+so a micro-batch can be one row holding every segment, with no padding, at the cost of the segments'
+own attention. It is a transformers attention implementation (model.attn_implementation=dpo_ds_blocks,
+the default on CPU for packed and shared_prompt rows): transformers builds no mask for it, and the spans
+reach it as a forward keyword argument. On a GPU FlexAttention does the same with a block mask.
+
+Spans, per row: a list of (start, prompt_len, [(response_start, response_len), ...]); a packed
+segment is (start, length, []). Tokens no span covers (tail padding) get a zero output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "dpo_ds_blocks"
+SPANS_KWARG = "dpo_spans"
+
+
+def block_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None), as transformers expects."""
+    spans = kwargs.get(SPANS_KWARG)
+    if spans is None:
+        raise ValueError(
+            f"attn_implementation={NAME} needs the rows' spans ({SPANS_KWARG}=...): use it through "
+            f"dpo_ds.model.LogprobLM with a packed or shared_prompt micro-batch"
+        )
+    b, h, t, d = query.shape
+    rep = h // key.shape[1]
+    if rep > 1:  # grouped-query attention: every query head needs its key/value head
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    rows = []
+    for r in range(b):
+        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]  # (1, H, T, D)
+        pieces, at = [], 0
+        for start, p, responses in spans[r]:
+            if start > at:
+                pieces.append(q.new_zeros(1, h, start - at, d))
+            first = responses[0][1] if responses else 0
+            end = start + p + first
+            # the prompt and the response that follows it: plain causal attention
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True, scale=scaling
+                )
+            )
+            for rs, rl in responses[1:]:
+                # a further response: every prompt key, and its own keys causally (L x (P + L))
+                keys = torch.cat([k[:, :, start : start + p], k[:, :, rs : rs + rl]], dim=2)
+                vals = torch.cat([v[:, :, start : start + p], v[:, :, rs : rs + rl]], dim=2)
+                own = torch.ones(rl, rl, dtype=torch.bool, device=q.device).tril()
+                allowed = torch.cat([torch.ones(rl, p, dtype=torch.bool, device=q.device), own], dim=1)
+                pieces.append(
+                    F.scaled_dot_product_attention(
+                        q[:, :, rs : rs + rl], keys, vals, attn_mask=allowed, scale=scaling
+                    )
+                )
+            at = (responses[-1][0] + responses[-1][1]) if len(responses) > 1 else end
+        if at < t:
+            pieces.append(q.new_zeros(1, h, t - at, d))
+        rows.append(torch.cat(pieces, dim=2))
+    out = torch.cat(rows, dim=0)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make `dpo_ds_blocks` a transformers attention implementation (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, block_attention)
