@@ -10,8 +10,9 @@ a row's layout allows, straight from the collators' spans:
 
 so a micro-batch can be one row holding every segment, with no padding, at the cost of the segments'
 own attention. It is a transformers attention implementation (model.attn_implementation=dpo_ds_blocks,
-the default on CPU for packed and shared_prompt rows): transformers builds no mask for it, and the spans
-reach it as a forward keyword argument. On a GPU FlexAttention does the same with a block mask.
+the default on CPU for packed and shared_prompt rows); the spans reach it as a forward keyword argument
+and transformers builds no mask for such a forward. Without spans (generation) it is plain SDPA with
+transformers' usual mask. On a GPU FlexAttention does what it does with a block mask.
 
 Spans, per row: a list of (start, prompt_len, [(response_start, response_len), ...]); a packed
 segment is (start, length, []). Tokens no span covers (tail padding) get a zero output.
@@ -28,11 +29,14 @@ SPANS_KWARG = "dpo_spans"
 
 def block_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None), as transformers expects."""
-    spans = kwargs.get(SPANS_KWARG)
+    spans = kwargs.pop(SPANS_KWARG, None)
     if spans is None:
-        raise ValueError(
-            f"attn_implementation={NAME} needs the rows' spans ({SPANS_KWARG}=...): use it through "
-            f"dpo_ds.model.LogprobLM with a packed or shared_prompt micro-batch"
+        # no layout (generation with left-padded prompts and a cache): plain SDPA on transformers' own
+        # mask, which it builds for this implementation as for sdpa (register)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     b, h, t, d = query.shape
     rep = h // key.shape[1]
@@ -74,7 +78,16 @@ def block_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 
 def register() -> None:
-    """Make `dpo_ds_blocks` a transformers attention implementation (idempotent)."""
+    """Make `dpo_ds_blocks` a transformers attention implementation (idempotent), whose mask, when
+    transformers builds one (generation), is sdpa's; a training forward passes a placeholder 4D mask,
+    which transformers hands on untouched, so no (T x T) mask is ever built for packed rows."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(NAME, block_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def placeholder_mask(device) -> torch.Tensor:
+    """A 4D mask transformers passes through as is (block_attention ignores it when it has spans)."""
+    return torch.zeros((1, 1, 0, 0), dtype=torch.bool, device=device)

@@ -211,8 +211,10 @@ class LogprobLM(nn.Module):
     ):
         extra = {}
         if self.blocks and spans is not None:
+            from dpo_ds.attention import placeholder_mask
+
             extra = {"dpo_spans": spans}  # no mask at all: attention.block_attention reads the spans
-            attention_mask = None
+            attention_mask = placeholder_mask(input_ids.device)
         elif block_ids is not None:
             attention_mask = self.block_mask(block_ids, branch_ids)
         per_token = self.scored_logps(

@@ -17,6 +17,7 @@ Preemption
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import os
@@ -70,10 +71,15 @@ class Watchdog:
     def start(self) -> Watchdog:
         self._wrap_collectives()
         self._thread.start()
+        atexit.register(self.stop)  # every exit path, errors included, ends the thread first
         return self
 
     def stop(self) -> None:
+        """End the thread before the interpreter does: a daemon thread still waking from its wait
+        during finalization is torn down mid-call ('terminate called without an active exception')."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def step_timeout(self) -> float:
         if self.step_timeout_s is not None:

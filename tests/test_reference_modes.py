@@ -133,7 +133,7 @@ def test_weights_only_checkpoints(tmp_path, data_dir):
     )  # fmt: skip
     assert (
         proc.returncode == 2
-        and "holds no DeepSpeed checkpoint" in proc.stderr
+        and "has no ds (saved with checkpoint.save_optimizer=false" in proc.stderr
         and "save_optimizer=false" in proc.stderr
     )
 

@@ -181,3 +181,19 @@ def test_block_attention_equals_padded(tok, seed):
     # several rows with tail padding work too (the precomputed pass and a token budget make them)
     b, _ = _grads(blocks, collate_shared(examples, tok.pad_token_id, row_len=40), weights)
     torch.testing.assert_close(b.logps, a.logps, rtol=0, atol=1e-5)
+
+
+def test_block_attention_model_generates_like_sdpa(tok):
+    """Generation gives no spans: block attention is then plain SDPA with transformers' mask, left
+    padding included, so eval samples under a packed layout are the sdpa model's."""
+    blocks = _blocks_model()
+    plain = _model()
+    prompts = [[1, 5, 6, 7], [1, 9]]
+    width = 4
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    outs = [
+        m.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        for m in (blocks, plain)
+    ]
+    assert torch.equal(outs[0], outs[1])
