@@ -315,7 +315,7 @@ def cmd_dpo(args) -> None:
         args.max_length, args.max_prompt_length, args.prompt_median, args.response_median = 64, 32, 12, 16
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_dpo_"))
-    model_dir, data_dir, run_dir = work / "model", work / "data", work / "run"
+    model_dir, data_dir = work / "model", work / "data"
     model_dir.mkdir()
     data_dir.mkdir()
     write_tokenizer(model_dir, shape["vocab"])
@@ -333,6 +333,47 @@ def cmd_dpo(args) -> None:
     ds_path = work / "zero3_torch_adam.json"
     ds_path.write_text(json.dumps(ds))
     impl = args.logprob_impl or ("triton" if cuda else "chunked")
+    layouts = [x for x in args.layouts.split(",") if x]
+    runs = {}
+    for k, layout in enumerate(layouts):
+        left = deadline - time.time()
+        if left < 30:
+            runs[layout] = {"status": "skipped: out of time"}
+            continue
+        runs[layout] = _dpo_run(
+            layout, args, cuda, impl, dtype, steps, batch, model_dir, data_dir, work / f"run_{layout}", ds_path,
+            time.time() + left / (len(layouts) - k),
+        )  # fmt: skip
+        r = runs[layout]
+        r.update(n_params=n_params, shape=shape)
+        if r.get("tokens_per_s") and r.get("peak_flops"):
+            # MFU (PaLM appendix B convention): 6 N per trained token; the reference forward (2 N) is extra work
+            r.update(mfu=6 * n_params * r["tokens_per_s"] / r["peak_flops"])
+            r.update(mfu_with_ref=8 * n_params * r["tokens_per_s"] / r["peak_flops"])
+        else:
+            r.update(mfu=None, mfu_with_ref=None)
+        print(json.dumps({layout: {k2: v for k2, v in runs[layout].items() if k2 != "log_tail"}}), flush=True)
+    first = runs[layouts[0]] if layouts else {}
+    result = {
+        **first,  # the first layout's figures at the top, as the report reads them
+        "layout": layouts[0] if layouts else None,
+        "runs": runs,
+        "n_params": n_params,
+        "shape": shape,
+        "device": torch.cuda.get_device_name(0) if cuda else "CPU",
+        "wall_s": time.time() - t_start,
+    }
+    write_json(args.out, result)
+    shutil.rmtree(work, ignore_errors=True)  # the model's weights (GBs); the runs' logs stay beside args.out
+
+
+def _dpo_run(
+    layout, args, cuda, impl, dtype, steps, batch, model_dir, data_dir, run_dir, ds_path, deadline
+) -> dict:
+    """One layout's DPO steps through dpo_ds/train.py; stopped once its steps are in metrics.jsonl."""
+    import torch
+
+    t_start = time.time()
     overrides = [
         "loss=dpo",
         "loss.beta=0.1",
@@ -351,13 +392,13 @@ def cmd_dpo(args) -> None:
         "eval_every=1000000000",
         "log_every=1",
         f"run_dir={run_dir}",
-        f"data.cache_dir={work / 'hf_cache'}",
+        f"data.cache_dir={run_dir.parent / 'hf_cache'}",
         f"model.policy_dtype={dtype}",
         f"model.reference_dtype={dtype}",
         f"model.logprob_impl={impl}",
-        "data.packing=true",
+        f"data.layout={layout}",  # on CUDA, packed and shared_prompt rows run on FlexAttention (auto)
     ]
-    if args.max_tokens_per_micro_batch and cuda:
+    if args.max_tokens_per_micro_batch and cuda and layout != "padded":
         overrides.append(f"data.max_tokens_per_micro_batch={args.max_tokens_per_micro_batch}")
     if not cuda:
         overrides.append("torch_threads=2")
@@ -378,10 +419,11 @@ def cmd_dpo(args) -> None:
     if cuda:
         env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, str(REPO / "dpo_ds" / "train.py"), "--ds", str(ds_path), *overrides]
-    log_path = Path(args.out).with_suffix(".log")
+    log_path = Path(args.out).with_name(f"{Path(args.out).stem}_{layout}.log")
     metrics_path = run_dir / "metrics.jsonl"
-    # A new session so the whole tree can be stopped: the run is stopped once the last step's metrics are
-    # written (the final checkpoint of a 1B model, ~16 GB of optimizer state, is no part of this check).
+    # A new session so the whole tree can be stopped once the last step's metrics are written (the final
+    # checkpoint of a 1B model, ~16 GB of optimizer state, is no part of this check). SIGKILL: SIGTERM is
+    # a preemption request to dpo_ds, which would save that checkpoint first.
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -389,11 +431,8 @@ def cmd_dpo(args) -> None:
 
     def stop(*_):
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(143)))
     records, status = [], "timed out"
@@ -418,8 +457,7 @@ def cmd_dpo(args) -> None:
     log_tail = log_path.read_text()[-2000:] if log_path.exists() else ""
     result = {
         "status": status,
-        "n_params": n_params,
-        "shape": shape,
+        "layout": layout,
         "steps": len(records),
         "batch_pairs": batch,
         "max_length": args.max_length,
@@ -443,18 +481,11 @@ def cmd_dpo(args) -> None:
             peak_gib=max(r["memory/peak_gib"] for r in records),
             padding=statistics.mean(r["throughput/padding_fraction"] for r in timed),
             first_losses=[r["loss/train"] for r in records[:3]],
-            # MFU (PaLM appendix B convention): 6 N per trained token; the reference forward (2 N) is extra work
-            mfu=6 * n_params * tps / flops if flops else None,
-            mfu_with_ref=8 * n_params * tps / flops if flops else None,
             peak_flops=flops,
         )
     if status != "ok":
         result["log_tail"] = log_tail
-    write_json(args.out, result)
-    shutil.rmtree(work, ignore_errors=True)  # the model's weights (GBs); the run's log stays beside args.out
-    print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}))
-    if status != "ok":
-        print(f"dpo: {status}; log tail:\n{log_tail}")
+    return result
 
 
 # ----------------------------------------------------------------------------- (e) report
@@ -559,20 +590,31 @@ def cmd_report(args) -> None:
     elif "skipped" in dpo:
         out.append(f"| (c) DPO steps | | | | | | SKIPPED: {dpo['skipped']} |")
     else:
-        case = (
-            f"{dpo['n_params'] / 1e9:.2f}B Llama, ZeRO-{dpo['zero']} {dpo['dtype']} policy+ref, "
-            f"{dpo['batch_pairs']} pairs/step, packed, {dpo['logprob_impl']}"
-        )
-        if "tokens_per_s" in dpo:
-            mfu = "-" if dpo["mfu"] is None else f"MFU {dpo['mfu']:.1%} ({dpo['mfu_with_ref']:.1%} incl. ref)"
-            losses = ", ".join(f"{x:.4f}" for x in dpo["first_losses"])
-            out.append(
-                f"| (c) DPO steps | {case} | {dpo['step_s']:.2f} s/step | {dpo['tokens_per_s']:,.0f} real tok/s "
-                f"| {mfu} | {dpo['peak_gib']:.1f} GiB | {dpo['status']}; {dpo['timed_steps']} timed steps, "
-                f"padding {dpo['padding']:.1%}, losses {losses} |"
+        runs = dpo.get("runs") or {dpo.get("layout") or "packed": dpo}
+        for layout, run in runs.items():
+            if "tokens_per_s" not in run:
+                out.append(
+                    f"| (c) DPO steps, {layout} | | | | | | {run.get('status', 'no result')} (no step finished) |"
+                )
+                continue
+            case = (
+                f"{dpo['n_params'] / 1e9:.2f}B Llama, ZeRO-{run['zero']} {run['dtype']} policy+ref, "
+                f"{run['batch_pairs']} pairs/step, {layout}, {run['logprob_impl']}"
             )
-        else:
-            out.append(f"| (c) DPO steps | {case} | | | | | {dpo['status']} (no step finished) |")
+            mfu = (
+                "-"
+                if run.get("mfu") is None
+                else f"MFU {run['mfu']:.1%} ({run['mfu_with_ref']:.1%} incl. ref)"
+            )
+            losses = ", ".join(f"{x:.4f}" for x in run["first_losses"])
+            out.append(
+                f"| (c) DPO steps | {case} | {run['step_s']:.2f} s/step | {run['tokens_per_s']:,.0f} real tok/s "
+                f"| {mfu} | {run['peak_gib']:.1f} GiB | {run['status']}; {run['timed_steps']} timed steps, "
+                f"padding {run['padding']:.1%}, losses {losses} |"
+            )
+        if "shared_prompt" in runs and "packed" in runs and runs["packed"].get("tokens_per_s"):
+            ratio = runs["shared_prompt"].get("tokens_per_s", 0) / runs["packed"]["tokens_per_s"]
+            out.append(f"| (c) shared_prompt / packed | | | {ratio:.2f}x real tok/s | | | FlexAttention |")
     out.extend(_memory_rows(memory))
     text = "\n".join(out)
     print(text)
@@ -608,6 +650,11 @@ def main() -> None:
     p.add_argument("--prompt-median", type=float, default=192)
     p.add_argument("--response-median", type=float, default=256)
     p.add_argument("--max-tokens-per-micro-batch", type=int, default=0)
+    p.add_argument(
+        "--layouts",
+        default="shared_prompt,packed,padded",
+        help="data.layout of each run in turn, the stage's budget split between them",
+    )
     p.add_argument(
         "--logprob-impl",
         choices=("naive", "chunked", "triton"),

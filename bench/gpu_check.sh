@@ -21,11 +21,12 @@
 #       -d bench/wheels hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
 #       typing-inspection==0.4.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 #
-# Stages, each under `timeout` (the whole script gives up new work after GPU_CHECK_BUDGET_S, 560 s):
+# Stages, each under `timeout` (the whole script gives up new work after GPU_CHECK_BUDGET_S, 590 s):
 #   (a) tests/test_logprobs.py on CUDA with TRITON_INTERPRET=0: the compiled Triton kernel against fp64
 #   (b) naive / chunked / triton log-probs fwd+bwd at 16384 tokens x vocab 32000 and 128256, bf16, as GB/s of
 #       the nominal 3 x N x V elements and as a fraction of a measured device-to-device copy, + extra memory
-#   (c) 6 DPO steps (2 untimed) of a ~1B random Llama, ZeRO-3, bf16 policy and reference, packed, through
+#   (c) DPO steps of a ~1B random Llama, ZeRO-3, bf16 policy and reference, in each layout: shared_prompt
+#       and packed on FlexAttention, then padded (the stage's budget split between them), through
 #       dpo_ds/train.py in one process: real tokens/s, peak memory, MFU against 989 TFLOP/s dense bf16.
 #       Skipped with a line saying why when deepspeed or datasets cannot be imported.
 #   (d) peak memory per config (bench/memory.py --gpu-short, <= 90 s): max allocated of fwd+bwd at module level
@@ -39,7 +40,7 @@ cd "$(dirname "$0")/.."
 
 SMOKE=()
 if [ "${1:-}" = "--cpu-smoke" ]; then SMOKE=(--cpu-smoke); fi
-BUDGET=${GPU_CHECK_BUDGET_S:-560}
+BUDGET=${GPU_CHECK_BUDGET_S:-590}
 START=$SECONDS
 # seconds for the next stage: what it asks for, at most what is left of the budget
 cap() { local want=$1 left=$((BUDGET - (SECONDS - START))); ((left < want)) && want=$left; ((want < 5)) && want=5; echo "$want"; }
@@ -69,7 +70,7 @@ timeout 60 "$PY" bench/gpu_check.py env --out "$RES/env.json"
 
 # (a) parity tests; conftest sets TRITON_INTERPRET only without CUDA, and 0 here keeps the compiled kernel
 echo "== (a) tests/test_logprobs.py, TRITON_INTERPRET=0"
-TRITON_INTERPRET=0 timeout -k 5 "$(cap 130)" "$PY" -m pytest -q -p no:cacheprovider tests/test_logprobs.py \
+TRITON_INTERPRET=0 timeout -k 5 "$(cap 100)" "$PY" -m pytest -q -p no:cacheprovider tests/test_logprobs.py \
     >"$RES/a_pytest.log" 2>&1
 echo $? >"$RES/a_pytest.rc"
 tail -n 15 "$RES/a_pytest.log"
@@ -82,9 +83,9 @@ timeout -k 5 "$(cap 90)" "$PY" bench/gpu_check.py kernels --out "$RES/b_kernels.
 
 # (c) DPO steps through dpo_ds; gpu_check.py stops its own run 15 s before this timeout
 echo "== (c) DPO steps of a ~1B Llama through dpo_ds"
-T=$(cap 240)
-timeout -k 10 "$T" "$PY" bench/gpu_check.py dpo --out "$RES/c_dpo.json" --budget-s $((T - 15)) "${IMPL[@]}" \
-    "${SMOKE[@]}"
+T=$(cap 300)  # three layouts, ~95 s each: 4 steps (1 untimed) apiece
+timeout -k 10 "$T" "$PY" bench/gpu_check.py dpo --out "$RES/c_dpo.json" --budget-s $((T - 15)) --steps 4 --skip 1 \
+    "${IMPL[@]}" "${SMOKE[@]}"
 
 # (d) peak memory per config; memory.py starts no run it cannot finish 20 s before this timeout
 echo "== (d) peak memory per config (bench/memory.py --gpu-short)"
@@ -99,6 +100,6 @@ if [ -n "${OUT:-}" ]; then MD=(--md "$OUT/gpu_check.md"); fi
 "$PY" bench/gpu_check.py report --dir "$RES" "${MD[@]}"
 if [ -n "${OUT:-}" ]; then
     cp "$LOG" "$OUT/gpu_check.log" 2>/dev/null
-    cp "$RES/c_dpo.log" "$OUT/c_dpo.log" 2>/dev/null
+    cp "$RES"/c_dpo_*.log "$OUT/" 2>/dev/null
 fi
 echo "== done in $((SECONDS - START)) s"
