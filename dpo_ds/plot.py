@@ -30,7 +30,7 @@ PANELS = [
     ("rewards", "beta * log(pi / pi_ref)", [("rewards", "chosen", "-"), ("rewards", "rejected", "--")]),
     ("policy log-probs", "sum of log p(response)", [("logps", "chosen", "-"), ("logps", "rejected", "--")]),
     (
-        "log-prob shift from the reference",
+        "shift from the reference",
         "per token: (log pi - log pi_ref) / |y|",
         [("logps", "chosen_shift_per_token", "-"), ("logps", "rejected_shift_per_token", "--")],
     ),
