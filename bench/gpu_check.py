@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from dpo_ds.launcher import free_port  # noqa: E402
-
 sys.path.insert(0, str(REPO))  # dpo_ds from this checkout, installed or not
+from dpo_ds.launcher import free_port, wait_for_train_steps  # noqa: E402
 
 GIB = 2**30
 # Dense bf16 peak (no sparsity), from NVIDIA's data sheets; the H200 has the H100 SXM's tensor cores.
@@ -435,25 +433,10 @@ def _dpo_run(
             proc.wait(10)
 
     signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(143)))
-    records, status = [], "timed out"
     try:
-        while time.time() < deadline:
-            if metrics_path.exists():
-                records = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-                records = [r for r in records if "loss/train" in r]
-                if len(records) >= steps:
-                    status = "ok"
-                    break
-            if proc.poll() is not None:
-                status = f"exited with {proc.returncode} after {len(records)} steps"
-                break
-            time.sleep(0.5)
+        records, status = wait_for_train_steps(proc, metrics_path, steps, deadline)
     finally:
         stop()
-    if metrics_path.exists():  # the last poll may have missed a line
-        records = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "loss/train" in r]
-        if len(records) >= steps:
-            status = "ok"
     log_tail = log_path.read_text()[-2000:] if log_path.exists() else ""
     result = {
         "status": status,

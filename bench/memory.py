@@ -73,7 +73,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dpo_ds.launcher import TRAIN_PY, deepspeed_cmd, env, free_port, launcher  # noqa: E402
+from dpo_ds.demo.make_assets import char_model_dir  # noqa: E402
+from dpo_ds.launcher import (  # noqa: E402
+    TRAIN_PY,
+    deepspeed_cmd,
+    env,
+    free_port,
+    launcher,
+    wait_for_train_steps,
+)
 
 GIB = 2**30
 MIB = 2**20
@@ -103,30 +111,10 @@ def make_model(out: Path, shape: tuple[int, int, int, int], weights_on: str | No
     """A Llama directory: config.json (vocab 32000) + the shipped char tokenizer; returns N parameters.
     Without weights dpo_ds initialises it from the seed; weights_on='cuda' writes bf16 safetensors
     initialised on the device (a ~1B model initialised on CPU takes most of a minute per run)."""
-    from transformers import LlamaConfig
-
     hidden, layers, heads, inter = shape
-    out.mkdir(parents=True)
-    for f in TOKENIZER_DIR.iterdir():
-        if f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    base = json.loads((TOKENIZER_DIR / "config.json").read_text())
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=4096,
-        bos_token_id=base["bos_token_id"],
-        eos_token_id=base["eos_token_id"],
-        pad_token_id=base["pad_token_id"],
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
+    cfg = char_model_dir(
+        out, vocab=VOCAB, hidden=hidden, layers=layers, heads=heads, intermediate=inter, max_positions=4096
     )
-    cfg.save_pretrained(str(out))
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden  # attention, MLP, two norms
     n = layers * per_layer + 2 * VOCAB * hidden + hidden  # + embeddings, lm_head, final norm
     if weights_on:
@@ -248,22 +236,10 @@ def train_row(spec: dict, args, work: Path) -> dict:
             cmd, cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     RUNNING.append(proc)
-    rows: list[dict] = []
-    status = "timed out"
     try:
         # --gpu-short: a run still going 15 s after the budget is stopped and reported as timed out
         limit = min(args.run_timeout, args.deadline + 15 - t0) if args.gpu_short else args.run_timeout
-        while time.time() - t0 < limit:
-            if metrics.exists():
-                rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-                rows = [r for r in rows if "loss/train" in r]
-                if len(rows) >= steps:
-                    status = "ok"
-                    break
-            if proc.poll() is not None:
-                status = f"exited with {proc.returncode} after {len(rows)} steps"
-                break
-            time.sleep(0.5)
+        rows, status = wait_for_train_steps(proc, metrics, steps, t0 + limit)
     finally:
         stop(proc)
         RUNNING.remove(proc)

@@ -31,35 +31,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from dpo_ds.demo.make_assets import char_model_dir  # noqa: E402
 from dpo_ds.launcher import deepspeed_cmd, env  # noqa: E402
 
 
 def make_model(out: Path, hidden: int, layers: int) -> int:
-    from transformers import LlamaConfig
-
-    tok_dir = ROOT / "dpo_ds" / "demo" / "model"
-    out.mkdir(parents=True)
-    for f in tok_dir.iterdir():
-        if f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    base = json.loads((tok_dir / "config.json").read_text())
     heads = max(1, hidden // 64)
-    cfg = LlamaConfig(
-        vocab_size=base["vocab_size"],
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3) // 32 * 32,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-        bos_token_id=base["bos_token_id"],
-        eos_token_id=base["eos_token_id"],
-        pad_token_id=base["pad_token_id"],
-        tie_word_embeddings=False,
+    cfg = char_model_dir(
+        out,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        intermediate=int(hidden * 8 / 3) // 32 * 32,
+        max_positions=2048,
     )
-    cfg.save_pretrained(str(out))
     per_layer = 4 * hidden * hidden + 3 * hidden * cfg.intermediate_size
-    return layers * per_layer + 2 * base["vocab_size"] * hidden
+    return layers * per_layer + 2 * cfg.vocab_size * hidden
 
 
 def lognormal_len(rng: random.Random, median: float, sigma: float, cap: int) -> int:

@@ -61,6 +61,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dpo_ds.demo.make_assets import llama_config  # noqa: E402
 from dpo_ds.launcher import free_port  # noqa: E402
 
 TOKENIZER_DIR = REPO / "dpo_ds" / "demo" / "model"
@@ -80,25 +81,21 @@ CHAT_DEFAULTS = {  # --data chat: an ~11M Llama, 1024-token BPE, ~730 processed 
 def write_model(model_dir: Path, args) -> int:
     """Random Llama + the dpo_ds char tokenizer in a HF directory; returns the parameter count."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     base = json.loads((TOKENIZER_DIR / "config.json").read_text())
     heads = args.hidden // args.head_dim
-    config = LlamaConfig(
-        vocab_size=base["vocab_size"],
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate or 4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+    config = llama_config(
+        vocab=base["vocab_size"],
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=heads,
         head_dim=args.head_dim,
-        max_position_embeddings=max(1024, args.max_length),
-        bos_token_id=base["bos_token_id"],
-        eos_token_id=base["eos_token_id"],
-        pad_token_id=base["pad_token_id"],
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
+        intermediate=args.intermediate or 4 * args.hidden,
+        max_positions=max(1024, args.max_length),
+        bos=base["bos_token_id"],
+        eos=base["eos_token_id"],
+        pad=base["pad_token_id"],
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
@@ -140,28 +137,24 @@ def write_chat_model(model_dir: Path, args) -> int:
     """The chat-length set's model: a random Llama around a 1024-token byte-level BPE (ChatML's, built
     offline by dpo_ds.demo.tokenizers from Python's own documentation); returns the parameter count."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from dpo_ds.demo.tokenizers import build_tokenizer
 
     build_tokenizer("chatml", model_dir, vocab_size=1024)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     heads = args.hidden // args.head_dim
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate or 4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+    config = llama_config(
+        vocab=len(tok),
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=heads,
         head_dim=args.head_dim,
-        max_position_embeddings=max(1024, args.max_length),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
+        intermediate=args.intermediate or 4 * args.hidden,
+        max_positions=max(1024, args.max_length),
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=tok.pad_token_id,
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)

@@ -7,9 +7,12 @@ DeepSpeed's default 29500.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
@@ -60,3 +63,38 @@ def launcher() -> str:
 def deepspeed_cmd(*args: str, ranks: int = 2, script: Path = TRAIN_PY) -> list[str]:
     """`deepspeed --num_gpus R --master_port P script args...` with this interpreter's launcher."""
     return [launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+
+
+def train_records(metrics_path: Path) -> list[dict]:
+    """The training-step records of a run's metrics.jsonl so far (a half-written last line is skipped)."""
+    if not metrics_path.exists():
+        return []
+    records = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line the trainer is writing now
+        if "loss/train" in rec:
+            records.append(rec)
+    return records
+
+
+def wait_for_train_steps(proc: subprocess.Popen, metrics_path: Path, steps: int, deadline: float):
+    """Poll a launched run until its metrics hold `steps` training records, it exits, or time.time()
+    passes `deadline`. Returns (records, status): status "ok", "exited with RC after N steps" or
+    "timed out". Stopping the run is the caller's business (the benches stop it once the steps they time
+    are written, before the final checkpoint)."""
+    records: list[dict] = []
+    while time.time() < deadline:
+        records = train_records(metrics_path)
+        if len(records) >= steps:
+            return records, "ok"
+        if proc.poll() is not None:
+            records = train_records(metrics_path)  # lines written between the poll and the exit
+            if len(records) >= steps:
+                return records, "ok"
+            return records, f"exited with {proc.returncode} after {len(records)} steps"
+        time.sleep(0.5)
+    records = train_records(metrics_path)
+    return records, "ok" if len(records) >= steps else "timed out"

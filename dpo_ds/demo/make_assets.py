@@ -36,7 +36,21 @@ def build_tokenizer():
     )
 
 
-def llama_config(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, tok) -> dict:
+def llama_config(
+    *,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    bos: int | None,
+    eos: int | None,
+    pad: int | None,
+    max_positions: int = 1024,
+    head_dim: int | None = None,
+):
+    """A LlamaConfig with untied embeddings and no dropout (the demo's, the tests' and the benches'
+    models; the weights come from the run's seed)."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
@@ -46,13 +60,34 @@ def llama_config(hidden: int, layers: int, heads: int, intermediate: int, vocab:
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=1024,
+        head_dim=head_dim or hidden // heads,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        rms_norm_eps=1e-6,
+        attention_dropout=0.0,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
     cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def char_model_dir(out: Path, *, vocab: int | None = None, **shape):
+    """`out`: the shipped character tokenizer (dpo_ds/demo/model) and a llama_config of `shape`
+    (hidden, layers, heads, intermediate, max_positions...) with its special ids; `vocab` may exceed the
+    tokenizer's (the benches' 32k-vocab models). No weights. Returns the config."""
+    import shutil
+
+    src = HERE / "model"
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    base = json.loads((src / "config.json").read_text())
+    ids = dict(bos=base["bos_token_id"], eos=base["eos_token_id"], pad=base["pad_token_id"])
+    cfg = llama_config(vocab=vocab or base["vocab_size"], **ids, **shape)
+    cfg.save_pretrained(str(out))
     return cfg
 
 
@@ -63,12 +98,16 @@ def main() -> None:
         out = HERE / name
         out.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out))
-        llama_config(hidden, layers, heads, inter, len(tok), tok).save_pretrained(str(out))
+        ids = dict(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+        cfg = llama_config(
+            vocab=len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=inter, **ids
+        )
+        cfg.save_pretrained(str(out))
         # keep the directory byte-stable across runs: drop the version stamp transformers writes
         cfg_path = out / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg.pop("transformers_version", None)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        saved = json.loads(cfg_path.read_text())
+        saved.pop("transformers_version", None)
+        cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         print(f"wrote {out}")
 
 

@@ -141,25 +141,24 @@ def build_tokenizer(kind: str, out: Path, vocab_size: int = 1024) -> Path:
 def build_model_dir(kind: str, out: Path, hidden: int = 64, layers: int = 2, heads: int = 4) -> Path:
     """A tiny Llama model directory (config.json + the tokenizer of `kind`, no weights: dpo_ds
     initialises them from the seed), loadable as model.name_or_path."""
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
+
+    from dpo_ds.demo.make_assets import llama_config
 
     build_tokenizer(kind, out)
     tok = AutoTokenizer.from_pretrained(str(out))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=pad,
+    cfg = llama_config(
+        vocab=len(tok),
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        intermediate=2 * hidden,
+        max_positions=2048,
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=pad,
     )
-    cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(str(out))
     return out
 
