@@ -163,7 +163,7 @@ class Config:
     exp_name: str = "run"
     run_dir: str | None = None  # default runs/{exp_name}
     resume_from: str | None = None  # auto (this run_dir's LATEST, if any), or a step-N / LATEST directory
-    dist_timeout_s: float = 1800.0  # deadline of every collective (and the process group's timeout)
+    dist_timeout_s: float = 1800.0  # deadline of every collective (the process group's: 60 s more)
     # deadline of a training step; null: 10x the slowest of the first steps, at least 60 s
     step_timeout_s: float | None = None
     torch_threads: int = 0  # per rank; 0 = 1 per rank on CPU, torch's default on GPU

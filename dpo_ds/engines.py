@@ -41,11 +41,17 @@ def set_threads(n: int, on_cpu: bool) -> None:
         torch.set_num_threads(1)
 
 
+# The process group's timeout is a backstop behind the watchdog (which polls twice a second): were
+# they equal, gloo's own exception would often win the race and the hang report would be lost.
+BACKEND_TIMEOUT_MARGIN_S = 60.0
+
+
 def init_distributed(torch_threads: int = 0, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed; returns (rank, world_size, device).
 
     Works under the `deepspeed` launcher, torchrun, and a bare `python` (a world of one). timeout_s
-    bounds every collective of the process group (gloo raises after it; NCCL aborts)."""
+    is the watchdog's deadline for a collective; the process group's own timeout (gloo raises, NCCL
+    aborts) is BACKEND_TIMEOUT_MARGIN_S later, so the watchdog reports first, with every stack."""
     for key, default in (
         ("RANK", "0"),
         ("LOCAL_RANK", "0"),
@@ -66,10 +72,16 @@ def init_distributed(torch_threads: int = 0, timeout_s: float | None = None) -> 
         # fine for CPU runs. Patch the module object itself: `import deepspeed.comm.torch as m`
         # binds the real `torch` package instead.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    # torch.distributed.nn binds `group=group.WORLD` as default arguments when first imported (by
+    # transformers/accelerate, when a tokenizer loads): imported after the process group exists, it
+    # pins the group forever, destroy_process_group() cannot join gloo's threads, and one of them
+    # may take the GIL during interpreter shutdown ('terminate called without an active exception',
+    # exit 250, seen about one run in six). Imported first, the defaults are None.
+    importlib.import_module("torch.distributed.nn")
     if timeout_s is not None:
         from datetime import timedelta
 
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s + BACKEND_TIMEOUT_MARGIN_S))
     else:
         deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -128,6 +140,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Tear the process group down while Python is alive: this joins gloo's worker threads, which,
+    left running into interpreter shutdown, can abort the process there (see init_distributed)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

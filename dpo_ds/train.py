@@ -308,15 +308,18 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
+    from dpo_ds import engines
     from dpo_ds.trainer import TrainingStopped
 
     try:
         run(argv)
-    except USER_ERRORS as e:
+    except USER_ERRORS as e:  # raised on every rank alike (rank 0 decides and broadcasts)
         print(f"dpo_ds: error: {e}", file=sys.stderr, flush=True)
+        engines.shutdown()
         return 2
     except TrainingStopped as e:  # the guard, or too many failed saves: every rank stops alike
         print(f"dpo_ds: stopped: {e}", file=sys.stderr, flush=True)
+        engines.shutdown()
         return 3
     return 0
 

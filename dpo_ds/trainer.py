@@ -166,11 +166,14 @@ class Trainer:
         for step in self.train_data.train_steps(cfg.n_epochs, cfg.n_examples, start_step):
             with self.watchdog.phase(f"training step {step.index + 1}"):
                 metrics = self._step(step)
+                # one collective for both decisions, so every rank takes the same branch; inside the
+                # step's deadline, as a peer that stops between steps leaves this rank waiting here
+                bad, preempted = self._agree(
+                    not math.isfinite(metrics["loss/train"]), self.preemption.requested
+                )
             if step.index == start_step:
                 metrics.update(self.memory)
             examples = step.examples_after
-            # one collective for both decisions, so every rank takes the same branch
-            bad, preempted = self._agree(not math.isfinite(metrics["loss/train"]), self.preemption.requested)
             bad = bad or not math.isfinite(metrics["grad_norm"])
             stop = self._guard(step.index + 1, bad, metrics)
             displaced = self.displacement.check(metrics, "train")

@@ -4,6 +4,7 @@ ds_tensor, which dropping the engine alone never frees)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -52,3 +53,35 @@ def test_destroyed_reference_engine_returns_its_memory(tmp_path):
     weights_gib = 45.4e6 * 4 / 2**30  # the model's fp32 parameters: all on this one rank
     assert built - before > weights_gib  # the engine did hold its weights
     assert built - after > 0.8 * weights_gib, (before, built, after)  # and gave at least them back
+
+
+_SHUTDOWN = textwrap.dedent(
+    """
+    import json, os
+    from dpo_ds import engines
+    from dpo_ds.model import load_tokenizer, resolve_model_dir
+
+    def threads():
+        return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+    engines.init_distributed(1)
+    load_tokenizer(resolve_model_dir("tiny"))  # imports torch.distributed.nn through transformers/accelerate
+    import torch.distributed.nn  # and for certain, should that chain ever change
+    running = threads()
+    engines.shutdown()
+    print(json.dumps([running, threads()]))
+    """
+)
+
+
+def test_shutdown_joins_the_process_groups_threads():
+    """A process group pinned by a stray reference keeps gloo's threads alive into interpreter
+    shutdown, where one of them can abort the process (exit 250) after a clean error exit."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHUTDOWN], env=single_process_env(OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    running, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "pt_gloo_runloop" in running  # the group's worker threads existed
+    assert not [t for t in after if "gloo" in t], after  # and shutdown joined them
