@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # dpo_ds from this checkout, installed or not
-from dpo_ds.launcher import free_port, wait_for_train_steps  # noqa: E402
+from dpo_ds.launcher import free_port, missing_modules, wait_for_train_steps  # noqa: E402
 
 GIB = 2**30
 # Dense bf16 peak (no sparsity), from NVIDIA's data sheets; the H200 has the H100 SXM's tensor cores.
@@ -293,14 +293,8 @@ def cmd_dpo(args) -> None:
         write_json(args.out, {"skipped": "no CUDA device (use --cpu-smoke to check the plumbing on CPU)"})
         print("dpo: skipped, no CUDA device")
         return
-    missing = []
-    for mod in ("deepspeed", "datasets"):
-        try:
-            __import__(mod)
-        except Exception as e:  # ImportError, or a broken install raising something else at import
-            missing.append(f"{mod} ({type(e).__name__}: {str(e)[:120]})")
-    if missing:
-        msg = f"not importable: {', '.join(missing)}; carry bench/wheels (see bench/gpu_check.sh)"
+    msg = missing_modules()
+    if msg:
         write_json(args.out, {"skipped": msg})
         print(f"dpo: SKIPPED (c): {msg}")
         return

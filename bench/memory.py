@@ -80,6 +80,7 @@ from dpo_ds.launcher import (  # noqa: E402
     env,
     free_port,
     launcher,
+    missing_modules,
     wait_for_train_steps,
 )
 
@@ -708,18 +709,6 @@ def gpu_ready() -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA device (use --cpu-smoke to check the plumbing on CPU)"
-    return None
-
-
-def missing_modules() -> str | None:
-    bad = []
-    for mod in ("deepspeed", "datasets"):
-        try:
-            __import__(mod)
-        except Exception as e:  # ImportError, or a broken install raising something else at import
-            bad.append(f"{mod} ({type(e).__name__}: {str(e)[:120]})")
-    if bad:
-        return f"not importable: {', '.join(bad)}; carry bench/wheels (see bench/gpu_check.sh)"
     return None
 
 

@@ -98,3 +98,17 @@ def wait_for_train_steps(proc: subprocess.Popen, metrics_path: Path, steps: int,
         time.sleep(0.5)
     records = train_records(metrics_path)
     return records, "ok" if len(records) >= steps else "timed out"
+
+
+def missing_modules(names=("deepspeed", "datasets")) -> str | None:
+    """What a launched run needs but this interpreter cannot import (the GPU machine ships without
+    deepspeed and datasets unless their wheels are carried), or None."""
+    bad = []
+    for mod in names:
+        try:
+            __import__(mod)
+        except Exception as e:  # ImportError, or a broken install raising something else at import
+            bad.append(f"{mod} ({type(e).__name__}: {str(e)[:120]})")
+    if bad:
+        return f"not importable: {', '.join(bad)}; carry bench/wheels (see bench/gpu_check.sh)"
+    return None

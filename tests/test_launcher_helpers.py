@@ -1,11 +1,12 @@
-"""The launcher helpers the benches share: polling a run's metrics for its training steps."""
+"""The launcher helpers the benches share: polling a run's metrics for its training steps, and saying
+which modules a launched run needs but cannot import."""
 
 import json
 import subprocess
 import sys
 import time
 
-from dpo_ds.launcher import train_records, wait_for_train_steps
+from dpo_ds.launcher import missing_modules, train_records, wait_for_train_steps
 
 
 def _write(path, records, partial=""):
@@ -47,3 +48,10 @@ def test_wait_times_out_on_a_run_that_writes_nothing(tmp_path):
         proc.kill()
         proc.wait()
     assert status == "timed out" and records == []
+
+
+def test_missing_modules_names_each_one_and_why():
+    assert missing_modules(("json", "socket")) is None
+    msg = missing_modules(("json", "dpo_ds_no_such_module", "also_not_there"))
+    assert msg.startswith("not importable: dpo_ds_no_such_module (ModuleNotFoundError")
+    assert "also_not_there (ModuleNotFoundError" in msg and "json" not in msg
