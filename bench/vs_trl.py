@@ -80,28 +80,39 @@ CHAT_DEFAULTS = {  # --data chat: an ~11M Llama, 1024-token BPE, ~730 processed 
 
 def write_model(model_dir: Path, args) -> int:
     """Random Llama + the dpo_ds char tokenizer in a HF directory; returns the parameter count."""
-    import torch
-    from transformers import LlamaForCausalLM
-
     base = json.loads((TOKENIZER_DIR / "config.json").read_text())
-    heads = args.hidden // args.head_dim
-    config = llama_config(
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, model_dir / name)
+    return save_random_llama(
+        model_dir,
+        args,
         vocab=base["vocab_size"],
-        hidden=args.hidden,
-        layers=args.layers,
-        heads=heads,
-        head_dim=args.head_dim,
-        intermediate=args.intermediate or 4 * args.hidden,
-        max_positions=max(1024, args.max_length),
         bos=base["bos_token_id"],
         eos=base["eos_token_id"],
         pad=base["pad_token_id"],
     )
+
+
+def save_random_llama(model_dir: Path, args, *, vocab: int, bos: int, eos: int, pad: int) -> int:
+    """A Llama of the bench's shape (args), seeded weights, saved as safetensors; returns the parameter count."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(
+        vocab=vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.hidden // args.head_dim,
+        head_dim=args.head_dim,
+        intermediate=args.intermediate or 4 * args.hidden,
+        max_positions=max(1024, args.max_length),
+        bos=bos,
+        eos=eos,
+        pad=pad,
+    )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(model_dir, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER_DIR / name, model_dir / name)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -136,30 +147,15 @@ def make_rows(n: int, args, seed: int) -> list[dict]:
 def write_chat_model(model_dir: Path, args) -> int:
     """The chat-length set's model: a random Llama around a 1024-token byte-level BPE (ChatML's, built
     offline by dpo_ds.demo.tokenizers from Python's own documentation); returns the parameter count."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from dpo_ds.demo.tokenizers import build_tokenizer
 
     build_tokenizer("chatml", model_dir, vocab_size=1024)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    heads = args.hidden // args.head_dim
-    config = llama_config(
-        vocab=len(tok),
-        hidden=args.hidden,
-        layers=args.layers,
-        heads=heads,
-        head_dim=args.head_dim,
-        intermediate=args.intermediate or 4 * args.hidden,
-        max_positions=max(1024, args.max_length),
-        bos=tok.bos_token_id,
-        eos=tok.eos_token_id,
-        pad=tok.pad_token_id,
+    return save_random_llama(
+        model_dir, args, vocab=len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id
     )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
 
 
 def make_chat_rows(n: int, args, seed: int, model_dir: Path) -> list[dict]:
