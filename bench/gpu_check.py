@@ -512,7 +512,7 @@ def _memory_rows(mem: dict | None) -> list[str]:
                 f"| (d) fwd+bwd, module | {pairs} pair(s) | | | | | FAILED: {res.get('error', '?')} |"
             )
             continue
-        logits = res["scored_tokens"] * 32000 * 4
+        logits = res["logits_bytes"]
         for v in ("none", "fused_linear", "chunked", "naive"):
             if v in res:
                 d = res[v] - res["none"]
