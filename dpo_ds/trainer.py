@@ -108,9 +108,7 @@ class Trainer:
         self.saves = 0
         self.displacement = DisplacementGuard(cfg.guard.max_chosen_drop_per_token)
         self.checker = None  # set by train.py: eval.checker's function
-        self.stop_reason = (
-            ""  # guard.action=stop: why the run ended early  # EOS and the chat template's end of turn
-        )
+        self.stop_reason = ""  # guard.action=stop: why the run ended early
         self.sink = MetricsSink(cfg, run_dir, rank)
 
     # ------------------------------------------------------------------ one micro-batch

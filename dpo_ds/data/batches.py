@@ -237,7 +237,7 @@ class Batches:
     def prompts(self, n: int) -> list[list[int]]:
         """Prompt ids of the first n held-out examples, the same on every rank (samples during eval):
         rendered and truncated exactly as the model saw them in training and eval."""
-        return [(s := self.tokenized(i)[0]).input_ids[: s.prompt_len] for i in self._order(0)[:n]]
+        return [ids for ids, _ in self.checked(n)]
 
 
 def data_digest(splits: list[Batches]) -> str:
