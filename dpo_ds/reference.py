@@ -24,7 +24,7 @@ import torch
 
 from dpo_ds.checkpoint import archive_files
 from dpo_ds.config import ConfigError
-from dpo_ds.data.batches import data_digest
+from dpo_ds.data.batches import data_digest, rank_share
 from dpo_ds.data.collate import to_device
 from dpo_ds.model import sequence_logps, weight_files
 
@@ -151,12 +151,9 @@ def compute_tables(engine, splits, pairs_per_forward: int, rank: int, world: int
         if not used:  # n_eval_examples=0: an eval split nothing reads
             tables[data.split] = torch.full((len(data.examples), 2), float("nan"), dtype=torch.float32)
             continue
-        per_rank = -(-len(used) // world)
-        mine = used[rank * per_rank : (rank + 1) * per_rank]
-        n_real = len(mine)
-        mine = mine + [mine[-1] if mine else used[-1]] * (per_rank - n_real)
+        mine, n_real = rank_share(used, rank, world)
         rows: list[tuple[int, float, float]] = []
-        for start in range(0, per_rank, pairs_per_forward):
+        for start in range(0, len(mine), pairs_per_forward):
             ids = mine[start : start + pairs_per_forward]
             batch = to_device(data.collate(ids), device)
             seqs = sequence_logps(engine, batch)

@@ -23,7 +23,7 @@ import torch
 from dpo_ds import checkpoint, engines
 from dpo_ds.checkpoint import RunDir
 from dpo_ds.config import Config, to_dict
-from dpo_ds.data.batches import Batches
+from dpo_ds.data.batches import Batches, rank_share
 from dpo_ds.data.collate import to_device
 from dpo_ds.guards import DisplacementGuard, score
 from dpo_ds.model import sequence_logps
@@ -342,10 +342,7 @@ class Trainer:
         """eval.checker's mean score of greedy generations on eval.n_checked held-out prompts. Every
         rank generates its share (the same count on every rank, as ZeRO-3 requires) and scores it."""
         items = self.eval_data.checked(self.cfg.eval.n_checked)
-        per_rank = -(-len(items) // self.world)
-        mine = items[self.rank * per_rank : (self.rank + 1) * per_rank]
-        n_real = len(mine)
-        mine = mine + [items[-1]] * (per_rank - n_real)
+        mine, n_real = rank_share(items, self.rank, self.world)
         answers = self.generate(self.policy, [ids for ids, _ in mine])
         total = 0.0
         for (_, ex), answer in list(zip(mine, answers))[:n_real]:
@@ -390,10 +387,7 @@ class Trainer:
 
     def write_samples(self, step: int) -> None:
         prompts = self.eval_data.prompts(self.cfg.n_eval_model_samples)
-        per_rank = -(-len(prompts) // self.world)
-        mine = prompts[self.rank * per_rank : (self.rank + 1) * per_rank]
-        n_real = len(mine)
-        mine = mine + [prompts[-1]] * (per_rank - n_real)  # equal work on every rank
+        mine, n_real = rank_share(prompts, self.rank, self.world)  # equal work on every rank
         policy_out = self.generate(self.policy, mine)
         # a precomputed or absent reference has no model to sample from: the policy's samples only
         ref = self.reference.engine

@@ -5,7 +5,7 @@ below is counted by hand). Chat templates and other tokenizers: tests/test_chat.
 import pytest
 import torch
 
-from dpo_ds.data.batches import Batches, flatten
+from dpo_ds.data.batches import Batches, flatten, rank_share
 from dpo_ds.data.collate import collate_padded
 from dpo_ds.data.sources import PromptGroup
 from dpo_ds.data.tokenize import IGNORE, Tokenization
@@ -134,3 +134,14 @@ def test_eval_batches_equal_per_rank(tok):
     ev = [_batches(tok, r, 2, micro_batches_per_step=1).eval_batches(19) for r in range(2)]
     assert len(ev[0]) == len(ev[1]) == 2  # 19 -> two global batches of 8
     assert all(n == 4 for _, n in ev[0])
+
+
+@pytest.mark.parametrize("n,world", [(7, 2), (8, 2), (5, 3), (1, 4), (10, 4)])
+def test_rank_share_gives_each_item_once_and_every_rank_the_same_count(n, world):
+    items = list(range(n))
+    shares = [rank_share(items, r, world) for r in range(world)]
+    assert len({len(share) for share, _ in shares}) == 1  # the same number of calls on every rank
+    real = [x for share, n_real in shares for x in share[:n_real]]
+    assert real == items  # in order, each once
+    for share, n_real in shares:
+        assert all(x == items[-1] for x in share[n_real:])  # padding repeats the last item

@@ -240,6 +240,16 @@ class Batches:
         return [ids for ids, _ in self.checked(n)]
 
 
+def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's contiguous share of `items`, padded with the last item to the same length on every
+    rank (a ZeRO-3 forward or generate is a collective: every rank makes the same calls); returns the
+    share and how many of its items are real (the padding's results are dropped)."""
+    per_rank = -(-len(items) // world)
+    mine = items[rank * per_rank : (rank + 1) * per_rank]
+    n_real = len(mine)
+    return mine + items[-1:] * (per_rank - n_real), n_real
+
+
 def data_digest(splits: list[Batches]) -> str:
     """sha256 over the token ids and labels of every example the splits use: it changes with the
     data files, the tokenizer, its chat template and every truncation setting (a resume and a
