@@ -88,11 +88,11 @@ def run(argv=None) -> dict:
     attn = engines.attn_implementation(cfg, on_cpu)
     # Packed rows: under FlexAttention (block-sparse) one row fills the whole micro-batch budget; a
     # dense mask costs (row x row) per row, so there rows stay near max_length unless data.row_tokens says
+    per_segment = attn in ("flex_attention", "dpo_ds_blocks")  # nothing computed across segments
     row_tokens = cfg.data.row_tokens
-    if not row_tokens and attn in ("flex_attention", "dpo_ds_blocks"):
-        # nothing is computed across segments: one row per micro-batch, no padding at all
-        row_tokens = cfg.data.max_tokens_per_micro_batch or ONE_ROW
-    if cfg.data.layout == "shared_prompt" and attn not in ("flex_attention", "dpo_ds_blocks"):
+    if not row_tokens and per_segment:
+        row_tokens = cfg.data.max_tokens_per_micro_batch or ONE_ROW  # one row per micro-batch, no padding
+    if cfg.data.layout == "shared_prompt" and not per_segment:
         row = cfg.data.row_tokens or 2 * cfg.max_length
         if row > DENSE_MASK_MAX_TOKENS:
             raise ConfigError(
