@@ -75,8 +75,8 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
-        """End the thread before the interpreter does: a daemon thread still waking from its wait
-        during finalization is torn down mid-call ('terminate called without an active exception')."""
+        """End the thread before the interpreter finalizes, so no thread of ours is still running then
+        (the 'terminate called' aborts seen at exit came from gloo's threads: see engines.init_distributed)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
