@@ -150,6 +150,14 @@ def test_ultrafeedback_hub_name_and_splits(tmp_path):
     assert [g.responses for g in groups] == [[[assistant(g)], [assistant(b)]] for _, g, b in CONVERSATIONS]
 
 
+def test_a_plain_directory_shaped_like_ultrafeedback_says_how_to_read_it(tmp_path):
+    repo = tmp_path / "uf"
+    (repo / "data").mkdir(parents=True)
+    _write(repo / "data" / "train_prefs-00000-of-00001.parquet", ultrafeedback_rows())
+    with pytest.raises(DataError, match=rf"no 'train' file in {repo}.*read it with 'ultrafeedback:{repo}'"):
+        load_source(str(repo), "train", str(tmp_path / "c"))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_sft_on_messages_labels_assistant_turns_only(toks, tmp_path, kind):
     tok = toks[kind]
@@ -534,3 +542,155 @@ def test_generation_prompts_are_the_trained_prompts(toks):
     (prompt,) = b.prompts(1)
     assert prompt == ids_of(tok, turns, add_generation_prompt=True)
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------- conversations too long
+
+LONG_USER = (
+    "Here is a long document pasted by the user. It goes on about many things, line after line: "
+    "classes, modules, the import system, exceptions and their handling, and a final question at the end. "
+)
+
+
+def long_conversations():
+    """Multi-turn prompts that overflow: a system turn, earlier exchanges, a long last question."""
+    return [
+        [SYSTEM, user("first question " * 6), assistant("first answer " * 6), user(LONG_USER * 3)],
+        [user("a " * 40), assistant("b " * 40), user("c " * 40), assistant("d " * 40), user("What now?")],
+        [SYSTEM, user(LONG_USER * 4)],
+        [{"role": "system", "content": LONG_USER * 3}, user("short question")],
+    ]
+
+
+def reference_shortening(tok, prompt, side, max_prompt_length):
+    """The truncation rule written out by brute force (independent of dpo_ds's search): drop whole earlier
+    exchanges oldest first (the system turn stays); then keep the most characters that fit of the earliest
+    user message's text (its end for keep_end, its start for keep_start), then of the system turn's.
+    Returns (messages, index of the message whose text was cut or None); token counts of a text's prefix
+    are not monotonic under every tokenizer, so the longest fit is found by trying every length."""
+
+    def fits(messages):
+        return len(ids_of(tok, messages, add_generation_prompt=True)) <= max_prompt_length
+
+    system = prompt[:1] if prompt[0]["role"] == "system" else []
+    rest = prompt[len(system) :]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    for s in starts:
+        if fits(system + rest[s:]):
+            return system + rest[s:], None
+    messages = system + rest[starts[-1] :]
+    order = [i for i, m in enumerate(messages) if m["role"] == "user"][:1] + ([0] if system else [])
+    for at in order:
+        text = messages[at]["content"]
+        for k in range(len(text), -1, -1):
+            kept = text[len(text) - k :] if side == "keep_end" else text[:k]
+            candidate = messages[:at] + [{**messages[at], "content": kept}] + messages[at + 1 :]
+            if fits(candidate):
+                return candidate, at
+        messages = messages[:at] + [{**messages[at], "content": ""}] + messages[at + 1 :]
+    raise AssertionError("nothing fits")
+
+
+def cut_text_of(seq, tok, want, at, original, side):
+    """The text dpo_ds kept of message `at`: the one whose rendering with the other messages of `want`
+    gives seq's prompt ids, looked for among the original text's prefixes or suffixes."""
+    prompt = seq.input_ids[: seq.prompt_len]
+    for k in range(len(original), -1, -1):
+        kept = original[len(original) - k :] if side == "keep_end" else original[:k]
+        candidate = want[:at] + [{**want[at], "content": kept}] + want[at + 1 :]
+        if ids_of(tok, candidate, add_generation_prompt=True) == prompt:
+            return candidate, kept
+    return None, None
+
+
+@pytest.mark.parametrize("side", ["keep_end", "keep_start"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_conversations_are_cut_as_conversations(toks, kind, side):
+    """Every truncated prompt is apply_chat_template's own rendering of a shortened conversation (the
+    same whole earlier exchanges dropped as the rule written out by brute force, then one message's text
+    cut to a prefix or suffix of itself), within max_prompt_length, keeping within a few characters as
+    much text as the brute force finds; the responses follow it as the template renders them."""
+    tok = toks[kind]
+    mpl, ml = 48, 80
+    rules = Tokenization(tok, max_length=ml, max_prompt_length=mpl, truncation_mode=side)
+    for prompt in long_conversations():
+        assert len(ids_of(tok, prompt, add_generation_prompt=True)) > mpl  # the case under test
+        chosen, rejected = [assistant("yes, " * 3)], [assistant("no")]
+        c, r = rules.tokenize(prompt, [chosen, rejected], "keep_end")
+        want, at = reference_shortening(tok, prompt, side, mpl)
+        assert c.prompt_len <= mpl and c.input_ids[: c.prompt_len] == r.input_ids[: r.prompt_len]
+        if at is None:
+            got = want
+            assert c.input_ids[: c.prompt_len] == ids_of(tok, want, add_generation_prompt=True)
+        else:
+            # the system turn's text, or the last user message's (all earlier exchanges went first)
+            role = want[at]["role"]
+            original = (
+                prompt[0]["content"]
+                if role == "system"
+                else [m for m in prompt if m["role"] == "user"][-1]["content"]
+            )
+            got, kept = cut_text_of(c, tok, want, at, original, side)
+            assert got is not None, (kind, side, "the prompt is no rendering of a cut conversation")
+            assert len(kept) >= len(want[at]["content"]) - 8, (
+                kind,
+                side,
+                len(kept),
+                len(want[at]["content"]),
+            )
+        for seq, answer in ((c, chosen), (r, rejected)):
+            full = ids_of(tok, got + answer)
+            assert seq.input_ids == full[:ml] or rules.boundary_splits, (kind, side)
+    assert sum(rules.cuts.values()) >= len(long_conversations())
+    assert any("truncated" in line for line in rules.summary())
+
+
+def test_chatml_long_prompt_keeps_its_headers(toks):
+    """The bug: keep_end kept '<|im_start|>' (ChatML's bos_token) and then the middle of the user's text.
+    Now every <|im_start|> opens a role header and the prompt ends with the generation prompt."""
+    tok = toks["chatml"]
+    rules = Tokenization(tok, max_length=64, max_prompt_length=40, truncation_mode="keep_end")
+    prompt = [SYSTEM, user(LONG_USER * 5)]
+    (c,) = rules.tokenize(prompt, [[assistant("ok")]], "keep_end")
+    text = tok.decode(c.input_ids[: c.prompt_len])
+    assert c.prompt_len <= 40
+    assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    pieces = text.split("<|im_start|>")[1:]
+    assert [p.split("\n", 1)[0] for p in pieces] == ["system", "user", "assistant"]
+    assert rules.cuts == {"text": 1}
+
+
+def test_plain_text_on_a_chatml_tokenizer_keeps_adding_nothing(toks):
+    """A plain-text prompt on a tokenizer whose bos_token is a template marker: nothing in front, and
+    keep_end keeps the text's end, not a leading <|im_start|> it never had."""
+    tok = toks["chatml"]
+    rules = Tokenization(tok, max_length=24, max_prompt_length=10, truncation_mode="keep_end")
+    text = LONG_USER
+    (c,) = rules.tokenize(text, ["ok"], "keep_end")
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    assert c.input_ids[: c.prompt_len] == plain[-10:]
+    assert tok.bos_token_id not in c.input_ids
+    assert rules.cuts == {"tokens": 1}
+
+
+def test_a_template_too_long_for_max_prompt_length_is_an_error(toks):
+    tok = toks["chatml"]
+    rules = Tokenization(tok, max_length=8, max_prompt_length=4)
+    with pytest.raises(DataError, match=r"row 3.*more than max_prompt_length=4"):
+        rules.tokenize(
+            [SYSTEM, user(LONG_USER)], [[assistant("ok")]], "keep_end", ["f.jsonl row 3", "f.jsonl row 3"]
+        )
+
+
+def test_each_source_says_how_its_rows_are_rendered(toks, shapes):
+    from dpo_ds.data.sources import PromptGroup
+
+    tok = toks["llama"]
+    rules = Tokenization(tok, max_length=64, max_prompt_length=32)
+    line = rules.describe("ultrafeedback:/data/uf", shapes["ultrafeedback"])
+    assert line == f"data source ultrafeedback:/data/uf: {len(CONVERSATIONS)} conversations rendered by the chat template"
+    plain = [PromptGroup("1+1=", ["2", "3"], [(0, 1)], "2", "keep_end")]
+    assert rules.describe("demo", plain) == (
+        "data source demo: 1 plain-text prompts, no chat template (['<s>'] in front, '</s>' after each response)"
+    )

@@ -181,12 +181,29 @@ def _find_split_file(directory: Path, split: str) -> Path:
     found = [directory / f"{split}{s}" for s in LOCAL_SUFFIXES if (directory / f"{split}{s}").is_file()]
     if not found:
         looked = ", ".join(f"{split}{s}" for s in LOCAL_SUFFIXES)
-        raise DataError(f"no '{split}' file in {directory}: looked for {looked}")
+        raise DataError(f"no '{split}' file in {directory}: looked for {looked}{_hub_layout_hint(directory)}")
     if len(found) > 1:
         raise DataError(
             f"several '{split}' files in {directory}: {', '.join(p.name for p in found)}; keep only one"
         )
     return found[0]
+
+
+def _hub_layout_hint(directory: Path) -> str:
+    """What to write instead when a plain directory is a hub repository's download (DIR/data/*.parquet)."""
+    shards = sorted(p.name for p in directory.glob("data/*.parquet"))
+    if not shards:
+        return ""
+    for kind, splits in HUB_SPLITS.items():
+        if any(name.startswith(f"{hub}-") for hub in set(splits.values()) - {"train"} for name in shards):
+            return (
+                f". {directory} is shaped like the hub repository {HUB_NAMES[kind]} "
+                f"({directory / 'data' / shards[0]}, ...): read it with '{kind}:{directory}'"
+            )
+    return (
+        f". {directory} holds a hub repository's data/*.parquet ({shards[0]}, ...): read it with the hub "
+        f"parser of its rows, as 'hh:DIR', 'shp:DIR', 'se:DIR' or 'ultrafeedback:DIR'"
+    )
 
 
 def _read_file(path: Path, cache_dir: str | None):

@@ -21,9 +21,16 @@ Conversations (lists of {'role', 'content'} messages)
             special token inside a message's text is an error.
 
 Truncation, when prompt + the longest response is longer than max_length
-  dpo_ds rule (data.truncation_mode = auto | keep_start | keep_end): the prompt is cut to
-            max_prompt_length tokens, keeping its start or its end (keep_end keeps a leading BOS too),
-            then every response is cut to the room left after the prompt.
+  dpo_ds rule (data.truncation_mode = auto | keep_start | keep_end): a plain-text prompt is cut to
+            max_prompt_length tokens, keeping its start or its end (keep_end keeps the BOS that
+            dpo_ds put in front, never a token that merely shares the BOS's id), then every response
+            is cut to the room left after the prompt.
+            A conversation is cut as a conversation, never through a special token or a header:
+            whole earlier exchanges go first, oldest first (the system turn stays), then the text of
+            the earliest remaining user message is cut (its start for keep_end, its end for
+            keep_start), then, if the system turn alone is too long, its text; the conversation is
+            rendered again each time, so a truncated prompt is always what apply_chat_template makes
+            of a (shorter) conversation, within max_prompt_length. Counted per how (`cuts`).
   original  (data.truncation_mode=original) eric-mitchell/direct-preference-optimization's
             tokenize_batch_element on the same rows, token for token: no BOS, a row whose text holds
             the EOS token is refused (the original asserts), the prompt is cut the same way (its BOS
@@ -36,17 +43,33 @@ Truncation, when prompt + the longest response is longer than max_length
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from dpo_ds.data.sources import DataError, Text
 
 IGNORE = -100
+# how a prompt was truncated (Tokenization.cuts); a conversation may count under two of these
+CUT_TOKENS, CUT_TURNS, CUT_TEXT, CUT_SYSTEM = "tokens", "turns", "text", "system"
+CUT_DESCRIPTIONS = {
+    CUT_TOKENS: "plain-text prompts cut to their tokens' start or end",
+    CUT_TURNS: "conversations lost whole earlier exchanges",
+    CUT_TEXT: "conversations had their earliest user message's text cut",
+    CUT_SYSTEM: "conversations had their system message's text cut too",
+}
 TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
 ADD_BOS = ("auto", "true", "false")
 
 
 class TokenizationError(ValueError):
     """A tokenizer or template that cannot serve the data (no chat template, no BOS to add, ...)."""
+
+
+def _keep_chars(messages: list[dict], at: int, k: int, side: str) -> list[dict]:
+    """messages with message `at`'s text cut to its last (keep_end) or first (keep_start) k characters."""
+    text = messages[at]["content"]
+    kept = text[len(text) - k :] if side == "keep_end" else text[:k]
+    return messages[:at] + [{**messages[at], "content": kept}] + messages[at + 1 :]
 
 
 @dataclass
@@ -126,6 +149,7 @@ class Tokenization:
         )
         self.stop_ids = [self.eos_id] + [t for t in self._end_of_turn() if t != self.eos_id]
         self.boundary_splits = 0  # responses tokenized apart from the prompt (see _chat_response)
+        self.cuts: Counter[str] = Counter()  # how many prompts were truncated, by how (CUT_* keys)
 
     # ------------------------------------------------------------------ the tokenizer's rules
 
@@ -331,7 +355,15 @@ class Tokenization:
 
     # ------------------------------------------------------------------ truncation
 
+    def _overflows(self, prompt: list[int], pieces: list[_Piece]) -> bool:
+        """Whether the prompt must be cut: prompt + the longest response is over max_length, and the
+        prompt over max_prompt_length (else only the responses are cut)."""
+        longest = max((len(p.ids) for p in pieces), default=0)
+        return len(prompt) + longest > self.max_length and len(prompt) > self.max_prompt_length
+
     def _truncate(self, prompt: list[int], pieces: list[_Piece], side: str) -> tuple[list[int], list[_Piece]]:
+        """Token-level truncation of a plain-text prompt, then of every response (a conversational
+        prompt arrives here already within max_prompt_length: _shorten_conversation)."""
         longest = max((len(p.ids) for p in pieces), default=0)
         mpl, ml = self.max_prompt_length, self.max_length
         if self.original:  # token for token what tokenize_batch_element does
@@ -340,15 +372,97 @@ class Tokenization:
             if len(prompt) + longest > ml:
                 pieces = [p.cut(ml - mpl) for p in pieces]
             return prompt, pieces
-        if len(prompt) + longest > ml and len(prompt) > mpl:
+        if self._overflows(prompt, pieces):
+            self.cuts[CUT_TOKENS] += 1
             if side == "keep_start":
                 prompt = prompt[:mpl]
             else:
-                head = prompt[:1] if (self.bos_id is not None and prompt[:1] == [self.bos_id]) else []
-                keep = mpl - len(head)  # >= 0; a `prompt[-0:]` slice would keep everything
+                # the BOS dpo_ds put in front stays; a ChatML tokenizer's bos_token (<|im_start|>) is a
+                # template marker that a plain-text prompt never got from us, so nothing is kept for it
+                prefix = self.prompt_prefix
+                head = prefix if prefix and prompt[: len(prefix)] == prefix else []
+                keep = max(mpl - len(head), 0)  # a `prompt[-0:]` slice would keep everything
                 prompt = head + (prompt[len(prompt) - keep :] if keep else [])
         room = ml - len(prompt)
         return prompt, [p.cut(room) for p in pieces]
+
+    def _prompt_length(self, messages: list[dict], origin: str) -> int:
+        return len(self._encode(self._render_text(messages, True, origin)))
+
+    def _shorten_conversation(self, prompt: list[dict], side: str, origin: str) -> list[dict]:
+        """The longest shortening of a conversational prompt that renders within max_prompt_length,
+        in this order: drop whole earlier exchanges (a user turn and what follows it up to the next
+        user turn), oldest first, keeping a leading system turn and the last exchange; then cut the
+        text of the earliest user message left, keeping its end (keep_end) or its start (keep_start);
+        then the system turn's text. Returns the messages to render; raises DataError when even empty
+        messages do not fit (max_prompt_length below the template's own tokens)."""
+        mpl = self.max_prompt_length
+
+        def fits(messages: list[dict]) -> bool:
+            return self._prompt_length(messages, origin) <= mpl
+
+        system = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
+        rest = prompt[len(system) :]
+        turns = rest
+        for s in [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]:
+            if fits(system + turns):
+                break
+            turns = rest[s:]  # whole exchanges, oldest first; the last one always stays
+        if len(turns) < len(rest):
+            self.cuts[CUT_TURNS] += 1
+        messages = system + turns
+        if fits(messages):
+            return messages
+        # cut one message's text: the earliest user message left, then (if need be) the system turn
+        order = [i for i, m in enumerate(messages) if m["role"] == "user"][:1] + ([0] if system else [])
+        for at in order:
+            if not fits(_keep_chars(messages, at, 0, side)):  # all of its text goes, the next is cut too
+                self.cuts[CUT_TEXT] += 1
+                messages = _keep_chars(messages, at, 0, side)
+                continue
+            lo, hi = 0, len(messages[at]["content"])  # the most characters kept that still fit
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(_keep_chars(messages, at, mid, side)):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            self.cuts[CUT_SYSTEM if system and at == 0 else CUT_TEXT] += 1
+            return _keep_chars(messages, at, lo, side)  # fits: lo == 0 was checked, every lo kept was too
+        raise DataError(
+            f"{origin}: the chat template's own tokens for this conversation, with its messages' text cut "
+            f"to nothing, are {self._prompt_length(messages, origin)} tokens, more than "
+            f"max_prompt_length={mpl}; raise max_prompt_length"
+        )
+
+    def describe(self, spec: str, groups) -> str:
+        """One log line: how the rows of source `spec` are rendered (a mix of conversational and
+        plain-text sources is legal, and each kind follows its own rules)."""
+        chats = sum(not isinstance(g.prompt, str) for g in groups)
+        plain = len(groups) - chats
+        parts = []
+        if chats:
+            parts.append(f"{chats} conversations rendered by the chat template")
+        if plain:
+            bos = self.tok.convert_ids_to_tokens(self.prompt_prefix) if self.prompt_prefix else "nothing"
+            parts.append(
+                f"{plain} plain-text prompts, no chat template ({bos} in front, {self.tok.eos_token!r} after "
+                f"each response)"
+            )
+        return f"data source {spec}: " + (" and ".join(parts) or "no rows")
+
+    def summary(self) -> list[str]:
+        """What tokenization did beyond the plain rules, as log lines (nothing when it did nothing)."""
+        lines = []
+        if self.boundary_splits:
+            lines.append(
+                f"{self.boundary_splits} responses begin with characters that merge with the end of the "
+                f"generation prompt when tokenized together; they are tokenized apart from it, as at generation"
+            )
+        if self.cuts:
+            how = ", ".join(f"{n} {CUT_DESCRIPTIONS[k]}" for k, n in sorted(self.cuts.items()))
+            lines.append(f"prompts over max_prompt_length={self.max_prompt_length} were truncated: {how}")
+        return lines
 
     def tokenize(
         self,
@@ -362,6 +476,10 @@ class Tokenization:
         truncation_mode: the source's keep_start / keep_end; data.truncation_mode other than auto wins."""
         side = truncation_mode if self.mode in ("auto", "original") else self.mode
         prompt_ids, pieces = self.render(prompt, responses, origins)
+        if not isinstance(prompt, str) and self._overflows(prompt_ids, pieces):
+            # a conversation is cut as messages and rendered again: never through a header
+            shorter = self._shorten_conversation(prompt, side, (origins or ["prompt"])[0])
+            prompt_ids, pieces = self.render(shorter, responses, origins)
         prompt_ids, pieces = self._truncate(prompt_ids, pieces, side)
         n = len(prompt_ids)
         return [
