@@ -83,6 +83,7 @@ from dpo_ds.launcher import (  # noqa: E402
     missing_modules,
     wait_for_train_steps,
 )
+from dpo_ds.model import has_weights  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -206,6 +207,7 @@ def train_row(spec: dict, args, work: Path) -> dict:
         "loss=dpo",
         "loss.beta=0.1",
         f"model.name_or_path={spec.get('model') or work / 'model'}",
+        *([] if has_weights(Path(spec.get("model") or work / "model")) else ["model.init=random"]),
         f"datasets=[{data}]",
         f"run_dir={run_dir}",
         f"data.cache_dir={work / 'hf_cache'}",

@@ -93,6 +93,7 @@ def run(name: str, args, model: Path, data: Path, run_dir: Path, extra: list[str
         "loss=dpo",
         "loss.beta=0.1",
         f"model.name_or_path={model}",
+        "model.init=random",  # char_model_dir writes a config and a tokenizer, no weights
         f"datasets=[{data}]",
         f"run_dir={run_dir}",
         f"batch_size={args.batch}",

@@ -351,9 +351,11 @@ def _free(key: str) -> bool:
 def check_resume(state: dict, config: dict, data_digest: str, world: int, allow: list[str]) -> list[str]:
     """Compare a checkpoint's run_state with this run. Returns the changes resume.allow_changes lets
     through (to log); raises ConfigError naming every other key that differs."""
-    from dpo_ds.config import ConfigError
+    from dpo_ds.config import Config, ConfigError, to_dict
 
-    old = {**_flat(state.get("config", {})), "world size": state.get("world"), DATA_KEY: state.get("data")}
+    # a key the checkpoint's config does not have (written by an older dpo_ds) had its default's meaning
+    old = {**_flat(to_dict(Config())), **_flat(state.get("config", {}))}
+    old.update({"world size": state.get("world"), DATA_KEY: state.get("data")})
     new = {**_flat(config), "world size": world, DATA_KEY: data_digest}
     diffs = [k for k in sorted(set(old) | set(new)) if not _free(k) and old.get(k) != new.get(k)]
 

@@ -32,6 +32,7 @@ REFERENCE_MODES = ("engine", "precomputed")
 LAYOUTS = ("padded", "packed", "shared_prompt")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "dpo_ds_blocks")
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
+MODEL_INITS = ("auto", "random")
 
 
 @dataclass
@@ -61,6 +62,9 @@ class LossConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "demo"  # local HF causal-LM directory; "demo" / "tiny" are shipped configs
+    # auto: the directory's weights (an error when it has none), model.archive's, or for the shipped
+    # demo / tiny configs a seeded init; random: a seeded random init, asked for
+    init: str = "auto"
     archive: str | None = None  # an SFT run's LATEST/policy.pt, loaded into policy and reference
     policy_dtype: str = "float32"  # float32 | bfloat16 | float16 (DeepSpeed mixed precision)
     reference_dtype: str = "float32"
@@ -345,6 +349,13 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.model.reference_zero_stage in (None, 0, 3), "model.reference_zero_stage", "must be 0, 3 or null")
     need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a model directory")
+    need(cfg.model.init in MODEL_INITS, "model.init", f"must be one of {MODEL_INITS}")
+    if cfg.model.init == "random":
+        need(
+            cfg.model.archive is None,
+            "model.init",
+            "is random, but model.archive gives the weights; pick one",
+        )
     need(len(cfg.datasets) > 0, "datasets", "must list at least one dataset")
     need(cfg.batch_size > 0, "batch_size", "must be > 0")
     need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")

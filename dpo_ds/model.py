@@ -47,6 +47,53 @@ def has_weights(model_dir: Path) -> bool:
     return bool(weight_files(model_dir))
 
 
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def missing_shards(model_dir: Path) -> list[str]:
+    """Shard files a weight index names that are not in the directory (an interrupted download)."""
+    import json
+
+    missing = []
+    for name in WEIGHT_INDEXES:
+        index = model_dir / name
+        if not index.is_file():
+            continue
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(
+                f"{index}: not a weight index with a 'weight_map' ({type(e).__name__}: {e})"
+            ) from None
+        missing += [s for s in shards if not (model_dir / s).is_file()]
+    return missing
+
+
+def start_from_weights(model_dir: Path, init: str, archive: str | None) -> bool:
+    """Whether the models load the directory's own weights (else the archive's, or a seeded init).
+
+    Training from random weights must be asked for (model.init=random), or be one of the shipped
+    demo configs, which are seeded by design: a directory with config.json and a tokenizer but no
+    weights (an interrupted download) would otherwise train from noise without a word."""
+    if archive is not None or init == "random":
+        return False
+    if model_dir in SHIPPED_MODELS.values():
+        return False  # demo / tiny: configs without weights, initialised from the seed
+    missing = missing_shards(model_dir)
+    if missing:
+        raise ModelError(
+            f"model.name_or_path={model_dir}: its weight index names {len(missing)} shard(s) that are not there: "
+            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; finish the download"
+        )
+    if not has_weights(model_dir):
+        raise ModelError(
+            f"model.name_or_path={model_dir} holds no weights (no {', '.join(WEIGHT_PATTERNS)}): an "
+            f"interrupted download? Fetch them, give model.archive=..., or set model.init=random to train "
+            f"from a random initialisation on purpose"
+        )
+    return True
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 

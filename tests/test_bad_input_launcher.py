@@ -97,3 +97,20 @@ def test_ds_json_contradicts_batch_size(tmp_path):
     out = _fails(tmp_path, ds=str(path))
     line = _error_lines(out)[0]
     assert "train_batch_size" in line and str(path) in line and "7" in line and "16" in line, line
+
+
+def test_model_dir_without_weights(tmp_path):
+    """config.json and a tokenizer, no weights (an interrupted download): refused on every rank, naming
+    the directory and the key that asks for a random start, instead of training from noise."""
+    import shutil
+
+    from dpo_ds.model import SHIPPED_MODELS
+
+    model = tmp_path / "downloaded"
+    shutil.copytree(SHIPPED_MODELS["tiny"], model)
+    out = _fails(tmp_path, f"model.name_or_path={model}")
+    lines = _error_lines(out)
+    assert len(lines) == 2, out[-4000:]  # both ranks
+    assert all(
+        str(model) in line and "holds no weights" in line and "model.init=random" in line for line in lines
+    )

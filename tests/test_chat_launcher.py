@@ -63,6 +63,7 @@ def test_sft_then_dpo_on_conversations(tmp_path):
         run_train(
             *common,
             "loss=sft",
+            "model.init=random",  # the model dir has a config and a tokenizer, no weights
             "loss.sft_normalize=token",
             f"datasets=[{tmp_path / 'chats'}]",
             f"run_dir={sft_dir}",

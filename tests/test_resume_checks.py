@@ -91,3 +91,14 @@ def test_truncate_records_keeps_each_step_once(tmp_path):
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in kept] == [1, 2, 3, 4, 4]
     assert ckpt.truncate_records(tmp_path / "absent.jsonl", 4) == 0
+
+
+def test_a_key_added_since_the_checkpoint_compares_as_its_default():
+    """A checkpoint written before a config key existed resumes when the key keeps its default (an
+    upgrade of dpo_ds mid-run), and is refused, naming it, when the run sets it otherwise."""
+    state = _state(["batch_size=16"])
+    del state["config"]["model"]["init"]  # as a dpo_ds from before the key wrote it
+    assert ckpt.check_resume(state, to_dict(load_config(None, ["batch_size=16"])), "abc", 2, []) == []
+    changed = to_dict(load_config(None, ["batch_size=16", "model.init=random"]))
+    with pytest.raises(ConfigError, match=r"model.init: 'auto' -> 'random'"):
+        ckpt.check_resume(state, changed, "abc", 2, [])
