@@ -102,6 +102,26 @@ def sync_max(n: int) -> int:
     return int(t.item())
 
 
+def across_ranks(values: list[float]) -> torch.Tensor:
+    """(world, len(values)) float64: every rank's values, in one all-reduce (each rank fills its row)."""
+    t = torch.zeros(torch.distributed.get_world_size(), len(values), dtype=torch.float64, device=comm_device())
+    t[torch.distributed.get_rank()] = torch.tensor(values, dtype=torch.float64)
+    return all_reduce_sum(t).cpu()
+
+
+def memory_across_ranks(named: dict[str, float]) -> dict[str, float]:
+    """Rank 0's memory figures as given, plus for each the largest over the ranks and which rank has it
+    (`memory/peak_gib` -> `memory/peak_gib_max`, `memory/peak_gib_max_rank`): rank 0 holds what the
+    other ranks do not (the save's writer, the metrics), and the rank that runs out is the one to know."""
+    names = list(named)
+    table = across_ranks([named[k] for k in names])  # (world, k)
+    out = {k: float(table[0, i]) for i, k in enumerate(names)}
+    for i, k in enumerate(names):
+        r = int(table[:, i].argmax())
+        out[f"{k}_max"], out[f"{k}_max_rank"] = float(table[r, i]), r
+    return out
+
+
 def all_gather_objects(obj) -> list:
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)

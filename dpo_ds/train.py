@@ -54,15 +54,15 @@ def run(argv=None) -> dict:
     from dpo_ds.checkpoint import RunDir, read_archive
     from dpo_ds.config import dump_yaml, load_config, to_dict
     from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, flatten
-    from dpo_ds.data.sources import load_sources
+    from dpo_ds.data.sources import load_source, load_sources
     from dpo_ds.data.tokenize import Tokenization
     from dpo_ds.guards import load_checker
     from dpo_ds.model import (
         DENSE_MASK_MAX_TOKENS,
-        has_weights,
         load_tokenizer,
         random_init_state,
         resolve_model_dir,
+        start_from_weights,
     )
     from dpo_ds.objectives import build_objective
     from dpo_ds.reference import build_reference_source
@@ -110,6 +110,7 @@ def run(argv=None) -> dict:
 
     # 3. inputs: model directory, archive, data -- all checked before any engine exists
     model_dir = resolve_model_dir(cfg.model.name_or_path)
+    from_weights = start_from_weights(model_dir, cfg.model.init, cfg.model.archive)  # no weights: an error
     tokenizer = load_tokenizer(model_dir)
     archive = read_archive(cfg.model.archive) if cfg.model.archive else None
     if archive is not None:
@@ -117,14 +118,6 @@ def run(argv=None) -> dict:
             f"archive {cfg.model.archive}: step_idx {archive.get('step_idx')} metrics {archive.get('metrics')}"
         )
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
-    sft = not objective.pairs  # each prompt's sft_target, or one example per preference pair
-    train_examples = flatten(load_sources(cfg.datasets, "train", cfg.data.cache_dir), sft)
-    eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
-    if not train_examples:
-        raise ConfigError(
-            f"config key 'datasets': {cfg.datasets} hold no {'SFT targets' if sft else 'preference pairs'} "
-            f"for the train split{'' if sft else ' (rows with only `messages` are SFT data: use loss=sft)'}"
-        )
     # One owner of row -> ids for training, eval and generation: the tokenizer's BOS rule, its chat
     # template (or data.chat_template), truncation. Every row is tokenized below, before any engine.
     tokenization = Tokenization(
@@ -135,6 +128,19 @@ def run(argv=None) -> dict:
         add_bos=cfg.data.add_bos,
         chat_template=Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None,
     )
+    sft = not objective.pairs  # each prompt's sft_target, or one example per preference pair
+    train_groups = []
+    for spec in cfg.datasets:
+        groups = load_source(spec, "train", cfg.data.cache_dir)
+        log.info(tokenization.describe(spec, groups))  # sources may mix conversations and plain text
+        train_groups += groups
+    train_examples = flatten(train_groups, sft)
+    eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
+    if not train_examples:
+        raise ConfigError(
+            f"config key 'datasets': {cfg.datasets} hold no {'SFT targets' if sft else 'preference pairs'} "
+            f"for the train split{'' if sft else ' (rows with only `messages` are SFT data: use loss=sft)'}"
+        )
     batch_args = dict(
         world=world,
         rank=rank,
@@ -164,11 +170,8 @@ def run(argv=None) -> dict:
         split="test",
         **batch_args,
     )
-    if tokenization.boundary_splits:
-        log.info(
-            f"{tokenization.boundary_splits} responses begin with characters that merge with the end of the "
-            f"generation prompt when tokenized together; they are tokenized apart from it, as at generation"
-        )
+    for line in tokenization.summary():
+        log.info(line)
     n_steps = train_data.n_steps(cfg.n_epochs, cfg.n_examples)
     if n_steps == 0:
         raise ConfigError(
@@ -239,15 +242,12 @@ def run(argv=None) -> dict:
     # 4. build: both models start from the archive, the model dir's weights, or a seeded init. The
     # reference comes first: precomputed, it is built, run over the data and destroyed before the
     # policy and its optimizer take the memory.
-    memory = {"memory/before_models_gib": engines.memory_now_gib()}
-    weights = has_weights(model_dir)
-    state = (
-        archive["state"]
-        if archive is not None
-        else (None if weights else random_init_state(model_dir, cfg.seed))
-    )
+    before_models = engines.memory_now_gib()
+    state = archive["state"] if archive is not None else None
+    if state is None and not from_weights:
+        log.info(f"model.init: a random initialisation of {model_dir} from seed {cfg.seed}")
+        state = random_init_state(model_dir, cfg.seed)
     source = cfg.model.archive or f"seeded init of {model_dir}"
-    from_weights = weights and state is None
     reference = build_reference_source(
         cfg,
         objective,
@@ -271,7 +271,9 @@ def run(argv=None) -> dict:
         engines.load_state(policy_lm, state, source)
     policy = engines.build_policy(policy_lm, ds_config, cfg)
     del state, archive
-    memory["memory/models_built_gib"] = engines.memory_now_gib()
+    memory = engines.memory_across_ranks(
+        {"memory/before_models_gib": before_models, "memory/models_built_gib": engines.memory_now_gib()}
+    )
 
     start_step = 0
     if start_dir is not None:

@@ -86,7 +86,7 @@ class Trainer:
         self.cfg = cfg
         self.policy = policy
         self.objective = objective  # objectives.py: the loss and what it needs
-        self.memory = memory or {}  # rank 0's memory before and after the models were built, logged at step 1
+        self.memory = memory or {}  # memory before and after the models were built (and max over ranks), at step 1
         self.reference = reference  # reference.py: a live engine, a precomputed table, or nothing
         self.train_data = train_data
         self.eval_data = eval_data
@@ -245,9 +245,11 @@ class Trainer:
                 "throughput/real_tokens_per_second": real / seconds,
                 "throughput/computed_tokens_per_second": computed / seconds,
                 "throughput/padding_fraction": 1 - computed / max(slots, 1),
-                # rank 0: peak since training started (the build phase excluded), and after the step
-                "memory/peak_gib": engines.peak_memory_gib(),
-                "memory/now_gib": engines.memory_now_gib(),
+                # peak since training started (the build phase excluded), and after the step: rank 0's,
+                # and the largest of any rank with its rank (memory/peak_gib_max, ..._max_rank)
+                **engines.memory_across_ranks(
+                    {"memory/peak_gib": engines.peak_memory_gib(), "memory/now_gib": engines.memory_now_gib()}
+                ),
                 "counters/examples": step.examples_after,
                 "counters/updates": step.index + 1,
             }
