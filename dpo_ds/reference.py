@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from dpo_ds.checkpoint import archive_files
 from dpo_ds.config import ConfigError
-from dpo_ds.data.batches import data_digest, rank_share
+from dpo_ds.data.batches import data_digest
 from dpo_ds.data.collate import to_device
 from dpo_ds.model import sequence_logps, weight_files
 
@@ -141,32 +142,29 @@ def write_cache(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def compute_tables(engine, splits, pairs_per_forward: int, rank: int, world: int, device, gather) -> dict:
-    """Every rank runs the reference on its shard of each split's used examples, the same number of
-    forwards on every rank (short shards repeat their last example); `gather` (all_gather_object)
-    then gives every rank the whole table."""
+def compute_tables(engine, passes: dict[str, tuple[int, Iterable[dict]]], device, gather) -> dict:
+    """passes: split -> (its number of examples, the micro-batches this rank's training steps or evals
+    will run, in their order). Running those very micro-batches (same examples together, same padding
+    or rows, same order) makes every value what the live engine would compute at that step, bit for
+    bit: the pre-pass sums each sequence's log-probs in the training forward's order. Every rank runs
+    its own (the same count on every rank, as training does); `gather` (all_gather_object) then gives
+    every rank the whole table. An example met again (a later epoch) keeps its first value."""
     tables = {}
-    for data in splits:
-        used = data.used_indices()
-        if not used:  # n_eval_examples=0: an eval split nothing reads
-            tables[data.split] = torch.full((len(data.examples), 2), float("nan"), dtype=torch.float32)
-            continue
-        mine, n_real = rank_share(used, rank, world)
-        rows: list[tuple[int, float, float]] = []
-        for start in range(0, len(mine), pairs_per_forward):
-            ids = mine[start : start + pairs_per_forward]
-            batch = to_device(data.collate(ids), device)
-            seqs = sequence_logps(engine, batch)
+    for split, (n_examples, micro_batches) in passes.items():
+        rows: dict[int, tuple[float, float]] = {}
+        for micro in micro_batches:
+            seqs = sequence_logps(engine, to_device(micro, device))
             chosen, rejected = seqs.chosen.float().cpu(), seqs.rejected.float().cpu()
-            for k, i in enumerate(ids):
-                if start + k < n_real:
-                    rows.append((i, chosen[k].item(), rejected[k].item()))
-        table = torch.full((len(data.examples), 2), float("nan"), dtype=torch.float32)
+            for k, i in enumerate(micro["example_ids"].tolist()):
+                rows.setdefault(i, (chosen[k].item(), rejected[k].item()))
+        table = torch.full((n_examples, 2), float("nan"), dtype=torch.float32)
         for part in gather(rows):
-            for i, c, r in part:
+            for i, (c, r) in part.items():
                 table[i, 0], table[i, 1] = c, r
-        tables[data.split] = table
-        log.info(f"reference log-probs precomputed for {len(used)} {data.split} examples")
+        tables[split] = table
+        done = int((~torch.isnan(table[:, 0])).sum())
+        if done:
+            log.info(f"reference log-probs precomputed for {done} {split} examples")
     return tables
 
 
@@ -229,9 +227,12 @@ def build_reference_source(
     before = engines.memory_now_gib()
     engine = build()
     built = engines.memory_now_gib()
-    tables = compute_tables(
-        engine, splits, max(1, cfg.eval_batch_size // world), rank, world, device, engines.all_gather_objects
-    )
+    train, evaluation = splits
+    passes = {
+        train.split: (len(train.examples), train.first_pass(cfg.n_epochs, cfg.n_examples)),
+        evaluation.split: (len(evaluation.examples), evaluation.eval_pass(cfg.n_eval_examples)),
+    }
+    tables = compute_tables(engine, passes, device, engines.all_gather_objects)
     engines.destroy(engine)
     del engine
     after = engines.memory_now_gib()

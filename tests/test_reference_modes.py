@@ -53,11 +53,17 @@ def test_precomputed_reference_trains_exactly_like_the_engine(tmp_path, data_dir
     (a_train, a_eval), (b_train, b_eval) = metrics(engine_dir), metrics(pre_dir)
     assert len(a_train) == len(b_train) == 6
     assert a_train[0]["loss/train"] == pytest.approx(LN2, abs=1e-6)
-    for a, b in zip(a_train, b_train):
+    # the pre-pass runs training's own micro-batches: the first epoch (steps 1-3 of 48 examples in
+    # batches of 16) and every eval are bit-identical; a later epoch meets its examples in other
+    # batches, and the live engine's sums round differently there (within fp32 rounding)
+    for k, (a, b) in enumerate(zip(a_train, b_train)):
+        if k < 3:
+            assert a["loss/train"] == b["loss/train"], (k, a["loss/train"], b["loss/train"])
+            assert a["logps_train/ref_chosen"] == b["logps_train/ref_chosen"]
         assert abs(a["loss/train"] - b["loss/train"]) <= 1e-6, (a["loss/train"], b["loss/train"])
         assert abs(a["logps_train/ref_chosen"] - b["logps_train/ref_chosen"]) <= 1e-4
     for a, b in zip(a_eval, b_eval):
-        assert abs(a["loss/eval"] - b["loss/eval"]) <= 1e-6
+        assert a["loss/eval"] == b["loss/eval"] and a["logps_eval/ref_chosen"] == b["logps_eval/ref_chosen"]
     # the precomputed run has no reference model to sample from: policy samples only, said so
     samples = [json.loads(line) for line in (pre_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["reference"] is None and s["policy"] is not None for s in samples)

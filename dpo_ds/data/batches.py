@@ -10,6 +10,7 @@ the packed path agrees on a count across ranks through `sync_max`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 from array import array
@@ -168,15 +169,6 @@ class Batches:
             micro.append(m)
         return micro
 
-    def collate(self, indices: list[int]) -> dict:
-        """One micro-batch of these examples in the run's layout (padded, or packed into rows of
-        max_length): what a pass over the data outside the training steps (the reference pre-pass) runs."""
-        seqs = [self.tokenized(i) for i in indices]
-        m = self._collate(seqs) if self.layout != "padded" else collate_padded(seqs, self.pad_id)
-        m["example_ids"] = torch.tensor(indices, dtype=torch.long)
-        m["split"] = self.split
-        return m
-
     def _collate(self, examples: list[list[TokenizedSeq]]) -> dict:
         """One micro-batch of examples in a packed layout, rows of row_tokens."""
         if self.layout == "shared_prompt":
@@ -215,6 +207,19 @@ class Batches:
             batch = [self._order(pos // n)[pos % n] for pos in range(start, start + self.global_batch)]
             local = batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
             yield Step(step, (step + 1) * self.global_batch, self._micro_batches(local, batch), len(local))
+
+    def first_pass(self, n_epochs: int | None, n_examples: int | None) -> Iterator[dict]:
+        """This rank's training micro-batches, in order, up to the step where every example the run
+        trains on has been met once (the first epoch, and the step that completes it): what a
+        precomputed reference runs so that its values are the ones training computes."""
+        steps = min(self.n_steps(n_epochs, n_examples), -(-len(self.examples) // self.global_batch))
+        for step in itertools.islice(self.train_steps(n_epochs, n_examples), steps):
+            yield from step.micro_batches
+
+    def eval_pass(self, n_eval_examples: int) -> Iterator[dict]:
+        """This rank's eval micro-batches, in order: the same at every eval."""
+        for micro_batches, _ in self.eval_batches(n_eval_examples):
+            yield from micro_batches
 
     def eval_batches(self, n_eval_examples: int) -> list[tuple[list[dict], int]]:
         """Held-out examples in global batches of `global_batch`; the remainder is dropped."""
