@@ -33,6 +33,7 @@ LAYOUTS = ("padded", "packed", "shared_prompt")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "dpo_ds_blocks")
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
 MODEL_INITS = ("auto", "random")
+GATHER_MODES = ("auto", "true", "false")
 
 
 @dataclass
@@ -119,6 +120,9 @@ class GuardConfig:
 class EvalConfig:
     checker: str | None = None  # module:function scoring (prompt, generation, row) -> [0, 1] at each eval
     n_checked: int = 64  # held-out prompts generated from and checked at each eval
+    # under ZeRO-3: gather the whole model for each generation (auto: when a full copy fits), or keep
+    # DeepSpeed's per-module gathers (false); generation.py
+    gather_for_generation: str = "auto"
 
 
 @dataclass
@@ -396,6 +400,12 @@ def validate(cfg: Config) -> None:
     need(drop is None or drop >= 0, "guard.max_chosen_drop_per_token", "must be >= 0 or null")
     need(cfg.guard.action in ("warn", "stop"), "guard.action", "must be warn or stop")
     need(cfg.eval.n_checked > 0, "eval.n_checked", "must be > 0")
+    cfg.eval.gather_for_generation = str(cfg.eval.gather_for_generation).lower()
+    need(
+        cfg.eval.gather_for_generation in GATHER_MODES,
+        "eval.gather_for_generation",
+        f"must be one of {GATHER_MODES}",
+    )
     need(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")
     need(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps every checkpoint)")
     need(cfg.checkpoint.max_failed_saves > 0, "checkpoint.max_failed_saves", "must be > 0")

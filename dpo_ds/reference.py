@@ -6,7 +6,8 @@
     NoReference           the objective needs none (SFT, reference-free losses): nothing is built
 
 Each answers `logps(batch)` with the reference's per-sequence log-probs (2 * pairs,) in the
-collators' order, or None; `engine` is the model that can generate samples, or None.
+collators' order, or None; and `sampler()`, a context giving the model the reference's samples are
+generated from at eval, or None (a precomputed or absent reference has none).
 
 The precomputed table lives in `reference_logps.pt` (checkpoint.RunDir names it) with a fingerprint
 of everything that changes its numbers. A rerun or resume with the same fingerprint reuses it; a
@@ -19,6 +20,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,10 +35,12 @@ log = logging.getLogger("dpo_ds")
 
 
 class NoReference:
-    engine = None
-
     def logps(self, batch: dict) -> torch.Tensor | None:
         return None
+
+    def sampler(self):
+        """The model the reference's samples are generated from: none here."""
+        return nullcontext(None)
 
 
 class LiveReference:
@@ -49,12 +53,13 @@ class LiveReference:
         with torch.no_grad():
             return sequence_logps(self.engine, batch).logps.float()
 
+    def sampler(self):
+        return nullcontext(self.engine)
 
-class PrecomputedReference:
+
+class PrecomputedReference(NoReference):
     """Looks a micro-batch's reference log-probs up by its examples' ids: tables[split] is
-    (examples, 2) fp32 (chosen, rejected), NaN for examples the run never uses."""
-
-    engine = None
+    (examples, 2) fp32 (chosen, rejected), NaN for examples the run never uses. No model to sample from."""
 
     def __init__(self, tables: dict[str, torch.Tensor]):
         self.tables = tables

@@ -56,6 +56,7 @@ def run(argv=None) -> dict:
     from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, flatten
     from dpo_ds.data.sources import load_source, load_sources
     from dpo_ds.data.tokenize import Tokenization
+    from dpo_ds.generation import Generation
     from dpo_ds.guards import load_checker
     from dpo_ds.model import (
         DENSE_MASK_MAX_TOKENS,
@@ -65,7 +66,7 @@ def run(argv=None) -> dict:
         start_from_weights,
     )
     from dpo_ds.objectives import build_objective
-    from dpo_ds.reference import build_reference_source
+    from dpo_ds.reference import LiveReference, build_reference_source
     from dpo_ds.trainer import Trainer
     from dpo_ds.watchdog import Preemption, Watchdog
 
@@ -299,7 +300,21 @@ def run(argv=None) -> dict:
         memory,
     )
     trainer.watchdog, trainer.preemption, trainer.data_digest = watchdog, preemption, digest
-    trainer.checker = checker
+    trainer.generation = Generation(
+        tokenizer=tokenizer,
+        eval_data=eval_data,
+        max_new_tokens=cfg.max_new_tokens,
+        gather=cfg.eval.gather_for_generation,
+        samples_path=run_dir.samples,
+        n_samples=cfg.n_eval_model_samples if cfg.sample_during_eval else 0,
+        checker=checker,
+        n_checked=cfg.eval.n_checked,
+        rank=rank,
+        world=world,
+        device=device,
+    )
+    if cfg.sample_during_eval and objective.needs_reference and not isinstance(reference, LiveReference):
+        log.info("samples during eval come from the policy only: the reference is precomputed, no model")
     metrics = trainer.train(start_step)
 
     # 6. close

@@ -23,9 +23,9 @@ import torch
 from dpo_ds import checkpoint, engines
 from dpo_ds.checkpoint import RunDir
 from dpo_ds.config import Config, to_dict
-from dpo_ds.data.batches import Batches, rank_share
+from dpo_ds.data.batches import Batches
 from dpo_ds.data.collate import to_device
-from dpo_ds.guards import DisplacementGuard, score
+from dpo_ds.guards import DisplacementGuard
 from dpo_ds.model import sequence_logps
 
 log = logging.getLogger("dpo_ds")
@@ -86,7 +86,9 @@ class Trainer:
         self.cfg = cfg
         self.policy = policy
         self.objective = objective  # objectives.py: the loss and what it needs
-        self.memory = memory or {}  # memory before and after the models were built (and max over ranks), at step 1
+        self.memory = (
+            memory or {}
+        )  # memory before and after the models were built (and max over ranks), at step 1
         self.reference = reference  # reference.py: a live engine, a precomputed table, or nothing
         self.train_data = train_data
         self.eval_data = eval_data
@@ -95,9 +97,6 @@ class Trainer:
         self.rank = rank
         self.world = world
         self.device = device
-        if cfg.sample_during_eval and objective.needs_reference and reference.engine is None:
-            log.info("samples during eval come from the policy only: the reference is precomputed, no model")
-        self.stop_ids = eval_data.tokenization.stop_ids
         self.watchdog = None  # set by train.py: watchdog.Watchdog and watchdog.Preemption
         self.preemption = None
         self.data_digest = ""  # what a resume is checked against (run_state.json)
@@ -107,7 +106,7 @@ class Trainer:
         self.failed_saves = 0
         self.saves = 0
         self.displacement = DisplacementGuard(cfg.guard.max_chosen_drop_per_token)
-        self.checker = None  # set by train.py: eval.checker's function
+        self.generation = None  # set by train.py: generation.Generation (samples, checker)
         self.stop_reason = ""  # guard.action=stop: why the run ended early
         self.sink = MetricsSink(cfg, run_dir, rank)
 
@@ -303,7 +302,6 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int, examples: int, save: bool, final: bool = False) -> dict:
-        cfg = self.cfg
         self.policy.eval()
         sums: dict[str, torch.Tensor] = {}
         count = 0
@@ -314,10 +312,7 @@ class Trainer:
             count += n_local
         metrics = self._reduce(sums, count, "eval") if count else {}
         metrics["counters/examples"] = examples
-        if self.checker is not None:
-            metrics["eval/checker_score"] = self.check_generations()
-        if cfg.sample_during_eval and cfg.n_eval_model_samples:
-            self.write_samples(step)
+        metrics.update(self.generation.evaluate(step, self.policy, self.reference))  # checker, samples
         displaced = self.displacement.check(metrics, "eval")
         self.sink.write({"step": step, **metrics})
         if self.rank == 0:
@@ -339,72 +334,11 @@ class Trainer:
         self.stop_reason = reason
         return self.save(step, examples, metrics)
 
-    @torch.no_grad()
-    def check_generations(self) -> float:
-        """eval.checker's mean score of greedy generations on eval.n_checked held-out prompts. Every
-        rank generates its share (the same count on every rank, as ZeRO-3 requires) and scores it."""
-        items = self.eval_data.checked(self.cfg.eval.n_checked)
-        mine, n_real = rank_share(items, self.rank, self.world)
-        answers = self.generate(self.policy, [ids for ids, _ in mine])
-        total = 0.0
-        for (_, ex), answer in list(zip(mine, answers))[:n_real]:
-            row = {"prompt": ex.prompt, "chosen": ex.responses[0], "origin": (ex.origins or [""])[0]}
-            if len(ex.responses) > 1:
-                row["rejected"] = ex.responses[1]
-            total += score(self.checker, ex.prompt, answer, row)
-        sums = engines.all_reduce_sum(
-            torch.tensor([total, float(n_real)], dtype=torch.float64, device=engines.comm_device())
-        )
-        return (sums[0] / sums[1].clamp(min=1)).item()
-
     @property
     def eval_batches(self):
         if not hasattr(self, "_eval_batches"):
             self._eval_batches = self.eval_data.eval_batches(self.cfg.n_eval_examples)
         return self._eval_batches
-
-    def generate(self, engine, prompts: list[list[int]]) -> list[str]:
-        """Greedy continuations of prompt ids rendered as in training (chat template, BOS rule),
-        stopping at EOS or the template's end of turn. Every rank runs the same number of generate
-        calls on the same number of prompts; under ZeRO-3 `synced_gpus` keeps the ranks stepping
-        together."""
-        tok = self.tokenizer
-        width = max(len(x) for x in prompts)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor(
-            [[pad] * (width - len(x)) + x for x in prompts], device=self.device
-        )  # left-padded
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=self.device)
-        lm = engines.unwrap_lm(engine)
-        out = lm.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=self.cfg.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=self.stop_ids,
-            synced_gpus=self.world > 1 and any(hasattr(p, "ds_id") for p in lm.parameters()),
-        )
-        return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
-
-    def write_samples(self, step: int) -> None:
-        prompts = self.eval_data.prompts(self.cfg.n_eval_model_samples)
-        mine, n_real = rank_share(prompts, self.rank, self.world)  # equal work on every rank
-        policy_out = self.generate(self.policy, mine)
-        # a precomputed or absent reference has no model to sample from: the policy's samples only
-        ref = self.reference.engine
-        ref_out = self.generate(ref, mine) if ref is not None else [None] * len(mine)
-        # the prompt as the model saw it: the chat template's (or BOS's) special tokens shown
-        rows = [
-            {"step": step, "prompt": self.tokenizer.decode(p), "policy": a, "reference": b}
-            for p, a, b in list(zip(mine, policy_out, ref_out))[:n_real]
-        ]
-        gathered = engines.all_gather_objects(rows)
-        if self.rank == 0:
-            with open(self.run_dir.samples, "a") as f:
-                for part in gathered:
-                    for r in part:
-                        f.write(json.dumps(r) + "\n")
 
     # ------------------------------------------------------------------ save
 
