@@ -74,7 +74,10 @@ def test_precomputed_reference_lookup():
     assert ref.logps(batch).tolist() == [-3.0, -1.0, -4.0, -2.0]  # chosen of both pairs, then rejected
     with pytest.raises(RuntimeError, match=r"no precomputed reference log-probs for train examples \[2\]"):
         ref.logps({**batch, "example_ids": torch.tensor([2])})
-    assert NoReference().logps(batch) is None and NoReference().engine is None and ref.engine is None
+    assert NoReference().logps(batch) is None
+    for source in (NoReference(), ref):  # no model to generate the reference's samples from
+        with source.sampler() as model:
+            assert model is None
 
 
 def test_reference_cache_reuse_and_refusal(tmp_path):
