@@ -376,3 +376,106 @@ def check_resume(state: dict, config: dict, data_digest: str, world: int, allow:
             parts.append("cannot change on resume: " + "; ".join(show(k) for k in fixed))
         raise ConfigError(f"resume from step {state.get('step')}: " + ". ".join(parts))
     return [show(k) for k in diffs]
+
+
+# ----------------------------------------------------------------------------- the save protocol
+
+
+class Checkpointer:
+    """The save protocol, which every rank runs alike: step-{examples}/ gets policy.pt (streamed while
+    gathering: rank 0 never holds the whole model), the DeepSpeed checkpoint, run_state.json, then
+    COMPLETE; only then does LATEST move to it, and old step dirs are rotated out. Every rank agrees on
+    the outcome. A failed save is logged and training goes on with the previous LATEST, until
+    checkpoint.max_failed_saves fail in a row (or the final one fails): then TrainingStopped."""
+
+    def __init__(self, run_dir: RunDir, settings, run_state: dict, rank: int):
+        self.run_dir = run_dir
+        self.settings = settings  # config.CheckpointConfig
+        self.run_state = (
+            run_state  # what every step's run_state.json holds besides its step: config, world, data
+        )
+        self.rank = rank
+        self.failed_in_a_row = 0
+        self.saves = 0
+
+    def save(self, engine, step: int, examples: int, metrics: dict, final: bool = False) -> bool:
+        """Whether step-{examples} is now LATEST; raises TrainingStopped when too many saves failed."""
+        import logging
+
+        from dpo_ds import engines
+        from dpo_ds.guards import TrainingStopped
+
+        log = logging.getLogger("dpo_ds")
+        target = self.run_dir.step(examples)
+        try:
+            self._prepare(target)
+            engines.save_policy(engine, policy_file(target), examples, metrics)
+            self.saves += 1
+            _inject_fault(self.rank, self.saves)
+            if self.settings.save_optimizer:  # else weights only: policy.pt, nothing to resume from
+                error = None
+                try:
+                    engines.save_engine(engine, target, {"step": step, "examples": examples})
+                except Exception as e:  # noqa: BLE001 - agreed on below
+                    error = f"rank {self.rank}: {type(e).__name__}: {e}"
+                failed = engines.all_gather_objects(error)
+                if any(failed):
+                    raise engines.SaveError(f"{ds_dir(target)}: " + "; ".join(f for f in failed if f))
+            self._complete(target, {"step": step, "examples": examples, **self.run_state})
+        except engines.SaveError as e:
+            self.failed_in_a_row += 1
+            latest = self.run_dir.latest_target()
+            log.error(
+                f"save failed ({e}); LATEST still names {latest}; {self.failed_in_a_row} in a row of "
+                f"checkpoint.max_failed_saves={self.settings.max_failed_saves}"
+            )
+            if self.rank == 0 and target.exists() and target.resolve() != latest:
+                shutil.rmtree(target, ignore_errors=True)
+            if final or self.failed_in_a_row >= self.settings.max_failed_saves:
+                why = "the final save" if final else f"{self.failed_in_a_row} saves in a row"
+                raise TrainingStopped(f"{why} failed at step {step}: {e}; LATEST names {latest}") from None
+            return False
+        self.failed_in_a_row = 0
+        if self.rank == 0:
+            gone = rotate(self.run_dir, self.settings.keep_last)
+            log.info(
+                f"saved {target} (LATEST)" + (f"; removed {', '.join(p.name for p in gone)}" if gone else "")
+            )
+        return True
+
+    def _prepare(self, target: Path) -> None:
+        """A fresh step dir (one left over from a save that was cut short goes), made by rank 0 for all."""
+        from dpo_ds import engines
+
+        def make():
+            if target.exists() and target.resolve() != self.run_dir.latest_target():
+                shutil.rmtree(target)
+            target.mkdir(parents=True, exist_ok=True)
+
+        try:
+            engines.decided_by_rank0(make, (OSError,))
+        except OSError as e:  # the OSError rank 0 met, raised on every rank
+            raise engines.SaveError(f"{target}: {type(e).__name__}: {e}") from None
+
+    def _complete(self, target: Path, state: dict) -> None:
+        """run_state.json and COMPLETE, then LATEST swapped to the step dir: rank 0, for all."""
+        from dpo_ds import engines
+
+        def complete():
+            mark_complete(target, state)
+            point_latest(self.run_dir.root, target)
+
+        try:
+            engines.decided_by_rank0(complete, (OSError,))
+        except OSError as e:
+            raise engines.SaveError(f"{target}: {type(e).__name__}: {e}") from None
+
+
+def _inject_fault(rank: int, save_index: int) -> None:
+    """Tests only: DPO_DS_TEST_KILL_IN_SAVE=R:K SIGKILLs rank R in its K-th save, once policy.pt is
+    written and before its DeepSpeed shards are: a checkpoint half on disk."""
+    import signal
+
+    spec = os.environ.get("DPO_DS_TEST_KILL_IN_SAVE")
+    if spec and spec == f"{rank}:{save_index}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -157,6 +157,28 @@ def broadcast_from_rank0(obj):
     return box[0]
 
 
+def decided_by_rank0(decide, errors: tuple[type[BaseException], ...] = (Exception,)):
+    """decide() run on rank 0 alone, its result given to every rank; an exception of `errors` it raises
+    is raised on every rank alike (same type, same message). With node-local disks ranks can see
+    different files, and one rank raising alone would leave the others waiting in the next collective:
+    so rank 0 looks and decides for all. Every rank must call this, in the same order."""
+    outcome = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except errors as e:
+            outcome = ("error", type(e), str(e))
+    outcome = broadcast_from_rank0(outcome)
+    if outcome[0] == "error":
+        _, cls, message = outcome
+        try:
+            error = cls(message)
+        except Exception:  # noqa: BLE001 - a type that takes other arguments: still raised alike everywhere
+            error = RuntimeError(f"{cls.__name__}: {message}")
+        raise error
+    return outcome[1]
+
+
 def barrier() -> None:
     torch.distributed.barrier()
 
@@ -650,19 +672,25 @@ def save_policy(engine, path: Path, step_idx: int, metrics: dict) -> None:
                     writer.write(name, full)
                 except Exception as e:  # noqa: BLE001 - keep gathering: the other ranks are in this loop too
                     error = error or f"{type(e).__name__}: {e}"
-    if writer is not None:
-        try:
-            if error or nonfinite:
-                writer.__exit__(SaveError, SaveError("not saved"), None)  # leaves no file behind
-            else:
-                writer.__exit__(None, None, None)
-        except Exception as e:  # noqa: BLE001
-            error = error or f"{type(e).__name__}: {e}"
-    if nonfinite and not error:
-        error = f"non-finite weights in {nonfinite[:4]}{' ...' if len(nonfinite) > 4 else ''}; not saved"
-    error = broadcast_from_rank0(error)
-    if error:
-        raise SaveError(f"{path}: {error}")
+
+    def finish():  # rank 0: the file whole, or no file and the reason
+        problem = error
+        if writer is not None:
+            try:
+                if problem or nonfinite:
+                    writer.__exit__(SaveError, SaveError("not saved"), None)  # leaves no file behind
+                else:
+                    writer.__exit__(None, None, None)
+            except Exception as e:  # noqa: BLE001
+                problem = problem or f"{type(e).__name__}: {e}"
+        if nonfinite and not problem:
+            problem = (
+                f"non-finite weights in {nonfinite[:4]}{' ...' if len(nonfinite) > 4 else ''}; not saved"
+            )
+        if problem:
+            raise SaveError(f"{path}: {problem}")
+
+    decided_by_rank0(finish, (SaveError,))
 
 
 def save_engine(engine, directory: Path, client_state: dict) -> None:

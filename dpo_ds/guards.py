@@ -21,16 +21,68 @@ that scores greedy generations on eval.n_checked held-out prompts at each eval; 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 
 from dpo_ds.config import ConfigError
 
+log = logging.getLogger("dpo_ds")
 EMA_STEPS = 10
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite steps in a row, saves failing in a row); raised on every rank."""
+
+
+class NonFiniteGuard:
+    """Steps whose loss or gradient norm is not finite on any rank (the trainer agrees on it with one
+    all-reduce, so every rank asks alike). Under ZeRO 1-3 DeepSpeed discards such a step (its gradient
+    norm is not finite); a stage-0 optimizer applies it, so there the weights are checked too
+    (`weights_broken`, a collective, asked only when a step was bad). guard.max_bad_steps in a row stop
+    the run; a bad step is never checkpointed."""
+
+    def __init__(self, max_bad_steps: int, latest: Callable[[], object]):
+        self.max_bad_steps = max_bad_steps
+        self.latest = latest  # what LATEST names now, for the message
+        self.total = 0
+        self.in_a_row = 0
+
+    @property
+    def may_save(self) -> bool:
+        return self.in_a_row == 0
+
+    def check(
+        self, step: int, bad: bool, metrics: dict, weights_broken: Callable[[], bool]
+    ) -> TrainingStopped | None:
+        """Count the step (guard/bad_steps in metrics); the error that stops the run, if it must stop
+        (raised by the trainer once the step is logged)."""
+        self.total += bad
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        metrics["guard/bad_steps"] = self.total
+        if not bad:
+            return None
+        cause = f"loss {metrics['loss/train']:.4g}, gradient norm {metrics['grad_norm']:.4g}"
+        if weights_broken():
+            return TrainingStopped(
+                f"step {step}: {cause}, and the weights are no longer finite (a ZeRO stage 0 optimizer "
+                f"applies a non-finite update); LATEST still names {self.latest()}"
+            )
+        log.warning(
+            f"step {step} skipped: {cause} ({self.in_a_row} in a row; the run stops at "
+            f"guard.max_bad_steps={self.max_bad_steps})"
+        )
+        if self.in_a_row >= self.max_bad_steps:
+            return TrainingStopped(
+                f"step {step}: {self.in_a_row} steps in a row with a non-finite loss or gradient norm (last: "
+                f"{cause}); the weights were not updated by them; LATEST still names {self.latest()}"
+            )
+        return None
+
+
 class DisplacementGuard:
-    def __init__(self, max_drop: float | None):
+    def __init__(self, max_drop: float | None, action: str = "warn"):
         self.max_drop = max_drop
+        self.action = action  # warn | stop
         self.fired = False
         self._ema: dict[str, float] = {}
 
@@ -38,6 +90,18 @@ class DisplacementGuard:
         alpha = 2 / (EMA_STEPS + 1)
         self._ema[key] = value if key not in self._ema else (1 - alpha) * self._ema[key] + alpha * value
         return self._ema[key]
+
+    def should_stop(self, metrics: dict, split: str, step: int) -> str | None:
+        """Set guard/displacement in `metrics`; the first time it fires, warn (guard.action=warn) or
+        return the reason to save and stop (guard.action=stop)."""
+        reason = self.check(metrics, split)
+        if reason is None:
+            return None
+        if self.action == "warn":
+            log.warning(f"guard: {reason} (step {step}; guard.action=stop would save and stop here)")
+            return None
+        log.warning(f"guard: stopping at step {step}: {reason}")
+        return reason
 
     def check(self, metrics: dict, split: str) -> str | None:
         """Set guard/displacement in `metrics`; the reason, the first time it fires."""

@@ -215,16 +215,10 @@ def build_reference_source(
         from dpo_ds.checkpoint import run_dir_of
 
         candidates.append(run_dir_of(resume_dir).reference_cache)
-    # rank 0 reads and decides for all (node-local disks may differ; one rank raising alone would hang)
-    found = None
-    if rank == 0:
-        try:
-            found = next(((str(p), t) for p in candidates if (t := read_cache(p, want)) is not None), None)
-        except ConfigError as e:
-            found = ("error", str(e))
-    found = engines.broadcast_from_rank0(found)
-    if found is not None and found[0] == "error":
-        raise ConfigError(found[1])
+    found = engines.decided_by_rank0(  # (path, tables) of the first cache that matches, or None
+        lambda: next(((str(p), t) for p in candidates if (t := read_cache(p, want)) is not None), None),
+        (ConfigError,),
+    )
     if found is not None:
         log.info(f"reference log-probs from {found[0]} (fingerprint matches); no reference model is built")
         return PrecomputedReference(found[1])

@@ -51,7 +51,7 @@ def parse_args(argv):
 def run(argv=None) -> dict:
     from dpo_ds import checkpoint as ckpt
     from dpo_ds import engines
-    from dpo_ds.checkpoint import RunDir, read_archive
+    from dpo_ds.checkpoint import Checkpointer, RunDir, read_archive
     from dpo_ds.config import dump_yaml, load_config, to_dict
     from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, flatten
     from dpo_ds.data.sources import load_source, load_sources
@@ -67,7 +67,7 @@ def run(argv=None) -> dict:
     )
     from dpo_ds.objectives import build_objective
     from dpo_ds.reference import LiveReference, build_reference_source
-    from dpo_ds.trainer import Trainer
+    from dpo_ds.trainer import MetricsSink, Trainer
     from dpo_ds.watchdog import Preemption, Watchdog
 
     # 1. parse: the whole config is checked before anything starts
@@ -192,7 +192,7 @@ def run(argv=None) -> dict:
     # metrics mixed with ours) unless resuming it. Rank 0 decides for all: with node-local disks
     # ranks can see different things, and one rank raising alone would hang the others.
     run_dir = RunDir(cfg.run_dir)
-    taken = engines.broadcast_from_rank0(run_dir.taken() if rank == 0 else None)
+    taken = engines.decided_by_rank0(run_dir.taken)
     if taken and not cfg.resume_from:
         raise ConfigError(
             f"config key 'run_dir': {run_dir.root} already holds a run ({', '.join(taken)}); pick another "
@@ -202,22 +202,16 @@ def run(argv=None) -> dict:
     # Resume checks itself before any engine exists: a complete checkpoint, and a config and data that
     # match it (resume.allow_changes lets named keys differ). Rank 0 decides for all.
     digest = data_digest([train_data])
-    decision = None
-    if rank == 0:
-        try:
-            start_dir = ckpt.resolve_resume(cfg.resume_from, run_dir)
-            changed = []
-            if start_dir is not None:
-                state = ckpt.read_run_state(start_dir)
-                changed = ckpt.check_resume(state, to_dict(cfg), digest, world, cfg.resume.allow_changes)
-            decision = ("ok", str(start_dir) if start_dir else None, changed)
-        except (ConfigError, ckpt.ArchiveError) as e:
-            decision = ("error", type(e).__name__, str(e))
-    decision = engines.broadcast_from_rank0(decision)
-    if decision[0] == "error":
-        raise (ConfigError if decision[1] == "ConfigError" else ckpt.ArchiveError)(decision[2])
-    start_dir = Path(decision[1]) if decision[1] else None
-    for change in decision[2]:
+
+    def resume_decision():
+        start = ckpt.resolve_resume(cfg.resume_from, run_dir)
+        if start is None:
+            return None, []
+        state = ckpt.read_run_state(start)
+        return start, ckpt.check_resume(state, to_dict(cfg), digest, world, cfg.resume.allow_changes)
+
+    start_dir, allowed = engines.decided_by_rank0(resume_decision, (ConfigError, ckpt.ArchiveError))
+    for change in allowed:
         log.warning(f"resume: {change} (allowed by resume.allow_changes)")
     if cfg.resume_from == "auto" and start_dir is None:
         log.info(f"resume_from=auto: no checkpoint in {run_dir.root}; starting from the beginning")
@@ -280,27 +274,12 @@ def run(argv=None) -> dict:
     if start_dir is not None:
         client = engines.load_engine(policy, start_dir)
         start_step = int(client["step"])
-        if any(c.startswith(("lr:", "warmup_steps:")) for c in decision[2]):
+        if any(c.startswith(("lr:", "warmup_steps:")) for c in allowed):
             engines.apply_lr(policy, cfg.lr)  # the checkpoint restored the old schedule
         log.info(f"resumed from {start_dir} at step {start_step}")
 
     # 5. train, evaluate, save
-    trainer = Trainer(
-        cfg,
-        policy,
-        objective,
-        reference,
-        train_data,
-        eval_data,
-        tokenizer,
-        run_dir,
-        rank,
-        world,
-        device,
-        memory,
-    )
-    trainer.watchdog, trainer.preemption, trainer.data_digest = watchdog, preemption, digest
-    trainer.generation = Generation(
+    generation = Generation(
         tokenizer=tokenizer,
         eval_data=eval_data,
         max_new_tokens=cfg.max_new_tokens,
@@ -315,6 +294,25 @@ def run(argv=None) -> dict:
     )
     if cfg.sample_during_eval and objective.needs_reference and not isinstance(reference, LiveReference):
         log.info("samples during eval come from the policy only: the reference is precomputed, no model")
+    checkpoints = Checkpointer(
+        run_dir, cfg.checkpoint, {"world": world, "config": to_dict(cfg), "data": digest}, rank
+    )
+    trainer = Trainer(
+        cfg,
+        policy=policy,
+        objective=objective,
+        reference=reference,
+        train_data=train_data,
+        eval_data=eval_data,
+        generation=generation,
+        checkpoints=checkpoints,
+        sink=MetricsSink(cfg, run_dir, rank),
+        watchdog=watchdog,
+        preemption=preemption,
+        rank=rank,
+        device=device,
+        memory=memory,
+    )
     metrics = trainer.train(start_step)
 
     # 6. close
@@ -326,7 +324,7 @@ def run(argv=None) -> dict:
 
 def main(argv=None) -> int:
     from dpo_ds import engines
-    from dpo_ds.trainer import TrainingStopped
+    from dpo_ds.guards import TrainingStopped
 
     try:
         run(argv)

@@ -1,10 +1,11 @@
-"""The loop: policy log-probs, reference log-probs, objective, backward/step, eval, save.
+"""The loop: policy log-probs, reference log-probs, objective, backward/step; then "eval? save? stop?".
 
 The trainer asks; it does not decide: the objective (objectives.py) says what the loss is and
-whether it needs a reference, the reference source (reference.py) answers with a live engine's
-log-probs, a precomputed table's, or None. Every rank runs the same forwards in the same order
-(policy, then reference, then generation at eval), which ZeRO-3 requires: parameters are gathered
-collectively on each module call.
+whether it needs a reference; the reference source (reference.py) answers with a live engine's
+log-probs, a precomputed table's, or None; the guards (guards.py) say whether a step was bad or the
+run must stop; the checkpointer (checkpoint.py) owns the save protocol; generation.py owns samples and
+the checker. Every rank runs the same forwards in the same order (policy, then reference, then
+generation at eval), which ZeRO-3 requires: parameters are gathered collectively on each module call.
 """
 
 from __future__ import annotations
@@ -12,27 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import signal
 import sys
 import time
 
 import torch
 
-from dpo_ds import checkpoint, engines
-from dpo_ds.checkpoint import RunDir
+from dpo_ds import engines
+from dpo_ds.checkpoint import Checkpointer, RunDir
 from dpo_ds.config import Config, to_dict
 from dpo_ds.data.batches import Batches
 from dpo_ds.data.collate import to_device
-from dpo_ds.guards import DisplacementGuard
+from dpo_ds.generation import Generation
+from dpo_ds.guards import DisplacementGuard, NonFiniteGuard, TrainingStopped
 from dpo_ds.model import sequence_logps
 
 log = logging.getLogger("dpo_ds")
 
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (non-finite steps in a row, saves failing in a row); raised on every rank."""
+__all__ = ["MetricsSink", "Trainer", "TrainingStopped"]
 
 
 class MetricsSink:
@@ -71,44 +68,39 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
+        *,
         policy,
         objective,
         reference,
         train_data: Batches,
         eval_data: Batches,
-        tokenizer,
-        run_dir: RunDir,
+        generation: Generation,
+        checkpoints: Checkpointer,
+        sink: MetricsSink,
+        watchdog,
+        preemption,
         rank: int,
-        world: int,
         device: torch.device,
         memory: dict | None = None,
     ):
         self.cfg = cfg
-        self.policy = policy
+        self.policy = policy  # the DeepSpeed engine being trained
         self.objective = objective  # objectives.py: the loss and what it needs
+        self.reference = reference  # reference.py: a live engine, a precomputed table, or nothing
+        self.train_data, self.eval_data = train_data, eval_data
+        self.generation = generation  # generation.py: samples and the checker at each eval
+        self.checkpoints = checkpoints  # checkpoint.Checkpointer: the save protocol
+        self.sink = sink
+        self.watchdog, self.preemption = watchdog, preemption  # watchdog.py
+        self.rank, self.device = rank, device
         self.memory = (
             memory or {}
         )  # memory before and after the models were built (and max over ranks), at step 1
-        self.reference = reference  # reference.py: a live engine, a precomputed table, or nothing
-        self.train_data = train_data
-        self.eval_data = eval_data
-        self.tokenizer = tokenizer
-        self.run_dir = run_dir
-        self.rank = rank
-        self.world = world
-        self.device = device
-        self.watchdog = None  # set by train.py: watchdog.Watchdog and watchdog.Preemption
-        self.preemption = None
-        self.data_digest = ""  # what a resume is checked against (run_state.json)
+        self.nonfinite = NonFiniteGuard(cfg.guard.max_bad_steps, checkpoints.run_dir.latest_target)
+        self.displacement = DisplacementGuard(cfg.guard.max_chosen_drop_per_token, cfg.guard.action)
         self.preempted = False
-        self.bad_steps_total = 0
-        self.bad_in_a_row = 0
-        self.failed_saves = 0
-        self.saves = 0
-        self.displacement = DisplacementGuard(cfg.guard.max_chosen_drop_per_token)
-        self.generation = None  # set by train.py: generation.Generation (samples, checker)
         self.stop_reason = ""  # guard.action=stop: why the run ended early
-        self.sink = MetricsSink(cfg, run_dir, rank)
+        self._eval_batches = None
 
     # ------------------------------------------------------------------ one micro-batch
 
@@ -144,24 +136,14 @@ class Trainer:
         if start_step == 0 and cfg.do_first_eval:
             self.evaluate(step=0, examples=0, save=False)
         last_eval_bucket = examples // cfg.eval_every
-        bar = None
-        if self.rank == 0:
-            from tqdm import tqdm
-
-            # a bar only on a terminal; in a log file (slurm, CI) the periodic log lines say the same
-            bar = tqdm(
-                total=n_steps,
-                initial=start_step,
-                desc=cfg.loss.name,
-                dynamic_ncols=True,
-                disable=not sys.stderr.isatty(),
-            )
+        bar = self._progress_bar(n_steps, start_step)
         eval_metrics: dict = {}
         self.policy.train()
         engines.reset_peak_memory()
         t_last = time.time()
         for step in self.train_data.train_steps(cfg.n_epochs, cfg.n_examples, start_step):
-            with self.watchdog.phase(f"training step {step.index + 1}"):
+            number = step.index + 1
+            with self.watchdog.phase(f"training step {number}"):
                 metrics = self._step(step)
                 # one collective for both decisions, so every rank takes the same branch; inside the
                 # step's deadline, as a peer that stops between steps leaves this rank waiting here
@@ -172,34 +154,32 @@ class Trainer:
                 metrics.update(self.memory)
             examples = step.examples_after
             bad = bad or not math.isfinite(metrics["grad_norm"])
-            stop = self._guard(step.index + 1, bad, metrics)
-            displaced = self.displacement.check(metrics, "train")
-            self.sink.write({"step": step.index + 1, **metrics})  # the bad step is on record too
+            stop = self.nonfinite.check(number, bad, metrics, self._weights_broken)
+            stop_reason = self.displacement.should_stop(metrics, "train", number)
+            self.sink.write({"step": number, **metrics})  # the bad step is on record too
             if stop is not None:
                 raise stop
             if bar is not None:
                 bar.update(1)
-                if (step.index + 1) % cfg.log_every == 0 or time.time() - t_last > 60:
+                if number % cfg.log_every == 0 or time.time() - t_last > 60:
                     t_last = time.time()
-                    line = self._line(step.index + 1, examples, metrics, "train")
+                    line = self._line(number, examples, metrics, "train")
                     bar.write(line) if not bar.disable else log.info(line)
-            saved = False
-            if displaced:
-                saved = self._displaced(displaced, step.index + 1, examples, metrics)
+            saved = stop_reason is not None and self._stop_early(stop_reason, number, examples, metrics)
             bucket = examples // cfg.eval_every
             if bucket > last_eval_bucket and not self.stop_reason:
                 last_eval_bucket = bucket
-                eval_metrics = self.evaluate(step.index + 1, examples, save=True)
+                eval_metrics = self.evaluate(number, examples, save=True)
                 saved = True
                 self.policy.train()
             every = cfg.checkpoint.save_every
-            if (every and (step.index + 1) % every == 0 or preempted) and not saved:
-                self.save(step.index + 1, examples, metrics)
+            if (every and number % every == 0 or preempted) and not saved:
+                self.save(number, examples, metrics)
             if self.stop_reason:
                 break
             if preempted:
                 log.warning(
-                    f"preempted at step {step.index + 1} ({self.preemption.signal_name or 'a signal on another rank'}): "
+                    f"preempted at step {number} ({self.preemption.signal_name or 'a signal on another rank'}): "
                     f"saved; continue with resume_from=auto"
                 )
                 self.preempted = True
@@ -211,6 +191,17 @@ class Trainer:
             eval_metrics = self.evaluate(n_steps, examples, save=True, final=True)
         self.sink.close()
         return eval_metrics
+
+    def _progress_bar(self, n_steps: int, start_step: int):
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        # a bar only on a terminal; in a log file (slurm, CI) the periodic log lines say the same
+        return tqdm(
+            total=n_steps, initial=start_step, desc=self.cfg.loss.name, dynamic_ncols=True,
+            disable=not sys.stderr.isatty(),
+        )  # fmt: skip
 
     def _step(self, step) -> dict:
         """Forward, backward and optimizer step of one global batch; this rank's share."""
@@ -227,7 +218,7 @@ class Trainer:
             losses, stats = self.micro_batch(micro)
             # normalised over this rank's examples in the whole step; DeepSpeed then averages the
             # ranks, which see equal numbers of examples: the mean over the global batch. A step with
-            # a non-finite gradient norm is discarded by DeepSpeed's ZeRO optimizers (see _guard).
+            # a non-finite gradient norm is discarded by DeepSpeed's ZeRO optimizers (guards.NonFiniteGuard).
             loss = losses.sum() / step.n_local
             engines.backward(self.policy, loss, last_micro_batch=k == len(step.micro_batches) - 1)
             self._accumulate(sums, losses, stats)
@@ -262,34 +253,12 @@ class Trainer:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
-    def _guard(self, step: int, bad: bool, metrics: dict) -> TrainingStopped | None:
-        """Count steps whose loss or gradient norm is not finite, decided alike on every rank. Under
-        ZeRO 1-3 DeepSpeed discards such a step (its gradient norm is not finite); a stage-0
-        optimizer applies it, so there the weights are checked too. Returns the error that stops the
-        run when there are too many in a row (raised once the step is logged)."""
-        self.bad_steps_total += bad
-        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
-        metrics["guard/bad_steps"] = self.bad_steps_total
-        if not bad:
-            return None
-        cause = f"loss {metrics['loss/train']:.4g}, gradient norm {metrics['grad_norm']:.4g}"
-        if engines.zero_stage(self.policy) == 0:
-            (broken,) = self._agree(not engines.local_weights_finite(self.policy))
-            if broken:
-                return TrainingStopped(
-                    f"step {step}: {cause}, and the weights are no longer finite (a ZeRO stage 0 optimizer "
-                    f"applies a non-finite update); LATEST still names {self.run_dir.latest_target()}"
-                )
-        log.warning(
-            f"step {step} skipped: {cause} ({self.bad_in_a_row} in a row; the run stops at "
-            f"guard.max_bad_steps={self.cfg.guard.max_bad_steps})"
-        )
-        if self.bad_in_a_row >= self.cfg.guard.max_bad_steps:
-            return TrainingStopped(
-                f"step {step}: {self.bad_in_a_row} steps in a row with a non-finite loss or gradient norm (last: "
-                f"{cause}); the weights were not updated by them; LATEST still names {self.run_dir.latest_target()}"
-            )
-        return None
+    def _weights_broken(self) -> bool:
+        """After a non-finite step: whether a stage-0 optimizer applied it (ZeRO 1-3 discard it)."""
+        if engines.zero_stage(self.policy) != 0:
+            return False
+        (broken,) = self._agree(not engines.local_weights_finite(self.policy))
+        return broken
 
     def _line(self, step: int, examples: int, m: dict, split: str) -> str:
         keys = [f"loss/{split}", f"rewards_{split}/accuracies", f"rewards_{split}/margins"]
@@ -298,14 +267,16 @@ class Trainer:
         parts = [f"{k} {m[k]:.4g}" for k in keys if k in m]
         return f"[{split}] step {step} examples {examples} | " + " | ".join(parts)
 
-    # ------------------------------------------------------------------ eval
+    # ------------------------------------------------------------------ eval, save, stop
 
     @torch.no_grad()
     def evaluate(self, step: int, examples: int, save: bool, final: bool = False) -> dict:
         self.policy.eval()
+        if self._eval_batches is None:
+            self._eval_batches = self.eval_data.eval_batches(self.cfg.n_eval_examples)
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for micro_batches, n_local in self.eval_batches:
+        for micro_batches, n_local in self._eval_batches:
             for micro in micro_batches:
                 losses, stats = self.micro_batch(micro)
                 self._accumulate(sums, losses, stats)
@@ -313,113 +284,25 @@ class Trainer:
         metrics = self._reduce(sums, count, "eval") if count else {}
         metrics["counters/examples"] = examples
         metrics.update(self.generation.evaluate(step, self.policy, self.reference))  # checker, samples
-        displaced = self.displacement.check(metrics, "eval")
+        stop_reason = self.displacement.should_stop(metrics, "eval", step)
         self.sink.write({"step": step, **metrics})
         if self.rank == 0:
             log.info(self._line(step, examples, metrics, "eval"))
-        if displaced and self._displaced(displaced, step, examples, metrics):
+        if stop_reason is not None and self._stop_early(stop_reason, step, examples, metrics):
             return metrics  # saved already
         if save:
             self.save(step, examples, metrics, final=final)
         return metrics
 
-    def _displaced(self, reason: str, step: int, examples: int, metrics: dict) -> bool:
-        """guard.max_chosen_drop_per_token fired (guards.py): warn, or save and stop. Every rank gets
-        here alike (the metrics it reads are reduced over all ranks). Returns whether it saved."""
-        if self.cfg.guard.action == "warn":
-            log.warning(f"guard: {reason} (step {step}; guard.action=stop would save and stop here)")
-            return False
-        log.warning(f"guard: stopping at step {step}: {reason}")
+    def _stop_early(self, reason: str, step: int, examples: int, metrics: dict) -> bool:
+        """guard.action=stop fired (every rank alike: the metrics it reads are reduced over all ranks):
+        say why, save, and end the loop. Returns whether it saved."""
         self.sink.write({"step": step, "guard/stopped": reason})
         self.stop_reason = reason
         return self.save(step, examples, metrics)
 
-    @property
-    def eval_batches(self):
-        if not hasattr(self, "_eval_batches"):
-            self._eval_batches = self.eval_data.eval_batches(self.cfg.n_eval_examples)
-        return self._eval_batches
-
-    # ------------------------------------------------------------------ save
-
     def save(self, step: int, examples: int, metrics: dict, final: bool = False) -> bool:
-        """step-{examples}/: policy.pt (streamed: rank 0 never holds the whole model), the DeepSpeed
-        checkpoint, run_state.json, then COMPLETE; only then LATEST moves to it and old step dirs are
-        rotated out. Every rank agrees on success. A failed save is logged and training goes on with
-        the previous LATEST, until checkpoint.max_failed_saves fail in a row (or the final one fails)."""
-        cfg = self.cfg
-        target = self.run_dir.step(examples)
-        if self.bad_in_a_row:  # decided alike on every rank (_guard)
-            log.warning(f"not saving {target.name}: step {step} had a non-finite loss or gradient norm")
+        if not self.nonfinite.may_save:  # decided alike on every rank
+            log.warning(f"not saving step-{examples}: step {step} had a non-finite loss or gradient norm")
             return False
-        try:
-            error = None
-            if self.rank == 0:
-                try:
-                    if target.exists() and target.resolve() != self.run_dir.latest_target():
-                        shutil.rmtree(target)  # left over from a save that was cut short
-                    target.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    error = f"{type(e).__name__}: {e}"
-            error = engines.broadcast_from_rank0(error)
-            if error:
-                raise engines.SaveError(f"{target}: {error}")
-            engines.save_policy(self.policy, checkpoint.policy_file(target), examples, metrics)
-            self.saves += 1
-            _inject_fault(self.rank, self.saves)
-            if cfg.checkpoint.save_optimizer:  # else weights only: policy.pt, nothing to resume from
-                error = None
-                try:
-                    engines.save_engine(self.policy, target, {"step": step, "examples": examples})
-                except Exception as e:  # noqa: BLE001 - agreed on below
-                    error = f"rank {self.rank}: {type(e).__name__}: {e}"
-                failed = engines.all_gather_objects(error)
-                if any(failed):
-                    raise engines.SaveError(
-                        f"{checkpoint.ds_dir(target)}: " + "; ".join(f for f in failed if f)
-                    )
-            error = None
-            if self.rank == 0:
-                state = {
-                    "step": step,
-                    "examples": examples,
-                    "world": self.world,
-                    "config": to_dict(cfg),
-                    "data": self.data_digest,
-                }
-                try:
-                    checkpoint.mark_complete(target, state)
-                    checkpoint.point_latest(self.run_dir.root, target)
-                except OSError as e:
-                    error = f"{type(e).__name__}: {e}"
-            error = engines.broadcast_from_rank0(error)
-            if error:
-                raise engines.SaveError(f"{target}: {error}")
-        except engines.SaveError as e:
-            self.failed_saves += 1
-            latest = self.run_dir.latest_target()
-            log.error(
-                f"save failed ({e}); LATEST still names {latest}; "
-                f"{self.failed_saves} in a row of checkpoint.max_failed_saves={cfg.checkpoint.max_failed_saves}"
-            )
-            if self.rank == 0 and target.exists() and target.resolve() != latest:
-                shutil.rmtree(target, ignore_errors=True)
-            if final or self.failed_saves >= cfg.checkpoint.max_failed_saves:
-                why = "the final save" if final else f"{self.failed_saves} saves in a row"
-                raise TrainingStopped(f"{why} failed at step {step}: {e}; LATEST names {latest}") from None
-            return False
-        self.failed_saves = 0
-        if self.rank == 0:
-            gone = checkpoint.rotate(self.run_dir, cfg.checkpoint.keep_last)
-            log.info(
-                f"saved {target} (LATEST)" + (f"; removed {', '.join(p.name for p in gone)}" if gone else "")
-            )
-        return True
-
-
-def _inject_fault(rank: int, save_index: int) -> None:
-    """Tests only: DPO_DS_TEST_KILL_IN_SAVE=R:K SIGKILLs rank R in its K-th save, once policy.pt is
-    written and before its DeepSpeed shards are: a checkpoint half on disk."""
-    spec = os.environ.get("DPO_DS_TEST_KILL_IN_SAVE")
-    if spec and spec == f"{rank}:{save_index}":
-        os.kill(os.getpid(), signal.SIGKILL)
+        return self.checkpoints.save(self.policy, step, examples, metrics, final=final)
