@@ -689,7 +689,10 @@ def test_each_source_says_how_its_rows_are_rendered(toks, shapes):
     tok = toks["llama"]
     rules = Tokenization(tok, max_length=64, max_prompt_length=32)
     line = rules.describe("ultrafeedback:/data/uf", shapes["ultrafeedback"])
-    assert line == f"data source ultrafeedback:/data/uf: {len(CONVERSATIONS)} conversations rendered by the chat template"
+    assert (
+        line
+        == f"data source ultrafeedback:/data/uf: {len(CONVERSATIONS)} conversations rendered by the chat template"
+    )
     plain = [PromptGroup("1+1=", ["2", "3"], [(0, 1)], "2", "keep_end")]
     assert rules.describe("demo", plain) == (
         "data source demo: 1 plain-text prompts, no chat template (['<s>'] in front, '</s>' after each response)"
