@@ -15,6 +15,7 @@
 {run_dir}/LATEST -> step-{N}        a symlink, swapped atomically only once step-{N} is complete,
                                     so LATEST always names a whole checkpoint
 {run_dir}/hang-rank{r}.txt          every thread's stack of a rank the watchdog stopped
+{run_dir}/RUN_LOCK                  the running job's lock (RunLock): one job per run directory
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,6 +41,8 @@ DS_TAG = "ds"  # the tag engines.save_engine / load_engine use: step-N/ds/
 STEP_PREFIX = "step-"
 COMPLETE = "COMPLETE"
 RUN_STATE = "run_state.json"
+RUN_LOCK = "RUN_LOCK"
+MANIFEST = "files"  # run_state.json's key: every file of the step dir and its size in bytes
 ARCHIVE_KEYS = ("step_idx", "state", "metrics")
 HF_WEIGHTS = (
     "model.safetensors",
@@ -80,6 +86,10 @@ class RunDir:
     def latest(self) -> Path:
         return self.root / LATEST
 
+    @property
+    def lock(self) -> Path:
+        return self.root / RUN_LOCK
+
     def step(self, examples: int) -> Path:
         return self.root / f"{STEP_PREFIX}{examples}"
 
@@ -103,6 +113,135 @@ class RunDir:
         return self.latest.resolve() if self.latest.is_symlink() and self.latest.exists() else None
 
 
+class RunDirLocked(ValueError):
+    """Another job holds the run directory's lock; the message names the lock file and its holder."""
+
+
+# The lock's holder touches it this often (the watchdog thread); a lock whose heartbeat is older than
+# STALE_LOCK_S, held by no live process this host can see, belongs to a job that is gone.
+LOCK_HEARTBEAT_S = 20.0
+STALE_LOCK_S = 90.0
+
+
+class RunLock:
+    """One owner per run directory, taken by rank 0 before anything is written there.
+
+    {run_dir}/RUN_LOCK holds its holder (host, pid, start, slurm job, command). The holder keeps an
+    exclusive flock on it for the job's life and refreshes its mtime every LOCK_HEARTBEAT_S. A second
+    job finds it and is refused, naming the file and the holder. A lock is stale, and taken over with
+    a warning, when its flock is free and either its holder ran on this host and that pid is gone (a
+    flock dies with its process, so a SIGKILLed job leaves a free one), or, held from another host
+    (a shared filesystem, where flock may not reach across hosts), its heartbeat is older than
+    STALE_LOCK_S. The holder removes it when the job ends."""
+
+    def __init__(self, run_dir: RunDir):
+        self.path = run_dir.lock
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a warning to log when a stale one was taken over. Raises
+        RunDirLocked when a live job holds it."""
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours; a checker that opened it meanwhile lets go at once
+            self._claim(fd)
+            return None
+        except FileExistsError:
+            pass
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirLocked(self._refusal(self._holder(), "its holder is running")) from None
+        holder = self._holder()
+        age = time.time() - self.path.stat().st_mtime
+        here = holder.get("host") == socket.gethostname()
+        if not holder and age < STALE_LOCK_S:
+            live = "it is being written by a job starting now"
+        elif here and holder.get("pid") and _pid_alive(holder["pid"]) and holder.get("pid") != os.getpid():
+            live = "its holder's pid is alive on this host"
+        elif not here and age < STALE_LOCK_S:
+            live = f"its heartbeat is {age:.0f} s old (a job on another host)"
+        else:
+            live = ""
+        if live:
+            os.close(fd)
+            raise RunDirLocked(self._refusal(holder, live))
+        self._claim(fd)
+        why = "its pid is gone" if here else f"no heartbeat for {age:.0f} s"
+        return f"took over the stale lock {self.path} of {_describe(holder)} ({why})"
+
+    def heartbeat(self) -> None:
+        if self._fd is not None:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def _claim(self, fd: int) -> None:
+        import socket
+        import sys
+
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def _holder(self) -> dict:
+        try:
+            value = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def _refusal(self, holder: dict, why: str) -> str:
+        return (
+            f"config key 'run_dir': {self.path.parent} is in use by another job ({_describe(holder)}; {why}): "
+            f"its lock is {self.path}. Wait for that job to end or give this one another run_dir; if no job "
+            f"uses the directory any more, delete {self.path} (a lock is also taken over by itself once its "
+            f"holder's pid is gone on its host, or its heartbeat is older than {STALE_LOCK_S:.0f} s)"
+        )
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "holder unknown"
+    job = f", slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}{job}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # someone else's process, or a value we cannot check: assume alive
+    return True
+
+
 def is_complete(step_dir: Path) -> bool:
     return (Path(step_dir) / COMPLETE).is_file()
 
@@ -115,6 +254,41 @@ def mark_complete(step_dir: Path, run_state: dict) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def manifest_bytes(step_dir: Path | None) -> int:
+    """The size a complete checkpoint's manifest records (0: none, or written before manifests)."""
+    if step_dir is None:
+        return 0
+    try:
+        return int(sum(read_run_state(step_dir).get(MANIFEST, {}).values()))
+    except ArchiveError:
+        return 0
+
+
+def verify(step_dir: Path) -> list[str]:
+    """What is wrong with a complete checkpoint, checked against the manifest its save recorded: each
+    file present with its size, and each torch file's zip directory readable (a file cut short has
+    none). Cheap: no file is read whole. [] when it passes (or predates manifests: nothing to check)."""
+    step_dir = Path(step_dir)
+    try:
+        manifest = read_run_state(step_dir).get(MANIFEST)
+    except ArchiveError as e:
+        return [str(e)]
+    if manifest is None:
+        return []
+    problems = []
+    for rel, size in manifest.items():
+        path = step_dir / rel
+        if not path.is_file():
+            problems.append(f"{path} is missing (its save wrote {size} bytes)")
+            continue
+        have = path.stat().st_size
+        if have != size:
+            problems.append(f"{path} is {have} bytes, its save wrote {size}: cut short or overwritten")
+        elif path.suffix in (".pt", ".bin") and not zipfile.is_zipfile(path):
+            problems.append(f"{path} has no readable zip directory: not a whole torch file")
+    return problems
 
 
 def read_run_state(step_dir: Path) -> dict:
@@ -230,6 +404,10 @@ def read_archive(path: str | Path) -> dict:
             f"model.archive={path}: file {p} does not exist (expected a run's LATEST/policy.pt or a Hugging "
             f"Face model directory with {' / '.join(HF_WEIGHTS[::2])})"
         )
+    if (p.parent / RUN_STATE).is_file():  # a step dir's policy.pt: its save recorded what it wrote
+        problems = [x for x in verify(p.parent) if str(p) in x]
+        if problems:
+            raise ArchiveError(f"model.archive={path}: " + "; ".join(problems))
     try:
         # mmap: on a node of 8 ranks the state is read once into the page cache, not 8 times into RAM
         archive = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
@@ -306,16 +484,44 @@ RESUME_FREE_GROUPS = ("wandb.", "checkpoint.", "guard.", "resume.", "eval.")
 # the partitioning of the optimizer state.
 RESUME_FIXED = ("batch_size", "world size")
 DATA_KEY = "data (token ids of the training data)"
+DATA_ALLOW = "data"  # resume.allow_changes=[data]: the training data's token ids may differ
 
 
 def resolve_resume(resume_from: str | None, run_dir: RunDir) -> Path | None:
-    """The complete step dir to resume from: resume_from=auto takes run_dir's LATEST (None when
-    there is none: a fresh start); a path must name a complete checkpoint, or the error says what
-    is missing."""
+    """The complete, verified step dir to resume from.
+
+    resume_from=auto takes run_dir's LATEST; when it fails verify() (a file cut short, a shard gone),
+    the newest older complete step dir that passes, saying which and why in the log; None when there
+    is no checkpoint at all (a fresh start); an ArchiveError naming every problem when none passes. A
+    path must name a complete checkpoint that passes, or the error says what is missing or wrong."""
+    import logging
+
     if resume_from is None:
         return None
     if resume_from == "auto":
-        return run_dir.latest_target()
+        latest = run_dir.latest_target()
+        older = [p.resolve() for _, p in reversed(run_dir.step_dirs()) if is_complete(p)]
+        if latest is not None:
+            older = [p for p in older if p != latest and _examples(p) < _examples(latest)]
+        candidates = ([latest] if latest is not None else []) + older
+        rejected = []
+        for step in candidates:
+            problems = verify(step) + (
+                [] if (step / DS_TAG).is_dir() else [f"{step} has no {DS_TAG}/ (weights only)"]
+            )
+            if not problems:
+                if rejected:
+                    logging.getLogger("dpo_ds").warning(
+                        f"resume_from=auto: resuming from {step.name}, the newest checkpoint that passes its "
+                        f"check; skipped: " + "; ".join(rejected)
+                    )
+                return step
+            rejected.append(f"{step.name}: {'; '.join(problems)}")
+        if rejected:
+            raise ArchiveError(
+                f"resume_from=auto: no checkpoint in {run_dir.root} passes its check: " + " | ".join(rejected)
+            )
+        return None
     p = Path(resume_from)
     if not p.exists():
         raise ArchiveError(f"resume_from={resume_from}: {p} does not exist")
@@ -331,7 +537,15 @@ def resolve_resume(resume_from: str | None, run_dir: RunDir) -> Path | None:
     if missing:
         why = " (saved with checkpoint.save_optimizer=false: weights only)" if DS_TAG in missing else ""
         raise ArchiveError(f"resume_from={resume_from}: {step} has no {' and no '.join(missing)}{why}")
+    problems = verify(step)
+    if problems:
+        raise ArchiveError(f"resume_from={resume_from}: {step} fails its check: " + "; ".join(problems))
     return step.resolve()
+
+
+def _examples(step_dir: Path) -> int:
+    tail = Path(step_dir).name[len(STEP_PREFIX) :]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -362,15 +576,19 @@ def check_resume(state: dict, config: dict, data_digest: str, world: int, allow:
     def show(k: str) -> str:
         return f"{k}: changed" if k == DATA_KEY else f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
 
+    def allow_name(k: str) -> str:  # what resume.allow_changes calls it
+        return DATA_ALLOW if k == DATA_KEY else k
+
     fixed = [k for k in diffs if k in RESUME_FIXED]
-    refused = [k for k in diffs if k not in allow and k not in fixed]
+    refused = [k for k in diffs if allow_name(k) not in allow and k not in fixed]
     if fixed or refused:
         parts = []
         if refused:
             parts.append(
                 "differs from the checkpoint's config: "
                 + "; ".join(show(k) for k in refused)
-                + f" (resume.allow_changes=[{','.join(refused)}] accepts these if that is what you mean)"
+                + f" (resume.allow_changes=[{','.join(allow_name(k) for k in refused)}] accepts these if that "
+                f"is what you mean)"
             )
         if fixed:
             parts.append("cannot change on resume: " + "; ".join(show(k) for k in fixed))
@@ -388,15 +606,15 @@ class Checkpointer:
     the outcome. A failed save is logged and training goes on with the previous LATEST, until
     checkpoint.max_failed_saves fail in a row (or the final one fails): then TrainingStopped."""
 
-    def __init__(self, run_dir: RunDir, settings, run_state: dict, rank: int):
+    def __init__(self, run_dir: RunDir, settings, run_state: dict, rank: int, watchdog=None):
         self.run_dir = run_dir
         self.settings = settings  # config.CheckpointConfig
-        self.run_state = (
-            run_state  # what every step's run_state.json holds besides its step: config, world, data
-        )
+        self.run_state = run_state  # in every run_state.json besides its step: config, world, data digest
         self.rank = rank
+        self.watchdog = watchdog  # names the save in a hang report
         self.failed_in_a_row = 0
         self.saves = 0
+        self.last_bytes: int | None = None  # the last complete checkpoint's size: the free space a save needs
 
     def save(self, engine, step: int, examples: int, metrics: dict, final: bool = False) -> bool:
         """Whether step-{examples} is now LATEST; raises TrainingStopped when too many saves failed."""
@@ -407,28 +625,32 @@ class Checkpointer:
 
         log = logging.getLogger("dpo_ds")
         target = self.run_dir.step(examples)
+        phase = (
+            self.watchdog.phase(f"saving {target.name}", deadline=False) if self.watchdog else nullcontext()
+        )
         try:
-            self._prepare(target)
-            engines.save_policy(engine, policy_file(target), examples, metrics)
-            self.saves += 1
-            _inject_fault(self.rank, self.saves)
-            if self.settings.save_optimizer:  # else weights only: policy.pt, nothing to resume from
-                error = None
-                try:
-                    engines.save_engine(engine, target, {"step": step, "examples": examples})
-                except Exception as e:  # noqa: BLE001 - agreed on below
-                    error = f"rank {self.rank}: {type(e).__name__}: {e}"
-                failed = engines.all_gather_objects(error)
-                if any(failed):
-                    raise engines.SaveError(f"{ds_dir(target)}: " + "; ".join(f for f in failed if f))
-            self._complete(target, {"step": step, "examples": examples, **self.run_state})
+            with phase:
+                self._check_space(target)
+                self._prepare(target)
+                engines.save_policy(engine, policy_file(target), examples, metrics)
+                self.saves += 1
+                _inject_fault(self.rank, self.saves)
+                written = []
+                if self.settings.save_optimizer:  # else weights only: policy.pt, nothing to resume from
+                    written = engines.save_engine(engine, target, {"step": step, "examples": examples})
+                # what every rank wrote through DeepSpeed, for the manifest rank 0 records
+                written = [(os.path.relpath(p, target), n) for p, n in written]
+                files = [f for part in engines.all_gather_objects(written) for f in part]
+                state = {"step": step, "examples": examples, **self.run_state}
+                self.last_bytes = self._complete(target, state, files)
         except engines.SaveError as e:
             self.failed_in_a_row += 1
             latest = self.run_dir.latest_target()
-            log.error(
-                f"save failed ({e}); LATEST still names {latest}; {self.failed_in_a_row} in a row of "
-                f"checkpoint.max_failed_saves={self.settings.max_failed_saves}"
-            )
+            if self.rank == 0:  # every rank knows the same error; once in the log is enough
+                log.error(
+                    f"save failed ({e}); LATEST still names {latest}; {self.failed_in_a_row} in a row of "
+                    f"checkpoint.max_failed_saves={self.settings.max_failed_saves}"
+                )
             if self.rank == 0 and target.exists() and target.resolve() != latest:
                 shutil.rmtree(target, ignore_errors=True)
             if final or self.failed_in_a_row >= self.settings.max_failed_saves:
@@ -457,16 +679,41 @@ class Checkpointer:
         except OSError as e:  # the OSError rank 0 met, raised on every rank
             raise engines.SaveError(f"{target}: {type(e).__name__}: {e}") from None
 
-    def _complete(self, target: Path, state: dict) -> None:
-        """run_state.json and COMPLETE, then LATEST swapped to the step dir: rank 0, for all."""
+    def _check_space(self, target: Path) -> None:
+        """A save needs about what the last one took (its manifest says): every rank checks the free
+        space it sees where the run dir is, and a save that would not fit is not begun."""
+        from dpo_ds import engines
+
+        if self.last_bytes is None:  # the first save of this process: the checkpoint LATEST names, if any
+            self.last_bytes = engines.decided_by_rank0(lambda: manifest_bytes(self.run_dir.latest_target()))
+        if not self.last_bytes:
+            return
+        free = engines.across_ranks([float(shutil.disk_usage(self.run_dir.root).free)])[:, 0]
+        short = [(r, float(f)) for r, f in enumerate(free.tolist()) if f < self.last_bytes]
+        if short:
+            r, f = short[0]
+            raise engines.SaveError(
+                f"{target}: not begun: the last checkpoint took {self.last_bytes / 2**30:.2f} GiB and rank {r} "
+                f"sees {f / 2**30:.2f} GiB free on the run dir's filesystem; free "
+                f"{(self.last_bytes - f) / 2**30:.2f} GiB more, or keep fewer checkpoints (checkpoint.keep_last)"
+            )
+
+    def _complete(self, target: Path, state: dict, files: list[tuple[str, int]]) -> int:
+        """run_state.json with the manifest, COMPLETE, then LATEST swapped to the step dir: rank 0, for
+        all. Returns the checkpoint's size in bytes."""
         from dpo_ds import engines
 
         def complete():
-            mark_complete(target, state)
+            manifest = dict(files)  # DeepSpeed's files, from the ranks that wrote them; then all rank 0 sees
+            for path in target.rglob("*"):
+                if path.is_file() and path.name not in (RUN_STATE, COMPLETE):
+                    manifest.setdefault(str(path.relative_to(target)), path.stat().st_size)
+            mark_complete(target, {**state, MANIFEST: dict(sorted(manifest.items()))})
             point_latest(self.run_dir.root, target)
+            return sum(manifest.values())
 
         try:
-            engines.decided_by_rank0(complete, (OSError,))
+            return engines.decided_by_rank0(complete, (OSError,))
         except OSError as e:
             raise engines.SaveError(f"{target}: {type(e).__name__}: {e}") from None
 

@@ -693,9 +693,101 @@ def save_policy(engine, path: Path, step_idx: int, metrics: dict) -> None:
     decided_by_rank0(finish, (SaveError,))
 
 
-def save_engine(engine, directory: Path, client_state: dict) -> None:
-    """Sharded DeepSpeed checkpoint (module, optimizer, scheduler) for resume; every rank calls it."""
-    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state, save_latest=False)
+class _GuardedWrites:
+    """Stands in for engine.checkpoint_engine during a save. A write that fails inside DeepSpeed's
+    save_checkpoint (a full disk: torch.save raises RuntimeError, os calls OSError) would leave its rank
+    raising out of DeepSpeed while the others wait in DeepSpeed's own barrier or all-gather, and gloo
+    would abort the job. Here it is recorded instead (the partial file removed, later writes skipped),
+    every rank goes through DeepSpeed's collectives in step, and save_engine raises SaveError on every
+    rank alike. Also records what this rank wrote, for the step dir's manifest."""
+
+    def __init__(self, inner, rank: int, save_index: int):
+        self.inner = inner
+        self.rank, self.save_index = rank, save_index
+        self.errors: list[str] = []
+        self.written: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path):
+        if self.errors:
+            return None  # the save has failed already; the rest would fail as well
+        try:
+            _inject_write_fault(self.rank, self.save_index, str(path))
+            result = self.inner.save(state_dict, path)
+            self.written.append(str(path))
+            return result
+        except Exception as e:  # noqa: BLE001 - every failure takes the named path (save_engine)
+            self.errors.append(f"{path}: {type(e).__name__}: {e}")
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+            return None
+
+    def makedirs(self, path, exist_ok=False):
+        try:
+            return self.inner.makedirs(path, exist_ok=exist_ok)
+        except Exception as e:  # noqa: BLE001
+            self.errors.append(f"{path}: {type(e).__name__}: {e}")
+            return None
+
+    def guard(self, fn, what: str):
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self.errors.append(f"{what}: {type(e).__name__}: {e}")
+                return None
+
+        return guarded
+
+
+_SAVES: dict[str, int] = {"count": 0}
+
+
+def save_engine(
+    engine, directory: Path, client_state: dict, exclude_frozen: bool = False
+) -> list[tuple[str, int]]:
+    """Sharded DeepSpeed checkpoint (module, optimizer, scheduler) for resume; every rank calls it.
+    Returns (path, bytes) of the files this rank wrote; raises SaveError on every rank alike when a
+    write failed on any (the failing ranks' errors named)."""
+    _SAVES["count"] += 1
+    rank = torch.distributed.get_rank()
+    guard = _GuardedWrites(engine.checkpoint_engine, rank, _SAVES["count"])
+    engine.checkpoint_engine = guard
+    engine._copy_recovery_script = guard.guard(engine._copy_recovery_script, "copying zero_to_fp32.py")
+    try:
+        engine.save_checkpoint(
+            str(directory),
+            tag=DS_TAG,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=exclude_frozen,
+        )
+    except Exception as e:  # noqa: BLE001 - raised outside the guarded writes: still agreed on below
+        guard.errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        engine.checkpoint_engine = guard.inner
+        del engine._copy_recovery_script  # the class's method again
+    failed = all_gather_objects(guard.errors and f"rank {rank}: {'; '.join(guard.errors)}")
+    if any(failed):
+        raise SaveError(f"{ds_dir(directory)}: " + "; ".join(f for f in failed if f))
+    return [(p, os.path.getsize(p)) for p in guard.written if os.path.exists(p)]
+
+
+def _inject_write_fault(rank: int, save_index: int, path: str) -> None:
+    """Tests only: DPO_DS_TEST_FAIL_WRITE=R:K:TEXT makes rank R's K-th DeepSpeed save fail, as a full
+    disk does, at the first file whose path contains TEXT (e.g. optim_states)."""
+    spec = os.environ.get("DPO_DS_TEST_FAIL_WRITE")
+    if not spec:
+        return
+    r, k, text = spec.split(":", 2)
+    if int(r) == rank and int(k) == save_index and text in path:
+        raise RuntimeError(
+            f"[Errno 28] No space left on device (injected by DPO_DS_TEST_FAIL_WRITE) writing {path}"
+        )
 
 
 def load_engine(engine, directory: Path) -> dict:
@@ -704,7 +796,16 @@ def load_engine(engine, directory: Path) -> dict:
             f"resume_from: {directory} holds no DeepSpeed checkpoint ({ds_dir(directory)} is missing; a run "
             f"with checkpoint.save_optimizer=false saves weights only, which cannot resume a run)"
         )
-    path, client_state = engine.load_checkpoint(str(directory), tag=DS_TAG)
-    if path is None:
-        raise ConfigError(f"resume_from: no DeepSpeed checkpoint under {ds_dir(directory)}")
+    from dpo_ds.checkpoint import ArchiveError
+
+    error = None
+    try:
+        path, client_state = engine.load_checkpoint(str(directory), tag=DS_TAG)
+        if path is None:
+            error = f"no DeepSpeed checkpoint under {ds_dir(directory)}"
+    except Exception as e:  # noqa: BLE001 - a file missing or unreadable on some rank: agreed on below
+        error = f"{type(e).__name__}: {e}"
+    failed = all_gather_objects(error and f"rank {torch.distributed.get_rank()}: {error}")
+    if any(failed):
+        raise ArchiveError(f"resume_from: {directory} cannot be loaded: " + "; ".join(f for f in failed if f))
     return client_state

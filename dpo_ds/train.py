@@ -12,6 +12,7 @@ row or archive stops all ranks with the same message instead of hanging a collec
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import sys
@@ -21,13 +22,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make `dpo_ds` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpo_ds.checkpoint import ArchiveError
+from dpo_ds.checkpoint import ArchiveError, RunDirLocked
 from dpo_ds.config import ConfigError
 from dpo_ds.data.sources import DataError
 from dpo_ds.data.tokenize import TokenizationError
 from dpo_ds.model import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ArchiveError, ModelError, TokenizationError)
+USER_ERRORS = (ConfigError, DataError, ArchiveError, ModelError, TokenizationError, RunDirLocked)
 log = logging.getLogger("dpo_ds")
 
 
@@ -51,7 +52,7 @@ def parse_args(argv):
 def run(argv=None) -> dict:
     from dpo_ds import checkpoint as ckpt
     from dpo_ds import engines
-    from dpo_ds.checkpoint import Checkpointer, RunDir, read_archive
+    from dpo_ds.checkpoint import Checkpointer, RunDir, RunLock, read_archive
     from dpo_ds.config import dump_yaml, load_config, to_dict
     from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, flatten
     from dpo_ds.data.sources import load_source, load_sources
@@ -108,6 +109,16 @@ def run(argv=None) -> dict:
     log.info(
         f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}"
     )
+
+    # One job per run directory: rank 0 takes its lock before anything is written there (and before the
+    # data phase, so a second job is refused in seconds); every rank gets the answer.
+    run_dir = RunDir(cfg.run_dir)
+    lock = RunLock(run_dir)
+    took_over = engines.decided_by_rank0(lock.acquire, (RunDirLocked,))
+    if rank == 0:
+        atexit.register(lock.release)  # every exit but SIGKILL; a killed job's lock is stale (RunLock)
+    if took_over:
+        log.warning(took_over)
 
     # 3. inputs: model directory, archive, data -- all checked before any engine exists
     model_dir = resolve_model_dir(cfg.model.name_or_path)
@@ -191,7 +202,6 @@ def run(argv=None) -> dict:
     # Never write into an earlier run's directory (its checkpoints would be overwritten and its
     # metrics mixed with ours) unless resuming it. Rank 0 decides for all: with node-local disks
     # ranks can see different things, and one rank raising alone would hang the others.
-    run_dir = RunDir(cfg.run_dir)
     taken = engines.decided_by_rank0(run_dir.taken)
     if taken and not cfg.resume_from:
         raise ConfigError(
@@ -231,8 +241,15 @@ def run(argv=None) -> dict:
         dump_yaml(cfg, run_dir.config)
         run_dir.ds_config.write_text(json.dumps(ds_config, indent=2))
     # A rank that hangs is reported by the others; a preemption signal becomes a save and exit 0.
-    watchdog = Watchdog(rank, run_dir.root, cfg.dist_timeout_s, cfg.step_timeout_s).start()
     preemption = Preemption().install()
+    watchdog = Watchdog(
+        rank,
+        run_dir.root,
+        cfg.dist_timeout_s,
+        cfg.step_timeout_s,
+        heartbeat=lock.heartbeat if rank == 0 else None,
+        preemption=preemption,
+    ).start()
 
     # 4. build: both models start from the archive, the model dir's weights, or a seeded init. The
     # reference comes first: precomputed, it is built, run over the data and destroyed before the
@@ -295,7 +312,7 @@ def run(argv=None) -> dict:
     if cfg.sample_during_eval and objective.needs_reference and not isinstance(reference, LiveReference):
         log.info("samples during eval come from the policy only: the reference is precomputed, no model")
     checkpoints = Checkpointer(
-        run_dir, cfg.checkpoint, {"world": world, "config": to_dict(cfg), "data": digest}, rank
+        run_dir, cfg.checkpoint, {"world": world, "config": to_dict(cfg), "data": digest}, rank, watchdog
     )
     trainer = Trainer(
         cfg,

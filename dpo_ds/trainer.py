@@ -269,8 +269,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval, save, stop
 
-    @torch.no_grad()
     def evaluate(self, step: int, examples: int, save: bool, final: bool = False) -> dict:
+        with self.watchdog.phase(f"eval at step {step}", deadline=False):  # named in a hang report
+            metrics, stop_reason = self._evaluate(step, examples)
+        if stop_reason is not None and self._stop_early(stop_reason, step, examples, metrics):
+            return metrics  # saved already
+        if save:
+            self.save(step, examples, metrics, final=final)
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate(self, step: int, examples: int) -> tuple[dict, str | None]:
         self.policy.eval()
         if self._eval_batches is None:
             self._eval_batches = self.eval_data.eval_batches(self.cfg.n_eval_examples)
@@ -288,11 +297,7 @@ class Trainer:
         self.sink.write({"step": step, **metrics})
         if self.rank == 0:
             log.info(self._line(step, examples, metrics, "eval"))
-        if stop_reason is not None and self._stop_early(stop_reason, step, examples, metrics):
-            return metrics  # saved already
-        if save:
-            self.save(step, examples, metrics, final=final)
-        return metrics
+        return metrics, stop_reason
 
     def _stop_early(self, reason: str, step: int, examples: int, metrics: dict) -> bool:
         """guard.action=stop fired (every rank alike: the metrics it reads are reduced over all ranks):

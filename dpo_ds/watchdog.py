@@ -12,7 +12,13 @@ Watchdog
 
 Preemption
   SIGTERM and SIGUSR1 (slurm's --signal) set a flag; the trainer agrees on it across ranks after
-  each step, saves, and returns, so the job exits 0 with "preempted at step N".
+  each step, saves, and returns, so the job exits 0 with "preempted at step N". A launcher that is
+  gone counts as one: the watchdog watches the rank's launcher processes (deepspeed's launch.py and
+  its runner, or torchrun) and, when one of them dies (a SIGINT to the runner alone orphans the job),
+  requests the same save and exit, within a second. A SIGTERM that finds the rank blocked in a
+  collective (a peer died or stopped; the launcher is ending the job) cannot run Python's handler:
+  the watchdog sees it through the signal wakeup fd and ends the rank TERM_GRACE_S later if the
+  collective has not returned, instead of leaving the launcher to wait 30 s and SIGKILL it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import atexit
 import faulthandler
 import logging
+import math
 import os
 import signal
 import threading
@@ -30,6 +37,8 @@ from pathlib import Path
 log = logging.getLogger("dpo_ds")
 
 EXIT_HANG = 3
+EXIT_TERMINATED = 128 + signal.SIGTERM  # a SIGTERM that found the rank blocked in a collective
+TERM_GRACE_S = 10.0
 # torch.distributed calls that block until every rank takes part
 COLLECTIVES = (
     "all_reduce",
@@ -53,8 +62,22 @@ CALIBRATION_STEPS = 3
 
 
 class Watchdog:
-    def __init__(self, rank: int, run_dir: Path, dist_timeout_s: float, step_timeout_s: float | None):
+    def __init__(
+        self,
+        rank: int,
+        run_dir: Path,
+        dist_timeout_s: float,
+        step_timeout_s: float | None,
+        heartbeat=None,
+        preemption: Preemption | None = None,
+    ):
         self.rank = rank
+        self.heartbeat = heartbeat  # rank 0: refreshes the run dir's lock (checkpoint.RunLock)
+        self._last_beat = 0.0
+        self.preemption = preemption  # the launcher's death requests a save and exit through it
+        self._launchers = launcher_processes()  # [(pid, start time, what)] to watch
+        self._parent = os.getppid()
+        self._term_at: float | None = None
         self.run_dir = Path(run_dir)
         self.dist_timeout_s = dist_timeout_s
         self.step_timeout_s = step_timeout_s  # None: calibrated from the first steps
@@ -89,9 +112,11 @@ class Watchdog:
         return max(MIN_STEP_TIMEOUT_S, STEP_TIMEOUT_FACTOR * max(self._step_times))
 
     @contextmanager
-    def phase(self, what: str, timeout_s: float | None = None):
-        """Run a block under a deadline (timeout_s, or the step timeout)."""
-        timeout = timeout_s if timeout_s is not None else self.step_timeout()
+    def phase(self, what: str, timeout_s: float | None = None, deadline: bool = True):
+        """Run a block under a deadline (timeout_s, or the step timeout), or with deadline=False only
+        named (a save, an eval: what a hang report says the rank was doing; every collective in it keeps
+        its dist_timeout_s)."""
+        timeout = math.inf if not deadline else timeout_s if timeout_s is not None else self.step_timeout()
         start = time.monotonic()
         with self._lock:
             self._phase = (what, start, start + timeout)
@@ -100,7 +125,7 @@ class Watchdog:
         finally:
             with self._lock:
                 self._phase = None
-            if timeout_s is None and len(self._step_times) < CALIBRATION_STEPS:
+            if deadline and timeout_s is None and len(self._step_times) < CALIBRATION_STEPS:
                 self._step_times.append(time.monotonic() - start)
 
     def _wrap_collectives(self) -> None:
@@ -127,10 +152,30 @@ class Watchdog:
     # ------------------------------------------------------------------ the watching thread
 
     def _watch(self) -> None:
+        from dpo_ds.checkpoint import LOCK_HEARTBEAT_S
+
         while not self._stop.wait(0.5):
             now = time.monotonic()
+            if self.heartbeat is not None and now - self._last_beat >= LOCK_HEARTBEAT_S:
+                self._last_beat = now
+                self.heartbeat()
+            if self.preemption is not None:
+                self._watch_launchers()
+                if self._term_at is None and signal.SIGTERM in self.preemption.arrived():
+                    self._term_at = now
             with self._lock:
                 phase, collective, last = self._phase, self._collective, self._last_collective
+            if self._term_at is not None:
+                handled = self.preemption.term_handled_at
+                if (handled is None or handled < self._term_at) and now - self._term_at > TERM_GRACE_S:
+                    # Python's handler has not run since: the main thread is stuck inside C code (a
+                    # collective or its wait(), whatever issued it)
+                    self._trip(f"SIGTERM arrived {now - self._term_at:.0f} s ago and the rank has not run Python "
+                               f"since: it waits inside a collective", phase, last, EXIT_TERMINATED)  # fmt: skip
+                if collective is not None and now - max(self._term_at, collective[1]) > TERM_GRACE_S:
+                    self._trip(f"SIGTERM arrived while it waited in collective {collective[0]}, which has not "
+                               f"returned {now - max(self._term_at, collective[1]):.0f} s later", phase, last,
+                               EXIT_TERMINATED)  # fmt: skip
             if collective is not None and now > collective[1] + self.dist_timeout_s:
                 self._trip(f"collective {collective[0]} has not returned after {now - collective[1]:.0f} s "
                            f"(dist_timeout_s={self.dist_timeout_s:g})", phase, last)  # fmt: skip
@@ -138,9 +183,20 @@ class Watchdog:
                 self._trip(f"{phase[0]} has not finished after {now - phase[1]:.0f} s "
                            f"(deadline {phase[2] - phase[1]:.0f} s)", phase, last)  # fmt: skip
 
-    def _trip(self, why: str, phase, last_collective: str) -> None:
+    def _watch_launchers(self) -> None:
+        """A launcher that is gone (or a new parent: this rank was orphaned) requests a save and exit."""
+        if self.preemption.requested:
+            return
+        gone = [what for pid, started, what in self._launchers if _start_time(pid) != started]
+        if not gone and os.getppid() != self._parent:
+            gone = [f"the parent process {self._parent}"]
+        if gone:
+            log.warning(f"rank {self.rank}: {gone[0]} is gone: saving and exiting, as on a preemption")
+            self.preemption.request(f"{gone[0]} gone")
+
+    def _trip(self, why: str, phase, last_collective: str, code: int = EXIT_HANG) -> None:
         path = self.run_dir / f"hang-rank{self.rank}.txt"
-        where = phase[0] if phase is not None else "outside a step"
+        where = phase[0] if phase is not None else "between steps"
         message = (
             f"rank {self.rank} hung: {why}; in: {where}; last collective it entered: {last_collective}. "
             f"Another rank has probably stopped or died; every thread's stack is in {path}"
@@ -156,7 +212,50 @@ class Watchdog:
         log.error(f"dpo_ds: watchdog: {message}")
         for h in logging.getLogger().handlers + log.handlers:
             h.flush()
-        os._exit(EXIT_HANG)  # no clean-up: the other threads are stuck in a collective
+        os._exit(code)  # no clean-up: the other threads are stuck in a collective
+
+
+LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
+RUNNERS = ("bin/deepspeed", "deepspeed.launcher.runner")
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or None when it is gone
+    (a zombie has exited too, only nobody has reaped it yet): a pid with another start time is another
+    process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def launcher_processes() -> list[tuple[int, int, str]]:
+    """(pid, start time, what) of the processes that launched this rank and whose death orphans it:
+    the parent when it is a launcher (deepspeed's launch.py, torchrun), and its parent when that is
+    deepspeed's runner (the `deepspeed` command). Nothing under a plain `python` or a shell."""
+    out = []
+    parent = os.getppid()
+    if any(name in _cmdline(parent) for name in LAUNCHERS):
+        out.append((parent, _start_time(parent), f"the launcher (pid {parent})"))
+        runner = _parent_of(parent)
+        if runner and any(name in _cmdline(runner) for name in RUNNERS):
+            out.append((runner, _start_time(runner), f"the deepspeed runner (pid {runner})"))
+    return out
 
 
 class Preemption:
@@ -167,12 +266,35 @@ class Preemption:
     def __init__(self):
         self.requested = False
         self.signal_name = ""
+        self._wakeup: int | None = None  # read end of the signal wakeup pipe (the watchdog reads it)
+        self.term_handled_at: float | None = None  # when Python's handler last ran for a SIGTERM
 
     def install(self) -> Preemption:
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+        # the C-level handler writes each signal's number here at once, even while the main thread
+        # waits inside a collective and Python's handler cannot run
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._wakeup = r
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def arrived(self) -> set[int]:
+        """Signals delivered since the last call (read from the wakeup pipe; never blocks)."""
+        if self._wakeup is None:
+            return set()
+        try:
+            return set(os.read(self._wakeup, 1024))
+        except BlockingIOError:
+            return set()
+
+    def request(self, why: str) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or why
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGTERM:
+            self.term_handled_at = time.monotonic()
+        self.request(signal.Signals(signum).name)

@@ -339,12 +339,20 @@ def _read_hub(kind: str, split: str, cache_dir: str | None):
         ) from e
 
 
-def _rows(ds, columns: list[str]) -> Iterator[dict[str, Any]]:
+def _rows(ds, columns: list[str], where: str) -> Iterator[dict[str, Any]]:
     """Rows of `ds` as dicts of the given columns, in file order (batched: cheap on large data)."""
     ds = ds.select_columns(columns)
+    i = 0
     for batch in ds.iter(batch_size=1024):
         for k in range(len(batch[columns[0]])):
-            yield {c: batch[c][k] for c in columns}
+            row = {c: batch[c][k] for c in columns}
+            if all(v is None for v in row.values()):
+                raise DataError(
+                    f"{_at(where, i)} is null: its line holds `null` (or {{}}), not a row with "
+                    f"{', '.join(repr(c) for c in columns)}; remove it"
+                )
+            yield row
+            i += 1
 
 
 def _require_columns(ds, where: str, required: list[str], what: str) -> None:
@@ -390,7 +398,7 @@ def _parse_hh(ds, where: str, split: str) -> list[PromptGroup]:
     groups = _Groups("keep_end")  # the original DPO code keeps the end of long hh conversations
     dropped: Counter[str] = Counter()
     n_rows = 0
-    for i, row in enumerate(_rows(ds, ["chosen", "rejected"])):
+    for i, row in enumerate(_rows(ds, ["chosen", "rejected"], where)):
         n_rows += 1
         chosen = _str_field(row, "chosen", where, i)
         rejected = _str_field(row, "rejected", where, i)
@@ -425,7 +433,7 @@ def _parse_shp(ds, where: str, split: str) -> list[PromptGroup]:
     groups = _Groups("keep_start")
     dropped: Counter[str] = Counter()
     n_rows = 0
-    for i, row in enumerate(_rows(ds, fields)):
+    for i, row in enumerate(_rows(ds, fields, where)):
         n_rows += 1
         prompt = "\n\nHuman: " + _str_field(row, "history", where, i) + "\n\nAssistant:"
         responses = [
@@ -468,7 +476,7 @@ def _parse_se(ds, where: str, split: str) -> list[PromptGroup]:
     groups = _Groups("keep_start")
     dropped: Counter[str] = Counter()
     n_rows = n_other_split = 0
-    for i, row in enumerate(_rows(ds, ["question", "answers"])):
+    for i, row in enumerate(_rows(ds, ["question", "answers"], where)):
         question = _str_field(row, "question", where, i)
         if _se_held_out(question) != (split == "test"):
             n_other_split += 1  # belongs to the other split: not filtered data, so not "dropped"
@@ -564,11 +572,13 @@ def _parse_original(ds, where: str) -> list[PromptGroup]:
     has_mode = "truncation_mode" in ds.column_names
     columns = ORIGINAL_COLUMNS + (["truncation_mode"] if has_mode else [])
     groups = []
-    for i, row in enumerate(_rows(ds, columns)):
+    for i, row in enumerate(_rows(ds, columns, where)):
         prompt = _str_field(row, "prompt", where, i)
         responses = row["responses"]
         if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
             raise _bad(where, i, "responses", "a non-empty list of strings", responses)
+        for k in range(len(responses)):
+            _response_field({"r": responses[k]}, "r", where, i, f"responses[{k}]")
         pairs = _pairs_field(row["pairs"], len(responses), where, i)
         sft_target = _str_field(row, "sft_target", where, i)
         mode = row["truncation_mode"] if has_mode else None
@@ -599,7 +609,7 @@ def _parse_preference(ds, where: str) -> list[PromptGroup]:
     groups = _Groups(LOCAL_DEFAULT_TRUNCATION)
     dropped: Counter[str] = Counter()
     n_rows = 0
-    for i, row in enumerate(_rows(ds, (["prompt"] if has_prompt else []) + PREFERENCE_COLUMNS)):
+    for i, row in enumerate(_rows(ds, (["prompt"] if has_prompt else []) + PREFERENCE_COLUMNS, where)):
         n_rows += 1
         prompt, chosen, rejected = _preference_row(row, where, i, has_prompt)
         if chosen == rejected:
@@ -629,8 +639,8 @@ def _preference_row(row: dict, where: str, i: int, has_prompt: bool) -> tuple[Te
             )
         return (
             _str_field(row, "prompt", where, i),
-            _str_field(row, "chosen", where, i),
-            _str_field(row, "rejected", where, i),
+            _response_field(row, "chosen", where, i),
+            _response_field(row, "rejected", where, i),
         )
     chosen = _messages(chosen, where, i, "chosen")
     rejected = _messages(rejected, where, i, "rejected")
@@ -679,7 +689,7 @@ def _parse_messages(ds, where: str) -> list[PromptGroup]:
     the target everything from there (its non-assistant turns are rendered but not trained on).
     Rows are not grouped by prompt: two chats that open alike are still two examples."""
     groups = []
-    for i, row in enumerate(_rows(ds, MESSAGES_COLUMNS)):
+    for i, row in enumerate(_rows(ds, MESSAGES_COLUMNS, where)):
         messages = _messages(row["messages"], where, i, "messages")
         first = next((k for k, m in enumerate(messages) if m["role"] == "assistant"), None)
         if first is None or first == 0:
@@ -751,6 +761,7 @@ def _answers(messages: list[Message], where: str, i: int, name: str, offset: int
                 "'assistant': a response holds the assistant's turn(s) only",
                 m["role"],
             )
+        _response_field(m, "content", where, i, f"{name}[{offset + k}].content")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,6 +850,21 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def _bad(where: str, row: int, field: str, expected: str, got: Any) -> DataError:
     return DataError(f"{where} row {row} (0-based): field '{field}' must be {expected}, got {_short(got)}")
+
+
+def _response_field(row: dict, field: str, where: str, i: int, name: str | None = None) -> str:
+    """A response's text: a string with more than whitespace in it. An empty answer would be trained on
+    as "stop at once" (its whole target is the EOS), silently."""
+    value = _str_field(row, field, where, i, name)
+    if not value.strip():
+        raise _bad(
+            where,
+            i,
+            name or field,
+            "a non-empty response (an empty one trains the model to stop at once)",
+            value,
+        )
+    return value
 
 
 def _str_field(row: dict, field: str, where: str, i: int, name: str | None = None) -> str:
