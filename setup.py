@@ -25,7 +25,8 @@ setup(
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
         "triton": ["triton"],
-        "test": ["pytest", "ruff", "matplotlib", "wandb", "triton"],
+        "lora": ["peft>=0.17"],  # LoRA adapters (model.lora.r > 0)
+        "test": ["pytest", "ruff", "matplotlib", "wandb", "triton", "peft>=0.17"],
         "bench": ["trl==1.16.0", "matplotlib"],
     },
     entry_points={"console_scripts": ["dpo-ds-plot=dpo_ds.plot:main", "dpo-ds-export=dpo_ds.export:main"]},

@@ -632,7 +632,7 @@ class Checkpointer:
             with phase:
                 self._check_space(target)
                 self._prepare(target)
-                engines.save_policy(engine, policy_file(target), examples, metrics)
+                engines.save_weights(engine, target, examples, metrics)  # policy.pt, or a LoRA adapter
                 self.saves += 1
                 _inject_fault(self.rank, self.saves)
                 written = []

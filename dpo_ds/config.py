@@ -28,7 +28,7 @@ TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
 ADD_BOS = ("auto", "true", "false")
 DTYPES = ("float32", "bfloat16", "float16")
 LOGPROB_IMPLS = ("naive", "chunked", "triton", "fused_linear")
-REFERENCE_MODES = ("engine", "precomputed")
+REFERENCE_MODES = ("auto", "engine", "precomputed", "adapters_off")
 LAYOUTS = ("padded", "packed", "shared_prompt")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "dpo_ds_blocks")
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
@@ -61,6 +61,19 @@ class LossConfig:
 
 
 @dataclass
+class LoraSettings:
+    # LoRA adapters through peft (adapters.py): 0 trains every parameter; > 0 trains rank-r adapters only
+    r: int = 0
+    alpha: float | None = None  # LoRA's alpha (scaling alpha / r); null: 2 x r
+    dropout: float = 0.0  # DPO compares log-probs: dropout off, as in both models
+    # the modules wrapped: every linear layer of the decoder but the lm_head ("all-linear"), or names
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # policy: the adapters in model.policy_dtype (one dtype per module; DeepSpeed's optimizer keeps the
+    # fp32 master copy); float32: fp32 adapters on a bf16/fp16 base (adapters.py says when it helps)
+    adapter_dtype: str = "policy"
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "demo"  # local HF causal-LM directory; "demo" / "tiny" are shipped configs
     # auto: the directory's weights (an error when it has none), model.archive's, or for the shipped
@@ -70,15 +83,17 @@ class ModelConfig:
     policy_dtype: str = "float32"  # float32 | bfloat16 | float16 (DeepSpeed mixed precision)
     reference_dtype: str = "float32"
     reference_offload: bool = False  # ZeRO-3 reference parameters live on CPU
-    # engine: a frozen inference engine beside the policy; precomputed: its log-probs computed once
-    # before training (the engine is then destroyed, none exists while the policy trains)
-    reference_mode: str = "engine"
+    # auto: adapters_off with LoRA, else engine. engine: a frozen inference engine beside the policy;
+    # precomputed: its log-probs computed once before training (no reference while the policy trains);
+    # adapters_off (LoRA): the policy's own base, its adapters switched off, no second copy
+    reference_mode: str = "auto"
     reference_zero_stage: int | None = None  # 0 | 3; null: 3 when the policy is ZeRO-3, else 0
     logprob_impl: str = "chunked"  # naive | chunked | triton | fused_linear
     # auto: for packed/shared_prompt rows flex_attention on a GPU (block-sparse mask) and dpo_ds_blocks
     # on CPU (attention per segment, no mask; attention.py); transformers' default (sdpa) otherwise
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -352,6 +367,27 @@ def validate(cfg: Config) -> None:
         f"must be one of {REFERENCE_MODES}",
     )
     need(cfg.model.reference_zero_stage in (None, 0, 3), "model.reference_zero_stage", "must be 0, 3 or null")
+    lora = cfg.model.lora
+    need(lora.r >= 0, "model.lora.r", "must be >= 0 (0: no LoRA, every parameter trained)")
+    need(lora.alpha is None or lora.alpha > 0, "model.lora.alpha", "must be > 0 or null (2 x r)")
+    need(0.0 <= lora.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+    need(
+        bool(lora.target_modules),
+        "model.lora.target_modules",
+        "must name at least one module (or all-linear)",
+    )
+    need(lora.adapter_dtype in ("policy", "float32"), "model.lora.adapter_dtype", "must be policy or float32")
+    if cfg.model.reference_mode == "auto":
+        cfg.model.reference_mode = "adapters_off" if lora.r else "engine"
+    if cfg.model.reference_mode == "adapters_off":
+        need(lora.r > 0, "model.reference_mode", "is adapters_off, which needs LoRA (model.lora.r > 0)")
+    if lora.r:
+        need(
+            cfg.model.reference_mode != "engine",
+            "model.reference_mode",
+            "is engine, a second copy of the base model beside a LoRA policy whose own base, adapters off, is "
+            "that reference; use adapters_off (the default with LoRA) or precomputed",
+        )
     need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a model directory")
     need(cfg.model.init in MODEL_INITS, "model.init", f"must be one of {MODEL_INITS}")
     if cfg.model.init == "random":

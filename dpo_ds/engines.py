@@ -24,7 +24,7 @@ import torch
 from dpo_ds.checkpoint import DS_TAG, ds_dir
 from dpo_ds.config import Config, ConfigError
 from dpo_ds.launcher import free_port
-from dpo_ds.model import TORCH_DTYPES, LogprobLM, ModelError, disable_dropout, load_config
+from dpo_ds.model import TORCH_DTYPES, LogprobLM, ModelError, disable_dropout, load_config, resolve_model_dir
 
 log = logging.getLogger("dpo_ds")
 
@@ -385,6 +385,10 @@ def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool, attn: st
     return lm
 
 
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # a ZeRO-3 parameter's full size
+
+
 def _tensors(lm: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer by name (tied weights once), the things a state dict holds."""
     return list(lm.named_parameters()) + list(lm.named_buffers())
@@ -433,15 +437,60 @@ def load_state(lm: torch.nn.Module, state: dict[str, torch.Tensor], source: str)
                     p.copy_(src.to(p.dtype))
 
 
+def build_base(model_dir: Path, ds: dict, dtype: str, start, attn: str | None = None):
+    """The HF model a run starts from (start.Start): built for `ds` (inside zero.Init under ZeRO-3),
+    filled with the starting state, and with any LoRA adapter the start names merged into it."""
+    lm = build_lm(model_dir, ds, dtype, from_weights=start.from_weights, attn=attn)
+    if start.state is not None:
+        load_state(lm, start.state, start.source)
+    for adapter in start.adapters:
+        merge_adapter(lm, adapter)
+    return lm
+
+
+def merge_adapter(lm, adapter_dir: Path) -> None:
+    """Merge a saved LoRA adapter into lm's own weights, partitioned (ZeRO-3) or not, with peft's merge:
+    the adapter is loaded beside the base, each wrapped layer's weight is gathered (every rank, same
+    order) and merged on rank 0, then the adapter layers go and the base modules stay."""
+    import deepspeed
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    peft_model = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=False)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            weight = module.get_base_layer().weight
+            zero3 = hasattr(weight, "ds_id")
+            with deepspeed.zero.GatheredParameters([weight], modifier_rank=0) if zero3 else nullcontext():
+                if rank == 0 or not zero3:
+                    module.merge()
+    peft_model.unload()  # lm's modules are the base ones again, their weights merged
+
+
 def build_policy(lm, ds: dict, cfg: Config):
     import deepspeed
 
+    from dpo_ds import adapters
+
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora.r:  # the base frozen; only the adapters train (adapters.py)
+        base = resolve_model_dir(cfg.model.name_or_path)
+        lm = adapters.wrap(lm, cfg.model.lora, cfg.seed, cfg.model.gradient_checkpointing, base)
+        trainable = [p for p in lm.parameters() if p.requires_grad]
+        frozen = [p for p in lm.parameters() if not p.requires_grad]
+        log.info(
+            f"LoRA: {sum(_numel(p) for p in trainable) / 1e6:.2f}M adapter parameters in {trainable[0].dtype} "
+            f"train, {sum(_numel(p) for p in frozen) / 1e6:.2f}M base parameters in {frozen[0].dtype} are frozen"
+        )
     model = LogprobLM(lm, cfg.model.logprob_impl)
     optimizer = None
     if cfg.optimizer == "RMSprop" and "optimizer" not in ds:
-        optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)  # the original DPO code's default
+        # the original DPO code's default; the trainable parameters only (LoRA: the adapters)
+        optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     warmup = cfg.warmup_steps
 
     def schedule(opt):
@@ -629,6 +678,53 @@ class SaveError(RuntimeError):
     """A checkpoint that was not written (or must not become LATEST); raised on every rank alike."""
 
 
+def save_weights(engine, step_dir: Path, step_idx: int, metrics: dict) -> None:
+    """The step dir's weights: policy.pt (the full model), or with LoRA the adapter alone in peft's
+    format; nothing gathers the base of a LoRA policy."""
+    from dpo_ds import adapters
+    from dpo_ds.checkpoint import policy_file
+
+    if adapters.is_lora(unwrap_lm(engine)):
+        save_adapter(engine, step_dir)
+    else:
+        save_policy(engine, policy_file(step_dir), step_idx, metrics)
+
+
+def save_adapter(engine, step_dir: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors (peft's format) in step_dir: every rank gathers
+    each adapter parameter in turn (ZeRO-3), rank 0 keeps a copy and writes; SaveError on every rank if
+    it could not."""
+    import deepspeed
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from dpo_ds.adapters import ADAPTER_WEIGHTS
+
+    peft_model = unwrap_lm(engine)
+    rank = torch.distributed.get_rank()
+    state = {}
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        zero3 = hasattr(p, "ds_id")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero3 else nullcontext():
+            if rank == 0:
+                state[name] = p.detach().clone().cpu().contiguous()
+
+    def write():
+        adapter = get_peft_model_state_dict(peft_model, state_dict=state)
+        tmp = Path(step_dir) / f".{ADAPTER_WEIGHTS}.tmp"
+        save_file(adapter, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, Path(step_dir) / ADAPTER_WEIGHTS)
+        config = peft_model.peft_config["default"]
+        config.save_pretrained(str(step_dir))
+
+    try:
+        decided_by_rank0(write, (OSError, RuntimeError, ValueError))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SaveError(f"{step_dir}: the adapter: {type(e).__name__}: {e}") from None
+
+
 def save_policy(engine, path: Path, step_idx: int, metrics: dict) -> None:
     """{'step_idx', 'state', 'metrics'} at `path`, as torch.save would write the HF model's state dict,
     streamed while gathering: every rank gathers one ZeRO-3 parameter at a time, rank 0 writes its
@@ -747,12 +843,14 @@ class _GuardedWrites:
 _SAVES: dict[str, int] = {"count": 0}
 
 
-def save_engine(
-    engine, directory: Path, client_state: dict, exclude_frozen: bool = False
-) -> list[tuple[str, int]]:
-    """Sharded DeepSpeed checkpoint (module, optimizer, scheduler) for resume; every rank calls it.
+def save_engine(engine, directory: Path, client_state: dict) -> list[tuple[str, int]]:
+    """Sharded DeepSpeed checkpoint (module, optimizer, scheduler) for resume; every rank calls it. A
+    LoRA policy's frozen base is left out (it is rebuilt from the run's starting point on resume).
     Returns (path, bytes) of the files this rank wrote; raises SaveError on every rank alike when a
     write failed on any (the failing ranks' errors named)."""
+    from dpo_ds import adapters
+
+    exclude_frozen = adapters.is_lora(unwrap_lm(engine))
     _SAVES["count"] += 1
     rank = torch.distributed.get_rank()
     guard = _GuardedWrites(engine.checkpoint_engine, rank, _SAVES["count"])
@@ -800,7 +898,11 @@ def load_engine(engine, directory: Path) -> dict:
 
     error = None
     try:
-        path, client_state = engine.load_checkpoint(str(directory), tag=DS_TAG)
+        from dpo_ds import adapters
+
+        # a LoRA checkpoint holds the adapters only: the frozen base is built from the starting point
+        strict = not adapters.is_lora(unwrap_lm(engine))
+        path, client_state = engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=strict)
         if path is None:
             error = f"no DeepSpeed checkpoint under {ds_dir(directory)}"
     except Exception as e:  # noqa: BLE001 - a file missing or unreadable on some rank: agreed on below

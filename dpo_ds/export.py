@@ -3,6 +3,8 @@
     python -m dpo_ds.export runs/dpo/LATEST exported/dpo                   # from LATEST/policy.pt
     python -m dpo_ds.export runs/dpo/step-640 exported/dpo --dtype bfloat16
     python -m dpo_ds.export runs/dpo/LATEST exported/dpo --from-deepspeed  # from LATEST/ds/ alone
+    python -m dpo_ds.export runs/lora-dpo/LATEST exported/merged            # LoRA: adapters merged in
+    python -m dpo_ds.export runs/lora-dpo/LATEST exported/adapter --adapter # LoRA: the adapter alone
 
 The result (model.safetensors, config.json, generation_config.json, tokenizer files) loads with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer.from_pretrained(OUT_DIR)`.
@@ -13,6 +15,13 @@ ZeRO-3 partitions are consolidated by DeepSpeed's zero_to_fp32 (the fp32 master 
 ZeRO-3 the module state in mp_rank_00_model_states.pt is already whole. The model's config.json and
 tokenizer come from the run's model directory (config.yaml's model.name_or_path, or --model), with
 the config as shipped: the dropout that training zeroes is kept for whoever fine-tunes the export.
+
+A LoRA run's step dir holds its adapter (peft's format), not the model. By default the export is the
+merged model: the run's own base (its starting point, rebuilt from run_state.json: the model dir's
+weights, a seeded init, or an archive, itself perhaps a LoRA run's) with every adapter merged in by
+peft's merge_and_unload. With --adapter it is the adapter and the tokenizer, with base_model_name_or_path
+naming the model directory: AutoModelForCausalLM.from_pretrained(OUT_DIR) loads base + adapter (peft
+installed) when the base has its weights there.
 """
 
 from __future__ import annotations
@@ -166,6 +175,24 @@ def build_model(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dt
     return model
 
 
+def merged_model(model_dir: Path, step_dir: Path, dtype: torch.dtype):
+    """A LoRA run's policy as a plain HF model: its base (start.py: what that run started from) with its
+    adapter, and any adapter its own start merged, merged in by peft, in fp32, then cast to dtype."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.start import starting_point
+
+    start = starting_point(model_dir, "auto", str(step_dir), 0)  # the run's own base + its adapters
+    if start.from_weights:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    else:
+        model = build_model(model_dir, start.state, torch.float32, start.source)
+    for adapter_dir in start.adapters:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return model.to(dtype)
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -176,6 +203,7 @@ def export(
     from_deepspeed: bool = False,
     model: str | None = None,
     overwrite: bool = False,
+    adapter: bool = False,
 ) -> Path:
     from transformers import AutoTokenizer
 
@@ -187,20 +215,36 @@ def export(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty; choose another OUT_DIR or pass --overwrite")
 
-    policy = ckpt.policy_file(step_dir)
-    if from_deepspeed or not policy.is_file():
-        state, source = read_deepspeed_state(step_dir), f"DeepSpeed checkpoint {ckpt.ds_dir(step_dir)}"
-    else:
-        state, source = ckpt.read_archive(policy)["state"], str(policy)
-    hf_model = build_model(model_dir, state, TORCH_DTYPES[dtype], source)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # as shipped, without training's pad fix-ups
+    from dpo_ds import adapters
 
+    lora = adapters.is_adapter_dir(step_dir)
+    if adapter and not lora:
+        raise ExportError(
+            f"--adapter: {step_dir} holds no LoRA adapter ({adapters.ADAPTER_CONFIG} is missing)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # as shipped, without training's pad fix-ups
     # write beside the target and swap in at the end, so OUT_DIR is never a half-written model
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    hf_model.save_pretrained(str(tmp))
+    if adapter:
+        for name in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS):
+            shutil.copyfile(step_dir / name, tmp / name)
+    else:
+        if lora:
+            hf_model = merged_model(model_dir, step_dir, TORCH_DTYPES[dtype])
+        else:
+            policy = ckpt.policy_file(step_dir)
+            if from_deepspeed or not policy.is_file():
+                state, source = (
+                    read_deepspeed_state(step_dir),
+                    f"DeepSpeed checkpoint {ckpt.ds_dir(step_dir)}",
+                )
+            else:
+                state, source = ckpt.read_archive(policy)["state"], str(policy)
+            hf_model = build_model(model_dir, state, TORCH_DTYPES[dtype], source)
+        hf_model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():
         shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
@@ -231,12 +275,25 @@ def main(argv=None) -> int:
         help="model dir (or shipped name) for config.json and tokenizer; default: the run's model.name_or_path",
     )
     ap.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    ap.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run: write the adapter (peft format), not the merged model",
+    )
     args = ap.parse_args(argv)
+    from dpo_ds.adapters import AdapterError
+
     try:
         out = export(
-            args.checkpoint, args.out_dir, args.dtype, args.from_deepspeed, args.model, args.overwrite
+            args.checkpoint,
+            args.out_dir,
+            args.dtype,
+            args.from_deepspeed,
+            args.model,
+            args.overwrite,
+            args.adapter,
         )
-    except (ExportError, ModelError, ArchiveError) as e:
+    except (ExportError, ModelError, ArchiveError, AdapterError) as e:
         print(f"dpo_ds.export: error: {e}", file=sys.stderr)
         return 2
     print(out)

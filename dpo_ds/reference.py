@@ -20,16 +20,15 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from dpo_ds.checkpoint import archive_files
 from dpo_ds.config import ConfigError
 from dpo_ds.data.batches import data_digest
 from dpo_ds.data.collate import to_device
-from dpo_ds.model import sequence_logps, weight_files
+from dpo_ds.model import sequence_logps
 
 log = logging.getLogger("dpo_ds")
 
@@ -55,6 +54,28 @@ class LiveReference:
 
     def sampler(self):
         return nullcontext(self.engine)
+
+
+class AdaptersOffReference:
+    """The LoRA policy's own base: the same engine, its adapters switched off, under no_grad, on the
+    same micro-batch and in the same order on every rank. No second copy of the weights."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        from dpo_ds.engines import unwrap_lm
+
+        with torch.no_grad(), unwrap_lm(self.engine).disable_adapter():
+            return sequence_logps(self.engine, batch).logps.float()
+
+    @contextmanager
+    def sampler(self):
+        """The reference's samples: the policy's engine with its adapters off."""
+        from dpo_ds.engines import unwrap_lm
+
+        with unwrap_lm(self.engine).disable_adapter():
+            yield self.engine
 
 
 class PrecomputedReference(NoReference):
@@ -83,21 +104,15 @@ def _file_facts(path: Path) -> str:
     return f"{path.resolve()} {st.st_size} bytes, mtime {int(st.st_mtime)}"
 
 
-def weights_facts(archive: str | None, model_dir: Path, seed: int) -> str:
-    """What the reference's weights are: the archive's file(s), the model directory's weight files,
-    or a seeded initialisation."""
-    if archive:
-        files = archive_files(archive)
-        return "; ".join(_file_facts(f) for f in files) if files else str(Path(archive).resolve())
-    files = weight_files(model_dir)
-    if files:
-        return "; ".join(_file_facts(f) for f in files)
-    return f"seeded init of {model_dir.resolve()} with seed {seed}"
+def weights_facts(start) -> str:
+    """What the reference's weights are (start.Start): the files they come from, or a seeded init."""
+    facts = "; ".join(_file_facts(f) for f in start.files if f.is_file())
+    return f"{start.describe()}: {facts}" if facts else start.describe()
 
 
-def fingerprint(cfg, model_dir: Path, splits) -> dict[str, str]:
+def fingerprint(cfg, model_dir: Path, splits, start) -> dict[str, str]:
     return {
-        "reference weights": weights_facts(cfg.model.archive, model_dir, cfg.seed),
+        "reference weights": weights_facts(start),
         "model config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
         "data (token ids of every example)": data_digest(splits),
         "model.reference_dtype": cfg.model.reference_dtype,
@@ -173,15 +188,20 @@ def compute_tables(engine, passes: dict[str, tuple[int, Iterable[dict]]], device
     return tables
 
 
+def built_before_policy(cfg, objective) -> bool:
+    """Whether the reference is built before the policy: its own engine (live, or a precomputed pre-pass
+    whose engine is destroyed before the policy and its optimizer take the memory). A LoRA policy's
+    reference is the policy itself, adapters off, so it comes after."""
+    return objective.needs_reference and not cfg.model.lora.r
+
+
 def build_reference_source(
     cfg,
     objective,
     *,
     ref_config: dict | None,
     model_dir: Path,
-    state: dict | None,
-    from_weights: bool,
-    source: str,
+    start,
     splits,
     run_dir,
     rank: int,
@@ -189,26 +209,23 @@ def build_reference_source(
     device,
     resume_dir: Path | None = None,
     attn: str | None = None,
+    policy=None,
 ):
-    """The reference the objective asked for, built before the policy: nothing, a live engine, or a
-    table precomputed by an engine that is destroyed before the policy (and its optimizer) exists."""
+    """The reference the objective asked for: nothing; a live engine; the policy with its adapters off
+    (LoRA, `policy` given); or a table precomputed by a reference engine destroyed before the policy
+    exists (or, with LoRA, by the policy with its adapters off)."""
     from dpo_ds import engines
 
     if not objective.needs_reference:
         return NoReference()
+    mode = cfg.model.reference_mode
+    if mode == "adapters_off":
+        return AdaptersOffReference(policy)
+    if mode == "engine":
+        lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=attn)
+        return LiveReference(engines.build_reference(lm, ref_config, cfg))
 
-    def build():
-        lm = engines.build_lm(
-            model_dir, ref_config, cfg.model.reference_dtype, from_weights=from_weights, attn=attn
-        )
-        if state is not None:
-            engines.load_state(lm, state, source)
-        return engines.build_reference(lm, ref_config, cfg)
-
-    if cfg.model.reference_mode == "engine":
-        return LiveReference(build())
-
-    want = fingerprint(cfg, model_dir, splits)
+    want = fingerprint(cfg, model_dir, splits, start)
     path = cache_path(cfg, run_dir, want)
     candidates = [path]
     if resume_dir is not None:  # the run being resumed may hold it
@@ -223,22 +240,28 @@ def build_reference_source(
         log.info(f"reference log-probs from {found[0]} (fingerprint matches); no reference model is built")
         return PrecomputedReference(found[1])
 
-    before = engines.memory_now_gib()
-    engine = build()
-    built = engines.memory_now_gib()
     train, evaluation = splits
     passes = {
         train.split: (len(train.examples), train.first_pass(cfg.n_epochs, cfg.n_examples)),
         evaluation.split: (len(evaluation.examples), evaluation.eval_pass(cfg.n_eval_examples)),
     }
-    tables = compute_tables(engine, passes, device, engines.all_gather_objects)
-    engines.destroy(engine)
-    del engine
-    after = engines.memory_now_gib()
-    log.info(
-        f"reference pre-pass done; its engine is destroyed: memory {before:.2f} GiB before it, {built:.2f} GiB "
-        f"with it, {after:.2f} GiB after (rank {rank}), before the policy is built"
-    )
+    if policy is not None:  # LoRA: the policy's base, its adapters off, computes them; nothing to destroy
+        with engines.unwrap_lm(policy).disable_adapter():
+            tables = compute_tables(policy, passes, device, engines.all_gather_objects)
+        log.info("reference pre-pass done by the policy with its adapters off")
+    else:
+        before = engines.memory_now_gib()
+        lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=attn)
+        engine = engines.build_reference(lm, ref_config, cfg)
+        built = engines.memory_now_gib()
+        tables = compute_tables(engine, passes, device, engines.all_gather_objects)
+        engines.destroy(engine)
+        del engine, lm
+        after = engines.memory_now_gib()
+        log.info(
+            f"reference pre-pass done; its engine is destroyed: memory {before:.2f} GiB before it, {built:.2f} GiB "
+            f"with it, {after:.2f} GiB after (rank {rank}), before the policy is built"
+        )
     if rank == 0:
         write_cache(path, want, tables)
         log.info(f"reference log-probs cached in {path}")

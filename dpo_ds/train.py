@@ -22,13 +22,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make `dpo_ds` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dpo_ds.adapters import AdapterError
 from dpo_ds.checkpoint import ArchiveError, RunDirLocked
 from dpo_ds.config import ConfigError
 from dpo_ds.data.sources import DataError
 from dpo_ds.data.tokenize import TokenizationError
 from dpo_ds.model import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ArchiveError, ModelError, TokenizationError, RunDirLocked)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ArchiveError,
+    ModelError,
+    TokenizationError,
+    RunDirLocked,
+    AdapterError,
+)
 log = logging.getLogger("dpo_ds")
 
 
@@ -52,22 +61,18 @@ def parse_args(argv):
 def run(argv=None) -> dict:
     from dpo_ds import checkpoint as ckpt
     from dpo_ds import engines
-    from dpo_ds.checkpoint import Checkpointer, RunDir, RunLock, read_archive
+    from dpo_ds.adapters import check_targets
+    from dpo_ds.checkpoint import Checkpointer, RunDir, RunLock
     from dpo_ds.config import dump_yaml, load_config, to_dict
     from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, flatten
     from dpo_ds.data.sources import load_source, load_sources
     from dpo_ds.data.tokenize import Tokenization
     from dpo_ds.generation import Generation
     from dpo_ds.guards import load_checker
-    from dpo_ds.model import (
-        DENSE_MASK_MAX_TOKENS,
-        load_tokenizer,
-        random_init_state,
-        resolve_model_dir,
-        start_from_weights,
-    )
+    from dpo_ds.model import DENSE_MASK_MAX_TOKENS, load_tokenizer, resolve_model_dir
     from dpo_ds.objectives import build_objective
-    from dpo_ds.reference import LiveReference, build_reference_source
+    from dpo_ds.reference import PrecomputedReference, build_reference_source, built_before_policy
+    from dpo_ds.start import starting_point
     from dpo_ds.trainer import MetricsSink, Trainer
     from dpo_ds.watchdog import Preemption, Watchdog
 
@@ -122,13 +127,15 @@ def run(argv=None) -> dict:
 
     # 3. inputs: model directory, archive, data -- all checked before any engine exists
     model_dir = resolve_model_dir(cfg.model.name_or_path)
-    from_weights = start_from_weights(model_dir, cfg.model.init, cfg.model.archive)  # no weights: an error
+    # the weights both models start from (start.py): no weights where there must be some is an error here
+    start = starting_point(model_dir, cfg.model.init, cfg.model.archive, cfg.seed)
+    log.info(f"starting weights: {start.describe()}")
+    if start.step_idx is not None:
+        log.info(f"archive {cfg.model.archive}: step_idx {start.step_idx} metrics {start.metrics}")
+    if cfg.model.lora.r:  # a target that matches no module is an error before any engine
+        wrapped = check_targets(cfg.model.lora, model_dir)
+        log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
     tokenizer = load_tokenizer(model_dir)
-    archive = read_archive(cfg.model.archive) if cfg.model.archive else None
-    if archive is not None:
-        log.info(
-            f"archive {cfg.model.archive}: step_idx {archive.get('step_idx')} metrics {archive.get('metrics')}"
-        )
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
     # One owner of row -> ids for training, eval and generation: the tokenizer's BOS rule, its chat
     # template (or data.chat_template), truncation. Every row is tokenized below, before any engine.
@@ -251,23 +258,14 @@ def run(argv=None) -> dict:
         preemption=preemption,
     ).start()
 
-    # 4. build: both models start from the archive, the model dir's weights, or a seeded init. The
-    # reference comes first: precomputed, it is built, run over the data and destroyed before the
-    # policy and its optimizer take the memory.
+    # 4. build: both models start from the same weights (start). A reference of its own comes first:
+    # precomputed, it is built, run over the data and destroyed before the policy and its optimizer
+    # take the memory. A LoRA policy's reference is the policy, its adapters off: it comes after.
     before_models = engines.memory_now_gib()
-    state = archive["state"] if archive is not None else None
-    if state is None and not from_weights:
-        log.info(f"model.init: a random initialisation of {model_dir} from seed {cfg.seed}")
-        state = random_init_state(model_dir, cfg.seed)
-    source = cfg.model.archive or f"seeded init of {model_dir}"
-    reference = build_reference_source(
-        cfg,
-        objective,
+    reference_args = dict(
         ref_config=ref_config,
         model_dir=model_dir,
-        state=state,
-        from_weights=from_weights,
-        source=source,
+        start=start,
         splits=[train_data, eval_data],
         run_dir=run_dir,
         rank=rank,
@@ -276,13 +274,16 @@ def run(argv=None) -> dict:
         resume_dir=start_dir,
         attn=attn,
     )
-    policy_lm = engines.build_lm(
-        model_dir, ds_config, cfg.model.policy_dtype, from_weights=from_weights, attn=attn
+    reference = (
+        build_reference_source(cfg, objective, **reference_args)
+        if built_before_policy(cfg, objective)
+        else None
     )
-    if state is not None:
-        engines.load_state(policy_lm, state, source)
+    policy_lm = engines.build_base(model_dir, ds_config, cfg.model.policy_dtype, start, attn=attn)
     policy = engines.build_policy(policy_lm, ds_config, cfg)
-    del state, archive
+    start.release()
+    if reference is None:
+        reference = build_reference_source(cfg, objective, policy=policy, **reference_args)
     memory = engines.memory_across_ranks(
         {"memory/before_models_gib": before_models, "memory/models_built_gib": engines.memory_now_gib()}
     )
@@ -309,7 +310,7 @@ def run(argv=None) -> dict:
         world=world,
         device=device,
     )
-    if cfg.sample_during_eval and objective.needs_reference and not isinstance(reference, LiveReference):
+    if cfg.sample_during_eval and isinstance(reference, PrecomputedReference):
         log.info("samples during eval come from the policy only: the reference is precomputed, no model")
     checkpoints = Checkpointer(
         run_dir, cfg.checkpoint, {"world": world, "config": to_dict(cfg), "data": digest}, rank, watchdog

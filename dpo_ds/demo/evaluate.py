@@ -27,11 +27,17 @@ from dpo_ds.model import LogprobLM, load_tokenizer, resolve_model_dir, sequence_
 
 
 def load_policy(path: Path, model_dir: Path):
+    """A run's policy as one plain model: its policy.pt, or a LoRA run's base with its adapter merged."""
     from transformers import AutoModelForCausalLM
 
+    from dpo_ds.adapters import is_adapter_dir
     from dpo_ds.checkpoint import read_archive
+    from dpo_ds.export import merged_model
     from dpo_ds.model import load_config
 
+    step = find_step_dir(path)
+    if is_adapter_dir(step):
+        return merged_model(model_dir, step, torch.float32).eval()
     lm = AutoModelForCausalLM.from_config(load_config(model_dir), dtype=torch.float32)
     lm.load_state_dict(read_archive(str(path))["state"], strict=True)
     return lm.eval()
