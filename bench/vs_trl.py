@@ -30,8 +30,9 @@ the prompt counted in both sequences, as both frameworks feed it twice) / step t
 steps after the first --skip ones. dpo_ds reports it per step in metrics.jsonl; for TRL a counting
 collator records the non-pad tokens of each micro-batch and a TrainerCallback times each optimizer
 step from on_step_begin to on_step_end (batch collation excluded, as in dpo_ds's step time).
-dpo_ds sequences carry a BOS token (TRL's prompts do not, with this tokenizer): one token per
-sequence (under 1% of the default data's tokens) that dpo_ds counts and processes and TRL does not.
+Both frameworks put the tokenizer's own BOS in front of a prompt (TRL 1.16's tokenizer(text), dpo_ds's
+data.add_bos=auto: <s> with the char tokenizer, nothing with the ChatML BPE), so both process the same
+tokens (bench/lora_parity.py checks that their losses agree to 1e-7).
 
 The three runs take turns for --rounds rounds (order reversed every other round) and each is reported by
 its best round: other work on a shared machine only ever slows a run down. Every round's number is
@@ -68,6 +69,7 @@ TOKENIZER_DIR = REPO / "dpo_ds" / "demo" / "model"
 WORDS = "abcdefghijklmnopqrstuvwxyz"
 # dpo_ds's best layout against TRL, real tokens/s: on the short char-level set, and on chat-length rows
 TARGETS = {"short": 2.25, "chat": 1.6}
+LORA_TARGET = 1.8  # --lora: LoRA DPO on the chat-length set, the same adapters in both frameworks
 BUSY_WARN = 0.10
 CHAT_DEFAULTS = {  # --data chat: an ~11M Llama, 1024-token BPE, ~730 processed tokens per pair
     "hidden": 384, "layers": 6, "max_length": 512, "max_prompt_length": 256,
@@ -277,6 +279,8 @@ def run_dpo_ds(name: str, work: Path, model_dir: Path, data_dir: Path, args, lay
         f"model.logprob_impl={args.logprob_impl}",
         f"data.layout={layout}",
     ]
+    if args.lora:  # the reference: the base with the adapters off (model.reference_mode's LoRA default)
+        overrides += [f"model.lora.r={args.lora}", f"model.lora.alpha={2 * args.lora}"]
     if layout != "padded" and args.max_tokens_per_micro_batch:
         overrides.append(f"data.max_tokens_per_micro_batch={args.max_tokens_per_micro_batch}")
     if layout != "padded" and args.row_tokens:
@@ -423,6 +427,14 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=spec["max_length"])
     )
     timer = StepTimer()
+    peft_config = None
+    if spec["lora"]:  # the same adapters as dpo_ds's model.lora.*: rank r, alpha 2r, every linear layer
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=spec["lora"], lora_alpha=2 * spec["lora"], lora_dropout=0.0, target_modules="all-linear",
+            bias="none", task_type="CAUSAL_LM",
+        )  # fmt: skip
     trainer = DPOTrainer(
         model=spec["model_dir"],  # policy and (ref_model=None) reference both load these weights
         args=config,
@@ -430,6 +442,7 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         processing_class=tokenizer,
         data_collator=collator,
         callbacks=[timer],
+        peft_config=peft_config,  # LoRA: the reference is the base with the adapters off, as dpo_ds's
     )
     trainer.train()
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
@@ -532,6 +545,10 @@ def main() -> int:
         "--rounds", type=int, default=2, help="runs of each framework, taking turns; best is reported"
     )
     ap.add_argument("--no-padded", action="store_true", help="skip the dpo_ds padded-path row")
+    ap.add_argument(
+        "--lora", type=int, nargs="?", const=16, default=0,
+        help="LoRA DPO in both frameworks with rank R (default 16), alpha 2R, every linear layer; target 1.8x on --data chat",
+    )  # fmt: skip
     ap.add_argument("--no-trl", action="store_true", help="skip TRL (no target line then)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed for each framework's run")
     ap.add_argument("--workdir", default=None, help="keep model, data and logs here (default: a temp dir)")
@@ -594,6 +611,11 @@ def main() -> int:
     print(
         f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.2f}M parameters, "
         f"{tokenizer_desc}; policy and reference load the same safetensors, fp32"
+        + (
+            f"; LoRA r={args.lora}, alpha {2 * args.lora}, every linear layer but the lm_head, in both"
+            if args.lora
+            else ""
+        )
     )
     print(
         f"data: {len(rows)} synthetic pairs, log-normal lengths (median prompt {args.prompt_median:g}, "
@@ -680,14 +702,15 @@ def main() -> int:
     for name, r in results.items():
         if r is not None and r["losses"] and abs(r["losses"][0] - ln2) > 1e-3:
             print(f"\nwarning: {name}'s first loss {r['losses'][0]:.4f} is not ln 2 = {ln2:.4f}")
-    target = TARGETS[args.data]
+    target = LORA_TARGET if args.lora else TARGETS[args.data]
     ours = {n: r for n, r in results.items() if n.startswith("dpo_ds") and r is not None}
     if trl is not None and ours:
         best = max(ours, key=lambda n: ours[n]["tokens_per_s"])
         ratio = ours[best]["tokens_per_s"] / trl["tokens_per_s"]
         verdict = "PASS" if ratio >= target else "MISS"
         print(
-            f"\ntarget ({args.data} set): dpo_ds (best layout) >= {target}x TRL real tokens/s: {verdict} "
+            f"\ntarget ({args.data} set{', LoRA r=' + str(args.lora) if args.lora else ''}): dpo_ds (best layout) "
+            f">= {target}x TRL real tokens/s: {verdict} "
             f"({ratio:.2f}x, {best}: {ours[best]['tokens_per_s']:,.0f} vs {trl['tokens_per_s']:,.0f} tokens/s, best rounds)"
         )
     else:
