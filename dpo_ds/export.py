@@ -175,17 +175,23 @@ def build_model(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dt
     return model
 
 
-def merged_model(model_dir: Path, step_dir: Path, dtype: torch.dtype):
+def merged_model(model_dir: Path, step_dir: Path, dtype: torch.dtype, runnable: bool = False):
     """A LoRA run's policy as a plain HF model: its base (start.py: what that run started from) with its
-    adapter, and any adapter its own start merged, merged in by peft, in fp32, then cast to dtype."""
+    adapter, and any adapter its own start merged, merged in by peft, in fp32, then cast to dtype.
+    Built on the meta device for saving (non-persistent buffers such as rotary inv_freq stay unset);
+    runnable=True builds it on the CPU so it can run."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from dpo_ds.model import load_config
     from dpo_ds.start import starting_point
 
     start = starting_point(model_dir, "auto", str(step_dir), 0)  # the run's own base + its adapters
     if start.from_weights:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    elif runnable:
+        model = AutoModelForCausalLM.from_config(load_config(model_dir), dtype=torch.float32)
+        model.load_state_dict(start.state, strict=True)
     else:
         model = build_model(model_dir, start.state, torch.float32, start.source)
     for adapter_dir in start.adapters:

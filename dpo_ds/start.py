@@ -88,17 +88,37 @@ def _adapter_step(archive: str) -> Path | None:
 
 def _adapter_start(step: Path, model_dir: Path) -> Start:
     """A LoRA run's step dir: its run's starting point, then its adapter merged in."""
+    config = read_run_state(step).get("config", {})
+    model = config.get("model", {})
     base = adapters.adapter_base(step)
-    if base is None or Path(base).resolve() != Path(model_dir).resolve():
+    if not _same_base(base, model.get("name_or_path"), model_dir):
         raise ArchiveError(
             f"model.archive={step} is a LoRA adapter trained on {base}, but model.name_or_path is "
             f"{model_dir}: the adapter only means something on its own base; set model.name_or_path={base}"
         )
-    config = read_run_state(step).get("config", {})
-    model = config.get("model", {})
     inner = starting_point(
         model_dir, model.get("init", "auto"), model.get("archive"), int(config.get("seed", 0))
     )
     inner.adapters.append(step.resolve())
     inner.files += [step / adapters.ADAPTER_WEIGHTS]
     return inner
+
+
+def _same_base(base: str | None, run_name: str | None, model_dir: Path) -> bool:
+    """Whether an adapter's base is model_dir: the same directory; or the name the run gave
+    (model.name_or_path, a shipped config's name or a path) resolving to it here; or a directory holding
+    the same config.json (the base moved, or another install's copy of a shipped config)."""
+    from dpo_ds.model import ModelError, resolve_model_dir
+
+    if base is None:
+        return False
+    if Path(base).resolve() == Path(model_dir).resolve():
+        return True
+    if run_name:
+        try:
+            if resolve_model_dir(run_name).resolve() == Path(model_dir).resolve():
+                return True
+        except ModelError:
+            pass
+    ours, theirs = Path(model_dir) / "config.json", Path(base) / "config.json"
+    return theirs.is_file() and ours.is_file() and theirs.read_bytes() == ours.read_bytes()

@@ -177,3 +177,30 @@ def test_an_adapter_archive_must_name_this_runs_base(tmp_path):
     start = starting_point(TINY, "auto", str(step), 0)
     # its base is that run's own start: the shipped config's seeded init with that run's seed (5), not ours
     assert start.adapters == [step.resolve()] and start.seed == 5 and "seed 5" in start.describe()
+
+
+def test_an_adapter_archive_accepts_its_base_moved(tmp_path):
+    """The base directory moved (or another install's copy of a shipped config): the same config.json is
+    the same base; a different one is not."""
+    import shutil
+
+    from dpo_ds.checkpoint import ArchiveError, mark_complete
+    from dpo_ds.start import starting_point
+
+    moved = tmp_path / "moved-tiny"
+    shutil.copytree(TINY, moved)
+    step = tmp_path / "run" / "step-16"
+    step.mkdir(parents=True)
+    (step / adapters.ADAPTER_CONFIG).write_text(
+        json.dumps({"base_model_name_or_path": str(tmp_path / "gone")})
+    )
+    mark_complete(
+        step, {"step": 1, "config": {"seed": 1, "model": {"name_or_path": str(moved), "init": "random"}}}
+    )
+    with pytest.raises(ArchiveError, match="a LoRA adapter trained on"):
+        starting_point(TINY, "auto", str(step), 0)  # its base is nowhere to compare: refused
+    (step / adapters.ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": str(moved)}))
+    assert starting_point(TINY, "auto", str(step), 0).adapters == [step.resolve()]  # same config.json
+    (moved / "config.json").write_text((SHIPPED_MODELS["demo"] / "config.json").read_text())
+    with pytest.raises(ArchiveError, match="a LoRA adapter trained on"):
+        starting_point(TINY, "auto", str(step), 0)

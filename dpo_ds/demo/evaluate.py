@@ -37,7 +37,7 @@ def load_policy(path: Path, model_dir: Path):
 
     step = find_step_dir(path)
     if is_adapter_dir(step):
-        return merged_model(model_dir, step, torch.float32).eval()
+        return merged_model(model_dir, step, torch.float32, runnable=True).eval()
     lm = AutoModelForCausalLM.from_config(load_config(model_dir), dtype=torch.float32)
     lm.load_state_dict(read_archive(str(path))["state"], strict=True)
     return lm.eval()
