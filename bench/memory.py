@@ -314,6 +314,10 @@ def training_specs(args) -> list[dict]:
         dict(
             short, key="12", name="as 10, shipped 'tiny' model (0.07M)", model="tiny", ranks=1, overrides=free
         ),
+        # LoRA r=16 on every linear layer: the reference is the base with its adapters off (no second copy)
+        dict(
+            short, key="13", name="ZeRO-3, LoRA r=16, reference = adapters off", overrides=["model.lora.r=16"]
+        ),
     ]
 
 
@@ -677,6 +681,21 @@ def report(args, n_params: int, rows: list[dict], mod: dict, save: dict | None) 
         else:
             out.append("target ZeRO-3 2 ranks <= 0.6 x 1 rank: n/a (a row did not run)")
 
+    # 4. LoRA under ZeRO-3 vs full DPO with a reference engine (both 2 ranks)
+    lora, full = by.get("13"), by.get("1")
+    if ok(lora) and ok(full):
+        ratio = lora["model_opt_gib"] / full["model_opt_gib"]
+        passed = ratio <= 0.4
+        line = (
+            f"target LoRA r=16 (ZeRO-3, adapters-off reference) models+opt <= 0.4x full DPO with a reference engine: "
+            f"{verdict(passed)} ({lora['model_opt_gib']:.3f} vs {full['model_opt_gib']:.3f} GiB per rank = {ratio:.2f}x; "
+            f"peak {lora['peak_gib']:.3f} vs {full['peak_gib']:.3f} GiB)"
+        )
+        targets["lora"] = {"passed": passed, "line": line}
+        out.append(line)
+    elif lora is not None or full is not None:
+        out.append("target LoRA models+opt <= 0.4x full DPO: n/a (a row did not run)")
+
     if save is not None:
         out.append(
             f"\nSaving policy.pt of a {save['n_params'] / 1e6:.0f}M-parameter ZeRO-3 policy (2 ranks, fp32 "
@@ -725,6 +744,11 @@ def main() -> int:
     ap.add_argument("--run-timeout", type=float, default=600, help="seconds per training run")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-save", action="store_true", help="leave the save table out")
+    ap.add_argument(
+        "--rows",
+        default=None,
+        help="only these training rows, e.g. 1,13 (the module and save tables left out)",
+    )
     # internal: the module-level child
     ap.add_argument("--module-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -799,18 +823,24 @@ def main() -> int:
                     rows.append(train_row(spec, args, work))
             save = None
         else:
+            wanted = set(args.rows.split(",")) if args.rows else None
             for spec in training_specs(args):
-                rows.append(train_row(spec, args, work))
+                if wanted is None or spec["key"] in wanted:
+                    rows.append(train_row(spec, args, work))
             # the training rows' micro-batch, and twice as many tokens: fused's excess is mostly fixed
-            mod = module_rows(
-                args,
-                work,
-                [
-                    ("none,fused_linear,chunked,naive", args.module_pairs),
-                    ("none,fused_linear", 2 * args.module_pairs),
-                ],
+            mod = (
+                {}
+                if wanted
+                else module_rows(
+                    args,
+                    work,
+                    [
+                        ("none,fused_linear,chunked,naive", args.module_pairs),
+                        ("none,fused_linear", 2 * args.module_pairs),
+                    ],
+                )
             )
-            save = None if args.no_save else save_rows(args, work)
+            save = None if args.no_save or wanted else save_rows(args, work)
         done = [r for r in rows if not r.get("skipped")]
         skipped = [r for r in rows if r.get("skipped")]
         text, targets = report(args, n_params, done + skipped, mod, save)
