@@ -104,7 +104,10 @@ class DataConfig:
     packing: bool = False  # deprecated alias of layout=packed
     max_tokens_per_micro_batch: int = 0  # token budget of a packed micro-batch (0 = no budget)
     row_tokens: int = 0  # length of a packed row; 0: max_length (packed), 2 x max_length (shared_prompt)
-    cache_dir: str | None = None  # `datasets` cache
+    # the token cache (data/cache.py; shared by every run pointing here) and `datasets`' own cache;
+    # null: the token cache in the run dir
+    cache_dir: str | None = None
+    num_proc: int = 1  # tokenizing processes per rank (fork); more only help with spare cores
     # auto: each source's end (hh keep_end, shp/se keep_start); keep_start | keep_end for all;
     # original: the original code's rules token for token (no BOS, responses to max_length - max_prompt_length)
     truncation_mode: str = "auto"
@@ -455,6 +458,7 @@ def validate(cfg: Config) -> None:
         )
     need(cfg.data.layout in LAYOUTS, "data.layout", f"must be one of {LAYOUTS}")
     need(cfg.data.row_tokens >= 0, "data.row_tokens", "must be >= 0 (0: the layout's default)")
+    need(cfg.data.num_proc >= 1, "data.num_proc", "must be >= 1")
     need(
         cfg.model.attn_implementation in ATTN_IMPLEMENTATIONS,
         "model.attn_implementation",

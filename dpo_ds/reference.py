@@ -242,8 +242,8 @@ def build_reference_source(
 
     train, evaluation = splits
     passes = {
-        train.split: (len(train.examples), train.first_pass(cfg.n_epochs, cfg.n_examples)),
-        evaluation.split: (len(evaluation.examples), evaluation.eval_pass(cfg.n_eval_examples)),
+        train.split: (len(train), train.first_pass(cfg.n_epochs, cfg.n_examples)),
+        evaluation.split: (len(evaluation), evaluation.eval_pass(cfg.n_eval_examples)),
     }
     if policy is not None:  # LoRA: the policy's base, its adapters off, computes them; nothing to destroy
         with engines.unwrap_lm(policy).disable_adapter():

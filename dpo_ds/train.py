@@ -64,9 +64,9 @@ def run(argv=None) -> dict:
     from dpo_ds.adapters import check_targets
     from dpo_ds.checkpoint import Checkpointer, RunDir, RunLock
     from dpo_ds.config import dump_yaml, load_config, to_dict
-    from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, flatten
-    from dpo_ds.data.sources import load_source, load_sources
-    from dpo_ds.data.tokenize import Tokenization
+    from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, legacy_digest
+    from dpo_ds.data.cache import DATA_FORMAT_VERSION
+    from dpo_ds.data.prepare import prepare_data
     from dpo_ds.generation import Generation
     from dpo_ds.guards import load_checker
     from dpo_ds.model import DENSE_MASK_MAX_TOKENS, load_tokenizer, resolve_model_dir
@@ -124,6 +124,15 @@ def run(argv=None) -> dict:
         atexit.register(lock.release)  # every exit but SIGKILL; a killed job's lock is stale (RunLock)
     if took_over:
         log.warning(took_over)
+    # Never write into an earlier run's directory (its checkpoints would be overwritten and its metrics
+    # mixed with ours; the token cache is written there too) unless resuming it. Rank 0 decides for all:
+    # with node-local disks ranks can see different things, and one rank raising alone would hang the others.
+    taken = engines.decided_by_rank0(run_dir.taken)
+    if taken and not cfg.resume_from:
+        raise ConfigError(
+            f"config key 'run_dir': {run_dir.root} already holds a run ({', '.join(taken)}); pick another "
+            f"exp_name/run_dir, or continue it with resume_from=auto"
+        )
 
     # 3. inputs: model directory, archive, data -- all checked before any engine exists
     model_dir = resolve_model_dir(cfg.model.name_or_path)
@@ -137,29 +146,10 @@ def run(argv=None) -> dict:
         log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
     tokenizer = load_tokenizer(model_dir)
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
-    # One owner of row -> ids for training, eval and generation: the tokenizer's BOS rule, its chat
-    # template (or data.chat_template), truncation. Every row is tokenized below, before any engine.
-    tokenization = Tokenization(
-        tokenizer,
-        max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length,
-        truncation_mode=cfg.data.truncation_mode,
-        add_bos=cfg.data.add_bos,
-        chat_template=Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None,
-    )
+    # the data phase (data/prepare.py): every row tokenized into the token cache (or mapped from it), by
+    # the ranks together, before any engine
     sft = not objective.pairs  # each prompt's sft_target, or one example per preference pair
-    train_groups = []
-    for spec in cfg.datasets:
-        groups = load_source(spec, "train", cfg.data.cache_dir)
-        log.info(tokenization.describe(spec, groups))  # sources may mix conversations and plain text
-        train_groups += groups
-    train_examples = flatten(train_groups, sft)
-    eval_examples = flatten(load_sources(cfg.datasets, "test", cfg.data.cache_dir), sft)
-    if not train_examples:
-        raise ConfigError(
-            f"config key 'datasets': {cfg.datasets} hold no {'SFT targets' if sft else 'preference pairs'} "
-            f"for the train split{'' if sft else ' (rows with only `messages` are SFT data: use loss=sft)'}"
-        )
+    tokenization, prepared = prepare_data(cfg, sft, tokenizer, model_dir, run_dir, rank=rank, world=world)
     batch_args = dict(
         world=world,
         rank=rank,
@@ -170,62 +160,49 @@ def run(argv=None) -> dict:
         sync_max=engines.sync_max,
     )
     train_data = Batches(
-        train_examples,
+        prepared.stores["train"],
         tokenization,
         global_batch=cfg.batch_size,
         micro_batches_per_step=cfg.gradient_accumulation_steps,
         **batch_args,
     )
     eval_data = Batches(
-        eval_examples,
+        prepared.stores["test"],
         tokenization,
         global_batch=cfg.eval_batch_size,
         micro_batches_per_step=1,
-        used=max(
-            cfg.n_eval_examples,
-            cfg.n_eval_model_samples if cfg.sample_during_eval else 0,
-            cfg.eval.n_checked if cfg.eval.checker else 0,
-        ),
         split="test",
         **batch_args,
     )
-    for line in tokenization.summary():
-        log.info(line)
     n_steps = train_data.n_steps(cfg.n_epochs, cfg.n_examples)
     if n_steps == 0:
         raise ConfigError(
-            f"config key 'batch_size': {cfg.batch_size} is more than the {len(train_examples)} "
+            f"config key 'batch_size': {cfg.batch_size} is more than the {len(train_data)} "
             f"training examples of datasets={cfg.datasets}; no optimizer step would run"
         )
-    if cfg.n_eval_examples and min(cfg.n_eval_examples, len(eval_examples)) < cfg.eval_batch_size:
+    if cfg.n_eval_examples and min(cfg.n_eval_examples, len(eval_data)) < cfg.eval_batch_size:
         raise ConfigError(
             f"config key 'eval_batch_size': {cfg.eval_batch_size} is more than the "
-            f"{min(cfg.n_eval_examples, len(eval_examples))} eval examples available (n_eval_examples)"
+            f"{min(cfg.n_eval_examples, len(eval_data))} eval examples available (n_eval_examples)"
         )
-    log.info(
-        f"{len(train_examples)} train / {len(eval_examples)} eval examples, {n_steps} steps of {cfg.batch_size}"
-    )
-
-    # Never write into an earlier run's directory (its checkpoints would be overwritten and its
-    # metrics mixed with ours) unless resuming it. Rank 0 decides for all: with node-local disks
-    # ranks can see different things, and one rank raising alone would hang the others.
-    taken = engines.decided_by_rank0(run_dir.taken)
-    if taken and not cfg.resume_from:
-        raise ConfigError(
-            f"config key 'run_dir': {run_dir.root} already holds a run ({', '.join(taken)}); pick another "
-            f"exp_name/run_dir, or continue it with resume_from=auto"
-        )
+    log.info(f"{len(train_data)} train / {len(eval_data)} eval examples, {n_steps} steps of {cfg.batch_size}")
 
     # Resume checks itself before any engine exists: a complete checkpoint, and a config and data that
     # match it (resume.allow_changes lets named keys differ). Rank 0 decides for all.
-    digest = data_digest([train_data])
+    digest = data_digest([train_data])  # the cache's: each shard hashed as it was written
 
     def resume_decision():
         start = ckpt.resolve_resume(cfg.resume_from, run_dir)
         if start is None:
             return None, []
         state = ckpt.read_run_state(start)
-        return start, ckpt.check_resume(state, to_dict(cfg), digest, world, cfg.resume.allow_changes)
+        ours = digest
+        if state.get("data") != digest and "data_format" not in state:
+            # written before the token cache, whose digest is taken otherwise: compare it the old way
+            # (one pass over the mapped data, on rank 0, only for such a checkpoint)
+            legacy = legacy_digest([train_data])
+            ours = legacy if state.get("data") == legacy else digest
+        return start, ckpt.check_resume(state, to_dict(cfg), ours, world, cfg.resume.allow_changes)
 
     start_dir, allowed = engines.decided_by_rank0(resume_decision, (ConfigError, ckpt.ArchiveError))
     for change in allowed:
@@ -313,7 +290,11 @@ def run(argv=None) -> dict:
     if cfg.sample_during_eval and isinstance(reference, PrecomputedReference):
         log.info("samples during eval come from the policy only: the reference is precomputed, no model")
     checkpoints = Checkpointer(
-        run_dir, cfg.checkpoint, {"world": world, "config": to_dict(cfg), "data": digest}, rank, watchdog
+        run_dir,
+        cfg.checkpoint,
+        {"world": world, "config": to_dict(cfg), "data": digest, "data_format": DATA_FORMAT_VERSION},
+        rank,
+        watchdog,
     )
     trainer = Trainer(
         cfg,

@@ -359,7 +359,7 @@ def test_demo_resolves_to_package_demo_data(tmp_path, cache, monkeypatch):
     (fake_pkg / "data").mkdir(parents=True)
     (fake_pkg / "demo" / "data").mkdir(parents=True)
     write_jsonl(fake_pkg / "demo" / "data" / "train.jsonl", ORIGINAL_ROWS)
-    monkeypatch.setattr(sources, "__file__", str(fake_pkg / "data" / "sources.py"))
+    monkeypatch.setattr(sources, "DEMO_DIR", fake_pkg / "demo" / "data")
     assert load_source("demo", "train", cache_dir=cache) == ORIGINAL_GROUPS
     with pytest.raises(DataError, match=r"no 'test' file in .*demo.*data"):
         load_source("demo", "test", cache_dir=cache)

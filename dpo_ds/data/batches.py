@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_ds.data.collate import IGNORE, collate_padded
+from dpo_ds.data.cache import TokenStore
+from dpo_ds.data.collate import collate_padded
 from dpo_ds.data.sources import PromptGroup, Text
 from dpo_ds.data.tokenize import Tokenization, TokenizedSeq
 
@@ -72,11 +73,12 @@ class Step:
 
 
 class Batches:
-    """Deterministic batching of one split for one rank."""
+    """Deterministic batching of one split for one rank, reading its tokenized examples from a
+    TokenStore (data/cache.py: memory-mapped, nothing held per example but its lengths)."""
 
     def __init__(
         self,
-        examples: list[Example],
+        examples: TokenStore | list[Example],
         tokenization: Tokenization,
         *,
         global_batch: int,
@@ -88,15 +90,17 @@ class Batches:
         row_tokens: int = 0,
         max_tokens_per_micro_batch: int = 0,
         sync_max: Callable[[int], int] | None = None,
-        used: int | None = None,
         split: str = "train",
     ):
-        """used: tokenize only the examples an eval over the first `used` of epoch 0's order needs
-        (None: all of them, for training). Tokenizing happens here, before any engine exists, so a
-        row the tokenizer or chat template cannot take stops every rank before training starts."""
+        """examples: the split's TokenStore, or its Examples, tokenized here into one in memory (tests,
+        tools): before any engine exists, so a row the tokenizer or chat template cannot take stops
+        every rank before training starts."""
         if global_batch % world:
             raise ValueError(f"batch of {global_batch} cannot be split evenly over {world} ranks")
-        self.examples = examples
+        self._texts = None if isinstance(examples, TokenStore) else list(examples)
+        self.store = (
+            examples if isinstance(examples, TokenStore) else TokenStore.build(examples, tokenization, split)
+        )
         self.split = split
         self.tokenization = tokenization
         self.max_length = tokenization.max_length
@@ -114,29 +118,22 @@ class Batches:
         self.max_tokens = max_tokens_per_micro_batch
         self.sync_max = sync_max or (lambda n: n)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._cache: dict[int, list[TokenizedSeq]] = {}
         self._orders: dict[int, list[int]] = {}
-        self._n_labelled: dict[int, int] = {}
-        for i in range(len(examples)) if used is None else self._order(0)[:used]:
-            self.tokenized(i)
+        self._n_labelled = self.store.labelled()  # (examples,) trained-on tokens, for per-token SFT
+
+    def __len__(self) -> int:
+        return len(self.store)
 
     def tokenized(self, i: int) -> list[TokenizedSeq]:
-        if i not in self._cache:
-            ex = self.examples[i]
-            self._cache[i] = self.tokenization.tokenize(
-                ex.prompt, ex.responses, ex.truncation_mode, ex.origins
-            )
-        return self._cache[i]
+        return self.store.seqs(i)  # built from the store when a batch asks, not kept
 
     def _labelled(self, i: int) -> int:
         """Trained-on tokens of example i (a sequence's first token is never scored)."""
-        if i not in self._n_labelled:
-            self._n_labelled[i] = sum(sum(1 for t in s.labels[1:] if t != IGNORE) for s in self.tokenized(i))
-        return self._n_labelled[i]
+        return int(self._n_labelled[i])
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            order = list(range(len(self.examples)))
+            order = list(range(len(self)))
             random.Random(self.seed * 100003 + epoch).shuffle(order)
             self._orders = {epoch: order}  # one epoch at a time is all a step needs
         return self._orders[epoch]
@@ -187,12 +184,8 @@ class Batches:
             return block_length(example)
         return sum(len(s) for s in example)
 
-    def used_indices(self) -> list[int]:
-        """The examples this split's steps or evals can touch (all of them for training)."""
-        return sorted(self._cache)
-
     def n_steps(self, n_epochs: int | None, n_examples: int | None) -> int:
-        total = [len(self.examples) * n_epochs] if n_epochs is not None else []
+        total = [len(self) * n_epochs] if n_epochs is not None else []
         if n_examples is not None:
             total.append(n_examples)
         return min(total) // self.global_batch
@@ -201,7 +194,7 @@ class Batches:
         self, n_epochs: int | None, n_examples: int | None, start_step: int = 0
     ) -> Iterator[Step]:
         """Steps start_step.. of the stream; resuming at step k gives exactly the batches of a fresh run."""
-        n = len(self.examples)
+        n = len(self)
         for step in range(start_step, self.n_steps(n_epochs, n_examples)):
             start = step * self.global_batch
             batch = [self._order(pos // n)[pos % n] for pos in range(start, start + self.global_batch)]
@@ -212,7 +205,7 @@ class Batches:
         """This rank's training micro-batches, in order, up to the step where every example the run
         trains on has been met once (the first epoch, and the step that completes it): what a
         precomputed reference runs so that its values are the ones training computes."""
-        steps = min(self.n_steps(n_epochs, n_examples), -(-len(self.examples) // self.global_batch))
+        steps = min(self.n_steps(n_epochs, n_examples), -(-len(self) // self.global_batch))
         for step in itertools.islice(self.train_steps(n_epochs, n_examples), steps):
             yield from step.micro_batches
 
@@ -223,7 +216,7 @@ class Batches:
 
     def eval_batches(self, n_eval_examples: int) -> list[tuple[list[dict], int]]:
         """Held-out examples in global batches of `global_batch`; the remainder is dropped."""
-        order = self._order(0)[: min(n_eval_examples, len(self.examples))]
+        order = self._order(0)[: min(n_eval_examples, len(self))]
         n_batches = len(order) // self.global_batch
         out = []
         for b in range(n_batches):
@@ -232,12 +225,16 @@ class Batches:
             out.append((self._micro_batches(local, batch), len(local)))
         return out
 
+    def example(self, i: int) -> Example:
+        """Example i as text (the test split's, kept by the store for eval.checker)."""
+        if self._texts is not None:
+            return self._texts[i]
+        row = self.store.row(i)
+        return Example(row["prompt"], row["responses"], "keep_end", row["origins"])
+
     def checked(self, n: int) -> list[tuple[list[int], Example]]:
         """(prompt ids, example) of the first n held-out examples: what a checker scores generations of."""
-        return [
-            ((s := self.tokenized(i)[0]).input_ids[: s.prompt_len], self.examples[i])
-            for i in self._order(0)[:n]
-        ]
+        return [(self.store.prompt(i).tolist(), self.example(i)) for i in self._order(0)[:n]]
 
     def prompts(self, n: int) -> list[list[int]]:
         """Prompt ids of the first n held-out examples, the same on every rank (samples during eval):
@@ -256,13 +253,22 @@ def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
 
 
 def data_digest(splits: list[Batches]) -> str:
-    """sha256 over the token ids and labels of every example the splits use: it changes with the
-    data files, the tokenizer, its chat template and every truncation setting (a resume and a
-    precomputed reference are checked against it)."""
+    """sha256 over the token ids of every example of the splits, as their stores hashed them when
+    they were written (data/cache.py): it changes with the data files, the tokenizer, its chat
+    template and every truncation setting; a resume and a precomputed reference are checked against it."""
+    h = hashlib.sha256()
+    for data in splits:
+        h.update(data.split.encode() + data.store.digest.encode())
+    return h.hexdigest()
+
+
+def legacy_digest(splits: list[Batches]) -> str:
+    """The digest dpo_ds wrote into run_state.json before its token cache (one pass over the data):
+    a checkpoint from then is still resumed when its data did not change."""
     h = hashlib.sha256()
     for data in splits:
         h.update(data.split.encode())
-        for i in data.used_indices():
+        for i in range(len(data)):
             h.update(i.to_bytes(8, "little"))
             for s in data.tokenized(i):
                 h.update(array("q", s.input_ids).tobytes())

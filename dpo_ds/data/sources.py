@@ -87,6 +87,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 SHP_MIN_SCORE_RATIO = 2.0  # as in the original DPO code: keep pairs with a clear preference
 SE_TEST_PERCENT = 1  # percent of stack-exchange questions held out as 'test'
 
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo" / "data"
 ACCEPTED_FORMS = (
     "'hh', 'shp', 'se', 'ultrafeedback' (Hugging Face hub); 'hh:DIR', 'shp:DIR', 'se:DIR', "
     "'ultrafeedback:DIR' (local copies shaped like the hub's rows); 'demo'; a local file ending "
@@ -138,8 +139,7 @@ def load_source(spec: str, split: str, cache_dir: str | None = None) -> list[Pro
             raise DataError(f"data source {spec!r}: expected '{kind}:DIR' with a directory after the colon")
         return _load_hub_shaped_dir(kind, Path(rest), split, cache_dir)
     if spec == "demo":
-        demo_dir = Path(__file__).resolve().parent.parent / "demo" / "data"
-        return _load_local_dir(demo_dir, split, cache_dir)
+        return _load_local_dir(DEMO_DIR, split, cache_dir)
 
     path = Path(spec)
     if path.is_dir():
@@ -150,6 +150,37 @@ def load_source(spec: str, split: str, cache_dir: str | None = None) -> list[Pro
         f"unknown data source {spec!r}: not a known name and no such directory "
         f"(nor a file ending {', '.join(LOCAL_SUFFIXES)}); accepted forms: {ACCEPTED_FORMS}"
     )
+
+
+def source_files(spec: str, split: str) -> list[Path] | None:
+    """The files `load_source(spec, split)` reads, found the same way and without reading them (for a
+    fingerprint of the data); None for a hub name, which `datasets` resolves through its own cache."""
+    if spec in HUB_NAMES:
+        return None
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in HUB_NAMES:
+        shards, path = _hub_shaped_files(kind, Path(rest), split)
+        return shards or [path]
+    if spec == "demo":
+        return [_find_split_file(DEMO_DIR, split)]
+    path = Path(spec)
+    if path.is_dir():
+        return [_find_split_file(path, split)]
+    return [_split_file_of(path, split)]
+
+
+def file_identity(path: Path) -> str:
+    """Path, size, mtime and a hash of the first and last MiB: what changes when the file does."""
+    import hashlib
+
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            h.update(f.read(1 << 20))
+    return f"{path.resolve()} {st.st_size} bytes mtime {st.st_mtime_ns} {h.hexdigest()[:16]}"
 
 
 def load_sources(specs: list[str], split: str, cache_dir: str | None = None) -> list[PromptGroup]:
@@ -373,10 +404,19 @@ def _load_hub_source(kind: str, split: str, cache_dir: str | None) -> list[Promp
     return _PARSERS[kind](ds, f"{HUB_NAMES[kind]} ({_hub_split(kind, split)})", split)
 
 
-def _load_hub_shaped_dir(kind: str, directory: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
+def _hub_shaped_files(kind: str, directory: Path, split: str) -> tuple[list[Path], Path | None]:
+    """(the hub repository layout's parquet shards, or [] and the split file) of a 'kind:DIR' source."""
     hub_split = _hub_split(kind, split)
     shards = sorted(directory.glob(f"data/{hub_split}-*.parquet")) if directory.is_dir() else []
     if shards and not any((directory / f"{hub_split}{s}").is_file() for s in LOCAL_SUFFIXES):
+        return shards, None
+    return [], _find_split_file(directory, hub_split)
+
+
+def _load_hub_shaped_dir(kind: str, directory: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
+    hub_split = _hub_split(kind, split)
+    shards, path = _hub_shaped_files(kind, directory, split)
+    if shards:
         # the hub repository's own layout (huggingface-cli download --repo-type dataset)
         import datasets
 
@@ -387,7 +427,6 @@ def _load_hub_shaped_dir(kind: str, directory: Path, split: str, cache_dir: str 
         except Exception as e:
             raise DataError(f"{shards[0].parent}: could not read {hub_split}-*.parquet: {e}") from e
         return _PARSERS[kind](ds, str(directory / "data" / f"{hub_split}-*.parquet"), split)
-    path = _find_split_file(directory, hub_split)
     return _PARSERS[kind](_read_file(path, cache_dir), str(path), split)
 
 
@@ -530,7 +569,8 @@ def _load_local_dir(directory: Path, split: str, cache_dir: str | None) -> list[
     return _parse_local(_read_file(path, cache_dir), str(path))
 
 
-def _load_local_file(path: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
+def _split_file_of(path: Path, split: str) -> Path:
+    """A local file source's file of `split`: itself for train, its sibling with 'test' for 'train'."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if split == "test":
@@ -543,6 +583,11 @@ def _load_local_file(path: Path, split: str, cache_dir: str | None) -> list[Prom
         if not sibling.is_file():
             raise DataError(f"no 'test' split for {path}: looked for {sibling}, which does not exist")
         path = sibling
+    return path
+
+
+def _load_local_file(path: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
+    path = _split_file_of(path, split)
     return _parse_local(_read_file(path, cache_dir), str(path))
 
 

@@ -64,7 +64,7 @@ def _corpus() -> list[str]:
     return list(pydoc_data.topics.topics.values())
 
 
-def _byte_bpe(specials: list[str], vocab_size: int):
+def _byte_bpe(specials: list[str], vocab_size: int, corpus=None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE())
@@ -76,18 +76,19 @@ def _byte_bpe(specials: list[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(_corpus(), trainer)
+    core.train_from_iterator(corpus if corpus is not None else _corpus(), trainer)
     return core
 
 
-def build_tokenizer(kind: str, out: Path, vocab_size: int = 1024) -> Path:
-    """Write a tokenizer of `kind` to `out` (created) and return `out`."""
+def build_tokenizer(kind: str, out: Path, vocab_size: int = 1024, corpus=None) -> Path:
+    """Write a tokenizer of `kind` to `out` (created) and return `out`. corpus: texts to train the byte-level
+    BPE kinds on (default: Python's documentation topics, enough for ~1-2k merges)."""
     from transformers import PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
     if kind == "chatml":
         tok = PreTrainedTokenizerFast(
-            tokenizer_object=_byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size),
+            tokenizer_object=_byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size, corpus),
             bos_token="<|im_start|>",
             eos_token="<|im_end|>",
             pad_token="<|endoftext|>",
@@ -96,7 +97,7 @@ def build_tokenizer(kind: str, out: Path, vocab_size: int = 1024) -> Path:
         tok.save_pretrained(str(out))
     elif kind == "gpt2":
         tok = PreTrainedTokenizerFast(
-            tokenizer_object=_byte_bpe(["<|endoftext|>"], vocab_size),
+            tokenizer_object=_byte_bpe(["<|endoftext|>"], vocab_size, corpus),
             bos_token="<|endoftext|>",
             eos_token="<|endoftext|>",
             unk_token="<|endoftext|>",

@@ -1,0 +1,597 @@
+"""Tokenized data at real size: tokenized once per cluster, cached by fingerprint, memory-mapped.
+
+What is stored (per split, one row per example: a preference pair, or an SFT target), in Arrow files
+written and read through `datasets` (memory-mapped, so the ranks of a node share one copy through the
+page cache, and a rank holds only the pages it touches):
+
+    index        int64              the example's position in the split (rows -> examples order)
+    prompt       list<int32>        the prompt's ids as trained on and generated from, once per example
+    responses    list<list<int32>>  each response's ids after the prompt (chosen, rejected; or the target)
+    unlabelled   list<list<int32>>  per response, [start, end) pairs of its ids that are not trained on
+                                    (the user turns inside a multi-turn SFT target); empty almost always
+    row          string             test split only: the example's text as JSON, for eval.checker
+
+Labels follow from these (the prompt and the unlabelled spans are -100, the rest are the ids), so a
+token costs 4 bytes on disk and nothing in a rank's memory until a batch reads it. Arrow through
+`datasets` rather than bare numpy files: it is what the rest of the data path reads, it types and
+validates every column, and `Dataset.from_file` memory-maps it as it is.
+
+Tokenized once: every rank reads the sources (cheap next to tokenizing: the rows' text), takes its
+contiguous share of the examples, tokenizes and checks it (the chat template is still checked on every
+row), and writes its shard; rank 0 writes the manifest and renames the whole directory into place, so a
+cache cut short by a crash is never found. A bad row stops every rank with the message of the rank
+that met it. When the cache directory is not visible to every rank (node-local disks: rank 0's marker
+file is missing on some rank), each node builds its own copy, its local rank 0 tokenizing all of it,
+the node's other ranks waiting for its manifest; a shared filesystem (the usual run dir or
+data.cache_dir) is what lets the work be split over every rank of the cluster.
+
+Cached by a fingerprint of everything that changes the ids: the data files' identities (path, size,
+mtime, a hash of their ends; a hub dataset's `datasets` fingerprint), the tokenizer's files, the chat
+template, max_length, max_prompt_length, the truncation mode, add_bos, SFT or pairs, and
+DATA_FORMAT_VERSION; under data.cache_dir when set (shared by every run that points there), else in the
+run dir. A relaunch or resume with the same fingerprint maps the cache without reading the sources.
+The digest a resume checks and the precomputed reference's fingerprint come from the manifest (each
+shard hashed as it was written), not from a second pass over the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dpo_ds.data.sources import DataError, file_identity, source_files
+from dpo_ds.data.tokenize import IGNORE, TokenizationError, TokenizedSeq
+
+log = logging.getLogger("dpo_ds.data")
+
+DATA_FORMAT_VERSION = 1  # bump when what is stored, or how ids are made, changes
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class TokenStore:
+    """One split's tokenized examples: numpy views (zero-copy) into the Arrow columns, memory-mapped
+    from the cache, or built in memory (tests, TokenStore.build). Answers, for example i, its sequences
+    as TokenizedSeq (built when a batch asks, dropped after) and the lengths batching needs."""
+
+    def __init__(self, columns: dict, split: str, rows: list | None = None, digest: str = ""):
+        # columns: prompt_values, prompt_offsets, resp_values, resp_offsets, resp_starts, mask_values,
+        # mask_offsets (numpy); rows: the test split's example texts (JSON strings) or None
+        self.split = split
+        self.c = columns
+        self.n = len(columns["prompt_offsets"]) - 1
+        self.width = int(columns["resp_starts"][-1]) // self.n if self.n else 0  # responses per example
+        self._rows = rows
+        self.digest = digest  # sha256 of the split's ids, as written (the manifest's)
+        po = columns["prompt_offsets"]
+        self.prompt_lens = (po[1:] - po[:-1]).astype(np.int64)
+        ro = columns["resp_offsets"]
+        self.response_lens = (ro[1:] - ro[:-1]).astype(np.int64).reshape(self.n, self.width)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def tokens(self) -> int:
+        """Tokens as trained on: every sequence's prompt + its response."""
+        return int(self.prompt_lens.sum() * self.width + self.response_lens.sum())
+
+    def prompt(self, i: int) -> np.ndarray:
+        po = self.c["prompt_offsets"]
+        return self.c["prompt_values"][po[i] : po[i + 1]]
+
+    def seqs(self, i: int) -> list[TokenizedSeq]:
+        """Example i as the collators take it: [chosen, rejected] (or [target]), prompt + response ids,
+        labels -100 on the prompt and on unlabelled spans."""
+        prompt = self.prompt(i).tolist()
+        p = len(prompt)
+        out = []
+        ro, rv = self.c["resp_offsets"], self.c["resp_values"]
+        for k in range(self.width):
+            j = i * self.width + k
+            resp = rv[ro[j] : ro[j + 1]].tolist()
+            labels = [IGNORE] * p + resp
+            mo = self.c["mask_offsets"]
+            spans = self.c["mask_values"][mo[j] : mo[j + 1]]
+            for start, end in zip(spans[0::2].tolist(), spans[1::2].tolist()):
+                labels[p + start : p + end] = [IGNORE] * (end - start)
+            out.append(TokenizedSeq(prompt + resp, labels, p))
+        return out
+
+    def labelled(self) -> np.ndarray:
+        """Trained-on tokens per example (n,): what per-token SFT normalises by. A sequence's first token
+        is never scored (nothing predicts it), which matters when the prompt is empty."""
+        mo = self.c["mask_offsets"]
+        mv = self.c["mask_values"].astype(np.int64)
+        masked = np.zeros(self.n * self.width, dtype=np.int64)
+        for j in np.flatnonzero(mo[1:] > mo[:-1]):  # the rare responses with unlabelled spans
+            spans = mv[mo[j] : mo[j + 1]]
+            masked[j] = int((spans[1::2] - spans[0::2]).sum())
+        per_seq = self.response_lens.reshape(-1) - masked
+        first_unscored = np.repeat(self.prompt_lens == 0, self.width) & (self.response_lens.reshape(-1) > 0)
+        if first_unscored.any():  # empty prompt: the response's first token is the sequence's first
+            for j in np.flatnonzero(first_unscored):
+                spans = mv[mo[j] : mo[j + 1]]
+                starts_masked = len(spans) and spans[0] == 0
+                per_seq[j] -= 0 if starts_masked else 1
+        return per_seq.reshape(self.n, self.width).sum(axis=1)
+
+    def row(self, i: int) -> dict:
+        """The test split's example i as text (prompt, responses, origins), for eval.checker."""
+        if self._rows is None:
+            raise KeyError(f"{self.split} split: the cache keeps example texts for the test split only")
+        return json.loads(self._rows[i])
+
+    @classmethod
+    def build(cls, examples, tokenization, split: str) -> TokenStore:
+        """In memory, from Examples, in this process (tests and single-process tools)."""
+        writer = _ShardBuilder(keep_rows=split == "test")
+        for i, ex in enumerate(examples):
+            writer.add(i, ex, tokenization.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins))
+        return writer.store(split)
+
+    @classmethod
+    def from_datasets(cls, parts: list, split: str, digest: str) -> TokenStore:
+        """The store of memory-mapped shards (datasets.Dataset), in order."""
+        arrays = {k: [] for k in ("prompt", "responses", "unlabelled")}
+        rows = [] if split == "test" else None
+        for ds in parts:
+            table = ds.data.table
+            for name in arrays:
+                arrays[name].extend(table.column(name).chunks)
+            if rows is not None:
+                rows.extend(table.column("row").to_pylist())
+        return cls(_columns(arrays), split, rows, digest)
+
+
+def _columns(arrays: dict) -> dict:
+    """Numpy views of the Arrow list columns of every chunk, concatenated where there are several
+    chunks (offsets rebased). One chunk per shard is usual; a view costs nothing, a concatenation copies."""
+
+    def flat(chunks):
+        values, offsets, base = [], [np.zeros(1, dtype=np.int64)], 0
+        for ch in chunks:
+            off = ch.offsets.to_numpy().astype(np.int64)
+            vals = ch.values
+            values.append(vals)
+            offsets.append(off[1:] - off[0] + base)
+            base += int(off[-1] - off[0])
+        return values, np.concatenate(offsets)
+
+    def numbers(values):
+        arrs = [v.to_numpy(zero_copy_only=False) for v in values]
+        return arrs[0] if len(arrs) == 1 else np.concatenate(arrs) if arrs else np.zeros(0, dtype=np.int32)
+
+    p_vals, p_off = flat(arrays["prompt"])
+    r_lists, r_starts = flat(arrays["responses"])  # (examples + 1) offsets into the responses
+    m_lists, _ = flat(arrays["unlabelled"])
+    r_vals, r_off = flat(r_lists)
+    m_vals, m_off = flat(m_lists)
+    return {
+        "prompt_values": numbers(p_vals),
+        "prompt_offsets": p_off,
+        "resp_starts": r_starts,
+        "resp_values": numbers(r_vals),
+        "resp_offsets": r_off,
+        "mask_values": numbers(m_vals),
+        "mask_offsets": m_off,
+    }
+
+
+def _arrays(seqs: list[TokenizedSeq]) -> tuple[np.ndarray, list[np.ndarray], list[list[int]]]:
+    """An example's sequences as stored: the prompt once, each response, its unlabelled spans."""
+    p = seqs[0].prompt_len
+    prompt = np.asarray(seqs[0].input_ids[:p], dtype=np.int32)
+    responses, masks = [], []
+    for s in seqs:
+        responses.append(np.asarray(s.input_ids[p:], dtype=np.int32))
+        labelled = np.asarray(s.labels[p:]) != IGNORE
+        spans = []
+        if not labelled.all():
+            edges = np.flatnonzero(np.diff(np.concatenate([[1], labelled.astype(np.int8), [1]])))
+            spans = edges.tolist()  # [start, end) of each unlabelled run, flattened
+        masks.append(spans)
+    return prompt, responses, masks
+
+
+class _ShardBuilder:
+    """Collects one shard's examples as flat int32 arrays (4 bytes a token) and hashes them as it goes."""
+
+    def __init__(self, keep_rows: bool):
+        self.index: list[int] = []
+        self.prompt: list[np.ndarray] = []
+        self.responses: list[list[np.ndarray]] = []
+        self.unlabelled: list[list[list[int]]] = []
+        self.rows: list[str] | None = [] if keep_rows else None
+        self.hash = hashlib.sha256()
+        self.tokens = 0
+
+    def add(self, i: int, example, seqs: list[TokenizedSeq]) -> None:
+        self.add_arrays(i, example, *_arrays(seqs))
+
+    def add_arrays(self, i: int, example, prompt: np.ndarray, responses: list, masks: list) -> None:
+        self.tokens += len(prompt) * len(responses) + sum(len(r) for r in responses)
+        self.index.append(i)
+        self.prompt.append(prompt)
+        self.responses.append(responses)
+        self.unlabelled.append(masks)
+        self.hash.update(np.int64(i).tobytes())
+        self.hash.update(prompt.tobytes())
+        for r, m in zip(responses, masks):
+            self.hash.update(
+                np.int64(len(r)).tobytes() + r.tobytes() + np.asarray(m, dtype=np.int32).tobytes()
+            )
+        if self.rows is not None:
+            self.rows.append(
+                json.dumps(
+                    {"prompt": example.prompt, "responses": example.responses, "origins": example.origins}
+                )
+            )
+
+    def batch(self) -> dict:
+        return {
+            "index": self.index,
+            "prompt": [p.tolist() for p in self.prompt],
+            "responses": [[r.tolist() for r in rs] for rs in self.responses],
+            "unlabelled": self.unlabelled,
+            **({"row": self.rows} if self.rows is not None else {}),
+        }
+
+    def store(self, split: str) -> TokenStore:
+        import pyarrow as pa
+
+        b = self.batch()
+        arrays = {
+            "prompt": [pa.array(b["prompt"], type=pa.list_(pa.int32()))],
+            "responses": [pa.array(b["responses"], type=pa.list_(pa.list_(pa.int32())))],
+            "unlabelled": [pa.array(b["unlabelled"], type=pa.list_(pa.list_(pa.int32())))],
+        }
+        return TokenStore(_columns(arrays), split, self.rows, self.hash.hexdigest())
+
+
+def _features(split: str):
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    feats = {
+        "index": datasets.Value("int64"),
+        "prompt": ids,
+        "responses": datasets.Sequence(ids),
+        "unlabelled": datasets.Sequence(ids),
+    }
+    if split == "test":
+        feats["row"] = datasets.Value("string")
+    return datasets.Features(feats)
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(cfg, model_dir: Path, sft: bool) -> dict[str, str]:
+    """Everything that changes the cached ids, each named (a mismatch says what changed)."""
+    facts = {"format": str(DATA_FORMAT_VERSION), "examples": "sft targets" if sft else "preference pairs"}
+    for split in SPLITS:
+        for spec in cfg.datasets:
+            files = source_files(spec, split)
+            facts[f"{split}: {spec}"] = (
+                "; ".join(file_identity(f) for f in files)
+                if files is not None
+                else _hub_identity(spec, split, cfg)
+            )
+    tok = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"):  # fmt: skip
+        f = Path(model_dir) / name
+        if f.is_file():
+            tok.update(name.encode() + f.read_bytes())
+    facts["tokenizer"] = tok.hexdigest()
+    template = Path(cfg.data.chat_template).read_bytes() if cfg.data.chat_template else b"(the tokenizer's)"
+    facts["chat template"] = hashlib.sha256(template).hexdigest()
+    for key in ("max_length", "max_prompt_length"):
+        facts[key] = str(getattr(cfg, key))
+    facts["data.truncation_mode"] = cfg.data.truncation_mode
+    facts["data.add_bos"] = str(cfg.data.add_bos)
+    return facts
+
+
+def _hub_identity(spec: str, split: str, cfg) -> str:
+    """A hub dataset's identity: its name, split and `datasets` fingerprint (from the local cache)."""
+    from dpo_ds.data.sources import HUB_NAMES, _hub_split, _read_hub
+
+    ds = _read_hub(spec, split, cfg.data.cache_dir)
+    return f"{HUB_NAMES[spec]} {_hub_split(spec, split)} fingerprint {getattr(ds, '_fingerprint', '?')}"
+
+
+def digest_of(facts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- building and mapping
+
+
+@dataclass
+class Prepared:
+    """What the data phase hands the rest of the run."""
+
+    stores: dict[str, TokenStore]
+    path: Path
+    built: bool  # tokenized in this launch (else mapped)
+    seconds: float
+    summary: list[str] = field(default_factory=list)  # tokenization's own log lines (cuts, merges)
+    sources: list[str] = field(default_factory=list)  # one line per source: how its rows are rendered
+
+    def digest(self, splits=("train",)) -> str:
+        h = hashlib.sha256()
+        for s in splits:
+            h.update(s.encode() + self.stores[s].digest.encode())
+        return h.hexdigest()
+
+
+def prepare(
+    cfg, tokenization, model_dir: Path, cache_root: Path, sft: bool, *, rank: int, world: int, comm,
+    load_examples, describe=None, num_proc: int = 1,
+) -> Prepared:  # fmt: skip
+    """The tokenized train and test splits: mapped from the cache when its fingerprint matches, else
+    built by the ranks together (see the module docstring) and then mapped.
+
+    comm: the collectives (engines): decided_by_rank0, all_gather_objects, barrier.
+    load_examples(split) -> the split's Examples (reads and parses the sources; build only).
+    describe(split, examples) -> log lines about them (how each source is rendered)."""
+    t0 = time.time()
+    facts = fingerprint(cfg, model_dir, sft)
+    path = Path(cache_root) / f"tokens-{digest_of(facts)}"
+    found = comm.decided_by_rank0(lambda: _read_manifest(path, facts))
+    built = False
+    if found is None:
+        _build(path, facts, tokenization, rank=rank, world=world, comm=comm, load_examples=load_examples,
+               describe=describe, num_proc=num_proc)  # fmt: skip
+        built = True
+        found = comm.decided_by_rank0(lambda: _read_manifest(path, facts))
+        if found is None:
+            raise DataError(f"token cache {path}: its manifest is not there after building it")
+    if not built:
+        found = _local_manifest(path, facts) or found  # node-local copies hold their own
+    stores = _map(path, found)
+    seconds = time.time() - t0
+    info = found["info"]
+    mib = sum(f.stat().st_size for f in path.glob("*.arrow")) / 2**20
+    what = "built" if built else "mapped (fingerprint matches; the sources were not read)"
+    log.info(
+        f"token cache {path}: {what} in {seconds:.1f} s: {info['train_examples']} train / {info['test_examples']} "
+        f"test examples, {info['tokens']} tokens, {mib:.1f} MiB"
+    )
+    return Prepared(stores, path, built, seconds, info.get("summary", []), info.get("sources", []))
+
+
+def _read_manifest(path: Path, facts: dict) -> dict | None:
+    f = path / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        manifest = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None  # cut short (it is written last, whole): built again
+    if manifest.get("facts") != facts:
+        return None
+    return manifest
+
+
+def _local_manifest(path: Path, facts: dict) -> dict | None:
+    return _read_manifest(path, facts)
+
+
+def _map(path: Path, manifest: dict) -> dict[str, TokenStore]:
+    import datasets
+
+    stores = {}
+    for split in SPLITS:
+        parts = [datasets.Dataset.from_file(str(path / name)) for name in manifest["shards"][split]]
+        stores[split] = TokenStore.from_datasets(parts, split, manifest["digests"][split])
+    return stores
+
+
+def _build(
+    path: Path, facts: dict, tokenization, *, rank, world, comm, load_examples, describe, num_proc=1
+) -> None:
+    """Every rank tokenizes its share of each split into its shard in a temporary directory next to
+    `path`; rank 0 writes the manifest and renames the directory into place."""
+    tmp_name = comm.decided_by_rank0(lambda: f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.parent / tmp_name
+    marker = tmp / "shared"
+
+    def make():
+        tmp.mkdir(parents=True, exist_ok=True)
+        marker.write_text(tmp_name)
+        return None
+
+    comm.decided_by_rank0(make, (OSError,))
+    sees = comm.all_gather_objects(marker.is_file())
+    shared = all(sees)
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if shared:
+        share, parts = rank, world  # every rank of the cluster tokenizes its share
+    else:
+        share, parts = (0, 1) if local_rank == 0 else (None, 1)  # each node's local rank 0 builds its copy
+        if local_rank == 0:
+            tmp.mkdir(parents=True, exist_ok=True)
+    info = {"summary": [], "sources": [], "tokens": 0}
+    error = None
+    shards: dict[str, list[str]] = {}
+    digests: dict[str, list[str]] = {}
+    counts = {}
+    try:
+        for split in SPLITS:
+            examples = load_examples(split)
+            counts[split] = len(examples)
+            if describe is not None and split == "train":
+                info["sources"] = describe(split, examples)
+            if share is None:
+                continue
+            lo, hi = len(examples) * share // parts, len(examples) * (share + 1) // parts
+            name = f"{split}-{share:05d}-of-{parts:05d}.arrow"
+            digest, tokens = _write_shard(tmp / name, split, examples, lo, hi, tokenization, rank, num_proc)
+            shards[split], digests[split] = [name], [digest]
+            info["tokens"] += tokens
+    except (DataError, TokenizationError) as e:
+        error = (type(e).__name__, str(e))
+    errors = comm.all_gather_objects(error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:  # every rank stops with the message of the rank that met the bad row
+        if rank == 0 or not shared:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise (DataError if first[0] == "DataError" else TokenizationError)(first[1])
+    parts_info = comm.all_gather_objects(
+        {"shards": shards, "digests": digests, "tokens": info["tokens"], "summary": tokenization.summary()}
+    )
+    if shared:
+        comm.barrier()
+        if rank == 0:
+            _finish(tmp, path, facts, parts_info, counts, info["sources"])
+        comm.barrier()
+    else:
+        if local_rank == 0:
+            _finish(tmp, path, facts, [p for p in parts_info if p["shards"]][:1], counts, info["sources"])
+        else:
+            _wait_for(path / MANIFEST)
+        comm.barrier()
+
+
+_WORK: tuple = ()  # (tokenization, examples) for the forked workers of data.num_proc
+
+
+def _tokenize_range(bounds: tuple[int, int]):
+    """A worker's chunk: (compact arrays of examples[lo:hi], its truncation counters)."""
+    tokenization, examples = _WORK
+    tokenization.cuts.clear()
+    tokenization.boundary_splits = 0
+    out = []
+    for i in range(*bounds):
+        ex = examples[i]
+        out.append(_arrays(tokenization.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins)))
+    return out, dict(tokenization.cuts), tokenization.boundary_splits
+
+
+def _write_shard(
+    target: Path, split: str, examples, lo: int, hi: int, tokenization, rank: int, num_proc: int = 1
+):
+    """Tokenize examples[lo:hi] into one Arrow file; returns (digest, tokens). Shows progress. With
+    num_proc > 1, forked workers tokenize chunks and this process hashes and writes them in order."""
+    from datasets.arrow_writer import ArrowWriter
+
+    builder = _ShardBuilder(keep_rows=split == "test")
+    progress = _Progress(split, hi - lo, rank)
+    if num_proc > 1 and hi - lo > num_proc:
+        import multiprocessing
+
+        global _WORK
+        _WORK = (tokenization, examples)
+        step = max(1, min(1000, (hi - lo) // (4 * num_proc)))
+        chunks = [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+            for (a, _), (arrays, cuts, splits) in zip(chunks, pool.imap(_tokenize_range, chunks)):
+                for k, arr in enumerate(arrays):
+                    builder.add_arrays(a + k, examples[a + k], *arr)
+                tokenization.cuts.update(cuts)
+                tokenization.boundary_splits += splits
+                progress.update(len(builder.index))
+        _WORK = ()
+    else:
+        for i in range(lo, hi):
+            ex = examples[i]
+            builder.add(i, ex, tokenization.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins))
+            progress.update(i - lo + 1)
+    progress.close()
+    with ArrowWriter(path=str(target), features=_features(split)) as writer:
+        writer.write_batch(builder.batch())
+        writer.finalize()
+    return builder.hash.hexdigest(), builder.tokens
+
+
+def _finish(
+    tmp: Path, path: Path, facts: dict, parts_info: list[dict], counts: dict, sources: list[str]
+) -> None:
+    """The manifest, written last into the temporary directory, then the directory renamed into place
+    (another run that built the same fingerprint first wins: ours goes)."""
+    shards = {s: [n for p in parts_info for n in p["shards"].get(s, [])] for s in SPLITS}
+    split_digests = {}
+    for s in SPLITS:
+        h = hashlib.sha256()
+        for p in parts_info:
+            for d in p["digests"].get(s, []):
+                h.update(d.encode())
+        split_digests[s] = h.hexdigest()
+    summary = sorted({line for p in parts_info for line in p["summary"]})
+    manifest = {
+        "facts": facts,
+        "shards": shards,
+        "digests": split_digests,
+        "info": {
+            "train_examples": counts["train"],
+            "test_examples": counts["test"],
+            "tokens": sum(p["tokens"] for p in parts_info),
+            "summary": summary,
+            "sources": sources,
+        },
+    }
+    (tmp / "shared").unlink(missing_ok=True)
+    with open(tmp / MANIFEST, "w") as f:
+        f.write(json.dumps(manifest, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if _read_manifest(path, facts) is not None:  # built by another run meanwhile: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        # a directory with no whole manifest of these facts: a copy cut short (it is renamed into place
+        # only once its manifest is written), or damaged since; replaced
+        log.warning(f"token cache {path} has no whole manifest (cut short or damaged): built again")
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+
+
+def _wait_for(f: Path, poll_s: float = 1.0) -> None:
+    while not f.is_file():
+        time.sleep(poll_s)
+
+
+class _Progress:
+    """tqdm on a terminal (rank 0), else a log line every 10% with rows per second."""
+
+    def __init__(self, split: str, total: int, rank: int):
+        self.split, self.total, self.rank = split, total, rank
+        self.t0 = time.time()
+        self.next = 0.1
+        self.bar = None
+        if rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"tokenizing {split} (rank 0's share)", unit=" rows")
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        elif self.rank == 0 and self.total and done / self.total >= self.next:
+            rate = done / max(time.time() - self.t0, 1e-9)
+            log.info(
+                f"tokenizing {self.split}: {done}/{self.total} rows of rank 0's share ({rate:.0f} rows/s)"
+            )
+            self.next += 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
