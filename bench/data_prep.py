@@ -44,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dpo_ds.launcher import env, free_port, launcher  # noqa: E402
+from dpo_ds.launcher import deepspeed_cmd, env  # noqa: E402
 
 
 def corpus() -> list[str]:
@@ -144,11 +144,10 @@ def run_trl(work: Path, model: Path, data: Path) -> dict:
 
 
 def run_dpo_ds(work: Path, model: Path, data: Path, ranks: int, cache: Path) -> dict:
-    cmd = [
-        launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "dpo_ds.data.prepare",
+    cmd = deepspeed_cmd(
         f"model.name_or_path={model}", f"datasets=[ultrafeedback:{data}]", "max_length=1024", "max_prompt_length=512",
-        f"data.cache_dir={cache}", f"run_dir={work / 'run'}",
-    ]  # fmt: skip
+        f"data.cache_dir={cache}", f"run_dir={work / 'run'}", ranks=ranks, module="dpo_ds.data.prepare",
+    )  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env(threads=1), capture_output=True, text=True)
     wall = time.time() - t0

@@ -60,9 +60,13 @@ def launcher() -> str:
     return str(Path(sys.executable).parent / "deepspeed")
 
 
-def deepspeed_cmd(*args: str, ranks: int = 2, script: Path = TRAIN_PY) -> list[str]:
-    """`deepspeed --num_gpus R --master_port P script args...` with this interpreter's launcher."""
-    return [launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+def deepspeed_cmd(
+    *args: str, ranks: int = 2, script: Path = TRAIN_PY, module: str | None = None
+) -> list[str]:
+    """`deepspeed --num_gpus R --master_port P script args...` with this interpreter's launcher (or
+    `--module M args...`: the ranks run `python -m M`)."""
+    target = ["--module", module] if module else [str(script)]
+    return [launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()), *target, *args]
 
 
 def train_records(metrics_path: Path) -> list[dict]:
