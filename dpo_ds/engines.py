@@ -183,6 +183,20 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
+def part_together(timeout_s: float = 30.0) -> None:
+    """Before a rank exits on an error raised on every rank alike: wait (at most timeout_s) until every
+    rank has reached this point, so each has printed its message before the launcher, seeing the first
+    rank exit, kills the rest mid-sentence. A rank that never arrives (an error raised on one rank only)
+    costs the others timeout_s, never a hang."""
+    import threading
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    waiter = threading.Thread(target=torch.distributed.barrier, daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)
+
+
 def shutdown() -> None:
     """Tear the process group down while Python is alive: this joins gloo's worker threads, which,
     left running into interpreter shutdown, can abort the process there (see init_distributed)."""

@@ -135,6 +135,7 @@ def main(argv=None) -> int:
         engines.barrier()
     except USER_ERRORS as e:
         print(f"dpo_ds: error: {e}", file=sys.stderr, flush=True)
+        engines.part_together()
         engines.shutdown()
         return 2
     engines.shutdown()
