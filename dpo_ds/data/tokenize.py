@@ -42,6 +42,7 @@ Truncation, when prompt + the longest response is longer than max_length
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class Tokenization:
                 "data.add_bos=true contradicts data.truncation_mode=original (the original adds no BOS)"
             )
         self.tok = tokenizer
+        self._backend = self._fast_backend()
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.mode = truncation_mode
@@ -154,7 +156,23 @@ class Tokenization:
     # ------------------------------------------------------------------ the tokenizer's rules
 
     def _encode(self, text: str) -> list[int]:
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=False).ids
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _fast_backend(self):
+        """A fast tokenizer's Rust tokenizer, set as `tokenizer(text, add_special_tokens=False)` sets it
+        before its own call into it (no truncation, no padding, special tokens as the tokenizer treats
+        them), so that calling it directly gives the same ids without the Python layer around each call
+        (a tenth of the time of tokenizing a large set); None for a slow tokenizer."""
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None or not getattr(self.tok, "is_fast", False):
+            return None
+        backend = copy.deepcopy(backend)  # the tokenizer's own one is left as it was
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = bool(getattr(self.tok, "split_special_tokens", False))
+        return backend
 
     def _default_prefix(self) -> list[int]:
         """What `tokenizer(text)` puts before the text by default (a BOS, or nothing)."""
