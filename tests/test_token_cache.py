@@ -146,6 +146,33 @@ def test_every_layout_batches_the_store_as_the_examples(tmp_path, layout):
                     assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, (layout, k)
 
 
+def test_shards_are_read_in_place(tmp_path, chatml):
+    """A store over several shards (one per rank that built it) gives each example's ids from its own
+    shard's mapped values: the same ids as tokenize, and no value array concatenated into memory."""
+    rules = Tokenization(chatml, max_length=40, max_prompt_length=20)
+    examples = [e for e in mixed_examples(random.Random(1)) if not isinstance(e.prompt, str)] * 3
+    examples += [
+        Example([user("")], [[assistant("a")], [assistant("")]], "keep_end")
+    ]  # empty slices at an end
+    cuts = [0, 5, 5, 11, len(examples)]  # one shard empty
+    parts = []
+    for k, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+        cache._write_shard(tmp_path / f"{k}.arrow", "train", examples, lo, hi, rules, 0)
+        parts.append(datasets.Dataset.from_file(str(tmp_path / f"{k}.arrow")))
+    store = cache.TokenStore.from_datasets(parts, "train", "")
+    assert len(store) == len(examples)
+    for i, ex in enumerate(examples):
+        want = rules.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins)
+        assert [(s.input_ids, s.labels) for s in store.seqs(i)] == [(s.input_ids, s.labels) for s in want]
+    for name in ("prompt_values", "resp_values"):
+        pieces = store.c[name]
+        assert len(pieces.arrays) == sum(len(d) > 0 for d in parts) == 3 and not any(
+            a.flags.owndata for a in pieces.arrays
+        )
+        with pytest.raises(IndexError, match="cross a chunk"):
+            pieces[slice(int(pieces.starts[1]) - 1, int(pieces.starts[1]) + 1)]
+
+
 def test_a_few_bytes_per_token(tmp_path):
     """What a rank holds once the cache is mapped: its lengths arrays; the ids stay in the mapped file."""
     tok = load_tokenizer(SHIPPED_MODELS["tiny"])

@@ -157,23 +157,46 @@ class TokenStore:
         return cls(_columns(arrays), split, rows, digest)
 
 
+class _Pieces:
+    """Int32 values that live in several Arrow chunks (one per shard), sliced by global offsets without
+    concatenating them: a concatenation would copy every id into this process's private memory, where a
+    view of each mapped chunk costs nothing (the pages stay the page cache's, shared by a node's ranks).
+    A slice never crosses a chunk: the offsets of one chunk's lists all point into its own values."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays or [np.zeros(0, dtype=np.int32)]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        a, b = int(span.start), int(span.stop)
+        k = int(np.searchsorted(self.starts, a, side="right")) - 1
+        k = min(max(k, 0), len(self.arrays) - 1)
+        if b > a and (b > self.starts[k + 1] or a < self.starts[k]):
+            raise IndexError(f"values [{a}:{b}] cross a chunk boundary")
+        return self.arrays[k][a - self.starts[k] : b - self.starts[k]]
+
+    def astype(self, dtype) -> np.ndarray:  # the small columns (unlabelled spans), read whole
+        return np.concatenate([a.astype(dtype) for a in self.arrays])
+
+
 def _columns(arrays: dict) -> dict:
-    """Numpy views of the Arrow list columns of every chunk, concatenated where there are several
-    chunks (offsets rebased). One chunk per shard is usual; a view costs nothing, a concatenation copies."""
+    """Numpy views of the Arrow list columns of every chunk (zero-copy); the offsets, one per list, are
+    rebased into one global array (8 bytes an example), the values stay in their chunks (_Pieces)."""
 
     def flat(chunks):
         values, offsets, base = [], [np.zeros(1, dtype=np.int64)], 0
         for ch in chunks:
             off = ch.offsets.to_numpy().astype(np.int64)
-            vals = ch.values
-            values.append(vals)
+            values.append(ch.values.slice(int(off[0]), int(off[-1] - off[0])))
             offsets.append(off[1:] - off[0] + base)
             base += int(off[-1] - off[0])
         return values, np.concatenate(offsets)
 
     def numbers(values):
-        arrs = [v.to_numpy(zero_copy_only=False) for v in values]
-        return arrs[0] if len(arrs) == 1 else np.concatenate(arrs) if arrs else np.zeros(0, dtype=np.int32)
+        return _Pieces([v.to_numpy(zero_copy_only=v.null_count == 0) for v in values])
 
     p_vals, p_off = flat(arrays["prompt"])
     r_lists, r_starts = flat(arrays["responses"])  # (examples + 1) offsets into the responses
@@ -359,6 +382,7 @@ def prepare(
         _build(path, facts, tokenization, rank=rank, world=world, comm=comm, load_examples=load_examples,
                describe=describe, num_proc=num_proc)  # fmt: skip
         built = True
+        _give_back_memory()  # the parsed rows and the shard's lists are gone; return their pages
         found = comm.decided_by_rank0(lambda: _read_manifest(path, facts))
         if found is None:
             raise DataError(f"token cache {path}: its manifest is not there after building it")
@@ -374,6 +398,20 @@ def prepare(
         f"test examples, {info['tokens']} tokens, {mib:.1f} MiB"
     )
     return Prepared(stores, path, built, seconds, info.get("summary", []), info.get("sources", []))
+
+
+def _give_back_memory() -> None:
+    """Building leaves the parsed source rows and the shard's Python lists freed but their pages still
+    this process's (glibc keeps freed heap for reuse): hand them back, so what a rank holds for the rest
+    of the run is the store's few bytes per example, not the build's high-water mark."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the pages are reused, not returned
+        pass
 
 
 def _read_manifest(path: Path, facts: dict) -> dict | None:
