@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dpo_ds.config import ConfigError
 from dpo_ds.losses import (
     apo_down_loss,
     apo_zero_loss,
@@ -36,7 +37,7 @@ from dpo_ds.losses import (
 from dpo_ds.model import SequenceLogps, split_pairs
 
 if TYPE_CHECKING:
-    from dpo_ds.config import Config
+    from dpo_ds.config import Config, LossConfig
 
 Tensor = torch.Tensor
 
@@ -55,8 +56,18 @@ class LossSpec:
     counts: bool = False
     hparams: tuple[str, ...] = ("beta",)
 
+    def check(self, name: str, loss: LossConfig) -> None:
+        """A hyperparameter that is off unless set (OFF_UNLESS_SET) and that this loss does not define
+        must be left off: loss=ipo loss.label_smoothing=0.1 would otherwise train plain IPO silently."""
+        for key, off in OFF_UNLESS_SET.items():
+            if key not in self.hparams and getattr(loss, key) != off:
+                raise ConfigError(
+                    f"config key 'loss.{key}': is not defined for loss={name}; must be {off}, got {getattr(loss, key)!r}"
+                )
+
 
 HPARAMS = ("beta", "label_smoothing", "gamma", "orpo_lambda")  # loss.* keys a LossSpec may name
+OFF_UNLESS_SET = {"label_smoothing": 0.0}  # their value when not set turns them off
 PREFERENCE_LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(dpo_loss, hparams=("beta", "label_smoothing")),  # label_smoothing > 0: conservative DPO
     "ipo": LossSpec(ipo_loss),  # summed log-probs as the paper; loss.ipo_normalize=length: TRL's form
@@ -160,6 +171,7 @@ def build_objective(cfg: Config):
     """
     loss = cfg.loss
     names = loss.names
+    check(loss)
     if names == ["sft"]:
         return SFTObjective(loss.sft_normalize)
     terms, nll_weight = [], loss.chosen_nll_weight
@@ -176,3 +188,21 @@ def build_objective(cfg: Config):
         reference_free=loss.reference_free,
         nll_weight=nll_weight,
     )
+
+
+def check(loss: LossConfig) -> None:
+    """The loss section against the losses that exist: every name one of OBJECTIVES, each preference
+    loss's own rules (LossSpec.check), and reference_free only where some term has a reference. Run by
+    build_objective, before any engine; the value checks any loss config must pass are config.validate's."""
+    bad = [n for n in loss.names if n not in OBJECTIVES]
+    if bad:
+        raise ConfigError(
+            f"config key 'loss.name': must be one of {OBJECTIVES} or a list of them like [dpo,sft], got {loss.name!r}"
+        )
+    specs = {n: PREFERENCE_LOSSES[n] for n in loss.names if n != "sft"}
+    for n, spec in specs.items():
+        spec.check(n, loss)
+    if loss.reference_free and not any(spec.reference for spec in specs.values()):
+        raise ConfigError(
+            f"config key 'loss.reference_free': has no meaning for loss={loss.name}, which uses no reference, got True"
+        )

@@ -81,6 +81,9 @@ def run(argv=None) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    # the one place the training mode is decided: the objective (its losses checked against their specs)
+    # says whether it needs a reference
+    objective = build_objective(cfg)
 
     # 2. distributed
     rank, world, device = engines.init_distributed(cfg.torch_threads, cfg.dist_timeout_s)
@@ -107,8 +110,6 @@ def run(argv=None) -> dict:
                 f"attention mask per row without FlexAttention; keep rows <= {DENSE_MASK_MAX_TOKENS} tokens or set "
                 f"model.attn_implementation=flex_attention (GPU)"
             )
-    # the one place the training mode is decided: the objective says whether it needs a reference
-    objective = build_objective(cfg)
     ref_config = engines.reference_ds_config(ds_config, cfg) if objective.needs_reference else None
     stage = ds_config["zero_optimization"].get("stage", 0)
     log.info(

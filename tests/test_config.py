@@ -4,6 +4,7 @@ import pytest
 
 from dpo_ds.config import Config, ConfigError, load_config
 from dpo_ds.engines import reference_ds_config, resolve_ds_config
+from dpo_ds.objectives import build_objective
 
 
 def test_defaults_and_overrides():
@@ -72,14 +73,33 @@ def test_yaml_then_overrides(tmp_path):
     ],
 )
 def test_bad_values_name_the_key(override, key):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+    with pytest.raises(ConfigError) as e:  # as train.py reads a config: loaded, then its losses built
+        build_objective(load_config(None, [override]))
     assert key in str(e.value)
 
 
 def test_ipo_with_label_smoothing_is_an_error():
-    with pytest.raises(ConfigError, match="loss.label_smoothing"):
-        load_config(None, ["loss=ipo", "loss.label_smoothing=0.1"])
+    cfg = load_config(None, ["loss=ipo", "loss.label_smoothing=0.1"])  # every value valid on its own
+    with pytest.raises(ConfigError, match="loss.label_smoothing.*not defined for loss=ipo"):
+        build_objective(cfg)  # the ipo spec defines no label smoothing
+
+
+def test_reference_free_needs_a_loss_with_a_reference():
+    build_objective(load_config(None, ["loss=dpo", "loss.reference_free=true"]))
+    with pytest.raises(ConfigError, match="loss.reference_free"):
+        build_objective(load_config(None, ["loss=simpo", "loss.reference_free=true"]))
+
+
+def test_config_and_objectives_do_not_import_each_other():
+    import ast
+    from pathlib import Path
+
+    import dpo_ds.config
+
+    tree = ast.parse(Path(dpo_ds.config.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.startswith("dpo_ds.") for m in imported), imported
 
 
 def test_yaml_errors_name_the_file(tmp_path):

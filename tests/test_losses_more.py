@@ -319,6 +319,6 @@ def test_yaml_list_form(tmp_path):
     ],
 )
 def test_config_errors_name_the_key(overrides, key, words):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
+    with pytest.raises(ConfigError) as e:  # loaded, then its losses built (each spec checks its own)
+        build_objective(load_config(None, overrides))
     assert f"'{key}'" in str(e.value) and words in str(e.value)

@@ -64,7 +64,8 @@ def test_sft_token_normalisation():
 
 def test_label_smoothing_only_where_the_loss_has_it():
     with pytest.raises(ConfigError, match="loss.label_smoothing.*loss=ipo"):
-        load_config(None, ["loss=ipo", "loss.label_smoothing=0.1"])
+        build_objective(load_config(None, ["loss=ipo", "loss.label_smoothing=0.1"]))
+    build_objective(load_config(None, ["loss=robust", "loss.label_smoothing=0.1"]))  # its eps
 
 
 def test_precomputed_reference_lookup():
