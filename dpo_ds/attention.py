@@ -77,6 +77,60 @@ def block_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
+def allowed(block_q, branch_q, pos_q, block_k, branch_k, pos_k):
+    """The shared-prompt rule (data/shared_prompt.py), on broadcasting tensors: a query may attend to a
+    key of its own block, causally, on the prompt or on the query's own response. The dense mask and the
+    FlexAttention mask_mod both call this; block_attention computes the same from the spans."""
+    return (
+        (block_q == block_k) & (block_k >= 0) & (pos_k <= pos_q) & ((branch_k == 0) | (branch_k == branch_q))
+    )
+
+
+def block_mask(block_ids: torch.Tensor, branch_ids: torch.Tensor, flex: bool, dtype: torch.dtype):
+    """The attention of shared-prompt blocks: a FlexAttention BlockMask, which computes only the blocks
+    that are needed, or a dense (rows, 1, T, T) additive mask (0 where allowed)."""
+    from dpo_ds.data.layout import DENSE_MASK_MAX_TOKENS
+
+    rows, t = block_ids.shape
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k):
+            return allowed(block_ids[b, q], branch_ids[b, q], q, block_ids[b, k], branch_ids[b, k], k)
+
+        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=t, KV_LEN=t, device=block_ids.device)
+    if t > DENSE_MASK_MAX_TOKENS:
+        raise ValueError(
+            f"a row of {t} tokens needs a dense {t}x{t} attention mask per row; rows over "
+            f"{DENSE_MASK_MAX_TOKENS} tokens need model.attn_implementation=flex_attention (GPU), or lower "
+            f"data.row_tokens / data.max_tokens_per_micro_batch"
+        )
+    pos = torch.arange(t, device=block_ids.device)
+    ok = allowed(
+        block_ids[:, :, None],
+        branch_ids[:, :, None],
+        pos[None, :, None],
+        block_ids[:, None, :],
+        branch_ids[:, None, :],
+        pos[None, None, :],
+    )  # fmt: skip  (rows, T, T): query along dim 1, key along dim 2
+    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def attention_inputs(impl: str | None, attention_mask, block_ids, branch_ids, spans, dtype, device):
+    """(attention_mask, extra forward kwargs) for a micro-batch under the attention implementation
+    `impl`: the layout's rule applied here, the model wrapper only passes them on. dpo_ds_blocks with
+    spans: no mask at all (block_attention reads the spans); shared-prompt ids: their block mask;
+    otherwise the micro-batch's own mask (padded rows) or None (packed rows: transformers masks them by
+    their restarting position ids)."""
+    if impl == NAME and spans is not None:
+        return placeholder_mask(device), {SPANS_KWARG: spans}
+    if block_ids is not None:
+        return block_mask(block_ids, branch_ids, impl == "flex_attention", dtype), {}
+    return attention_mask, {}
+
+
 def register() -> None:
     """Make `dpo_ds_blocks` a transformers attention implementation (idempotent), whose mask, when
     transformers builds one (generation), is sdpa's; a training forward passes a placeholder 4D mask,

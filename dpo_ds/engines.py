@@ -359,22 +359,6 @@ def _zero3(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def attn_implementation(cfg: Config, on_cpu: bool) -> str | None:
-    """model.attn_implementation, with auto resolved for packed and shared_prompt rows: FlexAttention on
-    a GPU (a block-sparse mask), dpo_ds_blocks on CPU (attention.py: per segment, no mask); for padded
-    rows None, transformers' own default (sdpa)."""
-    impl = cfg.model.attn_implementation
-    if impl == "auto":
-        if cfg.data.layout == "padded":
-            return None
-        impl = "dpo_ds_blocks" if on_cpu else "flex_attention"
-    if impl == "dpo_ds_blocks":
-        from dpo_ds.attention import register
-
-        register()
-    return impl
-
-
 def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool, attn: str | None = None):
     """A HF causal LM built for `ds`: under ZeRO-3 its parameters are partitioned as they are created
     (HfDeepSpeedConfig makes transformers build inside deepspeed.zero.Init, and from_pretrained
@@ -386,6 +370,10 @@ def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool, attn: st
     hf_ds = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841  (kept alive while building)
     try:
         config = load_config(model_dir)
+        if attn == "dpo_ds_blocks":  # ours (attention.py): made a transformers implementation first
+            from dpo_ds.attention import register
+
+            register()
         extra = {"attn_implementation": attn} if attn else {}
         if from_weights:
             lm = AutoModelForCausalLM.from_pretrained(

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpo_ds.attention import attention_inputs
 from dpo_ds.logprobs import token_logprobs
 
 PACKAGE = Path(__file__).resolve().parent
@@ -179,19 +180,9 @@ def reduce_sequences(
     return logps, counts.index_add(0, target_seq, torch.ones_like(target_seq))
 
 
-MODEL_INPUTS = (
-    "input_ids", "attention_mask", "position_ids", "block_ids", "branch_ids", "spans",
-    "target_pos", "target_ids", "target_seq", "n_seqs",
-)  # fmt: skip
-# A dense additive mask is (rows, 1, T, T): 256 MiB of fp32 per row at 8192 tokens, and attention
-# computes every masked pair anyway. Longer rows need FlexAttention (model.attn_implementation).
-DENSE_MASK_MAX_TOKENS = 8192
-BLOCK_ATTENTION = "dpo_ds_blocks"  # attention.NAME, spelled here so this module needs no transformers import
-
-
-def sequence_logps(engine, batch: dict) -> SequenceLogps:
-    """Run a LogprobLM (or the DeepSpeed engine around one) on a micro-batch from the collators."""
-    return SequenceLogps(*engine(**{k: batch[k] for k in MODEL_INPUTS}))
+def sequence_logps(engine, batch) -> SequenceLogps:
+    """Run a LogprobLM (or the DeepSpeed engine around one) on a micro-batch (data.layout.MicroBatch)."""
+    return SequenceLogps(*engine(**batch.model_inputs()))
 
 
 def _fuse_head(head: nn.Module) -> None:
@@ -232,9 +223,7 @@ class LogprobLM(nn.Module):
         self.lm = lm
         self.logprob_impl = logprob_impl
         self.restricted_head = _restricted_head_ok(lm.config)
-        impl = getattr(lm.config, "_attn_implementation", None)
-        self.flex = impl == "flex_attention"
-        self.blocks = impl == BLOCK_ATTENTION  # attention.py: per segment, from the collators' spans
+        self.attn = getattr(lm.config, "_attn_implementation", None)  # the layout's rule: attention.py
         if logprob_impl == "fused_linear":
             if not self.restricted_head:
                 raise ModelError(
@@ -256,50 +245,17 @@ class LogprobLM(nn.Module):
         target_seq,
         n_seqs,
     ):
-        extra = {}
-        if self.blocks and spans is not None:
-            from dpo_ds.attention import placeholder_mask
-
-            extra = {"dpo_spans": spans}  # no mask at all: attention.block_attention reads the spans
-            attention_mask = placeholder_mask(input_ids.device)
-        elif block_ids is not None:
-            attention_mask = self.block_mask(block_ids, branch_ids)
+        attention_mask, extra = attention_inputs(
+            self.attn, attention_mask, block_ids, branch_ids, spans, self.dtype, input_ids.device
+        )
         per_token = self.scored_logps(
             input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
         )
         return reduce_sequences(per_token, target_seq, n_seqs)  # per_token: (M,)
 
-    def block_mask(self, block_ids: torch.Tensor, branch_ids: torch.Tensor):
-        """The attention of shared-prompt blocks (data/shared_prompt.allowed): a FlexAttention
-        BlockMask, which computes only the blocks that are needed, or a dense (rows, 1, T, T) mask."""
-        from dpo_ds.data.shared_prompt import allowed
-
-        rows, t = block_ids.shape
-        if self.flex:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def mask_mod(b, h, q, k):
-                return allowed(block_ids[b, q], branch_ids[b, q], q, block_ids[b, k], branch_ids[b, k], k)
-
-            return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=t, KV_LEN=t, device=block_ids.device)
-        if t > DENSE_MASK_MAX_TOKENS:
-            raise ModelError(
-                f"a row of {t} tokens needs a dense {t}x{t} attention mask per row; rows over "
-                f"{DENSE_MASK_MAX_TOKENS} tokens need model.attn_implementation=flex_attention (GPU), or lower "
-                f"data.row_tokens / data.max_tokens_per_micro_batch"
-            )
-        pos = torch.arange(t, device=block_ids.device)
-        ok = allowed(
-            block_ids[:, :, None],
-            branch_ids[:, :, None],
-            pos[None, :, None],
-            block_ids[:, None, :],
-            branch_ids[:, None, :],
-            pos[None, None, :],
-        )  # fmt: skip  (rows, T, T): query along dim 1, key along dim 2
-        dtype = next(self.lm.parameters()).dtype
-        mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
-        return mask[:, None]  # (rows, 1, T, T) additive: 0 where allowed
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
 
     def scored_logps(
         self, input_ids, attention_mask, position_ids, target_pos, target_ids, **extra

@@ -38,6 +38,7 @@ from dpo_ds.model import SequenceLogps, split_pairs
 
 if TYPE_CHECKING:
     from dpo_ds.config import Config, LossConfig
+    from dpo_ds.data.layout import MicroBatch
 
 Tensor = torch.Tensor
 
@@ -108,7 +109,9 @@ class PreferenceObjective:
         # zeros stand in for it and no model is built
         self.needs_reference = any(spec.reference for spec, _ in self.terms) and not reference_free
 
-    def __call__(self, policy: SequenceLogps, reference: Tensor | None, batch: dict) -> tuple[Tensor, dict]:
+    def __call__(
+        self, policy: SequenceLogps, reference: Tensor | None, batch: MicroBatch
+    ) -> tuple[Tensor, dict]:
         pc, pr = policy.chosen, policy.rejected  # (pairs,)
         rc, rr = (
             split_pairs(reference) if reference is not None else (torch.zeros_like(pc), torch.zeros_like(pr))
@@ -153,12 +156,14 @@ class SFTObjective:
     def __init__(self, normalize: str):
         self.normalize = normalize
 
-    def __call__(self, policy: SequenceLogps, reference: Tensor | None, batch: dict) -> tuple[Tensor, dict]:
+    def __call__(
+        self, policy: SequenceLogps, reference: Tensor | None, batch: MicroBatch
+    ) -> tuple[Tensor, dict]:
         losses = sft_loss(policy.logps)  # (seqs,) summed NLL per sequence, as in the original
         if self.normalize == "token":
             # every trained-on token of the global batch weighs the same: the trainer averages over
             # examples, so examples / tokens turns that mean into a per-token mean
-            losses = losses * (batch["global_examples"] / max(batch["global_tokens"], 1))
+            losses = losses * (batch.global_examples / max(batch.global_tokens, 1))
         return losses, {"logps/chosen": policy.logps.detach()}
 
 

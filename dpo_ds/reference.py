@@ -27,7 +27,6 @@ import torch
 
 from dpo_ds.config import ConfigError
 from dpo_ds.data.batches import data_digest
-from dpo_ds.data.collate import to_device
 from dpo_ds.model import sequence_logps
 
 log = logging.getLogger("dpo_ds")
@@ -86,13 +85,13 @@ class PrecomputedReference(NoReference):
         self.tables = tables
 
     def logps(self, batch: dict) -> torch.Tensor:
-        rows = self.tables[batch["split"]][batch["example_ids"].cpu()]  # (pairs, 2)
+        rows = self.tables[batch.split][batch.example_ids.cpu()]  # (pairs, 2)
         if torch.isnan(rows).any():  # an example the pre-pass did not compute: never guess
-            missing = batch["example_ids"][torch.isnan(rows).any(dim=1).to(batch["example_ids"].device)]
+            missing = batch.example_ids[torch.isnan(rows).any(dim=1).to(batch.example_ids.device)]
             raise RuntimeError(
-                f"no precomputed reference log-probs for {batch['split']} examples {missing.tolist()}"
+                f"no precomputed reference log-probs for {batch.split} examples {missing.tolist()}"
             )
-        device = batch["input_ids"].device
+        device = batch.input_ids.device
         return torch.cat([rows[:, 0], rows[:, 1]]).to(device)  # (2 * pairs,) chosen then rejected
 
 
@@ -110,14 +109,14 @@ def weights_facts(start) -> str:
     return f"{start.describe()}: {facts}" if facts else start.describe()
 
 
-def fingerprint(cfg, model_dir: Path, splits, start) -> dict[str, str]:
+def fingerprint(cfg, model_dir: Path, splits, start, layout) -> dict[str, str]:
     return {
         "reference weights": weights_facts(start),
         "model config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
         "data (token ids of every example)": data_digest(splits),
         "model.reference_dtype": cfg.model.reference_dtype,
         "model.logprob_impl": cfg.model.logprob_impl,
-        "data.layout": f"{cfg.data.layout}, rows of {cfg.data.row_tokens or 'default'} tokens",
+        "data.layout": layout.describe(),
     }
 
 
@@ -173,9 +172,9 @@ def compute_tables(engine, passes: dict[str, tuple[int, Iterable[dict]]], device
     for split, (n_examples, micro_batches) in passes.items():
         rows: dict[int, tuple[float, float]] = {}
         for micro in micro_batches:
-            seqs = sequence_logps(engine, to_device(micro, device))
+            seqs = sequence_logps(engine, micro.to(device))
             chosen, rejected = seqs.chosen.float().cpu(), seqs.rejected.float().cpu()
-            for k, i in enumerate(micro["example_ids"].tolist()):
+            for k, i in enumerate(micro.example_ids.tolist()):
                 rows.setdefault(i, (chosen[k].item(), rejected[k].item()))
         table = torch.full((n_examples, 2), float("nan"), dtype=torch.float32)
         for part in gather(rows):
@@ -208,7 +207,7 @@ def build_reference_source(
     world: int,
     device,
     resume_dir: Path | None = None,
-    attn: str | None = None,
+    layout,
     policy=None,
 ):
     """The reference the objective asked for: nothing; a live engine; the policy with its adapters off
@@ -222,10 +221,10 @@ def build_reference_source(
     if mode == "adapters_off":
         return AdaptersOffReference(policy)
     if mode == "engine":
-        lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=attn)
+        lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=layout.attn)
         return LiveReference(engines.build_reference(lm, ref_config, cfg))
 
-    want = fingerprint(cfg, model_dir, splits, start)
+    want = fingerprint(cfg, model_dir, splits, start, layout)
     path = cache_path(cfg, run_dir, want)
     candidates = [path]
     if resume_dir is not None:  # the run being resumed may hold it
@@ -251,7 +250,7 @@ def build_reference_source(
         log.info("reference pre-pass done by the policy with its adapters off")
     else:
         before = engines.memory_now_gib()
-        lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=attn)
+        lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=layout.attn)
         engine = engines.build_reference(lm, ref_config, cfg)
         built = engines.memory_now_gib()
         tables = compute_tables(engine, passes, device, engines.all_gather_objects)

@@ -64,12 +64,13 @@ def run(argv=None) -> dict:
     from dpo_ds.adapters import check_targets
     from dpo_ds.checkpoint import Checkpointer, RunDir, RunLock
     from dpo_ds.config import dump_yaml, load_config, to_dict
-    from dpo_ds.data.batches import ONE_ROW, Batches, data_digest, legacy_digest
+    from dpo_ds.data.batches import Batches, data_digest, legacy_digest
     from dpo_ds.data.cache import DATA_FORMAT_VERSION
+    from dpo_ds.data.layout import choose as choose_layout
     from dpo_ds.data.prepare import prepare_data
     from dpo_ds.generation import Generation
     from dpo_ds.guards import load_checker
-    from dpo_ds.model import DENSE_MASK_MAX_TOKENS, load_tokenizer, resolve_model_dir
+    from dpo_ds.model import load_tokenizer, resolve_model_dir
     from dpo_ds.objectives import build_objective
     from dpo_ds.reference import PrecomputedReference, build_reference_source, built_before_policy
     from dpo_ds.start import starting_point
@@ -95,21 +96,12 @@ def run(argv=None) -> dict:
     )
     on_cpu = device.type == "cpu"
     ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
-    attn = engines.attn_implementation(cfg, on_cpu)
-    # Packed rows: under FlexAttention (block-sparse) one row fills the whole micro-batch budget; a
-    # dense mask costs (row x row) per row, so there rows stay near max_length unless data.row_tokens says
-    per_segment = attn in ("flex_attention", "dpo_ds_blocks")  # nothing computed across segments
-    row_tokens = cfg.data.row_tokens
-    if not row_tokens and per_segment:
-        row_tokens = cfg.data.max_tokens_per_micro_batch or ONE_ROW  # one row per micro-batch, no padding
-    if cfg.data.layout == "shared_prompt" and not per_segment:
-        row = cfg.data.row_tokens or 2 * cfg.max_length
-        if row > DENSE_MASK_MAX_TOKENS:
-            raise ConfigError(
-                f"config key 'data.row_tokens': shared_prompt rows of {row} tokens need a dense {row}x{row} "
-                f"attention mask per row without FlexAttention; keep rows <= {DENSE_MASK_MAX_TOKENS} tokens or set "
-                f"model.attn_implementation=flex_attention (GPU)"
-            )
+    # the layout, decided once (data/layout.py): its rows, collator and the attention it needs
+    layout = choose_layout(
+        cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
+        max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, attn=cfg.model.attn_implementation,
+        on_cpu=on_cpu,
+    )  # fmt: skip
     ref_config = engines.reference_ds_config(ds_config, cfg) if objective.needs_reference else None
     stage = ds_config["zero_optimization"].get("stage", 0)
     log.info(
@@ -155,8 +147,7 @@ def run(argv=None) -> dict:
         world=world,
         rank=rank,
         seed=cfg.seed,
-        layout=cfg.data.layout,
-        row_tokens=row_tokens,
+        layout=layout,
         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
         sync_max=engines.sync_max,
     )
@@ -250,14 +241,14 @@ def run(argv=None) -> dict:
         world=world,
         device=device,
         resume_dir=start_dir,
-        attn=attn,
+        layout=layout,
     )
     reference = (
         build_reference_source(cfg, objective, **reference_args)
         if built_before_policy(cfg, objective)
         else None
     )
-    policy_lm = engines.build_base(model_dir, ds_config, cfg.model.policy_dtype, start, attn=attn)
+    policy_lm = engines.build_base(model_dir, ds_config, cfg.model.policy_dtype, start, attn=layout.attn)
     policy = engines.build_policy(policy_lm, ds_config, cfg)
     start.release()
     if reference is None:

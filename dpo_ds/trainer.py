@@ -22,7 +22,6 @@ from dpo_ds import engines
 from dpo_ds.checkpoint import Checkpointer, RunDir
 from dpo_ds.config import Config, to_dict
 from dpo_ds.data.batches import Batches
-from dpo_ds.data.collate import to_device
 from dpo_ds.generation import Generation
 from dpo_ds.guards import DisplacementGuard, NonFiniteGuard, TrainingStopped
 from dpo_ds.model import sequence_logps
@@ -106,7 +105,7 @@ class Trainer:
 
     def micro_batch(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example losses (examples,) and per-example statistics for one micro-batch."""
-        b = to_device(batch, self.device)
+        b = batch.to(self.device)
         policy = sequence_logps(self.policy, b)  # per sequence: summed log-probs and token counts
         return self.objective(policy, self.reference.logps(b), b)
 
@@ -213,8 +212,7 @@ class Trainer:
         tokens = torch.zeros(3, dtype=torch.float64)
         lr = engines.current_lr(self.policy)  # the rate this step uses; step() advances the schedule
         for k, micro in enumerate(step.micro_batches):
-            computed = (micro["seq_ids"] >= 0).sum().item()
-            tokens += torch.tensor([micro["logical_tokens"], computed, micro["input_ids"].numel()])
+            tokens += torch.tensor([micro.logical_tokens, micro.computed_tokens, micro.input_ids.numel()])
             losses, stats = self.micro_batch(micro)
             # normalised over this rank's examples in the whole step; DeepSpeed then averages the
             # ranks, which see equal numbers of examples: the mean over the global batch. A step with

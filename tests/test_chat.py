@@ -535,7 +535,7 @@ def test_global_token_count_for_per_token_sft():
     )
     (step,) = list(b.train_steps(1, None))
     # targets of 1..4 characters + EOS: 2 + 3 + 4 + 5 trained tokens in the global batch, seen by every rank
-    assert step.micro_batches[0]["global_tokens"] == 14 and step.micro_batches[0]["global_examples"] == 4
+    assert step.micro_batches[0].global_tokens == 14 and step.micro_batches[0].global_examples == 4
     assert step.n_local == 2
 
 

@@ -70,14 +70,14 @@ def test_padded_collator_concatenates_chosen_then_rejected(tok):
         for p in ("a=", "bb=")
     ]
     b = collate_padded(exs, tok.pad_token_id)
-    assert b["n_seqs"] == 4 and b["input_ids"].shape == (4, 1 + 3 + 2 + 1)
+    assert b.n_seqs == 4 and b.input_ids.shape == (4, 1 + 3 + 2 + 1)
     # rows: chosen_0, chosen_1, rejected_0, rejected_1
-    assert b["input_ids"][0].tolist()[:5] == exs[0][0].input_ids
-    assert b["input_ids"][2].tolist()[:6] == exs[0][1].input_ids
-    assert b["attention_mask"][0].tolist() == [1] * 5 + [0] * 2
-    assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
+    assert b.input_ids[0].tolist()[:5] == exs[0][0].input_ids
+    assert b.input_ids[2].tolist()[:6] == exs[0][1].input_ids
+    assert b.attention_mask[0].tolist() == [1] * 5 + [0] * 2
+    assert (b.labels[b.attention_mask == 0] == IGNORE).all()
     # per-sequence sums only count response tokens of their own sequence
-    logps, counts = reduce_sequences(torch.ones(len(b["target_pos"])), b["target_seq"], b["n_seqs"])
+    logps, counts = reduce_sequences(torch.ones(len(b.target_pos)), b.target_seq, b.n_seqs)
     assert counts.tolist() == [2, 2, 3, 3]  # "1</s>", "22</s>"
     assert logps.tolist() == [2.0, 2.0, 3.0, 3.0]
 
@@ -105,8 +105,8 @@ def test_ranks_get_disjoint_shards_and_equal_micro_batches(tok):
     assert len(steps[0]) == len(steps[1]) == 40 // 8  # 2 epochs of 20, remainder dropped
     for s0, s1 in zip(*steps):
         assert len(s0.micro_batches) == len(s1.micro_batches) == 2
-        p0 = {tok.decode(row) for mb in s0.micro_batches for row in mb["input_ids"][: mb["n_seqs"] // 2]}
-        p1 = {tok.decode(row) for mb in s1.micro_batches for row in mb["input_ids"][: mb["n_seqs"] // 2]}
+        p0 = {tok.decode(row) for mb in s0.micro_batches for row in mb.input_ids[: mb.n_seqs // 2]}
+        p1 = {tok.decode(row) for mb in s1.micro_batches for row in mb.input_ids[: mb.n_seqs // 2]}
         assert not p0 & p1
     # one rank alone sees every example of the first epoch exactly once per epoch
     alone = list(_batches(tok, 0, 1).train_steps(n_epochs=1, n_examples=None))
@@ -114,14 +114,12 @@ def test_ranks_get_disjoint_shards_and_equal_micro_batches(tok):
 
 
 def test_shuffle_is_deterministic_and_resumable(tok):
-    a = [s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2).train_steps(2, None)]
-    b = [s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2).train_steps(2, None)]
+    a = [s.micro_batches[0].input_ids for s in _batches(tok, 0, 2).train_steps(2, None)]
+    b = [s.micro_batches[0].input_ids for s in _batches(tok, 0, 2).train_steps(2, None)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    resumed = [
-        s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2).train_steps(2, None, start_step=3)
-    ]
+    resumed = [s.micro_batches[0].input_ids for s in _batches(tok, 0, 2).train_steps(2, None, start_step=3)]
     assert all(torch.equal(x, y) for x, y in zip(a[3:], resumed))
-    other = [s.micro_batches[0]["input_ids"] for s in _batches(tok, 0, 2, seed=4).train_steps(2, None)]
+    other = [s.micro_batches[0].input_ids for s in _batches(tok, 0, 2, seed=4).train_steps(2, None)]
     assert not all(torch.equal(x, y) for x, y in zip(a, other))
 
 

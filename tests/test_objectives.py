@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_reference_free_uses_a_constant_reference():
 
 def test_sft_token_normalisation():
     policy = SequenceLogps(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1]))
-    batch = {"global_examples": 4, "global_tokens": 10}
+    batch = SimpleNamespace(global_examples=4, global_tokens=10)
     per_seq, _ = SFTObjective("sequence")(policy, None, batch)
     per_token, _ = SFTObjective("token")(policy, None, batch)
     assert per_seq.tolist() == [6.0, 2.0]
@@ -71,10 +72,10 @@ def test_label_smoothing_only_where_the_loss_has_it():
 def test_precomputed_reference_lookup():
     table = torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [float("nan"), float("nan")]])
     ref = PrecomputedReference({"train": table})
-    batch = {"split": "train", "example_ids": torch.tensor([1, 0]), "input_ids": torch.zeros(1)}
+    batch = SimpleNamespace(split="train", example_ids=torch.tensor([1, 0]), input_ids=torch.zeros(1))
     assert ref.logps(batch).tolist() == [-3.0, -1.0, -4.0, -2.0]  # chosen of both pairs, then rejected
     with pytest.raises(RuntimeError, match=r"no precomputed reference log-probs for train examples \[2\]"):
-        ref.logps({**batch, "example_ids": torch.tensor([2])})
+        ref.logps(SimpleNamespace(**{**vars(batch), "example_ids": torch.tensor([2])}))
     assert NoReference().logps(batch) is None
     for source in (NoReference(), ref):  # no model to generate the reference's samples from
         with source.sampler() as model:

@@ -7,6 +7,7 @@ import torch
 
 from dpo_ds.data.batches import Batches, flatten
 from dpo_ds.data.collate import collate_padded
+from dpo_ds.data.layout import Packed
 from dpo_ds.data.packing import collate_packed, equalise, pack_rows, split_by_budget
 from dpo_ds.data.sources import PromptGroup
 from dpo_ds.data.tokenize import IGNORE, Tokenization, TokenizedSeq
@@ -50,7 +51,7 @@ def test_packed_equals_padded(model, seed):
     pairs = _random_pairs(7, seed)
     padded, counts_a = _logps(model, collate_padded(pairs, 0))
     packed_batch = collate_packed(pairs, 0, row_len=64)
-    assert packed_batch["input_ids"].shape[0] < 14  # really packed: fewer rows than sequences
+    assert packed_batch.input_ids.shape[0] < 14  # really packed: fewer rows than sequences
     packed, counts_b = _logps(model, packed_batch)
     assert torch.equal(counts_a, counts_b)
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
@@ -59,17 +60,17 @@ def test_packed_equals_padded(model, seed):
 def test_packed_rows_layout():
     pairs = _random_pairs(5, 3)
     b = collate_packed(pairs, 0, row_len=50)
-    real = b["seq_ids"] >= 0
+    real = b.seq_ids >= 0
     # no padding between segments: the real tokens of each row are a prefix of it
     for r in range(real.shape[0]):
         n = int(real[r].sum())
         assert real[r, :n].all() and not real[r, n:].any()
     # positions restart at 0 at the start of every segment
-    for i in range(b["n_seqs"]):
-        where = (b["seq_ids"] == i).nonzero()
-        assert b["position_ids"][where[0, 0], where[0, 1]] == 0
-        assert (b["position_ids"][where[:, 0], where[:, 1]] == torch.arange(len(where))).all()
-    assert b["attention_mask"] is None
+    for i in range(b.n_seqs):
+        where = (b.seq_ids == i).nonzero()
+        assert b.position_ids[where[0, 0], where[0, 1]] == 0
+        assert (b.position_ids[where[:, 0], where[:, 1]] == torch.arange(len(where))).all()
+    assert b.attention_mask is None
     # total real tokens equal the sum of the sequence lengths: nothing dropped, nothing padded in
     assert int(real.sum()) == sum(len(s) for p in pairs for s in p)
 
@@ -113,7 +114,7 @@ def test_ranks_agree_on_micro_batch_count():
             rank=rank,
             micro_batches_per_step=1,
             seed=0,
-            layout="packed",
+            layout=Packed(40),
             max_tokens_per_micro_batch=90,
             sync_max=sync,
         )
@@ -126,4 +127,4 @@ def test_ranks_agree_on_micro_batch_count():
         synced = iter(target)
         steps = list(make(rank, lambda n, it=synced: next(it)).train_steps(1, None))
         assert [len(s.micro_batches) for s in steps] == target
-        assert all(sum(mb["n_seqs"] for mb in s.micro_batches) == 2 * 8 for s in steps)
+        assert all(sum(mb.n_seqs for mb in s.micro_batches) == 2 * 8 for s in steps)

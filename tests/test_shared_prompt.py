@@ -11,8 +11,9 @@ import random
 import pytest
 import torch
 
+from dpo_ds.attention import allowed, block_mask
 from dpo_ds.data.collate import collate_padded
-from dpo_ds.data.shared_prompt import allowed, block_length, collate_shared
+from dpo_ds.data.shared_prompt import block_length, collate_shared
 from dpo_ds.data.tokenize import IGNORE, Tokenization
 from dpo_ds.model import (
     SHIPPED_MODELS,
@@ -75,12 +76,12 @@ def test_shared_prompt_equals_padded(tok, seed, add_bos):
     assert len(examples[2][0]) == 24  # cut to max_length
     padded = collate_padded(examples, tok.pad_token_id)
     shared = collate_shared(examples, tok.pad_token_id, row_len=40)  # several blocks per row
-    assert shared["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    assert shared.input_ids.shape[0] < padded.input_ids.shape[0]
     # the scored tokens are the same ones, sequence by sequence
-    assert sorted(zip(shared["target_seq"].tolist(), shared["target_ids"].tolist())) == sorted(
-        zip(padded["target_seq"].tolist(), padded["target_ids"].tolist())
+    assert sorted(zip(shared.target_seq.tolist(), shared.target_ids.tolist())) == sorted(
+        zip(padded.target_seq.tolist(), padded.target_ids.tolist())
     )
-    weights = torch.randn(padded["n_seqs"], generator=torch.Generator().manual_seed(seed))
+    weights = torch.randn(padded.n_seqs, generator=torch.Generator().manual_seed(seed))
     a, grads_a = _grads(model, padded, weights)
     b, grads_b = _grads(model, shared, weights)
     assert torch.equal(a.counts, b.counts)
@@ -97,14 +98,14 @@ def test_block_structure(tok):
     ex = rules.tokenize("12+3=", ["15", "105"], "keep_end")  # <s> 1 2 + 3 = | 1 5 </s> | 1 0 5 </s>
     b = collate_shared([ex], tok.pad_token_id)
     p = 6
-    assert b["input_ids"].shape == (1, p + 3 + 4) == (1, block_length(ex))
-    assert b["position_ids"][0].tolist() == list(range(p)) + list(range(p, p + 3)) + list(range(p, p + 4))
-    assert b["branch_ids"][0].tolist() == [0] * p + [1] * 3 + [2] * 4
-    firsts = [pos for pos, seq in zip(b["target_pos"].tolist(), b["target_seq"].tolist()) if pos == p - 1]
+    assert b.input_ids.shape == (1, p + 3 + 4) == (1, block_length(ex))
+    assert b.position_ids[0].tolist() == list(range(p)) + list(range(p, p + 3)) + list(range(p, p + 4))
+    assert b.branch_ids[0].tolist() == [0] * p + [1] * 3 + [2] * 4
+    firsts = [pos for pos, seq in zip(b.target_pos.tolist(), b.target_seq.tolist()) if pos == p - 1]
     assert len(firsts) == 2  # both responses' first tokens read the last prompt position
-    assert b["logical_tokens"] == len(ex[0]) + len(ex[1]) == 9 + 10
+    assert b.logical_tokens == len(ex[0]) + len(ex[1]) == 9 + 10
     # rejected never sees chosen; both see the prompt; nothing sees padding or another block
-    blk, br = b["block_ids"][0], b["branch_ids"][0]
+    blk, br = b.block_ids[0], b.branch_ids[0]
     pos = torch.arange(blk.shape[0])
     ok = allowed(blk[:, None], br[:, None], pos[:, None], blk[None, :], br[None, :], pos[None, :])
     assert ok[p + 3 + 2, p + 1].item() is False  # a rejected token, a chosen key
@@ -115,12 +116,10 @@ def test_flex_block_mask_matches_the_dense_one(tok):
     """FlexAttention's BlockMask is built from the same rule; its mask_mod, evaluated on every
     (query, key), is the dense mask (the kernel itself runs on the GPU check)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    model = _model()
     b = collate_shared(_examples(tok, 4, 5), tok.pad_token_id, row_len=48)
-    dense = model.block_mask(b["block_ids"], b["branch_ids"])[:, 0] == 0  # (rows, T, T) allowed
-    model.flex = True
-    bm = model.block_mask(b["block_ids"], b["branch_ids"])
-    rows, t = b["block_ids"].shape
+    dense = block_mask(b.block_ids, b.branch_ids, False, torch.float32)[:, 0] == 0  # (rows, T, T) allowed
+    bm = block_mask(b.block_ids, b.branch_ids, True, torch.float32)
+    rows, t = b.block_ids.shape
     q = torch.arange(t)[:, None].expand(t, t)
     k = torch.arange(t)[None, :].expand(t, t)
     for r in range(rows):
@@ -129,17 +128,18 @@ def test_flex_block_mask_matches_the_dense_one(tok):
 
 
 def test_shared_prompt_sft_and_dense_limit(tok):
-    from dpo_ds.model import DENSE_MASK_MAX_TOKENS, ModelError
+    from dpo_ds.data.layout import DENSE_MASK_MAX_TOKENS
 
     rules = Tokenization(tok, max_length=32, max_prompt_length=16)
     exs = [rules.tokenize(p, [r], "keep_end") for p, r in (("1+1=", "2"), ("", "abc"))]  # SFT: one response
     b = collate_shared(exs, tok.pad_token_id)
-    assert b["n_seqs"] == 2 and (b["labels"][b["block_ids"] < 0] == IGNORE).all()
-    model = _model()
-    with pytest.raises(ModelError, match="flex_attention"):
-        model.block_mask(
+    assert b.n_seqs == 2 and (b.labels[b.block_ids < 0] == IGNORE).all()
+    with pytest.raises(ValueError, match="flex_attention"):
+        block_mask(
             torch.zeros(1, DENSE_MASK_MAX_TOKENS + 1, dtype=torch.long),
             torch.zeros(1, DENSE_MASK_MAX_TOKENS + 1, dtype=torch.long),
+            False,
+            torch.float32,
         )
 
 
@@ -155,7 +155,7 @@ def _blocks_model():
     )
     lm.load_state_dict(random_init_state(SHIPPED_MODELS["tiny"], seed=3))
     model = LogprobLM(lm.eval(), "naive")
-    assert model.blocks
+    assert model.attn == NAME
     return model
 
 
@@ -173,7 +173,7 @@ def test_block_attention_equals_padded(tok, seed):
         collate_shared(examples, tok.pad_token_id, row_len=1 << 30),
         collate_packed(examples, tok.pad_token_id, 1 << 30),
     ):
-        assert batch["input_ids"].shape[0] == 1 and (batch["seq_ids"] >= 0).all()  # one row, no padding
+        assert batch.input_ids.shape[0] == 1 and (batch.seq_ids >= 0).all()  # one row, no padding
         b, grads_b = _grads(blocks, batch, weights)
         torch.testing.assert_close(b.logps, a.logps, rtol=0, atol=1e-5)
         for name in grads_a:

@@ -5,6 +5,7 @@ changes the ids changes; a cache cut short is never used."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -17,6 +18,7 @@ datasets = pytest.importorskip("datasets")
 from dpo_ds.config import load_config  # noqa: E402
 from dpo_ds.data import cache  # noqa: E402
 from dpo_ds.data.batches import Batches, Example, flatten  # noqa: E402
+from dpo_ds.data.layout import choose  # noqa: E402
 from dpo_ds.data.sources import load_source  # noqa: E402
 from dpo_ds.data.tokenize import Tokenization  # noqa: E402
 from dpo_ds.demo.tokenizers import build_tokenizer  # noqa: E402
@@ -132,17 +134,20 @@ def test_every_layout_batches_the_store_as_the_examples(tmp_path, layout):
     rules = Tokenization(tok, max_length=40, max_prompt_length=20)
     examples = [e for e in mixed_examples(random.Random(1)) if isinstance(e.prompt, str)][:12]
     store, _ = _write(examples, rules, "train", tmp_path)
-    kw = dict(global_batch=8, world=2, micro_batches_per_step=2, seed=3, layout=layout,
-              max_tokens_per_micro_batch=0 if layout == "padded" else 96)  # fmt: skip
+    budget = 0 if layout == "padded" else 96
+    chosen = choose(
+        layout, max_length=40, row_tokens=0, max_tokens_per_micro_batch=budget, attn="auto", on_cpu=True
+    )
+    kw = dict(global_batch=8, world=2, micro_batches_per_step=2, seed=3, layout=chosen,
+              max_tokens_per_micro_batch=budget)  # fmt: skip
     for rank in (0, 1):
         a = list(Batches(store, rules, rank=rank, **kw).train_steps(2, None))
         b = list(Batches(examples, rules, rank=rank, **kw).train_steps(2, None))
         assert len(a) == len(b) == 3  # 2 epochs of 12 examples, 8 a step
         for sa, sb in zip(a, b):
             for ma, mb in zip(sa.micro_batches, sb.micro_batches):
-                assert ma.keys() == mb.keys()
-                for k in ma:
-                    va, vb = ma[k], mb[k]
+                for k in dataclasses.fields(ma):
+                    va, vb = getattr(ma, k.name), getattr(mb, k.name)
                     assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, (layout, k)
 
 

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from dpo_ds.data.cache import TokenStore
-from dpo_ds.data.collate import collate_padded
+from dpo_ds.data.layout import Layout, MicroBatch
 from dpo_ds.data.sources import PromptGroup, Text
 from dpo_ds.data.tokenize import Tokenization, TokenizedSeq
 
 log = logging.getLogger("dpo_ds.data")
-ONE_ROW = 1 << 30  # data.row_tokens that puts a whole micro-batch in one row (block or flex attention)
 
 
 @dataclass
@@ -68,7 +67,7 @@ def flatten(groups: list[PromptGroup], sft: bool) -> list[Example]:
 class Step:
     index: int  # 0-based optimizer step
     examples_after: int  # global examples seen once this step is done
-    micro_batches: list[dict]
+    micro_batches: list[MicroBatch]
     n_local: int  # examples (pairs) on this rank in this step
 
 
@@ -86,8 +85,7 @@ class Batches:
         rank: int,
         micro_batches_per_step: int,
         seed: int,
-        layout: str = "padded",
-        row_tokens: int = 0,
+        layout: Layout | None = None,
         max_tokens_per_micro_batch: int = 0,
         sync_max: Callable[[int], int] | None = None,
         split: str = "train",
@@ -111,10 +109,7 @@ class Batches:
         self.per_rank = global_batch // world
         self.n_micro = micro_batches_per_step
         self.seed = seed
-        self.layout = layout  # padded | packed | shared_prompt
-        self.row_tokens = (
-            row_tokens  # packed rows' length (0: max_length, or 2 x max_length for shared blocks)
-        )
+        self.layout = layout or Layout(self.max_length)  # data/layout.py: the run's, chosen once
         self.max_tokens = max_tokens_per_micro_batch
         self.sync_max = sync_max or (lambda n: n)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -138,51 +133,34 @@ class Batches:
             self._orders = {epoch: order}  # one epoch at a time is all a step needs
         return self._orders[epoch]
 
-    def _micro_batches(self, local: list[int], batch: list[int]) -> list[dict]:
+    def _micro_batches(self, local: list[int], batch: list[int]) -> list[MicroBatch]:
         """local: this rank's examples; batch: the whole global batch (every rank knows it), whose
         labelled-token count each micro-batch carries for per-token loss normalisation.
 
         Each micro-batch also carries `example_ids` (its examples' indices in this split, in the
         order of its pairs) and `split`, which a precomputed reference looks its log-probs up by."""
         seqs = [self.tokenized(i) for i in local]
-        if self.layout != "padded":
+        if self.layout.segmented:
             from dpo_ds.data.packing import pack_micro_batches
 
             parts = pack_micro_batches(
-                seqs, self.max_tokens, self.n_micro, self.sync_max, self._collate, self._size
-            )
+                seqs, self.max_tokens, self.n_micro, self.sync_max,
+                lambda group: self.layout.collate(group, self.pad_id), self.layout.size,
+            )  # fmt: skip
         else:
             size = len(local) // self.n_micro
             parts = []
             for k in range(self.n_micro):
                 group = list(range(k * size, (k + 1) * size))
-                parts.append((group, collate_padded([seqs[i] for i in group], self.pad_id)))
+                parts.append((group, self.layout.collate([seqs[i] for i in group], self.pad_id)))
         tokens = sum(self._labelled(i) for i in batch)
         micro = []
         for group, m in parts:
-            m["example_ids"] = torch.tensor([local[i] for i in group], dtype=torch.long)
-            m["split"] = self.split
-            m["global_examples"], m["global_tokens"] = len(batch), tokens
+            m.example_ids = torch.tensor([local[i] for i in group], dtype=torch.long)
+            m.split = self.split
+            m.global_examples, m.global_tokens = len(batch), tokens
             micro.append(m)
         return micro
-
-    def _collate(self, examples: list[list[TokenizedSeq]]) -> dict:
-        """One micro-batch of examples in a packed layout, rows of row_tokens."""
-        if self.layout == "shared_prompt":
-            from dpo_ds.data.shared_prompt import collate_shared
-
-            return collate_shared(examples, self.pad_id, self.row_tokens or 2 * self.max_length)
-        from dpo_ds.data.packing import collate_packed
-
-        return collate_packed(examples, self.pad_id, self.row_tokens or self.max_length)
-
-    def _size(self, example: list[TokenizedSeq]) -> int:
-        """Tokens an example takes in a row of this layout (the micro-batch budget counts these)."""
-        if self.layout == "shared_prompt":
-            from dpo_ds.data.shared_prompt import block_length
-
-            return block_length(example)
-        return sum(len(s) for s in example)
 
     def n_steps(self, n_epochs: int | None, n_examples: int | None) -> int:
         total = [len(self) * n_epochs] if n_epochs is not None else []
@@ -201,7 +179,7 @@ class Batches:
             local = batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
             yield Step(step, (step + 1) * self.global_batch, self._micro_batches(local, batch), len(local))
 
-    def first_pass(self, n_epochs: int | None, n_examples: int | None) -> Iterator[dict]:
+    def first_pass(self, n_epochs: int | None, n_examples: int | None) -> Iterator[MicroBatch]:
         """This rank's training micro-batches, in order, up to the step where every example the run
         trains on has been met once (the first epoch, and the step that completes it): what a
         precomputed reference runs so that its values are the ones training computes."""
@@ -209,12 +187,12 @@ class Batches:
         for step in itertools.islice(self.train_steps(n_epochs, n_examples), steps):
             yield from step.micro_batches
 
-    def eval_pass(self, n_eval_examples: int) -> Iterator[dict]:
+    def eval_pass(self, n_eval_examples: int) -> Iterator[MicroBatch]:
         """This rank's eval micro-batches, in order: the same at every eval."""
         for micro_batches, _ in self.eval_batches(n_eval_examples):
             yield from micro_batches
 
-    def eval_batches(self, n_eval_examples: int) -> list[tuple[list[dict], int]]:
+    def eval_batches(self, n_eval_examples: int) -> list[tuple[list[MicroBatch], int]]:
         """Held-out examples in global batches of `global_batch`; the remainder is dropped."""
         order = self._order(0)[: min(n_eval_examples, len(self))]
         n_batches = len(order) // self.global_batch

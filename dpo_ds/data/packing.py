@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from dpo_ds.data.collate import order_sequences, targets_from_labels
+from dpo_ds.data.layout import MicroBatch
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
 
 
@@ -71,7 +72,9 @@ def pack_rows(seqs: list[TokenizedSeq], row_len: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: list[list[TokenizedSeq]], pad_token_id: int, row_len: int | None = None) -> dict:
+def collate_packed(
+    examples: list[list[TokenizedSeq]], pad_token_id: int, row_len: int | None = None
+) -> MicroBatch:
     seqs = order_sequences(examples)  # chosen_0..n-1, rejected_0..n-1 (same numbering as padded)
     row_len = row_len or max(len(s) for s in seqs)
     rows = pack_rows(seqs, row_len)
@@ -96,19 +99,16 @@ def collate_packed(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
             at += n
         if at < t:  # tail padding: its own segment, never labelled
             position_ids[r, at:] = torch.arange(t - at)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": None,
-        "position_ids": position_ids,
-        "block_ids": None,
-        "branch_ids": None,
-        "spans": spans,
+    return MicroBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        spans=spans,
         **targets_from_labels(labels, seq_ids),
-        "seq_ids": seq_ids,
-        "n_seqs": len(seqs),
-        "logical_tokens": sum(len(s) for s in seqs),
-    }
+        seq_ids=seq_ids,
+        n_seqs=len(seqs),
+        logical_tokens=sum(len(s) for s in seqs),
+    )
 
 
 def pack_micro_batches(
@@ -116,9 +116,9 @@ def pack_micro_batches(
     max_tokens: int,
     n_micro: int,
     sync_max: Callable[[int], int],
-    collate: Callable[[list[list[TokenizedSeq]]], dict],
+    collate: Callable[[list[list[TokenizedSeq]]], MicroBatch],
     size: Callable | None = None,
-) -> list[tuple[list[int], dict]]:
+) -> list[tuple[list[int], MicroBatch]]:
     """(indices into `examples`, micro-batch) for each micro-batch, the same count on every rank:
     examples are grouped up to max_tokens (counted by `size`), ranks agree on the most groups any of
     them has, and `collate` (packed or shared-prompt rows) makes each group a micro-batch."""

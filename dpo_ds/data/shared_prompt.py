@@ -15,23 +15,16 @@ read the same.
 Attention is described by two id tensors, not a mask: block_ids (the block of each token, -1 on
 padding) and branch_ids (0 on the prompt, k on response k). A query q may see key k when
     block[k] == block[q] >= 0,  k <= q,  and branch[k] in (0, branch[q])
-which the model turns into a dense additive mask (CPU) or a FlexAttention BlockMask (GPU): see
-`allowed` and model.LogprobLM.
+a rule that lives with the attention (attention.allowed), which turns it into a dense additive mask or a
+FlexAttention BlockMask; with dpo_ds_blocks attention reads the spans instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dpo_ds.data.layout import MicroBatch
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
-
-
-def allowed(block_q, branch_q, pos_q, block_k, branch_k, pos_k):
-    """Whether a query may attend to a key (broadcasting tensors): one block, causal, and the prompt
-    or the query's own response. The dense mask and the FlexAttention mask_mod both call this."""
-    return (
-        (block_q == block_k) & (block_k >= 0) & (pos_k <= pos_q) & ((branch_k == 0) | (branch_k == branch_q))
-    )
 
 
 def block_length(example: list[TokenizedSeq]) -> int:
@@ -57,7 +50,9 @@ def pack_blocks(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def collate_shared(examples: list[list[TokenizedSeq]], pad_token_id: int, row_len: int | None = None) -> dict:
+def collate_shared(
+    examples: list[list[TokenizedSeq]], pad_token_id: int, row_len: int | None = None
+) -> MicroBatch:
     """Blocks of examples packed into rows of row_len tokens (default: the longest block)."""
     n = len(examples)
     width = len(examples[0])
@@ -110,18 +105,17 @@ def collate_shared(examples: list[list[TokenizedSeq]], pad_token_id: int, row_le
                 at += m
         if at < t:  # tail padding: a block of its own that nothing sees and nothing scores
             position_ids[r, at:] = torch.arange(t - at)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": None,
-        "position_ids": position_ids,
-        "block_ids": block_ids,
-        "branch_ids": branch_ids,
-        "spans": spans,
-        "target_pos": torch.tensor(target_pos, dtype=torch.long),
-        "target_ids": torch.tensor(target_ids, dtype=torch.long),
-        "target_seq": torch.tensor(target_seq, dtype=torch.long),
-        "seq_ids": seq_ids,
-        "n_seqs": n * width,
-        "logical_tokens": sum(len(s) for ex in examples for s in ex),
-    }
+    return MicroBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        block_ids=block_ids,
+        branch_ids=branch_ids,
+        spans=spans,
+        target_pos=torch.tensor(target_pos, dtype=torch.long),
+        target_ids=torch.tensor(target_ids, dtype=torch.long),
+        target_seq=torch.tensor(target_seq, dtype=torch.long),
+        seq_ids=seq_ids,
+        n_seqs=n * width,
+        logical_tokens=sum(len(s) for ex in examples for s in ex),
+    )
