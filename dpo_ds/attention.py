@@ -137,7 +137,10 @@ def register() -> None:
     which transformers hands on untouched, so no (T x T) mask is ever built for packed rows."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if NAME in ALL_ATTENTION_FUNCTIONS:  # registered (and perhaps wrapped by sequence parallelism): kept
+        return
     AttentionInterface.register(NAME, block_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 

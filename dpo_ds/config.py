@@ -116,6 +116,13 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # ranks that share one sequence (DeepSpeed Ulysses): each holds 1/N of every row's tokens, attention
+    # runs on the whole sequence with 1/N of the heads; data parallelism runs over world / N. 1: off
+    sequence_parallel_size: int = 1
+
+
+@dataclass
 class CheckpointConfig:
     save_optimizer: bool = True  # false: policy.pt only (weights), no DeepSpeed checkpoint to resume from
     save_every: int = 0  # also save every N optimizer steps (0: only at evals and the end)
@@ -162,6 +169,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -438,6 +446,11 @@ def validate(cfg: Config) -> None:
             f"contradicts data.layout={cfg.data.layout}",
         )
     need(cfg.data.layout in LAYOUTS, "data.layout", f"must be one of {LAYOUTS}")
+    need(
+        cfg.parallel.sequence_parallel_size >= 1,
+        "parallel.sequence_parallel_size",
+        "must be >= 1 (1: no sequence parallelism)",
+    )
     need(cfg.data.row_tokens >= 0, "data.row_tokens", "must be >= 0 (0: the layout's default)")
     need(cfg.data.num_proc >= 1, "data.num_proc", "must be >= 1")
     need(

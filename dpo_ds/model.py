@@ -171,6 +171,25 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:n], x[n:]
 
 
+class SumOverGroup(torch.autograd.Function):
+    """Per-sequence sums of a sequence-parallel group's pieces: the forward all-reduces them, so every
+    rank of the group holds the whole sequences' log-probs and computes the same loss; the backward
+    hands each rank the gradient of its own piece, times grad_scale. Every rank backpropagates the same
+    loss, so the sum over the group of each parameter's gradient is the whole sequence's gradient once
+    (grad_scale 1); engines sets the scale from how its ZeRO stage averages gradients over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        y = x.clone()
+        torch.distributed.all_reduce(y, group=group)
+        ctx.grad_scale = grad_scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.grad_scale, None, None
+
+
 def reduce_sequences(
     per_token: torch.Tensor, target_seq: torch.Tensor, n_seqs: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,10 +237,13 @@ class LogprobLM(nn.Module):
     built here, a FlexAttention BlockMask (flex_attention) or dense (eager/sdpa).
     """
 
-    def __init__(self, lm: nn.Module, logprob_impl: str = "chunked"):
+    def __init__(self, lm: nn.Module, logprob_impl: str = "chunked", sequence_parallel=None):
         super().__init__()
         self.lm = lm
         self.logprob_impl = logprob_impl
+        # engines.SequenceParallel (its group and gradient scale), or None: under sequence parallelism
+        # this rank scores the tokens of its piece of each row, and the sums are summed over the group
+        self.sp = sequence_parallel
         self.restricted_head = _restricted_head_ok(lm.config)
         self.attn = getattr(lm.config, "_attn_implementation", None)  # the layout's rule: attention.py
         if logprob_impl == "fused_linear":
@@ -251,7 +273,12 @@ class LogprobLM(nn.Module):
         per_token = self.scored_logps(
             input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
         )
-        return reduce_sequences(per_token, target_seq, n_seqs)  # per_token: (M,)
+        logps, counts = reduce_sequences(per_token, target_seq, n_seqs)  # per_token: (M,)
+        if self.sp is not None:
+            logps = SumOverGroup.apply(logps, self.sp.group, self.sp.grad_scale)
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts, group=self.sp.group)
+        return logps, counts
 
     @property
     def dtype(self) -> torch.dtype:

@@ -208,6 +208,7 @@ def build_reference_source(
     device,
     resume_dir: Path | None = None,
     layout,
+    sp=None,
     policy=None,
 ):
     """The reference the objective asked for: nothing; a live engine; the policy with its adapters off
@@ -222,7 +223,7 @@ def build_reference_source(
         return AdaptersOffReference(policy)
     if mode == "engine":
         lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=layout.attn)
-        return LiveReference(engines.build_reference(lm, ref_config, cfg))
+        return LiveReference(engines.build_reference(lm, ref_config, cfg, sp))
 
     want = fingerprint(cfg, model_dir, splits, start, layout)
     path = cache_path(cfg, run_dir, want)
@@ -251,7 +252,7 @@ def build_reference_source(
     else:
         before = engines.memory_now_gib()
         lm = engines.build_base(model_dir, ref_config, cfg.model.reference_dtype, start, attn=layout.attn)
-        engine = engines.build_reference(lm, ref_config, cfg)
+        engine = engines.build_reference(lm, ref_config, cfg, sp)
         built = engines.memory_now_gib()
         tables = compute_tables(engine, passes, device, engines.all_gather_objects)
         engines.destroy(engine)

@@ -95,12 +95,20 @@ def run(argv=None) -> dict:
         force=True,
     )
     on_cpu = device.type == "cpu"
-    ds_config = engines.resolve_ds_config(args.ds, cfg, world, on_cpu)
+    # sequence parallelism: groups of sp ranks share each row; data parallelism runs over world / sp
+    sp_size = cfg.parallel.sequence_parallel_size
+    if world % sp_size:
+        raise ConfigError(
+            f"config key 'parallel.sequence_parallel_size': {sp_size} does not divide the world of {world} ranks"
+        )
+    dp_rank, sp_rank, _ = engines.sequence_parallel_place(rank, sp_size)
+    dp_world = world // sp_size
+    ds_config = engines.resolve_ds_config(args.ds, cfg, dp_world, on_cpu)
     # the layout, decided once (data/layout.py): its rows, collator and the attention it needs
     layout = choose_layout(
         cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, attn=cfg.model.attn_implementation,
-        on_cpu=on_cpu,
+        on_cpu=on_cpu, sequence_parallel=(sp_rank, sp_size),
     )  # fmt: skip
     ref_config = engines.reference_ds_config(ds_config, cfg) if objective.needs_reference else None
     stage = ds_config["zero_optimization"].get("stage", 0)
@@ -137,15 +145,16 @@ def run(argv=None) -> dict:
     if cfg.model.lora.r:  # a target that matches no module is an error before any engine
         wrapped = check_targets(cfg.model.lora, model_dir)
         log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
+    engines.check_sequence_parallel(sp_size, world, model_dir)  # heads the group can split
     tokenizer = load_tokenizer(model_dir)
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
     # the data phase (data/prepare.py): every row tokenized into the token cache (or mapped from it), by
     # the ranks together, before any engine
     sft = not objective.pairs  # each prompt's sft_target, or one example per preference pair
     tokenization, prepared = prepare_data(cfg, sft, tokenizer, model_dir, run_dir, rank=rank, world=world)
-    batch_args = dict(
-        world=world,
-        rank=rank,
+    batch_args = dict(  # every rank of a sequence-parallel group runs the same examples, its piece of them
+        world=dp_world,
+        rank=dp_rank,
         seed=cfg.seed,
         layout=layout,
         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
@@ -231,7 +240,9 @@ def run(argv=None) -> dict:
     # precomputed, it is built, run over the data and destroyed before the policy and its optimizer
     # take the memory. A LoRA policy's reference is the policy, its adapters off: it comes after.
     before_models = engines.memory_now_gib()
+    sp = engines.start_sequence_parallel(sp_size, layout.attn, model_dir, stage)
     reference_args = dict(
+        sp=sp,
         ref_config=ref_config,
         model_dir=model_dir,
         start=start,
@@ -249,7 +260,7 @@ def run(argv=None) -> dict:
         else None
     )
     policy_lm = engines.build_base(model_dir, ds_config, cfg.model.policy_dtype, start, attn=layout.attn)
-    policy = engines.build_policy(policy_lm, ds_config, cfg)
+    policy = engines.build_policy(policy_lm, ds_config, cfg, sp)
     start.release()
     if reference is None:
         reference = build_reference_source(cfg, objective, policy=policy, **reference_args)

@@ -145,14 +145,14 @@ class Batches:
 
             parts = pack_micro_batches(
                 seqs, self.max_tokens, self.n_micro, self.sync_max,
-                lambda group: self.layout.collate(group, self.pad_id), self.layout.size,
+                lambda group: self.layout.micro_batch(group, self.pad_id), self.layout.size,
             )  # fmt: skip
         else:
             size = len(local) // self.n_micro
             parts = []
             for k in range(self.n_micro):
                 group = list(range(k * size, (k + 1) * size))
-                parts.append((group, self.layout.collate([seqs[i] for i in group], self.pad_id)))
+                parts.append((group, self.layout.micro_batch([seqs[i] for i in group], self.pad_id)))
         tokens = sum(self._labelled(i) for i in batch)
         micro = []
         for group, m in parts:

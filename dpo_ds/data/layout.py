@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_ds.config import LAYOUTS, ConfigError
-from dpo_ds.data.tokenize import TokenizedSeq
+from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
 
 PER_SEGMENT_ATTENTION = ("flex_attention", "dpo_ds_blocks")  # compute nothing across a row's segments
 ONE_ROW = 1 << 30  # data.row_tokens that puts a whole micro-batch in one row (block or flex attention)
@@ -95,6 +95,47 @@ class MicroBatch:
     def computed_tokens(self) -> int:
         return int((self.seq_ids >= 0).sum())
 
+    def shard(self, rank: int, n: int) -> MicroBatch:
+        """This rank's 1/n of every row, for sequence parallelism (engines: DeepSpeed Ulysses). Rows are
+        padded on the right to a multiple of n (never scored, never attended to by a real token) and cut
+        into n equal pieces: a boundary may fall anywhere, inside a prompt or between two responses. The
+        ids, positions and labels are sliced; the scored tokens are the ones whose predicting position
+        falls in this piece, their positions renumbered into it; spans stay in whole-row coordinates,
+        since attention runs on the whole row (1/n of the heads each). No mask: the core attention is
+        causal (padded rows) or follows the spans (packed and shared-prompt rows, dpo_ds_blocks). The
+        per-sequence sums are summed over the group by the model wrapper."""
+        rows, t = self.input_ids.shape
+        local = -(-t // n)
+        full = local * n
+
+        def pad(x, value):
+            return torch.nn.functional.pad(x, (0, full - t), value=value) if full > t else x
+
+        positions = self.position_ids
+        if positions is None:  # padded rows: 0.. per row (transformers derives these when unsharded)
+            positions = torch.arange(t, device=self.input_ids.device).expand(rows, t)
+        if full > t:  # the tail continues its row's last segment's numbering
+            tail = positions[:, -1:] + torch.arange(1, full - t + 1, device=positions.device)
+            positions = torch.cat([positions, tail], dim=1)
+        lo, hi = rank * local, (rank + 1) * local
+        row, col = self.target_pos // t, self.target_pos % t
+        mine = (col >= lo) & (col < hi)
+        share = self.logical_tokens // n + (1 if rank < self.logical_tokens % n else 0)
+        return dataclasses.replace(
+            self,
+            input_ids=pad(self.input_ids, 0)[:, lo:hi],
+            labels=pad(self.labels, IGNORE)[:, lo:hi],
+            seq_ids=pad(self.seq_ids, -1)[:, lo:hi],
+            position_ids=positions[:, lo:hi].contiguous(),
+            attention_mask=None,
+            block_ids=None,
+            branch_ids=None,
+            target_pos=row[mine] * local + (col[mine] - lo),
+            target_ids=self.target_ids[mine],
+            target_seq=self.target_seq[mine],
+            logical_tokens=share,  # the group's shares sum to the row's count (throughput)
+        )
+
 
 class Layout:
     """Base: one sequence per row (padded). Subclasses pack rows."""
@@ -103,10 +144,20 @@ class Layout:
     segmented = False  # whether a row holds several segments (its attention must follow them)
     own_mask = False  # whether its attention rule is a mask built from block/branch ids (attention.py)
 
-    def __init__(self, max_length: int, row_tokens: int = 0, attn: str | None = None):
+    def __init__(
+        self, max_length: int, row_tokens: int = 0, attn: str | None = None, sequence_parallel: tuple = (0, 1)
+    ):
         self.max_length = max_length
         self.row_tokens = row_tokens  # packed rows' length (0: the layout's default)
         self.attn = attn  # the transformers attention implementation the model is built with
+        # (this rank's index in its sequence-parallel group, the group's size): each micro-batch this
+        # rank runs is its 1/size of every row (MicroBatch.shard)
+        self.sp_rank, self.sp_size = sequence_parallel
+
+    def micro_batch(self, examples: list[list[TokenizedSeq]], pad_id: int) -> MicroBatch:
+        """What this rank runs of a micro-batch of examples: the collator's rows, or its shard of them."""
+        m = self.collate(examples, pad_id)
+        return m.shard(self.sp_rank, self.sp_size) if self.sp_size > 1 else m
 
     @property
     def per_segment(self) -> bool:
@@ -128,7 +179,7 @@ class Layout:
     def describe(self) -> str:
         """What the layout contributes to fingerprints (rows of another length give other sums)."""
         rows = "one row per micro-batch" if self.row_tokens == ONE_ROW else f"rows of {self.row_len()} tokens"
-        return f"{self.name}, {rows}"
+        return f"{self.name}, {rows}" + (f", {self.sp_size} ranks a sequence" if self.sp_size > 1 else "")
 
 
 class Packed(Layout):
@@ -167,10 +218,24 @@ KINDS = {cls.name: cls for cls in (Layout, Packed, SharedPrompt)}  # config.LAYO
 assert tuple(KINDS) == LAYOUTS
 
 
-def attn_implementation(layout: str, requested: str, on_cpu: bool) -> str | None:
+def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_parallel: int = 1) -> str | None:
     """model.attn_implementation with `auto` resolved: for packed and shared_prompt rows FlexAttention on
     a GPU (a block-sparse mask), dpo_ds_blocks on CPU (attention.py: per segment, no mask); for padded
-    rows None, transformers' own default (sdpa)."""
+    rows None, transformers' own default (sdpa). Under sequence parallelism the core attention sees the
+    whole row but no mask (DeepSpeed's Ulysses drops it): padded rows run sdpa (causal is all they
+    need), packed and shared-prompt rows dpo_ds_blocks (which follows the spans), on any device."""
+    if sequence_parallel > 1:
+        if requested == "auto":
+            return "sdpa" if layout == "padded" else "dpo_ds_blocks"
+        ok = SP_ATTENTION["padded" if layout == "padded" else "segmented"]
+        if requested not in ok:
+            raise ConfigError(
+                f"config key 'model.attn_implementation': {requested} cannot run data.layout={layout} under "
+                f"parallel.sequence_parallel_size={sequence_parallel} (the sequence-parallel attention gets no "
+                f"mask{', and a FlexAttention block mask is rebuilt as plain causal' if requested == 'flex_attention' else ''}); "
+                f"use one of {ok} or auto"
+            )
+        return requested
     if requested != "auto":
         return requested
     if layout == "padded":
@@ -178,20 +243,28 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool) -> str | None
     return "dpo_ds_blocks" if on_cpu else "flex_attention"
 
 
+# what the core attention may be under sequence parallelism: it gets the whole row and no mask
+SP_ATTENTION = {
+    "padded": ("sdpa", "flash_attention_2", "flash_attention_3", "dpo_ds_blocks"),  # causal suffices
+    "segmented": ("dpo_ds_blocks",),  # segments must be followed: only the spans say where they are
+}
+
+
 def choose(
-    name: str, *, max_length: int, row_tokens: int, max_tokens_per_micro_batch: int, attn: str, on_cpu: bool
-) -> Layout:
+    name: str, *, max_length: int, row_tokens: int, max_tokens_per_micro_batch: int, attn: str, on_cpu: bool,
+    sequence_parallel: tuple = (0, 1),
+) -> Layout:  # fmt: skip
     """The run's layout, decided once, with the attention implementation it runs under (`attn`:
-    model.attn_implementation, `auto` resolved by attn_implementation). Under per-segment attention one
-    packed row fills the whole micro-batch budget (nothing is computed across segments, so no padding is
-    needed); a dense mask costs (row x row) per row, so there rows stay near max_length unless
-    data.row_tokens says."""
+    model.attn_implementation, `auto` resolved by attn_implementation) and this rank's place in its
+    sequence-parallel group, (rank, size). Under per-segment attention one packed row fills the whole
+    micro-batch budget (nothing is computed across segments, so no padding is needed); a dense mask
+    costs (row x row) per row, so there rows stay near max_length unless data.row_tokens says."""
     if name not in KINDS:
         raise ConfigError(f"config key 'data.layout': must be one of {LAYOUTS}, got {name!r}")
-    impl = attn_implementation(name, attn, on_cpu)
+    impl = attn_implementation(name, attn, on_cpu, sequence_parallel[1])
     if not row_tokens and impl in PER_SEGMENT_ATTENTION and name != "padded":
         row_tokens = max_tokens_per_micro_batch or ONE_ROW  # one row per micro-batch, no padding
-    layout = KINDS[name](max_length, row_tokens, impl)
+    layout = KINDS[name](max_length, row_tokens, impl, sequence_parallel)
     if layout.own_mask and not layout.per_segment and layout.row_len() > DENSE_MASK_MAX_TOKENS:
         raise ConfigError(
             f"config key 'data.row_tokens': {name} rows of {layout.row_len()} tokens need a dense "
