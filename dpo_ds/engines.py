@@ -184,6 +184,15 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
+def say(message: str) -> None:
+    """A line on stderr in one write: ranks print their refusals at once into one pipe, and print()'s
+    separate write of the newline let two ranks' messages run into one line."""
+    import sys
+
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 def part_together(timeout_s: float = 30.0) -> None:
     """Before a rank exits on an error raised on every rank alike: wait (at most timeout_s) until every
     rank has reached this point, so each has printed its message before the launcher, seeing the first

@@ -331,12 +331,12 @@ def main(argv=None) -> int:
     try:
         run(argv)
     except USER_ERRORS as e:  # raised on every rank alike (rank 0 decides and broadcasts)
-        print(f"dpo_ds: error: {e}", file=sys.stderr, flush=True)
+        engines.say(f"dpo_ds: error: {e}")
         engines.part_together()  # every rank's message out before any rank exits
         engines.shutdown()
         return 2
     except TrainingStopped as e:  # the guard, or too many failed saves: every rank stops alike
-        print(f"dpo_ds: stopped: {e}", file=sys.stderr, flush=True)
+        engines.say(f"dpo_ds: stopped: {e}")
         engines.part_together()
         engines.shutdown()
         return 3

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         print("DPO_DS_PREPARE " + json.dumps(result), flush=True)
         engines.barrier()
     except USER_ERRORS as e:
-        print(f"dpo_ds: error: {e}", file=sys.stderr, flush=True)
+        engines.say(f"dpo_ds: error: {e}")
         engines.part_together()
         engines.shutdown()
         return 2
