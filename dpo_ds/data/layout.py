@@ -262,6 +262,11 @@ def choose(
     if name not in KINDS:
         raise ConfigError(f"config key 'data.layout': must be one of {LAYOUTS}, got {name!r}")
     impl = attn_implementation(name, attn, on_cpu, sequence_parallel[1])
+    if on_cpu and impl == "flex_attention":  # tests/test_flex_cpu.py checks torch still refuses it
+        raise ConfigError(
+            "config key 'model.attn_implementation': flex_attention cannot train on CPU (torch has no FlexAttention "
+            "backward there; its forward runs); use auto (dpo_ds_blocks on CPU, per segment, no mask)"
+        )
     if not row_tokens and impl in PER_SEGMENT_ATTENTION and name != "padded":
         row_tokens = max_tokens_per_micro_batch or ONE_ROW  # one row per micro-batch, no padding
     layout = KINDS[name](max_length, row_tokens, impl, sequence_parallel)
