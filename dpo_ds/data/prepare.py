@@ -131,7 +131,8 @@ def main(argv=None) -> int:
             "examples": {k: len(v) for k, v in stores.items()},
             "cache": str(prepared.path),
         }  # fmt: skip
-        print("DPO_DS_PREPARE " + json.dumps(result), flush=True)
+        sys.stdout.write("DPO_DS_PREPARE " + json.dumps(result) + "\n")  # one write: ranks share the pipe
+        sys.stdout.flush()
         engines.barrier()
     except USER_ERRORS as e:
         engines.say(f"dpo_ds: error: {e}")

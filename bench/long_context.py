@@ -1,0 +1,182 @@
+"""The longest preference pair a DPO step trains within a fixed per-rank memory budget: sequence
+parallelism 1 vs 2, on 2 ranks.
+
+    python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama: ~25 min on 2 cores
+    python bench/long_context.py --quick            # ~20M Llama, shorter pairs (~8 min)
+    python bench/long_context.py --gpu --out R/e_long_context.json   # bench/gpu_check.sh's stage
+
+Every run is a real `dpo_ds/train.py` run through the deepspeed launcher (2 ranks, 1 torch thread each)
+of 2 DPO steps under ZeRO-3 with a reference engine, gradient checkpointing and fused_linear log-probs, on
+pairs of one length L = prompt + chosen + rejected (prompt L/4, each response 3L/8) in the shared_prompt
+layout: each pair is one row of exactly L tokens (the prompt once). SP 1: each rank trains its own pair
+(batch 2); SP 2: the two ranks share one pair (batch 1), each holding L/2 of its tokens. A seeded random
+Llama with a 32000-row vocabulary (bench/memory.py's model). peak = memory/peak_gib_max: the largest
+resident-set high-water mark of any rank over the steps (torch.cuda.max_memory_allocated on a GPU).
+
+How the longest L is found: peak is linear in L here (checkpointed layers keep one hidden state per
+token per layer, fused_linear keeps no logits, attention is computed in blocks), so each setting is run
+at two lengths, the line through them gives the longest L within the budget, and one more run at that L
+checks it: the table gives its measured peak. Throughput: tokens per second of both settings at the
+shorter length both run (all ranks; SP 2 trains half as many pairs a step, each on both ranks).
+Target: SP 2 trains >= 1.8x the length of SP 1 within the same per-rank budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.memory import LETTERS, SHAPES, make_model, run_env, stop  # noqa: E402
+from dpo_ds.launcher import deepspeed_cmd, wait_for_train_steps  # noqa: E402
+
+CONFIGS = {
+    # name: (model shape, the two fitted lengths, budget GiB per rank)
+    "full": (SHAPES["full"], (8192, 16384), 3.5),
+    "quick": (SHAPES["quick"], (8192, 16384), 2.5),
+    "gpu": (SHAPES["gpu"], (8192, 16384), 40.0),
+}
+
+
+def say(msg: str) -> None:
+    print(f"[long_context {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_pairs(out: Path, length: int, n: int = 4) -> tuple[int, int]:
+    """n pairs of exactly `length` tokens (the char tokenizer: one token a character, plus BOS/EOS);
+    returns (max_length, max_prompt_length) that keep them whole."""
+    rng = random.Random(length)
+    out.mkdir(parents=True, exist_ok=True)
+    prompt = length // 4 - 2  # BOS + prompt
+    response = (length - length // 4) // 2 - 1  # + EOS
+    for split in ("train", "test"):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                text = "".join(rng.choice(LETTERS) for _ in range(prompt - 6))
+                row = {
+                    "prompt": f"q{i:04d} " + text,
+                    "chosen": "".join(rng.choice(LETTERS) for _ in range(response)),
+                    "rejected": "".join(rng.choice(LETTERS) for _ in range(response)),
+                }
+                f.write(json.dumps(row) + "\n")
+    return prompt + response + 1 + 8, prompt + 8
+
+
+def run(work: Path, sp: int, length: int, args) -> dict:
+    data = work / f"data_{length}"
+    max_length, max_prompt = make_pairs(data, length)
+    run_dir = work / f"run_sp{sp}_{length}"
+    batch = 2 // sp
+    overrides = [
+        "--ds", str(ROOT / "ds_configs" / "zero3.json"), f"model.name_or_path={work / 'model'}", "model.init=random",
+        f"datasets=[{data}]", f"run_dir={run_dir}", f"data.cache_dir={work / 'cache'}", "data.layout=packed",
+        f"batch_size={batch}", f"eval_batch_size={batch}", "n_epochs=null", f"n_examples={batch * 2}",
+        "do_first_eval=false", "n_eval_examples=2", "eval_every=1000000000", f"max_length={max_length}",
+        f"max_prompt_length={max_prompt}", "lr=1e-5", "warmup_steps=0", "log_every=1",
+        "checkpoint.save_optimizer=false", "model.logprob_impl=fused_linear", "model.gradient_checkpointing=true",
+        f"parallel.sequence_parallel_size={sp}", f"dist_timeout_s={args.run_timeout}",
+        *(["model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"] if args.gpu else []),
+    ]  # fmt: skip
+    e = run_env(args.gpu)
+    t0 = time.time()
+    say(f"SP {sp}, pairs of {length} tokens")
+    log_path = work / f"sp{sp}_{length}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(deepspeed_cmd(*overrides, ranks=2), cwd=ROOT, env=e, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        rows, status = wait_for_train_steps(proc, run_dir / "metrics.jsonl", 2, t0 + args.run_timeout)
+    finally:
+        stop(proc)
+    out = {"sp": sp, "length": length, "wall_s": round(time.time() - t0, 1)}
+    if status != "ok":
+        say(f"  FAILED ({status}):\n{log_path.read_text()[-2000:]}")
+        return {**out, "error": status}
+    out.update(
+        peak_gib=max(r["memory/peak_gib_max"] for r in rows),
+        step_s=statistics.median(r["throughput/step_seconds"] for r in rows[1:] or rows),
+        tokens_per_s=statistics.median(r["throughput/real_tokens_per_second"] for r in rows[1:] or rows),
+    )
+    say(f"  peak {out['peak_gib']:.3f} GiB per rank, {out['step_s']:.1f} s/step")
+    return out
+
+
+def longest(a: dict, b: dict, budget: float) -> int:
+    """The L where the line through (L, peak) of a and b meets the budget, down to a multiple of 64."""
+    slope = (b["peak_gib"] - a["peak_gib"]) / (b["length"] - a["length"])
+    if slope <= 0:
+        return b["length"]
+    return int((a["length"] + (budget - a["peak_gib"]) / slope) // 64 * 64)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="CUDA, ~1B model in bf16 (bench/gpu_check.sh)")
+    ap.add_argument("--budget-gib", type=float, default=None, help="per-rank budget (default: the config's)")
+    ap.add_argument("--run-timeout", type=float, default=1500)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    name = "gpu" if args.gpu else "quick" if args.quick else "full"
+    shape, (l1, l2), budget = CONFIGS[name]
+    budget = args.budget_gib or budget
+    work = Path(tempfile.mkdtemp(prefix="dpo_ds_long_"))
+    n_params = make_model(work / "model", shape, weights_on="cuda" if args.gpu else None)
+    results = {}
+    for sp in (1, 2):
+        fit = [run(work, sp, length, args) for length in (l1, l2)]
+        if any("error" in r for r in fit):
+            results[sp] = {"fit": fit, "error": "a fitting run failed"}
+            continue
+        target = longest(*fit, budget)
+        check = run(work, sp, target, args) if target > l2 else fit[-1]
+        results[sp] = {"fit": fit, "longest": target, "check": check}
+    print(report(name, n_params, shape, budget, results))
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"budget_gib": budget, "n_params": n_params, "results": results}, indent=1)
+        )
+    return 0
+
+
+def report(name, n_params, shape, budget, results) -> str:
+    lines = [
+        f"Longest DPO pair within {budget:.1f} GiB per rank, 2 ranks ({os.cpu_count()} cores), ~{n_params / 1e6:.0f}M "
+        f"Llama ({shape[1]} layers, hidden {shape[0]}, {shape[2]} heads, vocab 32000), ZeRO-3, reference engine, "
+        "shared_prompt rows, gradient checkpointing, fused_linear",
+        "",
+        "| setting | peak at fit lengths (GiB per rank) | longest pair within budget | its measured peak | "
+        "tokens/s at the shorter length |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for sp, r in results.items():
+        if "error" in r:
+            lines.append(f"| SP {sp} | {r['error']} | | | |")
+            continue
+        fits = ", ".join(f"{f['length']}: {f['peak_gib']:.3f}" for f in r["fit"])
+        c = r["check"]
+        peak = f"{c['peak_gib']:.3f}" if "peak_gib" in c else c.get("error", "")
+        lines.append(f"| SP {sp} ({'each rank its own pair' if sp == 1 else 'both ranks share each pair'}) | {fits} | "
+                     f"{r['longest']} | {peak} | {r['fit'][0]['tokens_per_s']:.0f} |")  # fmt: skip
+    if all("longest" in r for r in results.values()):
+        one, two = results[1], results[2]
+        ratio = two["longest"] / one["longest"]
+        within = all(r["check"].get("peak_gib", 1e9) <= budget * 1.02 for r in (one, two))
+        ok = ratio >= 1.8 and within
+        lines += ["", f"target SP 2 >= 1.8x the length of SP 1 within the budget: {two['longest']} vs "
+                      f"{one['longest']} tokens = {ratio:.2f}x{'' if within else ' (a checked peak is over the budget)'}: "
+                      f"{'PASS' if ok else 'MISS'}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
