@@ -486,10 +486,38 @@ def merge_adapter(lm, adapter_dir: Path) -> None:
     peft_model.unload()  # lm's modules are the base ones again, their weights merged
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _without_muon_compile(ds: dict) -> None:
+    """DeepSpeed's ZeRO and bf16 optimizers import their Muon optimizer's module to ask whether ours is a
+    Muon (isinstance), and importing it compiles Muon's kernels with torch.compile: ~3-4 s per rank at
+    every launch, a third of a small run's start on CPU, for an optimizer no dpo_ds config names. Unless
+    the DeepSpeed JSON asks for Muon, that module is a stand-in whose MuonWithAuxAdam nothing is an
+    instance of, which is the answer the real one gives; DeepSpeed imports nothing else from it then."""
+    import sys
+    import types
+
+    wanted = str((ds.get("optimizer") or {}).get("type", "")).lower()
+    if "muon" in wanted or MUON_MODULE in sys.modules:
+        return
+    stand_in = types.ModuleType(
+        MUON_MODULE, "dpo_ds: DeepSpeed's Muon module, not imported (no Muon optimizer)"
+    )
+
+    class MuonWithAuxAdam:  # never instantiated: isinstance(x, it) is False for every optimizer
+        pass
+
+    stand_in.MuonWithAuxAdam = MuonWithAuxAdam
+    sys.modules[MUON_MODULE] = stand_in
+
+
 def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
     import deepspeed
 
     from dpo_ds import adapters
+
+    _without_muon_compile(ds)
 
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

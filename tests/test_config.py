@@ -215,3 +215,22 @@ def test_tokenisation_keys():
     assert load_config(None, ["data.add_bos=true"]).data.add_bos == "true"  # YAML's true arrives as a bool
     with pytest.raises(ConfigError, match="data.add_bos.*original"):
         load_config(None, ["data.add_bos=true", "data.truncation_mode=original"])
+
+
+def test_deepspeeds_muon_module_is_only_imported_for_muon(monkeypatch):
+    """DeepSpeed compiles Muon's kernels when its optimizers import that module to check isinstance: a
+    stand-in answers the check (no optimizer is a Muon) unless the DeepSpeed JSON asks for Muon."""
+    import sys
+
+    import torch
+
+    from dpo_ds import engines
+
+    monkeypatch.delitem(sys.modules, engines.MUON_MODULE, raising=False)
+    engines._without_muon_compile({"optimizer": {"type": "Muon"}})
+    assert engines.MUON_MODULE not in sys.modules
+    engines._without_muon_compile({"optimizer": {"type": "AdamW"}})
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # what DeepSpeed's check imports
+
+    assert not isinstance(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), MuonWithAuxAdam)
+    assert sys.modules[engines.MUON_MODULE].__doc__.startswith("dpo_ds:")
