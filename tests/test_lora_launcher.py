@@ -1,7 +1,7 @@
 """LoRA DPO through the real launcher (2 CPU ranks): LoRA SFT -> LoRA DPO under ZeRO-3 with the
-reference the base, adapters off; bf16 bases with fp32 and bf16 adapters; resume after SIGKILL;
-ZeRO-2 with a precomputed reference; packed rows with fused_linear and gradient checkpointing; bad
-LoRA input refused on every rank. Each run is a few seconds of training on the tiny shipped Llama."""
+reference the base, adapters off; a bf16 base with fp32 adapters; resume after SIGKILL; ZeRO-2 with
+a precomputed reference; bad LoRA input refused on every rank (packed rows with fused_linear and
+gradient checkpointing: tests/test_sequence_parallel_launcher.py, split over 2 ranks). Each run is a few seconds of training on the tiny shipped Llama."""
 
 from __future__ import annotations
 
@@ -99,7 +99,9 @@ def test_lora_sft_then_lora_dpo_zero3_exported_merged(tmp_path, data, lora_sft):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("adapter_dtype, dtype", [("policy", "torch.bfloat16"), ("float32", "torch.float32")])
+# fp32 adapters on a bf16 base: the mixed-dtype ZeRO-3 gathers DeepSpeed 0.19.2 broke (its issue 8072);
+# bf16 adapters (adapter_dtype=policy) are a bf16 policy's parameters like any other
+@pytest.mark.parametrize("adapter_dtype, dtype", [("float32", "torch.float32")])
 def test_bf16_base_with_fp32_or_bf16_adapters(tmp_path, data, adapter_dtype, dtype):
     """The mixed-dtype case DeepSpeed 0.19.2 broke under ZeRO-3 (fp32 adapters on a bf16 base), and the
     default (adapters in the policy's dtype), on 2 ranks."""
@@ -148,14 +150,6 @@ def test_zero2_precomputed_reference_equals_adapters_off(tmp_path, data):
     # the first epoch's 3 steps bit for bit; the second meets its pairs in other batches (fp32 rounding)
     assert [r["loss/train"] for r in a[:3]] == [r["loss/train"] for r in b[:3]] and len(a) == len(b) == 6
     assert all(abs(x["loss/train"] - y["loss/train"]) < 1e-6 for x, y in zip(a, b))
-
-
-def test_packed_fused_linear_checkpointing(tmp_path, data):
-    run_dir = tmp_path / "run"
-    check(run_train(*_dpo(data, run_dir, "data.layout=packed", "data.max_tokens_per_micro_batch=64",
-                          "model.logprob_impl=fused_linear", "model.gradient_checkpointing=true", "do_first_eval=false")))  # fmt: skip
-    train, _ = metrics(run_dir)
-    assert train[0]["loss/train"] == pytest.approx(LN2, abs=1e-7) and train[-1]["loss/train"] < LN2
 
 
 def test_bad_lora_input_is_refused_on_every_rank(tmp_path, data, lora_sft):

@@ -40,7 +40,9 @@ def _dpo(run_dir, data_dir, *extra, ds="zero3.json"):
     )
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+# packed: tests/test_sequence_parallel_launcher.py trains it on a precomputed reference (with SP 2) and
+# compares it with one rank's padded run on a reference engine
+@pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
 def test_precomputed_reference_trains_exactly_like_the_engine(tmp_path, data_dir, layout):
     extra = [f"data.layout={layout}", "data.max_tokens_per_micro_batch=64"] if layout != "padded" else []
     engine_dir, pre_dir = tmp_path / "engine", tmp_path / "precomputed"
@@ -107,12 +109,11 @@ def test_precomputed_cache_in_cache_dir_is_shared_and_keyed(tmp_path, data_dir):
 @pytest.mark.parametrize(
     "ds, extra, placement, tol",
     [
-        ("zero2.json", ["model.reference_zero_stage=3"], "ZeRO stage 3, float32, parameters offloaded to none", 1e-5),
+        # each direction once: a whole fp32 reference beside a ZeRO-3 policy (exact), a partitioned,
+        # offloaded bf16 one beside a ZeRO-2 policy
         ("zero3.json", ["model.reference_zero_stage=0"], "ZeRO stage 0, float32, parameters offloaded to none", 1e-5),
         ("zero2.json", ["model.reference_zero_stage=3", "model.reference_offload=true", "model.reference_dtype=bfloat16"],
          "ZeRO stage 3, bfloat16, parameters offloaded to cpu", 0.02),
-        ("zero3.json", ["model.reference_zero_stage=0", "model.reference_dtype=bfloat16"],
-         "ZeRO stage 0, bfloat16, parameters offloaded to none", 0.02),
     ],
     ids=["zero2-policy_zero3-ref", "zero3-policy_zero0-ref", "zero2-policy_zero3-offload-bf16-ref", "zero3-policy_zero0-bf16-ref"],
 )  # fmt: skip

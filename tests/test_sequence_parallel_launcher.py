@@ -63,11 +63,15 @@ def test_sequence_parallel_trains_the_steps_of_one_rank(tmp_path, data):
     assert len(rows) == 4 and all(r["policy"] is not None and r["reference"] is not None for r in rows)
 
 
-def test_lora_under_sequence_parallelism(tmp_path, data):
+def test_lora_checkpointing_and_fused_linear_under_sequence_parallelism(tmp_path, data):
+    """LoRA (adapters-off reference) with gradient checkpointing and fused_linear log-probs: packed rows
+    split over 2 ranks train what one rank trains on padded rows without any of it."""
     lora = ["model.lora.r=8", "model.lora.target_modules=[q_proj,v_proj]", "lr=1e-2"]
     _, (base, _) = _run(data, tmp_path / "one", "zero3.json", *lora, ranks=1)
-    _, (train, _) = _run(data, tmp_path / "two", "zero3.json", "data.layout=packed", *SEGMENTED, *lora)
-    _same(base, train, "LoRA, adapters-off reference, packed, ZeRO-3")
+    assert base[-1]["loss/train"] < base[0]["loss/train"] == pytest.approx(0.6931472, abs=1e-6)
+    _, (train, _) = _run(data, tmp_path / "two", "zero3.json", "data.layout=packed", *SEGMENTED, *lora,
+                         "model.gradient_checkpointing=true", "model.logprob_impl=fused_linear")  # fmt: skip
+    _same(base, train, "LoRA, adapters-off reference, packed, ZeRO-3, checkpointing, fused_linear")
 
 
 def test_what_cannot_run_is_refused_on_every_rank(tmp_path, data):
