@@ -33,7 +33,10 @@
 #       (no logits / fused_linear / chunked / naive, the fused_linear target), then 1-rank DPO runs of the ~1B
 #       model (bf16 reference engine vs precomputed, fused_linear vs naive at 8k tokens) while its budget lasts.
 #       Its training rows are skipped with a line saying why when deepspeed or datasets cannot be imported.
-#   (e) one markdown table, printed and written to $OUT/gpu_check.md when $OUT is set
+#   (f) a long pair on the device (bench/long_context.py --gpu, <= 60 s): the ~1B model, packed rows on
+#       FlexAttention, checkpointing, fused_linear, at 8192 then 32768 tokens: peak memory, tokens/s.
+#       Sequence parallelism (SP 2 vs 1) needs two devices: with one, this is SP 1's side of it.
+#   (e) one markdown table, printed and written to $OUT/gpu_check.md when $OUT is set ((f) prints its own)
 # Nothing is downloaded: random weights, a generated word-level tokenizer, synthetic data.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,7 +86,7 @@ timeout -k 5 "$(cap 90)" "$PY" bench/gpu_check.py kernels --out "$RES/b_kernels.
 
 # (c) DPO steps through dpo_ds; gpu_check.py stops its own run 15 s before this timeout
 echo "== (c) DPO steps of a ~1B Llama through dpo_ds"
-T=$(cap 300)  # three layouts, ~95 s each: 4 steps (1 untimed) apiece
+T=$(cap 240)  # three layouts, ~75 s each: 4 steps (1 untimed) apiece
 timeout -k 10 "$T" "$PY" bench/gpu_check.py dpo --out "$RES/c_dpo.json" --budget-s $((T - 15)) --steps 4 --skip 1 \
     "${IMPL[@]}" "${SMOKE[@]}"
 
@@ -93,6 +96,15 @@ T=$(cap 90)
 timeout -k 10 "$T" "$PY" bench/memory.py --gpu-short --out "$RES/d_memory.json" --budget-s $((T - 20)) \
     "${SMOKE[@]}"
 
+# (f) a long pair: FlexAttention training on the device, SP 1's side of bench/long_context.py
+echo "== (f) long pairs on one GPU (bench/long_context.py --gpu)"
+T=$(cap 60)
+if [ ${#SMOKE[@]} -eq 0 ]; then
+    timeout -k 10 "$T" "$PY" bench/long_context.py --gpu --out "$RES/f_long.json" --budget-s $((T - 10))
+else
+    echo "(skipped in the CPU smoke run: bench/long_context.py --quick is its CPU form)"
+fi
+
 # (e) the table
 echo "== (e) summary ($((SECONDS - START)) s)"
 MD=()
@@ -101,5 +113,6 @@ if [ -n "${OUT:-}" ]; then MD=(--md "$OUT/gpu_check.md"); fi
 if [ -n "${OUT:-}" ]; then
     cp "$LOG" "$OUT/gpu_check.log" 2>/dev/null
     cp "$RES"/c_dpo_*.log "$OUT/" 2>/dev/null
+    cp "$RES"/f_long.json "$OUT/" 2>/dev/null
 fi
 echo "== done in $((SECONDS - START)) s"

@@ -1,9 +1,9 @@
 """The longest preference pair a DPO step trains within a fixed per-rank memory budget: sequence
 parallelism 1 vs 2, on 2 ranks.
 
-    python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama: ~25 min on 2 cores
-    python bench/long_context.py --quick            # ~20M Llama, shorter pairs (~8 min)
-    python bench/long_context.py --gpu --out R/e_long_context.json   # bench/gpu_check.sh's stage
+    python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama: ~1.5 h on 2 cores
+    python bench/long_context.py --quick            # ~20M Llama (~20 min): the table in bench/RESULTS.md
+    python bench/long_context.py --gpu --out R/f_long.json     # bench/gpu_check.sh's stage (f): one GPU
 
 Every run is a real `dpo_ds/train.py` run through the deepspeed launcher (2 ranks, 1 torch thread each)
 of 2 DPO steps under ZeRO-3 with a reference engine, gradient checkpointing and fused_linear log-probs, on
@@ -19,6 +19,10 @@ at two lengths, the line through them gives the longest L within the budget, and
 checks it: the table gives its measured peak. Throughput: tokens per second of both settings at the
 shorter length both run (all ranks; SP 2 trains half as many pairs a step, each on both ranks).
 Target: SP 2 trains >= 1.8x the length of SP 1 within the same per-rank budget.
+
+--gpu (one lent GPU, bench/gpu_check.sh): SP 2 needs two devices, so the stage runs SP 1 on one rank, a ~1B
+model in bf16 on packed rows over FlexAttention, at each of --lengths (default 8192, 32768) while its
+--budget-s lasts: peak memory (max allocated) and tokens/s of a long pair on the device, no fit.
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.memory import LETTERS, SHAPES, make_model, run_env, stop  # noqa: E402
-from dpo_ds.launcher import deepspeed_cmd, wait_for_train_steps  # noqa: E402
+from bench.memory import LETTERS, SHAPES, make_model, stop, train_cmd  # noqa: E402
+from dpo_ds.launcher import wait_for_train_steps  # noqa: E402
 
 CONFIGS = {
     # name: (model shape, the two fitted lengths, budget GiB per rank)
     "full": (SHAPES["full"], (8192, 16384), 3.5),
-    "quick": (SHAPES["quick"], (8192, 16384), 2.5),
+    "quick": (SHAPES["quick"], (8192, 16384), 1.6),
     "gpu": (SHAPES["gpu"], (8192, 16384), 40.0),
 }
 
@@ -71,30 +75,36 @@ def make_pairs(out: Path, length: int, n: int = 4) -> tuple[int, int]:
     return prompt + response + 1 + 8, prompt + 8
 
 
-def run(work: Path, sp: int, length: int, args) -> dict:
+def run(work: Path, sp: int, length: int, args, ranks: int = 2) -> dict:
     data = work / f"data_{length}"
     max_length, max_prompt = make_pairs(data, length)
     run_dir = work / f"run_sp{sp}_{length}"
-    batch = 2 // sp
+    batch = ranks // sp
     overrides = [
-        "--ds", str(ROOT / "ds_configs" / "zero3.json"), f"model.name_or_path={work / 'model'}", "model.init=random",
+        "--ds", str(ROOT / "ds_configs" / "zero3.json"), f"model.name_or_path={work / 'model'}",
         f"datasets=[{data}]", f"run_dir={run_dir}", f"data.cache_dir={work / 'cache'}", "data.layout=packed",
         f"batch_size={batch}", f"eval_batch_size={batch}", "n_epochs=null", f"n_examples={batch * 2}",
         "do_first_eval=false", "n_eval_examples=2", "eval_every=1000000000", f"max_length={max_length}",
         f"max_prompt_length={max_prompt}", "lr=1e-5", "warmup_steps=0", "log_every=1",
         "checkpoint.save_optimizer=false", "model.logprob_impl=fused_linear", "model.gradient_checkpointing=true",
         f"parallel.sequence_parallel_size={sp}", f"dist_timeout_s={args.run_timeout}",
-        *(["model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"] if args.gpu else []),
+        # on a GPU the model directory holds bf16 weights written on the device; on CPU a seeded init
+        *(["model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"] if args.gpu else ["model.init=random"]),
     ]  # fmt: skip
-    e = run_env(args.gpu)
+    args.gpu_short = args.cuda = (
+        args.gpu
+    )  # what memory.train_cmd reads: one GPU runs a bare python, a world of 1
+    cmd, e = train_cmd(overrides, ranks, args)
     t0 = time.time()
-    say(f"SP {sp}, pairs of {length} tokens")
+    say(f"SP {sp}, pairs of {length} tokens, {ranks} rank(s)")
     log_path = work / f"sp{sp}_{length}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(deepspeed_cmd(*overrides, ranks=2), cwd=ROOT, env=e, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
-        rows, status = wait_for_train_steps(proc, run_dir / "metrics.jsonl", 2, t0 + args.run_timeout)
+        deadline = min(t0 + args.run_timeout, args.deadline)
+        rows, status = wait_for_train_steps(proc, run_dir / "metrics.jsonl", 2, deadline)
     finally:
         stop(proc)
     out = {"sp": sp, "length": length, "wall_s": round(time.time() - t0, 1)}
@@ -102,7 +112,7 @@ def run(work: Path, sp: int, length: int, args) -> dict:
         say(f"  FAILED ({status}):\n{log_path.read_text()[-2000:]}")
         return {**out, "error": status}
     out.update(
-        peak_gib=max(r["memory/peak_gib_max"] for r in rows),
+        peak_gib=max(r.get("memory/peak_gib_max", r["memory/peak_gib"]) for r in rows),
         step_s=statistics.median(r["throughput/step_seconds"] for r in rows[1:] or rows),
         tokens_per_s=statistics.median(r["throughput/real_tokens_per_second"] for r in rows[1:] or rows),
     )
@@ -125,7 +135,12 @@ def main() -> int:
     ap.add_argument("--budget-gib", type=float, default=None, help="per-rank budget (default: the config's)")
     ap.add_argument("--run-timeout", type=float, default=1500)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no run after this many seconds")
+    ap.add_argument("--lengths", default="8192,32768", help="--gpu: the pair lengths to run")
     args = ap.parse_args()
+    args.deadline = time.time() + args.budget_s
+    if args.gpu:
+        return gpu_stage(args)
     name = "gpu" if args.gpu else "quick" if args.quick else "full"
     shape, (l1, l2), budget = CONFIGS[name]
     budget = args.budget_gib or budget
@@ -145,6 +160,37 @@ def main() -> int:
         Path(args.out).write_text(
             json.dumps({"budget_gib": budget, "n_params": n_params, "results": results}, indent=1)
         )
+    return 0
+
+
+def gpu_stage(args) -> int:
+    """One GPU: SP 1 on one rank at each length while the budget lasts (see the module docstring)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("long_context: SKIPPED: no CUDA device")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="dpo_ds_long_"))
+    n_params = make_model(work / "model", SHAPES["gpu"], weights_on="cuda")
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        if time.time() > args.deadline - 60:
+            rows.append({"length": length, "error": "not started: the stage's budget is spent"})
+            continue
+        rows.append(run(work, 1, length, args, ranks=1))
+    lines = [f"Long pairs on one GPU ({torch.cuda.get_device_name()}), ~{n_params / 1e9:.2f}B Llama bf16, ZeRO-3, "
+             "packed rows on FlexAttention, checkpointing, fused_linear", "",
+             "| pair tokens | peak GiB (max allocated) | s/step | tokens/s |", "|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['length']} | {r['error']} | | |")
+        else:
+            lines.append(
+                f"| {r['length']} | {r['peak_gib']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} |"
+            )
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"n_params": n_params, "rows": rows}, indent=1))
     return 0
 
 
