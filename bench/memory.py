@@ -195,13 +195,13 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def train_row(spec: dict, args, work: Path) -> dict:
-    """One training run; returns rank 0's memory figures (or 'error')."""
-    name, ranks, steps = spec["name"], spec["ranks"], spec["steps"]
+def row_overrides(spec: dict, args, work: Path) -> list[str]:
+    """A row's train.py arguments (bench/plan_check.py plans the same ones)."""
+    steps = spec["steps"]
     run_dir = work / "runs" / spec["key"]
     data = work / ("data_long" if spec["long"] else "data_short")
     batch, max_length = (args.long_batch, args.long_length) if spec["long"] else (args.batch, args.max_length)
-    overrides = [
+    return [
         "--ds",
         str(ROOT / "ds_configs" / f"{spec['ds']}.json") if not args.gpu_short else str(work / "zero3.json"),
         "loss=dpo",
@@ -229,6 +229,14 @@ def train_row(spec: dict, args, work: Path) -> dict:
         *(["model.policy_dtype=bfloat16"] if args.gpu_short else []),
         *spec["overrides"],
     ]
+
+
+def train_row(spec: dict, args, work: Path) -> dict:
+    """One training run; returns rank 0's memory figures (or 'error')."""
+    name, ranks, steps = spec["name"], spec["ranks"], spec["steps"]
+    run_dir = work / "runs" / spec["key"]
+    batch, max_length = (args.long_batch, args.long_length) if spec["long"] else (args.batch, args.max_length)
+    overrides = row_overrides(spec, args, work)
     cmd, e = train_cmd(overrides, ranks, args)
     log_path = work / f"{spec['key']}.log"
     metrics = run_dir / "metrics.jsonl"
@@ -317,6 +325,17 @@ def training_specs(args) -> list[dict]:
         # LoRA r=16 on every linear layer: the reference is the base with its adapters off (no second copy)
         dict(
             short, key="13", name="ZeRO-3, LoRA r=16, reference = adapters off", overrides=["model.lora.r=16"]
+        ),
+        # the fixed part under ZeRO-2 (rows 11/12 are ZeRO-3's)
+        dict(
+            short, key="15", name="as 5, shipped 'tiny' model (0.07M)", model="tiny", ds="zero2", overrides=[]
+        ),
+        # sequence parallelism: both ranks share each row of the long micro-batch (data parallelism over 1)
+        dict(
+            long_,
+            key="14",
+            name="ZeRO-3, ref-free, long, fused_linear, sequence parallel 2",
+            overrides=[*free, "model.logprob_impl=fused_linear", "parallel.sequence_parallel_size=2"],
         ),
     ]
 

@@ -146,6 +146,7 @@ def run(argv=None) -> dict:
         wrapped = check_targets(cfg.model.lora, model_dir)
         log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
     engines.check_sequence_parallel(sp_size, world, model_dir)  # heads the group can split
+    log_memory_estimate(cfg, ds_config, world, on_cpu, model_dir)  # dpo_ds.plan's total, before any engine
     tokenizer = load_tokenizer(model_dir)
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
     # the data phase (data/prepare.py): every row tokenized into the token cache (or mapped from it), by
@@ -322,6 +323,31 @@ def run(argv=None) -> dict:
     watchdog.stop()
     engines.shutdown()
     return metrics
+
+
+def log_memory_estimate(cfg, ds_config: dict, world: int, on_cpu: bool, model_dir) -> None:
+    """Rank 0 logs dpo_ds.plan's estimate in one line; on a GPU, an estimate over the device's free
+    memory is a warning naming the largest term and the first change that fits (a warning: the
+    estimate is a bound, and the run may still fit)."""
+    from dpo_ds import engines, plan
+    from dpo_ds.estimate import GIB, estimate
+
+    try:
+        run = plan.describe(cfg, ds_config, world, on_cpu, model_dir)
+    except (KeyError, TypeError, ValueError) as e:  # a config.json not shaped like a Llama
+        log.info(f"memory estimate: not available for {model_dir} ({type(e).__name__}: {e})")
+        return
+    budget = None if on_cpu else engines.free_memory_bytes() / GIB
+    log.info(plan.one_line(run, budget))
+    total = plan.device_total(run) / GIB
+    if budget is not None and total > budget:
+        terms = {k: v for k, v in estimate(run).items() if k not in ("total", "save peak (rank 0)")}
+        largest = max(terms, key=terms.get)
+        log.warning(
+            f"the memory estimate ({total:.1f} GiB per rank) is over this GPU's free {budget:.1f} GiB; the largest "
+            f"term is {largest} ({terms[largest] / GIB:.1f} GiB); first change that fits: {plan.first_fix(run, budget)} "
+            f"(python -m dpo_ds.plan with the same keys shows them all)"
+        )
 
 
 def main(argv=None) -> int:

@@ -53,7 +53,9 @@ def test_sequence_parallel_trains_the_steps_of_one_rank(tmp_path, data):
     }  # fmt: skip
     for name, (ds, extra) in runs.items():
         proc, (train, evals) = _run(data, tmp_path / name.split(",")[0], ds, *extra)
-        assert "sequence parallelism: groups of 2 ranks share each row" in proc.stdout + proc.stderr, name
+        log = proc.stdout + proc.stderr
+        assert "sequence parallelism: groups of 2 ranks share each row" in log, name
+        assert "memory estimate per rank (dpo_ds.plan):" in log, name  # the planner's line at launch
         _same(base, train, name)
         assert abs(evals[-1]["loss/eval"] - base_eval[-1]["loss/eval"]) <= 1e-5, name
     # samples during eval: generated with sequence parallelism paused, each rank from its own whole prompts
