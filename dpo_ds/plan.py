@@ -154,6 +154,8 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
         ]
         together = run
         for name, change in FIXES:
+            if change(run) == run and change(together) == together:
+                continue  # already so (ZeRO-3 under ZeRO-3, a precomputed reference with LoRA's adapters off)
             alone = device_total(change(run)) / GIB
             together = change(together)
             cumulative = device_total(together) / GIB
@@ -180,7 +182,7 @@ def one_line(run: Run, budget_gib: float | None) -> str:
 
 def first_fix(run: Run, budget_gib: float) -> str:
     for name, change in FIXES:
-        if device_total(change(run)) / GIB <= budget_gib:
+        if change(run) != run and device_total(change(run)) / GIB <= budget_gib:
             return name
     return FIXES[0][0]
 
