@@ -33,6 +33,8 @@
 #       (no logits / fused_linear / chunked / naive, the fused_linear target), then 1-rank DPO runs of the ~1B
 #       model (bf16 reference engine vs precomputed, fused_linear vs naive at 8k tokens) while its budget lasts.
 #       Its training rows are skipped with a line saying why when deepspeed or datasets cannot be imported.
+#       Each training row logs dpo_ds.plan's estimate beside its max allocated (bench/plan_check.py's check
+#       on the device; "planned_gib" in d_memory.json).
 #   (f) a long pair on the device (bench/long_context.py --gpu, <= 60 s): the ~1B model, packed rows on
 #       FlexAttention, checkpointing, fused_linear, at 8192 then 32768 tokens: peak memory, tokens/s.
 #       Sequence parallelism (SP 2 vs 1) needs two devices: with one, this is SP 1's side of it.

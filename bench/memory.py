@@ -268,8 +268,15 @@ def train_row(spec: dict, args, work: Path) -> dict:
         step_s=statistics.median(r["throughput/step_seconds"] for r in timed),
         losses=[round(r["loss/train"], 4) for r in rows],
     )
+    try:  # dpo_ds.plan's estimate of the same run beside it (bench/plan_check.py; gpu_check's (d) on a GPU)
+        from bench.plan_check import planned
+
+        out["planned_gib"] = planned(overrides, ranks, on_cpu=not args.cuda)[0]
+    except Exception as e:  # noqa: BLE001 - the measurement stands without it
+        out["planned_error"] = f"{type(e).__name__}: {e}"
+    plan = f", planned {out['planned_gib']:.3f} GiB" if "planned_gib" in out else ""
     say(
-        f"  {spec['key']}: peak {out['peak_gib']:.3f} GiB, models+opt {out['model_opt_gib']:.3f} GiB, "
+        f"  {spec['key']}: peak {out['peak_gib']:.3f} GiB{plan}, models+opt {out['model_opt_gib']:.3f} GiB, "
         f"{out['step_s']:.1f} s/step, {out['wall_s']:.0f} s"
     )
     return out

@@ -41,12 +41,12 @@ def longest_sequence(data: Path, max_length: int) -> int:
     return min(longest, max_length)
 
 
-def planned(overrides: list[str], ranks: int) -> tuple[float, dict]:
+def planned(overrides: list[str], ranks: int, on_cpu: bool = True) -> tuple[float, dict]:
     ds_path = overrides[overrides.index("--ds") + 1]
     keys = [o for i, o in enumerate(overrides) if o != "--ds" and (i == 0 or overrides[i - 1] != "--ds")]
     cfg = load_config(None, keys)
     data = Path(cfg.datasets[0])
-    run = describe(cfg, json.loads(Path(ds_path).read_text()), ranks, True, resolve_model_dir(cfg.model.name_or_path),
+    run = describe(cfg, json.loads(Path(ds_path).read_text()), ranks, on_cpu, resolve_model_dir(cfg.model.name_or_path),
                    longest_sequence(data, cfg.max_length))  # fmt: skip
     return device_total(run) / GIB, {k: v / GIB for k, v in estimate(run).items()}
 
