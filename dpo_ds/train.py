@@ -362,8 +362,7 @@ def main(argv=None) -> int:
         engines.shutdown()
         return 2
     except TrainingStopped as e:  # the guard, or too many failed saves: every rank stops alike
-        engines.say(f"dpo_ds: stopped: {e}")
-        engines.part_together()
+        engines.say(f"dpo_ds: stopped: {e}")  # no waiting for the others: a stop may mean they are gone
         engines.shutdown()
         return 3
     return 0
