@@ -95,9 +95,6 @@ def run(work: Path, sp: int, length: int, args, ranks: int = 2) -> dict:
         # on a GPU the model directory holds bf16 weights written on the device; on CPU a seeded init
         *(["model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"] if args.gpu else ["model.init=random"]),
     ]  # fmt: skip
-    args.gpu_short = args.cuda = (
-        args.gpu
-    )  # what memory.train_cmd reads: one GPU runs a bare python, a world of 1
     cmd, e = train_cmd(overrides, ranks, args)
     t0 = time.time()
     say(f"SP {sp}, pairs of {length} tokens, {ranks} rank(s)")
@@ -143,6 +140,7 @@ def main() -> int:
     ap.add_argument("--lengths", default="8192,32768", help="--gpu: the pair lengths to run")
     args = ap.parse_args()
     args.deadline = time.time() + args.budget_s
+    args.gpu_short = args.cuda = args.gpu  # what memory.train_cmd reads: one GPU runs a bare python, world 1
     if args.gpu:
         return gpu_stage(args)
     name = "gpu" if args.gpu else "quick" if args.quick else "full"

@@ -102,6 +102,27 @@ SHAPES = {
 }
 
 
+# shape, short rows (batch pairs, max_length, steps), long rows (batch pairs, max_length, steps)
+SIZES = {
+    "full": ("full", 4, 256, 3, 2, 1024, 2),
+    "quick": ("quick", 4, 128, 2, 2, 512, 2),
+    "gpu": ("gpu", 8, 512, 2, 4, 1024, 2),
+    "smoke": ("smoke", 2, 64, 2, 1, 128, 2),
+}
+
+
+def set_sizes(args, name: str) -> None:
+    (
+        args.shape,
+        args.batch,
+        args.max_length,
+        args.steps,
+        args.long_batch,
+        args.long_length,
+        args.long_steps,
+    ) = SIZES[name]
+
+
 def say(msg: str) -> None:
     print(f"[memory {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -231,12 +252,25 @@ def row_overrides(spec: dict, args, work: Path) -> list[str]:
     ]
 
 
+def planned_row(overrides: list[str], ranks: int, args) -> dict:
+    """dpo_ds.plan's estimate of a row's run, to stand beside its measured peak (bench/plan_check.py;
+    gpu_check's (d) on a GPU): planned_gib and its terms, or why there is none."""
+    try:
+        from bench.plan_check import planned
+
+        total, terms = planned(overrides, ranks, on_cpu=not args.cuda)
+        return {"planned_gib": total, "planned_terms": terms}
+    except Exception as e:  # noqa: BLE001 - the measurement stands without it
+        return {"planned_error": f"{type(e).__name__}: {e}"}
+
+
 def train_row(spec: dict, args, work: Path) -> dict:
     """One training run; returns rank 0's memory figures (or 'error')."""
     name, ranks, steps = spec["name"], spec["ranks"], spec["steps"]
     run_dir = work / "runs" / spec["key"]
     batch, max_length = (args.long_batch, args.long_length) if spec["long"] else (args.batch, args.max_length)
     overrides = row_overrides(spec, args, work)
+    plan = planned_row(overrides, ranks, args)
     cmd, e = train_cmd(overrides, ranks, args)
     log_path = work / f"{spec['key']}.log"
     metrics = run_dir / "metrics.jsonl"
@@ -254,7 +288,7 @@ def train_row(spec: dict, args, work: Path) -> dict:
     finally:
         stop(proc)
         RUNNING.remove(proc)
-    out = {**spec, "wall_s": time.time() - t0, "batch": batch, "max_length": max_length}
+    out = {**spec, "wall_s": time.time() - t0, "batch": batch, "max_length": max_length, **plan}
     if status != "ok":
         tail = log_path.read_text()[-2500:] if log_path.exists() else ""
         say(f"run {spec['key']} FAILED ({status}); log tail:\n{tail}")
@@ -268,12 +302,6 @@ def train_row(spec: dict, args, work: Path) -> dict:
         step_s=statistics.median(r["throughput/step_seconds"] for r in timed),
         losses=[round(r["loss/train"], 4) for r in rows],
     )
-    try:  # dpo_ds.plan's estimate of the same run beside it (bench/plan_check.py; gpu_check's (d) on a GPU)
-        from bench.plan_check import planned
-
-        out["planned_gib"] = planned(overrides, ranks, on_cpu=not args.cuda)[0]
-    except Exception as e:  # noqa: BLE001 - the measurement stands without it
-        out["planned_error"] = f"{type(e).__name__}: {e}"
     plan = f", planned {out['planned_gib']:.3f} GiB" if "planned_gib" in out else ""
     say(
         f"  {spec['key']}: peak {out['peak_gib']:.3f} GiB{plan}, models+opt {out['model_opt_gib']:.3f} GiB, "
@@ -789,7 +817,6 @@ def main() -> int:
     t_start = time.time()
     args.cuda = args.gpu_short and not args.cpu_smoke
     signal.signal(signal.SIGTERM, lambda *_: ([stop(p) for p in RUNNING], sys.exit(143)))
-    # shape, short rows (batch pairs, max_length, steps), long rows (batch pairs, max_length, steps)
     no_runs = None  # why the training rows cannot run (--gpu-short without deepspeed)
     if args.gpu_short:
         why = None if args.cpu_smoke else gpu_ready()
@@ -804,20 +831,10 @@ def main() -> int:
             print(
                 f"memory: training rows SKIPPED: {no_runs}; the module-level rows need only torch + transformers"
             )
-        sizes = ("smoke", 2, 64, 2, 1, 128, 2) if args.cpu_smoke else ("gpu", 8, 512, 2, 4, 1024, 2)
-    elif args.quick:
-        sizes = ("quick", 4, 128, 2, 2, 512, 2)
+        sizes = "smoke" if args.cpu_smoke else "gpu"
     else:
-        sizes = ("full", 4, 256, 3, 2, 1024, 2)
-    (
-        args.shape,
-        args.batch,
-        args.max_length,
-        args.steps,
-        args.long_batch,
-        args.long_length,
-        args.long_steps,
-    ) = sizes
+        sizes = "quick" if args.quick else "full"
+    set_sizes(args, sizes)
     ranks = 1 if args.gpu_short else 2
     args.module_pairs = args.long_batch // ranks  # one rank's micro-batch of the long rows
     args.prompt_tokens = 17  # BOS + the 16-character prompt of the long rows

@@ -58,15 +58,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.gpu_short = args.cuda = False
-    (
-        args.shape,
-        args.batch,
-        args.max_length,
-        args.steps,
-        args.long_batch,
-        args.long_length,
-        args.long_steps,
-    ) = ("full", 4, 256, 3, 2, 1024, 2)  # fmt: skip  (memory.py's own sizes)
+    memory.set_sizes(args, "full")  # memory.py's own sizes
     work = Path(tempfile.mkdtemp(prefix="dpo_ds_plan_check_"))
     n_params = memory.make_model(work / "model", memory.SHAPES[args.shape])
     memory.make_data(work / "data_short", args.batch * args.steps, args.max_length, fill=False)
@@ -79,15 +71,13 @@ def main() -> int:
     t0 = time.time()
     try:
         for spec in specs:
-            total, terms = planned(memory.row_overrides(spec, args, work), spec["ranks"])
-            measured = memory.train_row(spec, args, work)
-            rows.append({**measured, "planned_gib": total, "terms": terms})
+            rows.append(memory.train_row(spec, args, work))  # it plans the row too (planned_row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = [
         f"Planner vs measured peak per rank, bench/memory.py's rows ({n_params / 1e6:.1f}M Llama, fp32, CPU; "
         f"{time.time() - t0:.0f} s). Planned totals include the CPU constants (libraries "
-        f"{rows[0]['terms'].get('libraries (CPU)', 0):.2f} GiB per process)."
+        f"{rows[0]['planned_terms'].get('libraries (CPU)', 0):.2f} GiB per process)."
         if rows
         else "no rows",
         "",
@@ -104,7 +94,7 @@ def main() -> int:
             continue
         ratio = r["planned_gib"] / r["peak_gib"]
         ok &= abs(ratio - 1) <= 0.2
-        top = sorted(((k, v) for k, v in r["terms"].items() if k not in ("total", "save peak (rank 0)")),
+        top = sorted(((k, v) for k, v in r["planned_terms"].items() if k not in ("total", "save peak (rank 0)")),
                      key=lambda kv: -kv[1])[:3]  # fmt: skip
         lines.append(f"| {r['key']} | {r['name']} | {r['ranks']} | {r['peak_gib']:.3f} | {r['planned_gib']:.3f} | "
                      f"{ratio:.2f} | {', '.join(f'{k} {v:.2f}' for k, v in top)} |")  # fmt: skip
