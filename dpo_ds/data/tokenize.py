@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from dpo_ds.data.sources import DataError, Text
@@ -149,6 +149,8 @@ class Tokenization:
             if specials
             else None
         )
+        self._split_re = self._split_tokens()
+        self.fast_heads = True  # responses tokenized from the prompt's last added token (_prompt_head)
         self.stop_ids = [self.eos_id] + [t for t in self._end_of_turn() if t != self.eos_id]
         self.boundary_splits = 0  # responses tokenized apart from the prompt (see _chat_response)
         self.cuts: Counter[str] = Counter()  # how many prompts were truncated, by how (CUT_* keys)
@@ -173,6 +175,45 @@ class Tokenization:
         backend.no_padding()
         backend.encode_special_tokens = bool(getattr(self.tok, "split_special_tokens", False))
         return backend
+
+    def _split_tokens(self):
+        """A regex of the added tokens the tokenizer cuts its input at and keeps whole: not normalized,
+        no `rstrip` (which would eat the text after them), no `single_word` (whose match depends on
+        that text); None where there are none or the fast path is off (see _prompt_head)."""
+        if self._backend is None or self._backend.encode_special_tokens:
+            return None
+        texts = [
+            str(t)
+            for t in getattr(self.tok, "added_tokens_decoder", {}).values()
+            if not (t.normalized or t.rstrip or t.single_word) and str(t)
+        ]
+        if not texts:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+    def _prompt_head(self, prompt_text: str, prompt_ids: list[int]) -> tuple[int, int] | None:
+        """(characters, ids) of the prompt up to and including its last added token, where the tokenizer
+        cuts its input; None when that cannot be relied on for this prompt.
+
+        A tokenizer splits its input at its added tokens before its normalizer, pre-tokenizer and model
+        run, and each piece is tokenized on its own; so a text that starts with these characters has
+        these ids followed by the ids of the rest of it, and a response is tokenized from there instead
+        of from the prompt's first character (the prompt is encoded once per row, not once per
+        response). The prompt itself shows that the cut holds: its ids must be exactly these ids, the
+        added token's, then the ids of the characters after it tokenized alone. That fails, and the
+        whole text is tokenized, where the start of a text is treated apart (a pre-tokenizer that
+        prepends a space only at the text's first character) or nothing follows the token."""
+        if self._split_re is None:
+            return None
+        last = next(iter(deque(self._split_re.finditer(prompt_text), maxlen=1)), None)
+        if last is None or last.end() == len(prompt_text):
+            return None
+        rest = self._encode(prompt_text[last.end() :])
+        n = len(prompt_ids) - len(rest)
+        token = self.tok.convert_tokens_to_ids(last.group())
+        if n < 1 or prompt_ids[n - 1] != token or prompt_ids[n:] != rest:
+            return None
+        return last.end(), n
 
     def _default_prefix(self) -> list[int]:
         """What `tokenizer(text)` puts before the text by default (a BOS, or nothing)."""
@@ -268,7 +309,13 @@ class Tokenization:
                 )
 
     def _chat_response(
-        self, prompt: list[dict], prompt_text: str, prompt_ids: list[int], response: list[dict], origin: str
+        self,
+        prompt: list[dict],
+        prompt_text: str,
+        prompt_ids: list[int],
+        response: list[dict],
+        origin: str,
+        cut: tuple[int, int] | None = None,
     ) -> _Piece:
         """The ids the template adds after the prompt for these turns; assistant turns labelled.
 
@@ -306,12 +353,18 @@ class Tokenization:
                 end = len(upto)
             spans.append((at, end, message["role"] == "assistant"))
             at = end
-        full = self._encode(full_text)
+
+        def encode(text: str) -> list[int]:  # a text that starts with the prompt's (see _prompt_head)
+            if cut is None:
+                return self._encode(text)
+            return prompt_ids[: cut[1]] + self._encode(text[cut[0] :])
+
+        full = encode(full_text)
         bounds = [len(prompt_ids)]
         for start, _, _ in spans[1:]:
-            bounds.append(len(self._encode(full_text[:start])))
+            bounds.append(len(encode(full_text[:start])))
         exact = full[: len(prompt_ids)] == prompt_ids and all(
-            full[:b] == self._encode(full_text[: s[0]]) for b, s in zip(bounds[1:], spans[1:])
+            full[:b] == encode(full_text[: s[0]]) for b, s in zip(bounds[1:], spans[1:])
         )
         ids, labelled = [], []
         if exact:
@@ -364,11 +417,12 @@ class Tokenization:
         self._check_text(prompt, origins[0])
         prompt_text = self._render_text(prompt, True, origins[0])
         prompt_ids = self._encode(prompt_text)
+        cut = self._prompt_head(prompt_text, prompt_ids) if self.fast_heads else None
         pieces = []
         for r, o in zip(responses, origins[1:]):
             if isinstance(r, str):
                 raise DataError(f"{o}: plain text answering a conversational prompt")
-            pieces.append(self._chat_response(prompt, prompt_text, prompt_ids, r, o))
+            pieces.append(self._chat_response(prompt, prompt_text, prompt_ids, r, o, cut))
         return prompt_ids, pieces
 
     # ------------------------------------------------------------------ truncation
