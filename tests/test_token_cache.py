@@ -209,9 +209,26 @@ def _cfg(tmp_path, **over):
     return load_config(None, keys)
 
 
+class Calls:
+    """The splits whose sources were read, in order: the build reads them in its worker process, so
+    each read is written to a file the test reads back."""
+
+    def __init__(self, path):
+        self.path = path
+        path.write_text("")
+
+    def append(self, split):
+        with open(self.path, "a") as f:
+            f.write(split + "\n")
+
+    def __eq__(self, other):
+        return self.path.read_text().split() == other
+
+
 def _prepare(cfg, root, calls):
     tok = load_tokenizer(SHIPPED_MODELS["tiny"])
     rules = Tokenization(tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    calls = calls if calls is not None else Calls(root.parent / "unread-calls")
 
     def load(split):
         calls.append(split)
@@ -224,7 +241,7 @@ def _prepare(cfg, root, calls):
 
 def test_found_again_by_its_fingerprint_and_rebuilt_on_a_change(tmp_path):
     root = tmp_path / "cache"
-    calls = []
+    calls = Calls(tmp_path / "calls")
     first = _prepare(_cfg(tmp_path), root, calls)
     assert first.built and calls == ["train", "test"]
     again = _prepare(_cfg(tmp_path), root, calls)  # a relaunch: mapped, the sources not read
@@ -243,9 +260,9 @@ def test_found_again_by_its_fingerprint_and_rebuilt_on_a_change(tmp_path):
 
 def test_a_cache_cut_short_is_never_used(tmp_path):
     root = tmp_path / "cache"
-    first = _prepare(_cfg(tmp_path), root, [])
+    first = _prepare(_cfg(tmp_path), root, None)
     (first.path / cache.MANIFEST).write_text('{"facts": ')  # a crash while writing it
-    calls = []
+    calls = Calls(tmp_path / "calls")
     again = _prepare(_cfg(tmp_path), root, calls)
     assert again.built and calls == ["train", "test"]
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]  # no temporary directory left
@@ -271,3 +288,15 @@ def test_forked_workers_give_the_same_shard(tmp_path):
     one = cache._write_shard(tmp_path / "a.arrow", "train", examples, 0, len(examples), rules, 0, num_proc=1)
     two = cache._write_shard(tmp_path / "b.arrow", "train", examples, 0, len(examples), rules, 0, num_proc=2)
     assert one == two and os.path.getsize(tmp_path / "a.arrow") == os.path.getsize(tmp_path / "b.arrow")
+
+
+def test_the_build_runs_in_a_worker_whose_failures_reach_the_rank():
+    """The share is tokenized in a forked worker (its heap goes with it): its result and its exceptions
+    come back to the rank, and a worker that dies is named with its exit code, never waited for."""
+    from dpo_ds.data.sources import DataError
+
+    assert cache._in_worker(lambda: {"pid": os.getpid()})["pid"] != os.getpid()
+    with pytest.raises(DataError, match="row 7"):
+        cache._in_worker(lambda: (_ for _ in ()).throw(DataError("f.jsonl row 7: bad")))
+    with pytest.raises(DataError, match="died with exit code 3"):
+        cache._in_worker(lambda: os._exit(3))
