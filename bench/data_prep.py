@@ -20,9 +20,10 @@ Then, one after the other, each in its own processes (peak memory is its own):
                (read ultrafeedback:DIR, tokenize and check every row, write the token cache, map it)
   dpo_ds x2    the same with 2 ranks: each tokenizes half, the cache is one
   relaunch     the 2-rank command again: the cache is found by its fingerprint and mapped
-max_length 1024, max_prompt_length 512 for dpo_ds. Per rank: wall and CPU seconds of the data phase,
-peak RSS, and the private memory the data phase added (RssAnon) per token held, beside the mapped
-pages (RssFile: the page cache, shared by the node's ranks).
+max_length 1024, max_prompt_length 512 for dpo_ds. Per rank: wall and CPU seconds of the data phase
+(a rank reads and tokenizes its share in a forked worker: its CPU counts), peak RSS (the worker's in
+brackets: it exits once its shard is written), and the private memory the data phase left the rank
+(RssAnon) per token held, beside the mapped pages (RssFile: the page cache, shared by the node's ranks).
 
 Targets: dpo_ds's first launch at 2 ranks <= 0.5x TRL's wall time; relaunch <= 0.05x the first;
 <= 8 bytes per token held per rank.
@@ -195,7 +196,7 @@ def main() -> int:
         f"train + test splits); 2-core CPU\n"
     )
     print(
-        "| run | wall s (data phase) | process wall s | CPU s per rank | peak RSS per rank GiB | private memory held per token | mapped pages per token |"
+        "| run | wall s (data phase) | process wall s | CPU s per rank (with its build worker) | peak RSS per rank GiB (its build worker's) | private memory held per token | mapped pages per token |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| TRL 1.16 _prepare_dataset, 1 process | {trl['wall_s']:.1f} | {trl['process_wall_s']:.1f} | {trl['cpu_s']:.1f} | "
@@ -211,7 +212,12 @@ def main() -> int:
             return " / ".join(fn(x) for x in rk)
 
         cpu = each(lambda x: f"{x['data_cpu_s'] + x['children_cpu_s']:.1f}")
-        peak = each(lambda x: f"{x['peak_rss'] / 2**30:.2f}")
+        peak = each(
+            lambda x: (
+                f"{x['peak_rss'] / 2**30:.2f}"
+                + (f" ({x['worker_peak_rss'] / 2**30:.2f})" if x["built"] else "")
+            )
+        )
         anon = each(lambda x: f"{max(x['anon_held'], 0) / x['tokens']:.2f} B")
         mapped = each(lambda x: f"{max(x['file_held'], 0) / x['tokens']:.2f} B")
         wall = max(x["data_wall_s"] for x in rk)

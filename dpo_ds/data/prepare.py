@@ -124,6 +124,7 @@ def main(argv=None) -> int:
             "data_cpu_s": time.process_time() - started[1],
             "children_cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), k) for k in ("ru_utime", "ru_stime")),
             "peak_rss": after.get("VmHWM", 0),
+            "worker_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,  # the build's worker
             "anon_held": after.get("RssAnon", 0) - started[2].get("RssAnon", 0),
             "file_held": after.get("RssFile", 0) - started[2].get("RssFile", 0),
             "rss_before": before.get("VmRSS", 0),
