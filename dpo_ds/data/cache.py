@@ -18,7 +18,7 @@ validates every column, and `Dataset.from_file` memory-maps it as it is.
 
 Tokenized once: every rank reads the sources (cheap next to tokenizing: the rows' text), takes its
 contiguous share of the examples, tokenizes and checks it (the chat template is still checked on every
-row), and writes its shard; rank 0 writes the manifest and renames the whole directory into place, so a
+row), and writes its shard, all in a forked worker whose heap leaves with it; rank 0 writes the manifest and renames the whole directory into place, so a
 cache cut short by a crash is never found. A bad row stops every rank with the message of the rank
 that met it. When the cache directory is not visible to every rank (node-local disks: rank 0's marker
 file is missing on some rank), each node builds its own copy, its local rank 0 tokenizing all of it,
