@@ -20,6 +20,8 @@ segment is (start, length, []). Tokens no span covers (tail padding) get a zero 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -148,3 +150,40 @@ def register() -> None:
 def placeholder_mask(device) -> torch.Tensor:
     """A 4D mask transformers passes through as is (block_attention ignores it when it has spans)."""
     return torch.zeros((1, 1, 0, 0), dtype=torch.bool, device=device)
+
+
+def flex_on_cpu() -> None:
+    """Let model.attn_implementation=flex_attention train on CPU (idempotent; a GPU's calls unchanged).
+
+    transformers runs FlexAttention through torch.compile, whose CPU code has a forward but no backward,
+    and torch's FlexAttention refuses CPU inputs that need a gradient. For CPU tensors this routes
+    transformers' own flex_attention_forward (its score_mod, GQA handling and the layout's BlockMask, as
+    on a GPU) to torch's eager FlexAttention with that one refusal lifted: the same operator and mask,
+    through torch's reference implementation of its forward and backward (the scores materialized per
+    head: T x T floats, a test-sized path; dpo_ds_blocks is the CPU default). What a GPU adds is the
+    fused kernel. tests/test_flex_cpu.py checks torch still refuses, so this goes when torch learns it."""
+    import torch.nn.attention.flex_attention as torch_flex
+    import transformers.integrations.flex_attention as hf_flex
+
+    compiled = hf_flex.compile_friendly_flex_attention
+    if getattr(compiled, "dpo_ds_cpu", False):
+        return
+
+    def flex_attention(query, key, value, training=False, **kwargs):
+        if query.device.type != "cpu" or not torch.is_grad_enabled():
+            return compiled(query, key, value, training=training, **kwargs)
+        check = torch_flex._validate_device
+        torch_flex._validate_device = _no_device_check
+        try:
+            with warnings.catch_warnings():  # "called without torch.compile": on purpose (layout.choose says)
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                return torch_flex.flex_attention(query, key, value, **kwargs)
+        finally:
+            torch_flex._validate_device = check
+
+    flex_attention.dpo_ds_cpu = True
+    hf_flex.compile_friendly_flex_attention = flex_attention
+
+
+def _no_device_check(query, key, value) -> None:
+    return None

@@ -388,6 +388,10 @@ def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool, attn: st
             from dpo_ds.attention import register
 
             register()
+        elif attn == "flex_attention":  # on CPU, through torch's eager FlexAttention (attention.py)
+            from dpo_ds.attention import flex_on_cpu
+
+            flex_on_cpu()
         extra = {"attn_implementation": attn} if attn else {}
         if from_weights:
             lm = AutoModelForCausalLM.from_pretrained(

@@ -154,22 +154,31 @@ def test_loss_variants(tmp_path, data_dir, sft_archive, loss_args, first_loss):
 
 
 def test_packed_and_shared_prompt_runs_match_padded(tmp_path, data_dir, sft_archive):
-    """Same data, same steps: only the layout differs, so the losses agree step by step (<= 1e-5)."""
+    """Same data, same steps: only the layout differs, so the losses and gradient norms agree step by
+    step (<= 1e-5). Packed on dpo_ds_blocks (CPU's default), then packed and shared_prompt rows on
+    FlexAttention, the GPU's default (on CPU through torch's eager FlexAttention, attention.flex_on_cpu):
+    the BlockMask, transformers' flex path and FlexAttention's backward, trained under ZeRO-3."""
     runs = {}
+    flex = ["model.attn_implementation=flex_attention"]
     for name, extra in (
         ("padded", ["gradient_accumulation_steps=2"]),
         ("packed", ["data.layout=packed", "data.max_tokens_per_micro_batch=64"]),
-        ("shared_prompt", ["data.layout=shared_prompt", "data.max_tokens_per_micro_batch=64"]),
+        ("packed_flex", ["data.layout=packed", "data.max_tokens_per_micro_batch=64", *flex]),
+        ("shared_prompt_flex", ["data.layout=shared_prompt", "data.max_tokens_per_micro_batch=64", *flex]),
     ):
         run_dir = tmp_path / name
-        _dpo(run_dir, data_dir, sft_archive, "zero3.json", "n_epochs=2", "do_first_eval=false", *extra)
+        _, proc = _dpo(
+            run_dir, data_dir, sft_archive, "zero3.json", "n_epochs=2", "do_first_eval=false", *extra
+        )
         runs[name] = metrics(run_dir)[0]
+        assert ("torch's eager FlexAttention" in proc.stdout + proc.stderr) == ("flex" in name)
     padded = runs["padded"]
     assert len(padded) == 6
-    for layout in ("packed", "shared_prompt"):
+    for layout in ("packed", "packed_flex", "shared_prompt_flex"):
         assert len(runs[layout]) == 6
         for a, b in zip(padded, runs[layout]):
             assert abs(b["loss/train"] - a["loss/train"]) <= 1e-5, (layout, a["loss/train"], b["loss/train"])
+            assert abs(b["grad_norm"] - a["grad_norm"]) <= 1e-5 * max(1.0, a["grad_norm"]), (layout, a, b)
             assert b["rewards_train/margins"] == pytest.approx(a["rewards_train/margins"], rel=1e-3, abs=1e-5)
     # the addition rows all have one length, so padded pads nothing; shared_prompt runs each prompt once
     assert runs["packed"][0]["throughput/padding_fraction"] <= padded[0]["throughput/padding_fraction"]

@@ -14,12 +14,15 @@ collator returns a MicroBatch; the model wrapper (model.LogprobLM) reads its mod
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from dpo_ds.config import LAYOUTS, ConfigError
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
+
+log = logging.getLogger("dpo_ds.data")
 
 PER_SEGMENT_ATTENTION = ("flex_attention", "dpo_ds_blocks")  # compute nothing across a row's segments
 ONE_ROW = 1 << 30  # data.row_tokens that puts a whole micro-batch in one row (block or flex attention)
@@ -262,10 +265,11 @@ def choose(
     if name not in KINDS:
         raise ConfigError(f"config key 'data.layout': must be one of {LAYOUTS}, got {name!r}")
     impl = attn_implementation(name, attn, on_cpu, sequence_parallel[1])
-    if on_cpu and impl == "flex_attention":  # tests/test_flex_cpu.py checks torch still refuses it
-        raise ConfigError(
-            "config key 'model.attn_implementation': flex_attention cannot train on CPU (torch has no FlexAttention "
-            "backward there; its forward runs); use auto (dpo_ds_blocks on CPU, per segment, no mask)"
+    if on_cpu and impl == "flex_attention":
+        log.warning(
+            "model.attn_implementation=flex_attention on CPU: transformers' FlexAttention path through torch's "
+            "eager FlexAttention (torch has no compiled backward on CPU; the scores are materialized, T x T "
+            "per head): the GPU's attention checked on CPU, not a fast path (auto: dpo_ds_blocks)"
         )
     if not row_tokens and impl in PER_SEGMENT_ATTENTION and name != "padded":
         row_tokens = max_tokens_per_micro_batch or ONE_ROW  # one row per micro-batch, no padding
