@@ -468,6 +468,8 @@ def _build(
         share, parts = (0, 1) if local_rank == 0 else (None, 1)  # each node's local rank 0 builds its copy
         if local_rank == 0:
             tmp.mkdir(parents=True, exist_ok=True)
+    import datasets  # noqa: F401  (this process maps the shards with it: imported once, before the fork)
+
     error = None
     try:
         done = _in_worker(

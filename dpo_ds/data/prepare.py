@@ -145,4 +145,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dpo_ds.train import exit_now
+
+    exit_now(main())
