@@ -4,6 +4,7 @@ parallelism 1 vs 2, on 2 ranks.
     python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama: ~1.5 h on 2 cores
     python bench/long_context.py --quick            # ~20M Llama (~20 min): the table in bench/RESULTS.md
     python bench/long_context.py --gpu --out R/f_long.json     # bench/gpu_check.sh's stage (f): one GPU
+    python bench/long_context.py --quick --tiled-mlp 16384      # ALST's tiled MLP on and off, SP 1 and 2
 
 Every run is a real `dpo_ds/train.py` run through the deepspeed launcher (2 ranks, 1 torch thread each)
 of 2 DPO steps under ZeRO-3 with a reference engine, gradient checkpointing and fused_linear log-probs, on
@@ -79,10 +80,10 @@ def make_pairs(out: Path, length: int, n: int = 4) -> tuple[int, int]:
     return prompt + response + 1 + 8, prompt + 8
 
 
-def run(work: Path, sp: int, length: int, args, ranks: int = 2) -> dict:
+def run(work: Path, sp: int, length: int, args, ranks: int = 2, tiled: int = 0) -> dict:
     data = work / f"data_{length}"
     max_length, max_prompt = make_pairs(data, length)
-    run_dir = work / f"run_sp{sp}_{length}"
+    run_dir = work / f"run_sp{sp}_{length}{f'_tiled{tiled}' if tiled else ''}"
     batch = ranks // sp
     overrides = [
         "--ds", str(ROOT / "ds_configs" / "zero3.json"), f"model.name_or_path={work / 'model'}",
@@ -91,14 +92,16 @@ def run(work: Path, sp: int, length: int, args, ranks: int = 2) -> dict:
         "do_first_eval=false", "n_eval_examples=2", "eval_every=1000000000", f"max_length={max_length}",
         f"max_prompt_length={max_prompt}", "lr=1e-5", "warmup_steps=0", "log_every=1",
         "checkpoint.save_optimizer=false", "model.logprob_impl=fused_linear", "model.gradient_checkpointing=true",
-        f"parallel.sequence_parallel_size={sp}", f"dist_timeout_s={args.run_timeout}",
+        f"parallel.sequence_parallel_size={sp}", f"parallel.tiled_mlp_tokens={tiled}", f"dist_timeout_s={args.run_timeout}",
         # on a GPU the model directory holds bf16 weights written on the device; on CPU a seeded init
         *(["model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"] if args.gpu else ["model.init=random"]),
     ]  # fmt: skip
     cmd, e = train_cmd(overrides, ranks, args)
     t0 = time.time()
-    say(f"SP {sp}, pairs of {length} tokens, {ranks} rank(s)")
-    log_path = work / f"sp{sp}_{length}.log"
+    say(
+        f"SP {sp}, pairs of {length} tokens, {ranks} rank(s){f', MLP tiles of {tiled} tokens' if tiled else ''}"
+    )
+    log_path = run_dir.with_suffix(".log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -138,6 +141,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no run after this many seconds")
     ap.add_argument("--lengths", default="8192,32768", help="--gpu: the pair lengths to run")
+    ap.add_argument("--tiled-mlp", type=int, default=0, metavar="L",
+                    help="instead: SP 1 and SP 2 at pairs of L tokens with and without ALST's tiled MLP")  # fmt: skip
     args = ap.parse_args()
     args.deadline = time.time() + args.budget_s
     args.gpu_short = args.cuda = args.gpu  # what memory.train_cmd reads: one GPU runs a bare python, world 1
@@ -148,6 +153,8 @@ def main() -> int:
     budget = args.budget_gib or budget
     work = Path(tempfile.mkdtemp(prefix="dpo_ds_long_"))
     n_params = make_model(work / "model", shape, weights_on="cuda" if args.gpu else None)
+    if args.tiled_mlp:
+        return tiled_mlp_stage(work, args, n_params, shape)
     results = {}
     for sp in (1, 2):
         fit = [run(work, sp, length, args) for length in (l1, l2)]
@@ -176,6 +183,31 @@ def main() -> int:
         Path(args.out).write_text(
             json.dumps({"budget_gib": budget, "n_params": n_params, "results": results}, indent=1)
         )
+    return 0
+
+
+def tiled_mlp_stage(work: Path, args, n_params: int, shape) -> int:
+    """--tiled-mlp L: ALST's tiled MLP (parallel.tiled_mlp_tokens = hidden_size, its rule) against the whole
+    MLP, SP 1 and SP 2, at pairs of L tokens: peak per rank and seconds per step, side by side."""
+    hidden = shape[0]
+    rows = [
+        (sp, tiled, run(work, sp, args.tiled_mlp, args, tiled=tiled))
+        for sp in (1, 2)
+        for tiled in (0, hidden)
+    ]
+    lines = [f"ALST's tiled MLP, pairs of {args.tiled_mlp} tokens, 2 ranks ({os.cpu_count()} cores), ~{n_params / 1e6:.0f}M "
+             f"Llama (hidden {hidden}, intermediate {shape[3]}), ZeRO-3, reference engine, packed rows, "
+             "gradient checkpointing, fused_linear", "",
+             "| setting | MLP | peak GiB per rank | s/step |", "|---|---|---:|---:|"]  # fmt: skip
+    for sp, tiled, r in rows:
+        what = f"tiles of {tiled} tokens" if tiled else "whole"
+        if "error" in r:
+            lines.append(f"| SP {sp} | {what} | {r['error']} | |")
+        else:
+            lines.append(f"| SP {sp} | {what} | {r['peak_gib']:.3f} | {r['step_s']:.1f} |")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text(json.dumps([{"sp": sp, "tiled": t, **r} for sp, t, r in rows], indent=1))
     return 0
 
 

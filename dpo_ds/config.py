@@ -120,6 +120,11 @@ class ParallelConfig:
     # ranks that share one sequence (DeepSpeed Ulysses): each holds 1/N of every row's tokens, attention
     # runs on the whole sequence with 1/N of the heads; data parallelism runs over world / N. 1: off
     sequence_parallel_size: int = 1
+    # ALST's TiledMLP (DeepSpeed): every decoder layer's MLP runs over tiles of this many tokens and is
+    # recomputed tile by tile in backward, so its (tokens x intermediate) activations never exist whole;
+    # one more MLP forward per step. 0: off; ALST tiles by hidden_size. For long rows
+    # (bench/long_context.py --tiled-mlp measures it)
+    tiled_mlp_tokens: int = 0
 
 
 @dataclass
@@ -452,6 +457,7 @@ def validate(cfg: Config) -> None:
         "must be >= 1 (1: no sequence parallelism)",
     )
     need(cfg.data.row_tokens >= 0, "data.row_tokens", "must be >= 0 (0: the layout's default)")
+    need(cfg.parallel.tiled_mlp_tokens >= 0, "parallel.tiled_mlp_tokens", "must be >= 0 (0: no tiled MLP)")
     need(cfg.data.num_proc >= 1, "data.num_proc", "must be >= 1")
     need(
         cfg.model.attn_implementation in ATTN_IMPLEMENTATIONS,

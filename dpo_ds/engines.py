@@ -516,6 +516,45 @@ def _without_muon_compile(ds: dict) -> None:
     sys.modules[MUON_MODULE] = stand_in
 
 
+def tile_mlps(lm, tokens: int) -> int:
+    """parallel.tiled_mlp_tokens: each decoder layer's MLP (`layers[i].mlp`) through DeepSpeed's TiledMLP
+    when a backward follows (training forwards, and their recomputation under gradient checkpointing), over
+    tiles of `tokens` tokens (ALST uses hidden_size), the count agreed over every rank (ZeRO-3 gathers a layer's
+    weights once per tile: the ranks must run as many). Forwards without grad (eval, generation, whose
+    ranks may run different numbers of steps) stay whole. Before LoRA wraps the model: the MLP's own
+    forward then calls the adapters' layers. Returns how many MLPs were tiled."""
+    import math
+
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def tiled(module):
+        forward = type(module).forward
+
+        def tiled_forward(x):
+            if not torch.is_grad_enabled():  # eval, generation, the reference: nothing kept for a backward
+                return forward(module, x)
+            shards = math.ceil(x.shape[-2] / tokens)
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                count = torch.tensor(shards, device=x.device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+                shards = int(count.item())
+            if shards <= 1:
+                return forward(module, x)
+            params = [p for p in module.parameters() if p.requires_grad]
+            return TiledMLP.apply(forward, module, x, shards, params)
+
+        return tiled_forward
+
+    mlps = [m for name, m in lm.named_modules() if name.endswith(".mlp") and ".layers." in name]
+    if not mlps:
+        raise ConfigError(
+            "config key 'parallel.tiled_mlp_tokens': the model has no decoder-layer MLPs named layers.N.mlp to tile"
+        )
+    for m in mlps:
+        m.forward = tiled(m)
+    return len(mlps)
+
+
 def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
     import deepspeed
 
@@ -525,6 +564,11 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
 
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.parallel.tiled_mlp_tokens:
+        n = tile_mlps(lm, cfg.parallel.tiled_mlp_tokens)
+        log.info(
+            f"parallel.tiled_mlp_tokens: {n} MLPs run in tiles of {cfg.parallel.tiled_mlp_tokens} tokens (DeepSpeed's TiledMLP)"
+        )
     if cfg.model.lora.r:  # the base frozen; only the adapters train (adapters.py)
         base = resolve_model_dir(cfg.model.name_or_path)
         lm = adapters.wrap(lm, cfg.model.lora, cfg.seed, cfg.model.gradient_checkpointing, base)

@@ -175,3 +175,45 @@ def test_what_cannot_run_under_sequence_parallelism_is_refused(tmp_path):
         engines.check_sequence_parallel(4, 4, odd)
     with pytest.raises(ConfigError, match="2 and the model's 3 key/value heads"):
         engines.check_sequence_parallel(2, 2, odd)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlp_gives_the_whole_mlps_logps_and_gradients(checkpointing):
+    """parallel.tiled_mlp_tokens: DeepSpeed's TiledMLP over every decoder layer's MLP (tiles of 5 tokens
+    here, the last one shorter), with and without gradient checkpointing: log-probs and every gradient
+    equal the untiled model's; forwards without grad are not tiled (generation's ranks may run apart)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.engines import tile_mlps
+
+    examples, pad = _examples(5, seed=11)
+    inputs = KINDS["padded"](24).micro_batch(examples, pad).model_inputs()
+    out = {}
+    for tiled in (False, True):
+        lm = AutoModelForCausalLM.from_config(load_config(SHIPPED_MODELS["tiny"]), dtype=torch.float32)
+        lm.load_state_dict(random_init_state(SHIPPED_MODELS["tiny"], seed=4))
+        if checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        if tiled:
+            assert tile_mlps(lm, 5) == lm.config.num_hidden_layers
+            apply = TiledMLP.apply
+            TiledMLP.apply = lambda *a, calls=calls, apply=apply: calls.append(a[3]) or apply(*a)
+        try:
+            model = LogprobLM(lm.train(), "naive")
+            logps, _ = model(**inputs)
+            (logps * torch.linspace(1, 2, logps.numel())).sum().backward()
+            with torch.no_grad():
+                model(**inputs)  # not tiled: no call
+        finally:
+            if tiled:
+                TiledMLP.apply = apply
+        out[tiled] = logps.detach(), {n: p.grad for n, p in lm.named_parameters()}
+        if tiled:
+            t = inputs["input_ids"].shape[1]
+            layers = lm.config.num_hidden_layers
+            assert calls == [-(-t // 5)] * layers * (2 if checkpointing else 1), calls  # recomputed under GC
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-6)
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, rtol=1e-5, atol=1e-7, msg=n)

@@ -20,6 +20,7 @@ COMMON = [
 ]  # fmt: skip
 SEGMENTED = ["data.max_tokens_per_micro_batch=64"]
 SAMPLES = ["sample_during_eval=true", "n_eval_model_samples=4", "max_new_tokens=4"]
+TILED = ["parallel.tiled_mlp_tokens=8"]  # ALST's TiledMLP: a rank's 32 tokens of a row in 4 tiles
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def test_sequence_parallel_trains_the_steps_of_one_rank(tmp_path, data):
     assert base[0]["loss/train"] == pytest.approx(0.6931472, abs=1e-6) and base[-1]["loss/train"] < 0.6931
     runs = {
         "padded, ZeRO-2, reference engine": ("zero2.json", []),
-        "packed, ZeRO-3, precomputed reference": ("zero3.json", ["data.layout=packed", *SEGMENTED,
-                                                                 "model.reference_mode=precomputed"]),
+        "packed, ZeRO-3, precomputed reference, tiled MLP": ("zero3.json", ["data.layout=packed", *SEGMENTED,
+                                                                 "model.reference_mode=precomputed", *TILED]),
         "shared_prompt, ZeRO-3, reference engine": ("zero3.json", ["data.layout=shared_prompt", *SEGMENTED,
                                                                    *SAMPLES]),
     }  # fmt: skip
@@ -56,6 +57,7 @@ def test_sequence_parallel_trains_the_steps_of_one_rank(tmp_path, data):
         log = proc.stdout + proc.stderr
         assert "sequence parallelism: groups of 2 ranks share each row" in log, name
         assert "memory estimate per rank (dpo_ds.plan):" in log, name  # the planner's line at launch
+        assert ("MLPs run in tiles of 8 tokens" in log) == ("tiled MLP" in name), name
         _same(base, train, name)
         assert abs(evals[-1]["loss/eval"] - base_eval[-1]["loss/eval"]) <= 1e-5, name
     # samples during eval: generated with sequence parallelism paused, each rank from its own whole prompts
@@ -66,15 +68,16 @@ def test_sequence_parallel_trains_the_steps_of_one_rank(tmp_path, data):
 
 
 def test_lora_checkpointing_and_fused_linear_under_sequence_parallelism(tmp_path, data):
-    """LoRA (adapters-off reference) with gradient checkpointing and fused_linear log-probs: packed rows
-    split over 2 ranks train what one rank trains on padded rows without any of it."""
-    lora = ["model.lora.r=8", "model.lora.target_modules=[q_proj,v_proj]", "lr=1e-2"]
+    """LoRA (adapters-off reference, an adapter in the MLP too) with gradient checkpointing, fused_linear
+    log-probs and ALST's tiled MLP: packed rows split over 2 ranks train what one rank trains on padded
+    rows without any of it."""
+    lora = ["model.lora.r=8", "model.lora.target_modules=[q_proj,v_proj,gate_proj]", "lr=1e-2"]
     _, (base, _) = _run(data, tmp_path / "one", "zero3.json", *lora, ranks=1)
     assert base[0]["loss/train"] == pytest.approx(0.6931472, abs=1e-6)  # policy = reference at the start
     assert abs(base[-1]["loss/train"] - base[0]["loss/train"]) > 1e-4  # the adapters train
     _, (train, _) = _run(data, tmp_path / "two", "zero3.json", "data.layout=packed", *SEGMENTED, *lora,
-                         "model.gradient_checkpointing=true", "model.logprob_impl=fused_linear")  # fmt: skip
-    _same(base, train, "LoRA, adapters-off reference, packed, ZeRO-3, checkpointing, fused_linear")
+                         "model.gradient_checkpointing=true", "model.logprob_impl=fused_linear", *TILED)  # fmt: skip
+    _same(base, train, "LoRA, adapters-off reference, packed, ZeRO-3, checkpointing, fused_linear, tiled MLP")
 
 
 def test_what_cannot_run_is_refused_on_every_rank(tmp_path, data):
