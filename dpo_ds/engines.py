@@ -730,20 +730,22 @@ class SequenceParallel:
 _SP_ACTIVE = [True]  # off while generating: prompts are whole on every rank, attention unsharded
 
 
-def sequence_parallel_place(rank: int, size: int) -> tuple[int, int, int]:
-    """(data-parallel rank, its rank in its group, the group's size): groups are consecutive ranks, as
-    DeepSpeed's parallel_state_sp builds them."""
-    return rank // size, rank % size, size
+def sequence_parallel_place(rank: int, world: int, size: int) -> tuple[int, int, int]:
+    """(data-parallel rank, its rank in its group, the data-parallel world): groups are consecutive ranks,
+    as DeepSpeed's parallel_state_sp builds them; a world they do not divide is refused."""
+    if world % size:
+        raise ConfigError(
+            f"config key 'parallel.sequence_parallel_size': {size} does not divide the world of {world} ranks"
+        )
+    return rank // size, rank % size, world // size
 
 
-def check_sequence_parallel(size: int, world: int, model_dir: Path) -> None:
-    """Before any engine: a world the groups divide, and heads the group can split (Ulysses gives each
-    rank 1/size of the query heads, and of the KV heads, or replicates them when there are fewer)."""
+def check_sequence_parallel(size: int, model_dir: Path) -> None:
+    """Before any engine: heads the group can split (Ulysses gives each rank 1/size of the query heads,
+    and of the KV heads, or replicates them when there are fewer). The world: sequence_parallel_place."""
     if size == 1:
         return
     key = "config key 'parallel.sequence_parallel_size'"
-    if world % size:
-        raise ConfigError(f"{key}: {size} does not divide the world of {world} ranks")
     text = load_config(model_dir).get_text_config()
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads

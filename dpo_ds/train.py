@@ -97,12 +97,7 @@ def run(argv=None) -> dict:
     on_cpu = device.type == "cpu"
     # sequence parallelism: groups of sp ranks share each row; data parallelism runs over world / sp
     sp_size = cfg.parallel.sequence_parallel_size
-    if world % sp_size:
-        raise ConfigError(
-            f"config key 'parallel.sequence_parallel_size': {sp_size} does not divide the world of {world} ranks"
-        )
-    dp_rank, sp_rank, _ = engines.sequence_parallel_place(rank, sp_size)
-    dp_world = world // sp_size
+    dp_rank, sp_rank, dp_world = engines.sequence_parallel_place(rank, world, sp_size)
     ds_config = engines.resolve_ds_config(args.ds, cfg, dp_world, on_cpu)
     # the layout, decided once (data/layout.py): its rows, collator and the attention it needs
     layout = choose_layout(
@@ -145,7 +140,7 @@ def run(argv=None) -> dict:
     if cfg.model.lora.r:  # a target that matches no module is an error before any engine
         wrapped = check_targets(cfg.model.lora, model_dir)
         log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
-    engines.check_sequence_parallel(sp_size, world, model_dir)  # heads the group can split
+    engines.check_sequence_parallel(sp_size, model_dir)  # heads the group can split
     log_memory_estimate(cfg, ds_config, world, on_cpu, model_dir)  # dpo_ds.plan's total, before any engine
     tokenizer = load_tokenizer(model_dir)
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank

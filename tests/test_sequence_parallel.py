@@ -161,7 +161,8 @@ def test_what_cannot_run_under_sequence_parallelism_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="model.attn_implementation.*sequence_parallel_size=2"):
             choose(layout, attn=attn, **kw)
     with pytest.raises(ConfigError, match="does not divide the world of 3"):
-        engines.check_sequence_parallel(2, 3, SHIPPED_MODELS["tiny"])
+        engines.sequence_parallel_place(0, 3, 2)
+    assert engines.sequence_parallel_place(5, 8, 2) == (2, 1, 4)
     odd = tmp_path / "odd"
     odd.mkdir()
     config = (
@@ -172,9 +173,9 @@ def test_what_cannot_run_under_sequence_parallelism_is_refused(tmp_path):
     config = config.replace('"hidden_size": 64', '"hidden_size": 96')  # 6 heads of 16
     (odd / "config.json").write_text(config.replace('"num_attention_heads": 4', '"num_attention_heads": 6'))
     with pytest.raises(ConfigError, match="4 does not divide the model's 6 attention heads"):
-        engines.check_sequence_parallel(4, 4, odd)
+        engines.check_sequence_parallel(4, odd)
     with pytest.raises(ConfigError, match="2 and the model's 3 key/value heads"):
-        engines.check_sequence_parallel(2, 2, odd)
+        engines.check_sequence_parallel(2, odd)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
