@@ -115,6 +115,20 @@ FIXES = [
 ]  # fmt: skip
 
 
+SAVE = "save peak (rank 0)"  # estimate's term for what rank 0 adds while it writes a checkpoint
+NOT_WHILE_SAVING = ("activations", "logits")  # a step's, freed before the save
+
+
+def running_terms(t: dict) -> dict:
+    """The terms of estimate(run) that every rank holds during a training step."""
+    return {k: v for k, v in t.items() if k not in ("total", SAVE)}
+
+
+def _saving(t: dict) -> dict:
+    """The terms rank 0 holds while it saves: no step's activations, the save's own peak instead."""
+    return {**{k: v for k, v in running_terms(t).items() if k not in NOT_WHILE_SAVING}, SAVE: t[SAVE]}
+
+
 def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run | None]:
     """(the report, [(fix, new total GiB)], the first cumulative Run that fits or None)."""
     t = estimate(run)
@@ -128,12 +142,9 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
         "| term | every rank GiB | rank 0 while saving GiB |",
         "|---|---:|---:|",
     ]  # fmt: skip
-    saving = {k: v for k, v in t.items() if k not in ("activations", "logits", "total", "save peak (rank 0)")}
-    saving["save peak (rank 0)"] = t["save peak (rank 0)"]
-    for k in [k for k in t if k not in ("total", "save peak (rank 0)")] + ["save peak (rank 0)"]:
-        lines.append(
-            f"| {k} | {t.get(k, 0) / GIB if k != 'save peak (rank 0)' else 0:.2f} | {saving.get(k, 0) / GIB:.2f} |"
-        )
+    running, saving = running_terms(t), _saving(t)
+    for k in [*running, SAVE]:
+        lines.append(f"| {k} | {running.get(k, 0) / GIB:.2f} | {saving.get(k, 0) / GIB:.2f} |")
     total = device_total(run) / GIB
     save_total = sum(saving.values()) / GIB
     lines.append(f"| **total** | **{total:.2f}** | **{save_total:.2f}** |")
@@ -143,7 +154,7 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
             "(on CPU the libraries line is a measured constant per process: torch, DeepSpeed, transformers)"
         )
     verdict = (f"fits in {budget_gib:.1f} GiB with {budget_gib - worst:.2f} GiB to spare" if worst <= budget_gib
-               else f"over {budget_gib:.1f} GiB by {worst - budget_gib:.2f} GiB (largest: {max(((k, v) for k, v in t.items() if k not in ('total', 'save peak (rank 0)')), key=lambda kv: kv[1])[0]})")  # fmt: skip
+               else f"over {budget_gib:.1f} GiB by {worst - budget_gib:.2f} GiB (largest: {max(running, key=running.get)})")  # fmt: skip
     lines += ["", f"estimate: {verdict}"]
     fixes, fitting = [], None
     if worst > budget_gib:
@@ -172,9 +183,7 @@ def one_line(run: Run, budget_gib: float | None) -> str:
     """The launch log's line: the total and its three largest terms."""
     t = estimate(run)
     total = device_total(run) / GIB
-    top = sorted(
-        ((k, v) for k, v in t.items() if k not in ("total", "save peak (rank 0)")), key=lambda kv: -kv[1]
-    )[:3]
+    top = sorted(running_terms(t).items(), key=lambda kv: -kv[1])[:3]
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in top)
     against = f" of {budget_gib:.1f} GiB" if budget_gib else ""
     return f"memory estimate per rank (dpo_ds.plan): {total:.2f} GiB{against} ({parts})"

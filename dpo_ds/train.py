@@ -336,7 +336,7 @@ def log_memory_estimate(cfg, ds_config: dict, world: int, on_cpu: bool, model_di
     log.info(plan.one_line(run, budget))
     total = plan.device_total(run) / GIB
     if budget is not None and total > budget:
-        terms = {k: v for k, v in estimate(run).items() if k not in ("total", "save peak (rank 0)")}
+        terms = plan.running_terms(estimate(run))
         largest = max(terms, key=terms.get)
         log.warning(
             f"the memory estimate ({total:.1f} GiB per rank) is over this GPU's free {budget:.1f} GiB; the largest "
