@@ -36,7 +36,8 @@
 #       Each training row logs dpo_ds.plan's estimate beside its max allocated (bench/plan_check.py's check
 #       on the device; "planned_gib" in d_memory.json).
 #   (f) a long pair on the device (bench/long_context.py --gpu, <= 60 s): the ~1B model, packed rows on
-#       FlexAttention, checkpointing, fused_linear, at 8192 then 32768 tokens: peak memory, tokens/s.
+#       FlexAttention, checkpointing, fused_linear, at 8192 then 32768 tokens, then 8192 with ALST's tiled
+#       MLP (parallel.tiled_mlp_tokens), while the time lasts: peak memory, tokens/s.
 #       Sequence parallelism (SP 2 vs 1) needs two devices: with one, this is SP 1's side of it.
 #   (e) one markdown table, printed and written to $OUT/gpu_check.md when $OUT is set ((f) prints its own)
 # Nothing is downloaded: random weights, a generated word-level tokenizer, synthetic data.
