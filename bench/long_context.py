@@ -1,7 +1,7 @@
 """The longest preference pair a DPO step trains within a fixed per-rank memory budget: sequence
 parallelism 1 vs 2, on 2 ranks.
 
-    python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama: ~35 min on 2 cores
+    python bench/long_context.py --budget-gib 2.7   # CPU, 2 ranks, ~58M Llama: ~1 h on 2 cores
     python bench/long_context.py --quick            # ~20M Llama (~20 min): the table in bench/RESULTS.md
     python bench/long_context.py --gpu --out R/f_long.json     # bench/gpu_check.sh's stage (f): one GPU
     python bench/long_context.py --quick --tiled-mlp 16384      # ALST's tiled MLP on and off, SP 1 and 2
@@ -18,8 +18,9 @@ resident-set high-water mark of any rank over the steps (torch.cuda.max_memory_a
 
 How the longest L is found: peak is linear in L here (checkpointed layers keep one hidden state per
 token per layer, fused_linear keeps no logits, attention is computed in blocks), so each setting is run
-at two lengths (2 steps each), the line through them gives the longest L within the budget, and one more
-run at that L checks it (1 step: the first step holds the whole peak, optimizer states included); a check over the budget (peak grows a little faster than linearly at long L) moves the line to
+at two lengths, the line through them gives the longest L within the budget, and one more run at that L
+checks it (2 steps each: the second step's peak is the whole one, the first runs before the optimizer
+states exist); a check over the budget (peak grows a little faster than linearly at long L) moves the line to
 it and runs again, at most twice. The table gives the longest checked L within the budget, its peak, and
 the checks that were over. Throughput: tokens per second of both settings at the
 shorter length both run (all ranks; SP 2 trains half as many pairs a step, each on both ranks).
@@ -50,7 +51,7 @@ from dpo_ds.launcher import wait_for_train_steps  # noqa: E402
 
 CONFIGS = {
     # name: (model shape, the two fitted lengths, budget GiB per rank)
-    "full": (SHAPES["full"], (4096, 8192), 3.3),
+    "full": (SHAPES["full"], (4096, 8192), 2.7),
     "quick": (SHAPES["quick"], (8192, 16384), 1.6),
     "gpu": (SHAPES["gpu"], (8192, 16384), 40.0),
 }
@@ -80,7 +81,7 @@ def make_pairs(out: Path, length: int, n: int = 4) -> tuple[int, int]:
     return prompt + response + 1 + 8, prompt + 8
 
 
-def run(work: Path, sp: int, length: int, args, ranks: int = 2, tiled: int = 0, steps: int = 2) -> dict:
+def run(work: Path, sp: int, length: int, args, ranks: int = 2, tiled: int = 0) -> dict:
     data = work / f"data_{length}"
     max_length, max_prompt = make_pairs(data, length)
     run_dir = work / f"run_sp{sp}_{length}{f'_tiled{tiled}' if tiled else ''}"
@@ -108,7 +109,7 @@ def run(work: Path, sp: int, length: int, args, ranks: int = 2, tiled: int = 0, 
         )
     try:
         deadline = min(t0 + args.run_timeout, args.deadline)
-        rows, status = wait_for_train_steps(proc, run_dir / "metrics.jsonl", steps, deadline)
+        rows, status = wait_for_train_steps(proc, run_dir / "metrics.jsonl", 2, deadline)
     finally:
         stop(proc)
     out = {"sp": sp, "length": length, "wall_s": round(time.time() - t0, 1)}
@@ -162,7 +163,7 @@ def main() -> int:
             results[sp] = {"fit": fit, "error": "a fitting run failed"}
             continue
         target = longest(*fit, budget)
-        checks = [run(work, sp, target, args, steps=1)] if target > l2 else [fit[-1]]
+        checks = [run(work, sp, target, args)] if target > l2 else [fit[-1]]
         # peak grows a little faster than linearly at long lengths (attention's blocks, the all-to-all's
         # buffers): a check over the budget moves the line to (the longest within it, the check) and runs
         # again, at most twice
@@ -174,7 +175,7 @@ def main() -> int:
                 (r for r in [*fit, *checks] if r.get("peak_gib", 1e9) <= budget), key=lambda r: r["length"]
             )
             target = longest(inside, c, budget)
-            checks.append(run(work, sp, target, args, steps=1))
+            checks.append(run(work, sp, target, args))
         good = [c for c in checks if c.get("peak_gib", 1e9) <= budget]
         best = max(good, key=lambda c: c["length"]) if good else checks[-1]
         results[sp] = {"fit": fit, "longest": best["length"], "check": best, "checks": checks}
