@@ -66,6 +66,15 @@ class TokenizationError(ValueError):
     """A tokenizer or template that cannot serve the data (no chat template, no BOS to add, ...)."""
 
 
+def _alternation(texts) -> re.Pattern | None:
+    """One regex matching any of `texts`, longest first (a token before a shorter one that is its
+    prefix); None for none."""
+    texts = list(texts)
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
 def _keep_chars(messages: list[dict], at: int, k: int, side: str) -> list[dict]:
     """messages with message `at`'s text cut to its last (keep_end) or first (keep_start) k characters."""
     text = messages[at]["content"]
@@ -144,11 +153,7 @@ class Tokenization:
         self.special_ids = set(specials.values())
         # one pass over a message's text finds any special token in it (longest first: '<|im_end|>'
         # before a shorter token that is its prefix)
-        self._special_re = (
-            re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
-            if specials
-            else None
-        )
+        self._special_re = _alternation(specials)
         self._split_re = self._split_tokens()
         self.fast_heads = True  # responses tokenized from the prompt's last added token (_prompt_head)
         self.stop_ids = [self.eos_id] + [t for t in self._end_of_turn() if t != self.eos_id]
@@ -187,9 +192,7 @@ class Tokenization:
             for t in getattr(self.tok, "added_tokens_decoder", {}).values()
             if not (t.normalized or t.rstrip or t.single_word) and str(t)
         ]
-        if not texts:
-            return None
-        return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+        return _alternation(texts)
 
     def _prompt_head(self, prompt_text: str, prompt_ids: list[int]) -> tuple[int, int] | None:
         """(characters, ids) of the prompt up to and including its last added token, where the tokenizer
