@@ -55,6 +55,18 @@ def single_process_env(**extra: str) -> dict:
     )
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG): a forked
+    worker of a rank must not outlive a rank that was killed. A no-op where prctl is missing."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def launcher() -> str:
     """The `deepspeed` launcher of this interpreter's environment."""
     return str(Path(sys.executable).parent / "deepspeed")

@@ -34,6 +34,34 @@ def run_train(*args: str, timeout: int = 300, ranks: int = 2) -> subprocess.Comp
     )
 
 
+def run_many(
+    work: Path, runs: dict[str, list[str]], ranks: int = 2, timeout: int = 900, one_rank=()
+) -> dict[str, str]:
+    """Several train.py runs, one after another, behind one launcher run (tests/multirun.py): `runs` maps
+    a name to train.py's arguments; the names in `one_rank` run as a world of one. Returns each run's
+    log (its ranks' stdout and stderr). A run that fails fails the launch, with that run's log."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = [
+        {"name": name, "args": list(args), "ranks": 1 if name in one_rank else ranks, "port": free_port(),
+         "log": str(work / f"{i}.log")}
+        for i, (name, args) in enumerate(runs.items())
+    ]  # fmt: skip
+    (work / "runs.json").write_text(json.dumps(spec, indent=1))
+    proc = subprocess.run(
+        deepspeed_cmd(str(work / "runs.json"), ranks=ranks, script=ROOT / "tests" / "multirun.py"),
+        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    logs = {r["name"]: Path(r["log"]).read_text() if Path(r["log"]).exists() else "" for r in spec}
+    if proc.returncode != 0:
+        failed = [n for n in logs if f"multirun: run {n!r} exited" in proc.stderr + proc.stdout]
+        name = failed[0] if failed else list(logs)[-1]
+        raise AssertionError(
+            f"run {name!r} of the launch failed (launcher exit {proc.returncode})\n--- its log\n{logs[name][-6000:]}"
+            f"\n--- launcher\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    return logs
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(

@@ -1,6 +1,8 @@
 """SFT then DPO through the real `deepspeed` launcher, 2 CPU ranks, on the tiny shipped Llama.
 
-Each run takes ~25 s on 2 cores (most of it is two processes importing deepspeed + transformers).
+Every run of the file (the SFT stage, then each DPO run from its archive) goes behind one launcher run
+(tests/multirun.py): a run alone takes ~25 s on 2 cores, ~12 s of it the launcher and two processes
+importing deepspeed + transformers, paid once here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import pytest
 import torch
 
-from tests.launch import ROOT, TINY, check, metrics, run_train, small_demo
+from tests.launch import ROOT, TINY, metrics, run_many, small_demo
 
 pytestmark = pytest.mark.integration
 LN2 = math.log(2)
@@ -23,48 +25,49 @@ def data_dir(tmp_path_factory):
     return small_demo(tmp_path_factory.mktemp("data"))
 
 
+# every DPO run of this file, from the SFT archive, by name: (DeepSpeed JSON, extra key=value arguments)
+FLEX = ["model.attn_implementation=flex_attention"]
+SEGMENTED = ["data.max_tokens_per_micro_batch=64"]
+LAYOUT_RUN = ["n_epochs=2", "do_first_eval=false"]
+DPO_RUNS = {
+    "zero3": ("zero3.json", ["sample_during_eval=true", "n_eval_model_samples=3", "max_new_tokens=4"]),
+    "zero2": ("zero2.json", []),
+    "reference_bf16": ("zero3.json", ["model.reference_dtype=bfloat16"]),
+    "ipo": ("zero3.json", ["n_epochs=3", "do_first_eval=false", "loss=ipo", "loss.beta=0.5", "lr=1e-4"]),
+    "reference_free": ("zero3.json", ["n_epochs=3", "do_first_eval=false", "loss.reference_free=true"]),
+    "padded": ("zero3.json", [*LAYOUT_RUN, "gradient_accumulation_steps=2"]),
+    "packed": ("zero3.json", [*LAYOUT_RUN, "data.layout=packed", *SEGMENTED]),
+    "packed_flex": ("zero3.json", [*LAYOUT_RUN, "data.layout=packed", *SEGMENTED, *FLEX]),
+    "shared_prompt_flex": ("zero3.json", [*LAYOUT_RUN, "data.layout=shared_prompt", *SEGMENTED, *FLEX]),
+}
+
+
 @pytest.fixture(scope="module")
-def sft_archive(tmp_path_factory, data_dir):
-    run_dir = tmp_path_factory.mktemp("sft")
-    check(
-        run_train(
-            "--ds",
-            str(ROOT / "ds_configs/zero3.json"),
-            "loss=sft",
-            "exp_name=sft",
-            f"datasets=[{data_dir}]",
-            f"run_dir={run_dir}",
-            "lr=3e-3",
-            "n_epochs=10",
-            "do_first_eval=false",
-            *COMMON,
-        )
-    )
-    train, _ = metrics(run_dir)
+def launch(tmp_path_factory, data_dir):
+    """The SFT run, then every DPO run from its archive (later key=value arguments override earlier
+    ones), behind one launcher run: {name: (run_dir, log)} and the archive."""
+    root = tmp_path_factory.mktemp("runs")
+    archive = root / "sft" / "LATEST" / "policy.pt"
+    runs = {
+        "sft": ["--ds", str(ROOT / "ds_configs/zero3.json"), "loss=sft", "exp_name=sft", f"datasets=[{data_dir}]",
+                f"run_dir={root / 'sft'}", "lr=3e-3", "n_epochs=10", "do_first_eval=false", *COMMON],
+    }  # fmt: skip
+    for name, (ds, extra) in DPO_RUNS.items():
+        runs[name] = [
+            "--ds", str(ROOT / "ds_configs" / ds), "loss=dpo", "loss.beta=0.1", "exp_name=dpo",
+            f"datasets=[{data_dir}]", f"run_dir={root / name}", f"model.archive={archive}", "lr=1e-3",
+            "n_epochs=6", "eval_every=160", *COMMON, *extra,
+        ]  # fmt: skip
+    logs = run_many(root / "logs", runs, timeout=1500)
+    return {name: (root / name, logs[name]) for name in runs}, archive
+
+
+@pytest.fixture(scope="module")
+def sft_archive(launch):
+    runs, archive = launch
+    train, _ = metrics(runs["sft"][0])
     assert train[-1]["loss/train"] < train[0]["loss/train"] * 0.7, "SFT did not learn"
-    return run_dir / "LATEST" / "policy.pt"
-
-
-def _dpo(run_dir, data_dir, archive, ds="zero3.json", *extra):
-    """A DPO run from the SFT archive; later key=value arguments override earlier ones."""
-    proc = check(
-        run_train(
-            "--ds",
-            str(ROOT / "ds_configs" / ds),
-            "loss=dpo",
-            "loss.beta=0.1",
-            "exp_name=dpo",
-            f"datasets=[{data_dir}]",
-            f"run_dir={run_dir}",
-            f"model.archive={archive}",
-            "lr=1e-3",
-            "n_epochs=6",
-            "eval_every=160",
-            *COMMON,
-            *extra,
-        )
-    )
-    return run_dir, proc
+    return archive
 
 
 def _check_dpo_run(run_dir, archive, first_loss_tol):
@@ -98,30 +101,19 @@ def _check_dpo_run(run_dir, archive, first_loss_tol):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "LATEST" / "ds").is_dir()
 
 
-def test_sft_then_dpo_zero3(tmp_path, data_dir, sft_archive):
-    run_dir, _ = _dpo(
-        tmp_path / "dpo",
-        data_dir,
-        sft_archive,
-        "zero3.json",
-        "sample_during_eval=true",
-        "n_eval_model_samples=3",
-        "max_new_tokens=4",
-    )
+def test_sft_then_dpo_zero3(launch, sft_archive):
+    run_dir, _ = launch[0]["zero3"]
     _check_dpo_run(run_dir, sft_archive, first_loss_tol=1e-5)
     samples = (run_dir / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 3  # 3 prompts at each of 3 evals (first, mid-run, end)
 
 
-def test_sft_then_dpo_zero2(tmp_path, data_dir, sft_archive):
-    run_dir, _ = _dpo(tmp_path / "dpo", data_dir, sft_archive, "zero2.json")
-    _check_dpo_run(run_dir, sft_archive, first_loss_tol=1e-5)
+def test_sft_then_dpo_zero2(launch, sft_archive):
+    _check_dpo_run(launch[0]["zero2"][0], sft_archive, first_loss_tol=1e-5)
 
 
-def test_dpo_reference_bf16(tmp_path, data_dir, sft_archive):
-    run_dir, proc = _dpo(
-        tmp_path / "dpo", data_dir, sft_archive, "zero3.json", "model.reference_dtype=bfloat16"
-    )
+def test_dpo_reference_bf16(launch, sft_archive):
+    run_dir, _ = launch[0]["reference_bf16"]
     # a bf16 reference rounds its log-probs, so the first loss is only near ln 2
     _check_dpo_run(run_dir, sft_archive, first_loss_tol=0.02)
     ds = (run_dir / "ds_config.json").read_text()
@@ -129,17 +121,16 @@ def test_dpo_reference_bf16(tmp_path, data_dir, sft_archive):
 
 
 @pytest.mark.parametrize(
-    "loss_args, first_loss",
+    "name, first_loss",
     [
         # (cDPO is one loss argument away from DPO: tests/test_losses*.py check it against the original)
-        (["loss=ipo", "loss.beta=0.5", "lr=1e-4"], (1 / (2 * 0.5)) ** 2),  # IPO at h = 0: (0 - 1/(2 beta))^2
-        (["loss.reference_free=true"], None),
+        ("ipo", (1 / (2 * 0.5)) ** 2),  # IPO at h = 0: (0 - 1/(2 beta))^2
+        ("reference_free", None),
     ],
     ids=["ipo", "reference_free"],
 )
-def test_loss_variants(tmp_path, data_dir, sft_archive, loss_args, first_loss):
-    run_dir = tmp_path / "run"
-    _dpo(run_dir, data_dir, sft_archive, "zero3.json", "n_epochs=3", "do_first_eval=false", *loss_args)
+def test_loss_variants(launch, sft_archive, name, first_loss):
+    run_dir, _ = launch[0][name]
     train, evals = metrics(run_dir)
     if first_loss is not None:
         assert train[0]["loss/train"] == pytest.approx(first_loss, rel=1e-5)
@@ -153,25 +144,16 @@ def test_loss_variants(tmp_path, data_dir, sft_archive, loss_args, first_loss):
     assert (run_dir / "LATEST" / "policy.pt").is_file()
 
 
-def test_packed_and_shared_prompt_runs_match_padded(tmp_path, data_dir, sft_archive):
+def test_packed_and_shared_prompt_runs_match_padded(launch, sft_archive):
     """Same data, same steps: only the layout differs, so the losses and gradient norms agree step by
     step (<= 1e-5). Packed on dpo_ds_blocks (CPU's default), then packed and shared_prompt rows on
     FlexAttention, the GPU's default (on CPU through torch's eager FlexAttention, attention.flex_on_cpu):
     the BlockMask, transformers' flex path and FlexAttention's backward, trained under ZeRO-3."""
     runs = {}
-    flex = ["model.attn_implementation=flex_attention"]
-    for name, extra in (
-        ("padded", ["gradient_accumulation_steps=2"]),
-        ("packed", ["data.layout=packed", "data.max_tokens_per_micro_batch=64"]),
-        ("packed_flex", ["data.layout=packed", "data.max_tokens_per_micro_batch=64", *flex]),
-        ("shared_prompt_flex", ["data.layout=shared_prompt", "data.max_tokens_per_micro_batch=64", *flex]),
-    ):
-        run_dir = tmp_path / name
-        _, proc = _dpo(
-            run_dir, data_dir, sft_archive, "zero3.json", "n_epochs=2", "do_first_eval=false", *extra
-        )
+    for name in ("padded", "packed", "packed_flex", "shared_prompt_flex"):
+        run_dir, log = launch[0][name]
         runs[name] = metrics(run_dir)[0]
-        assert ("torch's eager FlexAttention" in proc.stdout + proc.stderr) == ("flex" in name)
+        assert ("torch's eager FlexAttention" in log) == ("flex" in name)
     padded = runs["padded"]
     assert len(padded) == 6
     for layout in ("packed", "packed_flex", "shared_prompt_flex"):

@@ -534,13 +534,9 @@ def _in_worker(fn):
     receive, send = ctx.Pipe(duplex=False)
 
     def run():
-        try:
-            import ctypes
-            import signal
+        from dpo_ds.launcher import die_with_parent
 
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+        die_with_parent()
         try:
             outcome = ("ok", fn())
         except BaseException as e:  # noqa: BLE001 - re-raised in the parent, whatever it is
