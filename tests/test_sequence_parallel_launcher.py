@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.launch import check, metrics, run_train, small_demo
+from tests.launch import metrics, run_many, run_train, small_demo
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +28,33 @@ def data(tmp_path_factory):
     return small_demo(tmp_path_factory.mktemp("data"), 32, 16)
 
 
-def _run(data, run_dir, ds, *extra, ranks=2):
-    sp = [f"parallel.sequence_parallel_size={ranks}"] if ranks > 1 else []
-    proc = check(run_train("--ds", f"ds_configs/{ds}", *COMMON, f"datasets=[{data}]", f"run_dir={run_dir}", *sp,
-                           *extra, ranks=ranks))  # fmt: skip
-    return proc, metrics(run_dir)
+LORA = ["model.lora.r=8", "model.lora.target_modules=[q_proj,v_proj,gate_proj]", "lr=1e-2"]
+# name: (DeepSpeed JSON, extra arguments); the names ending in "one rank" run as a world of one, the rest
+# with parallel.sequence_parallel_size=2 on both ranks
+RUNS = {
+    "one rank": ("zero3.json", []),
+    "padded, ZeRO-2, reference engine": ("zero2.json", []),
+    "packed, ZeRO-3, precomputed reference, tiled MLP": ("zero3.json", ["data.layout=packed", *SEGMENTED,
+                                                         "model.reference_mode=precomputed", *TILED]),
+    "shared_prompt, ZeRO-3, reference engine": ("zero3.json", ["data.layout=shared_prompt", *SEGMENTED, *SAMPLES]),
+    "LoRA, one rank": ("zero3.json", LORA),
+    "LoRA, adapters-off reference, packed, ZeRO-3, checkpointing, fused_linear, tiled MLP": (
+        "zero3.json", ["data.layout=packed", *SEGMENTED, *LORA, "model.gradient_checkpointing=true",
+                       "model.logprob_impl=fused_linear", *TILED]),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    """Every run of the parity tests behind one launcher run: {name: (run_dir, log)}."""
+    root = tmp_path_factory.mktemp("runs")
+    args = {}
+    for i, (name, (ds, extra)) in enumerate(RUNS.items()):
+        sp = [] if name.endswith("one rank") else ["parallel.sequence_parallel_size=2"]
+        args[name] = ["--ds", f"ds_configs/{ds}", *COMMON, f"datasets=[{data}]", f"run_dir={root / str(i)}", *sp,
+                      *extra]  # fmt: skip
+    logs = run_many(root / "logs", args, one_rank=[n for n in RUNS if n.endswith("one rank")], timeout=1200)
+    return {name: (root / str(i), logs[name]) for i, name in enumerate(RUNS)}
 
 
 def _same(a, b, what):
@@ -42,42 +64,35 @@ def _same(a, b, what):
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5, (what, x["grad_norm"], y["grad_norm"])
 
 
-def test_sequence_parallel_trains_the_steps_of_one_rank(tmp_path, data):
-    _, (base, base_eval) = _run(data, tmp_path / "one", "zero3.json", ranks=1)
+def test_sequence_parallel_trains_the_steps_of_one_rank(runs):
+    base, base_eval = metrics(runs["one rank"][0])
+    assert "world 1 on cpu" in runs["one rank"][1]
     assert base[0]["loss/train"] == pytest.approx(0.6931472, abs=1e-6) and base[-1]["loss/train"] < 0.6931
-    runs = {
-        "padded, ZeRO-2, reference engine": ("zero2.json", []),
-        "packed, ZeRO-3, precomputed reference, tiled MLP": ("zero3.json", ["data.layout=packed", *SEGMENTED,
-                                                                 "model.reference_mode=precomputed", *TILED]),
-        "shared_prompt, ZeRO-3, reference engine": ("zero3.json", ["data.layout=shared_prompt", *SEGMENTED,
-                                                                   *SAMPLES]),
-    }  # fmt: skip
-    for name, (ds, extra) in runs.items():
-        proc, (train, evals) = _run(data, tmp_path / name.split(",")[0], ds, *extra)
-        log = proc.stdout + proc.stderr
+    for name in list(RUNS)[1:4]:
+        run_dir, log = runs[name]
+        train, evals = metrics(run_dir)
+        assert "world 2 on cpu" in log, name
         assert "sequence parallelism: groups of 2 ranks share each row" in log, name
         assert "memory estimate per rank (dpo_ds.plan):" in log, name  # the planner's line at launch
         assert ("MLPs run in tiles of 8 tokens" in log) == ("tiled MLP" in name), name
         _same(base, train, name)
         assert abs(evals[-1]["loss/eval"] - base_eval[-1]["loss/eval"]) <= 1e-5, name
     # samples during eval: generated with sequence parallelism paused, each rank from its own whole prompts
-    rows = [
-        json.loads(line) for line in (tmp_path / "shared_prompt" / "samples.jsonl").read_text().splitlines()
-    ]
+    samples = runs["shared_prompt, ZeRO-3, reference engine"][0] / "samples.jsonl"
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(rows) == 4 and all(r["policy"] is not None and r["reference"] is not None for r in rows)
 
 
-def test_lora_checkpointing_and_fused_linear_under_sequence_parallelism(tmp_path, data):
+def test_lora_checkpointing_and_fused_linear_under_sequence_parallelism(runs):
     """LoRA (adapters-off reference, an adapter in the MLP too) with gradient checkpointing, fused_linear
     log-probs and ALST's tiled MLP: packed rows split over 2 ranks train what one rank trains on padded
     rows without any of it."""
-    lora = ["model.lora.r=8", "model.lora.target_modules=[q_proj,v_proj,gate_proj]", "lr=1e-2"]
-    _, (base, _) = _run(data, tmp_path / "one", "zero3.json", *lora, ranks=1)
+    base, _ = metrics(runs["LoRA, one rank"][0])
     assert base[0]["loss/train"] == pytest.approx(0.6931472, abs=1e-6)  # policy = reference at the start
     assert abs(base[-1]["loss/train"] - base[0]["loss/train"]) > 1e-4  # the adapters train
-    _, (train, _) = _run(data, tmp_path / "two", "zero3.json", "data.layout=packed", *SEGMENTED, *lora,
-                         "model.gradient_checkpointing=true", "model.logprob_impl=fused_linear", *TILED)  # fmt: skip
-    _same(base, train, "LoRA, adapters-off reference, packed, ZeRO-3, checkpointing, fused_linear, tiled MLP")
+    name = list(RUNS)[-1]
+    assert "sequence parallelism: groups of 2 ranks share each row" in runs[name][1]
+    _same(base, metrics(runs[name][0])[0], name)
 
 
 def test_what_cannot_run_is_refused_on_every_rank(tmp_path, data):
