@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from tests.launch import ROOT, TINY, check, metrics, run_train, small_demo
+from tests.launch import ROOT, TINY, metrics, run_many, run_train, small_demo
 
 pytestmark = pytest.mark.integration
 LN2 = math.log(2)
@@ -21,35 +21,52 @@ def data_dir(tmp_path_factory):
     return small_demo(tmp_path_factory.mktemp("data"), n_train=48, n_test=32)
 
 
-def _dpo(run_dir, data_dir, *extra, ds="zero3.json"):
-    return check(
-        run_train(
-            "--ds",
-            str(ROOT / "ds_configs" / ds),
-            "loss=dpo",
-            "loss.beta=0.1",
-            f"datasets=[{data_dir}]",
-            f"run_dir={run_dir}",
-            "lr=3e-3",
-            "warmup_steps=0",
-            "n_epochs=2",
-            "eval_every=48",
-            *TINY,
-            *extra,
-        )
-    )
+PRE = "model.reference_mode=precomputed"
+SHARED = ["data.layout=shared_prompt", "data.max_tokens_per_micro_batch=64"]
+SAMPLES = ["sample_during_eval=true", "n_eval_model_samples=2", "max_new_tokens=3"]
+ONE_EPOCH = ["n_epochs=1", "do_first_eval=false"]
+CACHED = [PRE, "do_first_eval=false", "n_epochs=1"]  # + data.cache_dir, below
+PLACEMENTS = {
+    # each direction once: a whole fp32 reference beside a ZeRO-3 policy (exact), a partitioned,
+    # offloaded bf16 one beside a ZeRO-2 policy
+    "zero3-policy_zero0-ref": ("zero3.json", ["model.reference_zero_stage=0"], "ZeRO stage 0, float32, parameters offloaded to none", 1e-5),
+    "zero2-policy_zero3-offload-bf16-ref": ("zero2.json", ["model.reference_zero_stage=3", "model.reference_offload=true", "model.reference_dtype=bfloat16"],
+                                            "ZeRO stage 3, bfloat16, parameters offloaded to cpu", 0.02),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """Every run of this file that trains, in order, behind one launcher run: {name: (run_dir, log)}.
+    Later key=value arguments override earlier ones."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = f"data.cache_dir={root / 'cache'}"
+    todo = {
+        "engine padded": [], "precomputed padded": [PRE, *SAMPLES],
+        "engine shared_prompt": SHARED, "precomputed shared_prompt": [PRE, *SAMPLES, *SHARED],
+        "first": [PRE, "do_first_eval=false"],
+        "resumed": [PRE, "do_first_eval=false", f"resume_from={root / 'first'}/step-48"],
+        "cache a": [*CACHED, cache], "cache b": [*CACHED, cache],
+        "cache c": [*CACHED, cache, "max_length=10", "max_prompt_length=6"],  # prompts cut: other ids, other file
+        **{name: [f"--ds={ROOT / 'ds_configs' / ds}", *ONE_EPOCH, *extra] for name, (ds, extra, _, _) in PLACEMENTS.items()},
+        "weights only": [*ONE_EPOCH, "checkpoint.save_optimizer=false"],
+        "chunked": ["model.logprob_impl=chunked", *ONE_EPOCH],
+        "fused_linear": ["model.logprob_impl=fused_linear", *ONE_EPOCH],
+    }  # fmt: skip
+    args = {
+        name: ["--ds", str(ROOT / "ds_configs/zero3.json"), "loss=dpo", "loss.beta=0.1", f"datasets=[{data_dir}]",
+               f"run_dir={root / name}", "lr=3e-3", "warmup_steps=0", "n_epochs=2", "eval_every=48", *TINY, *extra]
+        for name, extra in todo.items()
+    }  # fmt: skip
+    logs = run_many(root / "logs", args, timeout=1500)
+    return {name: (root / name, logs[name]) for name in todo} | {"cache": (root / "cache", "")}
 
 
 # packed: tests/test_sequence_parallel_launcher.py trains it on a precomputed reference (with SP 2) and
 # compares it with one rank's padded run on a reference engine
 @pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
-def test_precomputed_reference_trains_exactly_like_the_engine(tmp_path, data_dir, layout):
-    extra = [f"data.layout={layout}", "data.max_tokens_per_micro_batch=64"] if layout != "padded" else []
-    engine_dir, pre_dir = tmp_path / "engine", tmp_path / "precomputed"
-    _dpo(engine_dir, data_dir, *extra)
-    proc = _dpo(pre_dir, data_dir, "model.reference_mode=precomputed", "sample_during_eval=true",
-                "n_eval_model_samples=2", "max_new_tokens=3", *extra)  # fmt: skip
-    log = proc.stdout + proc.stderr
+def test_precomputed_reference_trains_exactly_like_the_engine(runs, layout):
+    (engine_dir, _), (pre_dir, log) = runs[f"engine {layout}"], runs[f"precomputed {layout}"]
     assert "reference pre-pass done; its engine is destroyed" in log
     assert (pre_dir / "reference_logps.pt").is_file()
     (a_train, a_eval), (b_train, b_eval) = metrics(engine_dir), metrics(pre_dir)
@@ -72,55 +89,25 @@ def test_precomputed_reference_trains_exactly_like_the_engine(tmp_path, data_dir
     assert "samples during eval come from the policy only" in log
 
 
-def test_precomputed_reference_resumes_from_its_cache(tmp_path, data_dir):
-    first, resumed = tmp_path / "first", tmp_path / "resumed"
-    _dpo(first, data_dir, "model.reference_mode=precomputed", "do_first_eval=false")
-    proc = _dpo(
-        resumed,
-        data_dir,
-        "model.reference_mode=precomputed",
-        "do_first_eval=false",
-        f"resume_from={first}/step-48",
-    )
-    log = proc.stdout + proc.stderr
+def test_precomputed_reference_resumes_from_its_cache(runs):
+    (first, _), (resumed, log) = runs["first"], runs["resumed"]
     assert f"reference log-probs from {first / 'reference_logps.pt'}" in log
     assert "reference pre-pass done" not in log  # no reference model was built at all
     a, b = metrics(first)[0], metrics(resumed)[0]
     assert [r["loss/train"] for r in b] == pytest.approx([r["loss/train"] for r in a[3:]], abs=1e-7)
 
 
-def test_precomputed_cache_in_cache_dir_is_shared_and_keyed(tmp_path, data_dir):
-    cache = tmp_path / "cache"
-    common = [
-        "model.reference_mode=precomputed",
-        "do_first_eval=false",
-        f"data.cache_dir={cache}",
-        "n_epochs=1",
-    ]
-    _dpo(tmp_path / "a", data_dir, *common)
-    proc = _dpo(tmp_path / "b", data_dir, *common)
-    assert "fingerprint matches" in proc.stdout + proc.stderr
-    _dpo(
-        tmp_path / "c", data_dir, *common, "max_length=10", "max_prompt_length=6"
-    )  # prompts cut: other ids, other file
-    assert len(list(cache.glob("reference_logps-*.pt"))) == 2
+def test_precomputed_cache_in_cache_dir_is_shared_and_keyed(runs):
+    found = "(fingerprint matches); no reference model is built"
+    assert found in runs["cache b"][1] and found not in runs["cache c"][1]
+    assert len(list(runs["cache"][0].glob("reference_logps-*.pt"))) == 2
 
 
-@pytest.mark.parametrize(
-    "ds, extra, placement, tol",
-    [
-        # each direction once: a whole fp32 reference beside a ZeRO-3 policy (exact), a partitioned,
-        # offloaded bf16 one beside a ZeRO-2 policy
-        ("zero3.json", ["model.reference_zero_stage=0"], "ZeRO stage 0, float32, parameters offloaded to none", 1e-5),
-        ("zero2.json", ["model.reference_zero_stage=3", "model.reference_offload=true", "model.reference_dtype=bfloat16"],
-         "ZeRO stage 3, bfloat16, parameters offloaded to cpu", 0.02),
-    ],
-    ids=["zero3-policy_zero0-ref", "zero2-policy_zero3-offload-bf16-ref"],
-)  # fmt: skip
-def test_reference_placement_is_independent(tmp_path, data_dir, ds, extra, placement, tol):
-    run_dir = tmp_path / "run"
-    proc = _dpo(run_dir, data_dir, "n_epochs=1", "do_first_eval=false", *extra, ds=ds)
-    assert f"reference engine: {placement}" in proc.stdout + proc.stderr
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_reference_placement_is_independent(runs, name):
+    ds, _, placement, tol = PLACEMENTS[name]
+    run_dir, log = runs[name]
+    assert f"reference engine: {placement}" in log
     train, _ = metrics(run_dir)
     # policy == reference at step 0: ln 2, up to the bf16 reference's rounding
     assert abs(train[0]["loss/train"] - LN2) < tol
@@ -129,9 +116,8 @@ def test_reference_placement_is_independent(tmp_path, data_dir, ds, extra, place
     assert policy["zero_optimization"]["stage"] == int(ds[4])  # the policy's own JSON is untouched
 
 
-def test_weights_only_checkpoints(tmp_path, data_dir):
-    run_dir = tmp_path / "run"
-    _dpo(run_dir, data_dir, "n_epochs=1", "do_first_eval=false", "checkpoint.save_optimizer=false")
+def test_weights_only_checkpoints(tmp_path, data_dir, runs):
+    run_dir, _ = runs["weights only"]
     latest = run_dir / "LATEST"
     assert (latest / "policy.pt").is_file() and not (latest / "ds").exists()
     proc = run_train(
@@ -145,15 +131,12 @@ def test_weights_only_checkpoints(tmp_path, data_dir):
     )
 
 
-def test_fused_linear_trains_like_chunked_under_zero3(tmp_path, data_dir):
+def test_fused_linear_trains_like_chunked_under_zero3(runs):
     """The fused head runs inside the lm_head's module call, so ZeRO-3 gathers its weight in forward
     and backward as for a plain Linear: the same losses as the logits path, policy and reference."""
-    runs = {}
-    for impl in ("chunked", "fused_linear"):
-        _dpo(tmp_path / impl, data_dir, f"model.logprob_impl={impl}", "n_epochs=1", "do_first_eval=false")
-        runs[impl] = metrics(tmp_path / impl)[0]
-    assert len(runs["chunked"]) == len(runs["fused_linear"]) == 3
-    assert runs["fused_linear"][0]["loss/train"] == pytest.approx(LN2, abs=1e-6)
-    for a, b in zip(runs["chunked"], runs["fused_linear"]):
+    train = {impl: metrics(runs[impl][0])[0] for impl in ("chunked", "fused_linear")}
+    assert len(train["chunked"]) == len(train["fused_linear"]) == 3
+    assert train["fused_linear"][0]["loss/train"] == pytest.approx(LN2, abs=1e-6)
+    for a, b in zip(train["chunked"], train["fused_linear"]):
         assert b["loss/train"] == pytest.approx(a["loss/train"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
