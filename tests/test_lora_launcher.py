@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from tests.launch import ROOT, TINY, check, metrics, run_train, small_demo
+from tests.launch import ROOT, TINY, check, metrics, run_many, run_train, small_demo
 from tests.test_long_runs import _finish, _rank_pids, _start, _wait_for_step
 
 peft = pytest.importorskip("peft")
@@ -27,22 +27,42 @@ def data(tmp_path_factory):
     return small_demo(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="module")
-def lora_sft(tmp_path_factory, data):
-    """A LoRA SFT run under ZeRO-3: its step dirs hold the adapter in peft's format, not policy.pt."""
-    run_dir = tmp_path_factory.mktemp("sft") / "run"
-    check(
-        run_train("--ds", str(ROOT / "ds_configs/zero3.json"), "loss=sft", *TINY, *LORA, f"datasets=[{data}]",
-                  f"run_dir={run_dir}", "n_examples=48", "lr=1e-2", "warmup_steps=0", "do_first_eval=false", "seed=5")
-    )  # fmt: skip
-    return run_dir
-
-
 def _dpo(data, run_dir, *extra, ds="zero3.json"):
     return [
         "--ds", str(ROOT / "ds_configs" / ds), "loss=dpo", "loss.beta=0.1", *TINY, *LORA, f"datasets=[{data}]",
         f"run_dir={run_dir}", "lr=1e-2", "warmup_steps=0", "n_epochs=2", "eval_every=32", *extra,
     ]  # fmt: skip
+
+
+RESUMED = ["n_epochs=4", "checkpoint.save_every=2", "checkpoint.keep_last=2", "do_first_eval=false",
+           "eval_every=100000", "resume_from=auto"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    """Every run of this file that trains to its end, in order, behind one launcher run: a LoRA SFT run
+    under ZeRO-3 (its step dirs hold the adapter in peft's format, not policy.pt), then the DPO runs.
+    {name: (run_dir, log)}."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["do_first_eval=false", "eval_every=100000"]
+    todo = {
+        "sft": ["--ds", str(ROOT / "ds_configs/zero3.json"), "loss=sft", *TINY, *LORA, f"datasets=[{data}]",
+                f"run_dir={root / 'sft'}", "n_examples=48", "lr=1e-2", "warmup_steps=0", "do_first_eval=false",
+                "seed=5"],
+        "dpo": _dpo(data, root / "dpo", f"model.archive={root / 'sft' / 'LATEST'}"),
+        "bf16 base": _dpo(data, root / "bf16 base", "model.policy_dtype=bfloat16", "model.lora.adapter_dtype=float32",
+                          "do_first_eval=false"),
+        "straight": _dpo(data, root / "straight", *RESUMED),
+        "adapters off": _dpo(data, root / "adapters off", *common, ds="zero2.json"),
+        "precomputed": _dpo(data, root / "precomputed", *common, "model.reference_mode=precomputed", ds="zero2.json"),
+    }  # fmt: skip
+    logs = run_many(root / "logs", todo, timeout=1200)
+    return {name: (root / name, logs[name]) for name in todo}
+
+
+@pytest.fixture(scope="module")
+def lora_sft(runs):
+    return runs["sft"][0]
 
 
 def _base(seed: int):
@@ -56,7 +76,7 @@ def _base(seed: int):
     return lm.eval()
 
 
-def test_lora_sft_then_lora_dpo_zero3_exported_merged(tmp_path, data, lora_sft):
+def test_lora_sft_then_lora_dpo_zero3_exported_merged(tmp_path, runs, lora_sft):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -69,9 +89,7 @@ def test_lora_sft_then_lora_dpo_zero3_exported_merged(tmp_path, data, lora_sft):
     sft_model = PeftModel.from_pretrained(_base(5), str(step))  # peft loads it on the run's own base
     assert any(p.abs().sum() > 0 for n, p in sft_model.named_parameters() if "lora_B" in n)  # it trained
 
-    dpo_dir = tmp_path / "dpo"
-    proc = check(run_train(*_dpo(data, dpo_dir, f"model.archive={step}")))
-    out = proc.stdout + proc.stderr
+    dpo_dir, out = runs["dpo"]
     assert "the LoRA adapter(s)" in out and "merged in" in out
     assert "LoRA: 0." in out and "adapter parameters in torch.float32 train" in out
     train, evals = metrics(dpo_dir)
@@ -101,16 +119,11 @@ def test_lora_sft_then_lora_dpo_zero3_exported_merged(tmp_path, data, lora_sft):
 
 # fp32 adapters on a bf16 base: the mixed-dtype ZeRO-3 gathers DeepSpeed 0.19.2 broke (its issue 8072);
 # bf16 adapters (adapter_dtype=policy) are a bf16 policy's parameters like any other
-@pytest.mark.parametrize("adapter_dtype, dtype", [("float32", "torch.float32")])
-def test_bf16_base_with_fp32_or_bf16_adapters(tmp_path, data, adapter_dtype, dtype):
-    """The mixed-dtype case DeepSpeed 0.19.2 broke under ZeRO-3 (fp32 adapters on a bf16 base), and the
-    default (adapters in the policy's dtype), on 2 ranks."""
-    run_dir = tmp_path / "run"
-    proc = check(run_train(*_dpo(data, run_dir, "model.policy_dtype=bfloat16", f"model.lora.adapter_dtype={adapter_dtype}",
-                                 "do_first_eval=false")))  # fmt: skip
-    out = proc.stdout + proc.stderr
+def test_bf16_base_with_fp32_adapters(runs):
+    """The mixed-dtype case DeepSpeed 0.19.2 broke under ZeRO-3 (fp32 adapters on a bf16 base), on 2 ranks."""
+    run_dir, out = runs["bf16 base"]
     assert (
-        f"adapter parameters in {dtype} train" in out
+        "adapter parameters in torch.float32 train" in out
         and "base parameters in torch.bfloat16 are frozen" in out
     )
     train, _ = metrics(run_dir)
@@ -118,19 +131,17 @@ def test_bf16_base_with_fp32_or_bf16_adapters(tmp_path, data, adapter_dtype, dty
     assert all(math.isfinite(r["loss/train"]) for r in train) and train[-1]["loss/train"] < LN2
 
 
-def test_lora_resume_after_sigkill_reproduces_the_run(tmp_path, data):
+def test_lora_resume_after_sigkill_reproduces_the_run(tmp_path, data, runs):
     from safetensors.torch import load_file
 
-    args = [*_dpo(data, tmp_path / "x", "n_epochs=4", "checkpoint.save_every=2", "checkpoint.keep_last=2",
-                  "do_first_eval=false", "eval_every=100000", "resume_from=auto")]  # fmt: skip
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check(run_train(*args, f"run_dir={straight}"))
-    proc = _start(*args, f"run_dir={killed}")
+    straight, killed = runs["straight"][0], tmp_path / "killed"
+    args = _dpo(data, killed, *RESUMED)
+    proc = _start(*args)
     _wait_for_step(killed, 5, proc)
     os.kill(_rank_pids(killed)[1], signal.SIGKILL)
     code, _ = _finish(proc, timeout=60)
     assert code != 0
-    check(run_train(*args, f"run_dir={killed}"))
+    check(run_train(*args))
     a, b = metrics(straight)[0], metrics(killed)[0]
     assert [(r["step"], r["loss/train"]) for r in a] == [(r["step"], r["loss/train"]) for r in b]
     wa = load_file(str(straight / "LATEST" / "adapter_model.safetensors"))
@@ -138,14 +149,11 @@ def test_lora_resume_after_sigkill_reproduces_the_run(tmp_path, data):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_zero2_precomputed_reference_equals_adapters_off(tmp_path, data):
+def test_zero2_precomputed_reference_equals_adapters_off(runs):
     """ZeRO-2, and a reference precomputed by the policy with its adapters off: the same losses as the
     live adapters-off reference, bit for bit in the first epoch (the base never changes)."""
-    off, pre = tmp_path / "off", tmp_path / "pre"
-    common = ["do_first_eval=false", "eval_every=100000"]
-    check(run_train(*_dpo(data, off, *common, ds="zero2.json")))
-    proc = check(run_train(*_dpo(data, pre, *common, "model.reference_mode=precomputed", ds="zero2.json")))
-    assert "reference pre-pass done by the policy with its adapters off" in proc.stdout + proc.stderr
+    (off, _), (pre, log) = runs["adapters off"], runs["precomputed"]
+    assert "reference pre-pass done by the policy with its adapters off" in log
     a, b = metrics(off)[0], metrics(pre)[0]
     # the first epoch's 3 steps bit for bit; the second meets its pairs in other batches (fp32 rounding)
     assert [r["loss/train"] for r in a[:3]] == [r["loss/train"] for r in b[:3]] and len(a) == len(b) == 6
