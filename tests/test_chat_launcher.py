@@ -13,7 +13,7 @@ import math
 import pytest
 
 from dpo_ds.demo.tokenizers import build_model_dir
-from tests.launch import ROOT, check, metrics, run_train
+from tests.launch import ROOT, metrics, run_many
 
 pytestmark = pytest.mark.integration
 
@@ -58,41 +58,37 @@ def test_sft_then_dpo_on_conversations(tmp_path):
         "max_prompt_length=48",
         "warmup_steps=0",
     ]
-    sft_dir = tmp_path / "sft"
-    check(
-        run_train(
-            *common,
-            "loss=sft",
-            "model.init=random",  # the model dir has a config and a tokenizer, no weights
-            "loss.sft_normalize=token",
-            f"datasets=[{tmp_path / 'chats'}]",
-            f"run_dir={sft_dir}",
-            "lr=3e-3",
-            "n_epochs=2",
-            "do_first_eval=false",
-        )
-    )
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    sft_args = [
+        *common,
+        "loss=sft",
+        "model.init=random",  # the model dir has a config and a tokenizer, no weights
+        "loss.sft_normalize=token",
+        f"datasets=[{tmp_path / 'chats'}]",
+        f"run_dir={sft_dir}",
+        "lr=3e-3",
+        "n_epochs=2",
+        "do_first_eval=false",
+    ]
+    dpo_args = [
+        *common,
+        "loss=dpo",
+        f"datasets=[{tmp_path / 'prefs'}]",
+        f"run_dir={dpo_dir}",
+        f"model.archive={sft_dir / 'LATEST' / 'policy.pt'}",
+        "lr=1e-3",
+        "n_epochs=2",
+        "eval_every=48",
+        "sample_during_eval=true",
+        "n_eval_model_samples=2",
+        "max_new_tokens=4",
+    ]
+    run_many(tmp_path / "logs", {"sft": sft_args, "dpo": dpo_args})  # one launcher run, SFT then DPO
     sft_train, _ = metrics(sft_dir)
     assert sft_train[-1]["loss/train"] < sft_train[0]["loss/train"]
     # per-token SFT loss of a random model: about ln(vocab) per token, not a sum over ~10 tokens
     assert sft_train[0]["loss/train"] == pytest.approx(math.log(1024), rel=0.15)
 
-    dpo_dir = tmp_path / "dpo"
-    check(
-        run_train(
-            *common,
-            "loss=dpo",
-            f"datasets=[{tmp_path / 'prefs'}]",
-            f"run_dir={dpo_dir}",
-            f"model.archive={sft_dir / 'LATEST' / 'policy.pt'}",
-            "lr=1e-3",
-            "n_epochs=2",
-            "eval_every=48",
-            "sample_during_eval=true",
-            "n_eval_model_samples=2",
-            "max_new_tokens=4",
-        )
-    )
     train, evals = metrics(dpo_dir)
     assert (
         abs(evals[0]["loss/eval"] - math.log(2)) < 1e-5 and abs(train[0]["loss/train"] - math.log(2)) < 1e-5

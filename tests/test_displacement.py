@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.launch import ROOT, check, metrics, run_train
+from tests.launch import ROOT, metrics, run_many
 
 pytestmark = pytest.mark.integration
 DEMO = ROOT / "dpo_ds" / "demo" / "data"
@@ -20,23 +20,29 @@ GUARD = ["guard.max_chosen_drop_per_token=0.5", "guard.action=stop"]
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sft") / "run"
-    check(run_train(*COMMON, "--config", str(ROOT / "configs/demo_sft.yaml"), f"run_dir={run_dir}",
-                    "n_examples=38400", timeout=600))  # fmt: skip
-    return run_dir / "LATEST" / "policy.pt"
-
-
-def test_guard_stops_the_collapsing_run(tmp_path, sft):
-    data = tmp_path / "no_anchors"
+def runs(tmp_path_factory):
+    """The SFT stage, then the two DPO runs from its archive, behind one launcher run:
+    {name: (run_dir, log)}."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "no_anchors"
     data.mkdir()
     rows = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["carry"]))
     (data / "test.jsonl").write_text((DEMO / "test.jsonl").read_text())
-    run_dir = tmp_path / "dpo"
-    proc = check(run_train(*COMMON, "--config", str(ROOT / "configs/demo_dpo.yaml"), f"run_dir={run_dir}",
-                           f"model.archive={sft}", f"datasets=[{data}]", "loss.chosen_nll_weight=0", *GUARD))  # fmt: skip
-    assert "guard: stopping at step" in proc.stderr + proc.stdout
+    sft = root / "sft" / "LATEST" / "policy.pt"
+    dpo = [*COMMON, "--config", str(ROOT / "configs/demo_dpo.yaml"), f"model.archive={sft}", *GUARD]
+    todo = {
+        "sft": [*COMMON, "--config", str(ROOT / "configs/demo_sft.yaml"), f"run_dir={root / 'sft'}", "n_examples=38400"],
+        "collapsing": [*dpo, f"run_dir={root / 'collapsing'}", f"datasets=[{data}]", "loss.chosen_nll_weight=0"],
+        "demo": [*dpo, f"run_dir={root / 'demo'}", "n_examples=3200", "eval_every=1600"],
+    }  # fmt: skip
+    logs = run_many(root / "logs", todo, timeout=1200)
+    return {name: (root / name, logs[name]) for name in todo}
+
+
+def test_guard_stops_the_collapsing_run(runs):
+    run_dir, log = runs["collapsing"]
+    assert "guard: stopping at step" in log
     train, _ = metrics(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (stop,) = [r for r in rows if "guard/stopped" in r]
@@ -47,11 +53,9 @@ def test_guard_stops_the_collapsing_run(tmp_path, sft):
     assert os.readlink(run_dir / "LATEST") == f"step-{64 * stop['step']}"  # saved where it stopped
 
 
-def test_guard_is_silent_on_the_demo_config(tmp_path, sft):
-    run_dir = tmp_path / "dpo"
-    proc = check(run_train(*COMMON, "--config", str(ROOT / "configs/demo_dpo.yaml"), f"run_dir={run_dir}",
-                           f"model.archive={sft}", "n_examples=3200", "eval_every=1600", *GUARD))  # fmt: skip
-    assert "guard:" not in proc.stderr + proc.stdout
+def test_guard_is_silent_on_the_demo_config(runs):
+    run_dir, log = runs["demo"]
+    assert "guard:" not in log
     train, evals = metrics(run_dir)
     assert len(train) == 50 and not any(r.get("guard/displacement") for r in train + evals)
     # the checker's greedy accuracy rises with DPO here (the metric the demo's table reports)

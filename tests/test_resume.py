@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.launch import ROOT, TINY, check, metrics, run_train, small_demo
+from tests.launch import ROOT, TINY, metrics, run_many, small_demo
 
 pytestmark = pytest.mark.integration
 ARGS = [
@@ -32,12 +32,13 @@ RESUME_AT = 64  # examples: step 4 of 3 steps per epoch, so mid-epoch too
 def test_resume_reproduces_later_losses(tmp_path):
     data = small_demo(tmp_path / "data")  # 48 pairs: 3 steps of 16 per epoch, 12 steps in all
     extra = [f"datasets=[{data}]", f"data.cache_dir={tmp_path / 'hf_cache'}"]
-    first = tmp_path / "first"
-    check(run_train(*ARGS, *extra, f"run_dir={first}"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    # the run, then a second one resumed from its step 4, as two launches' ranks behind one launcher run
+    run_many(tmp_path / "logs", {
+        "first": [*ARGS, *extra, f"run_dir={first}"],
+        "second": [*ARGS, *extra, f"run_dir={second}", f"resume_from={first / f'step-{RESUME_AT}'}"],
+    })  # fmt: skip
     assert sorted(p.name for p in first.glob("step-*")) == ["step-128", "step-192", "step-64"]
-
-    second = tmp_path / "second"
-    check(run_train(*ARGS, *extra, f"run_dir={second}", f"resume_from={first / f'step-{RESUME_AT}'}"))
 
     train1, evals1 = metrics(first)
     train2, evals2 = metrics(second)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from dpo_ds.demo.tokenizers import build_model_dir
-from tests.launch import ROOT, check, deepspeed_cmd, env, metrics, run_train
+from tests.launch import ROOT, deepspeed_cmd, env, metrics, run_many, run_train
 
 pytestmark = pytest.mark.integration
 
@@ -97,11 +97,11 @@ def test_two_ranks_build_one_cache_with_the_old_paths_ids(setup):
 def test_a_relaunch_maps_the_cache_and_trains_the_same_steps(setup, layout):
     root, model = setup
     extra = [f"data.layout={layout}"] + (["data.max_tokens_per_micro_batch=96"] if layout != "padded" else [])
-    first = root / f"first-{layout}"
-    check(run_train(*_args(root, model, first, *extra)))
-    again = root / f"again-{layout}"
-    proc = check(run_train(*_args(root, model, again, *extra)))
-    assert "mapped (fingerprint matches; the sources were not read)" in proc.stdout + proc.stderr
+    first, again = root / f"first-{layout}", root / f"again-{layout}"
+    # two runs one after the other, each as a fresh launch's ranks (tests/multirun.py)
+    logs = run_many(root / f"logs-{layout}", {"first": _args(root, model, first, *extra),
+                                              "again": _args(root, model, again, *extra)})  # fmt: skip
+    assert "mapped (fingerprint matches; the sources were not read)" in logs["again"]
     a, b = metrics(first)[0], metrics(again)[0]
     assert [r["loss/train"] for r in a] == [r["loss/train"] for r in b] and len(a) == 6
 
