@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import ROOT, TINY, check, deepspeed_cmd, env, metrics, run_train, small_demo
+from tests.launch import ROOT, TINY, check, deepspeed_cmd, env, metrics, run_many, run_train, small_demo
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +37,21 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, data):
-    """The uninterrupted run every interrupted one must reproduce."""
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    check(run_train(*BASE, f"datasets=[{data}]", f"run_dir={run_dir}"))
-    return run_dir
+def runs(tmp_path_factory, data):
+    """The runs that train to their end, behind one launcher run: the uninterrupted run every interrupted
+    one must reproduce, and the one epoch the NaN test continues. {name: run_dir}."""
+    root = tmp_path_factory.mktemp("runs")
+    todo = {
+        "straight": [*BASE, f"datasets=[{data}]", f"run_dir={root / 'straight'}"],
+        "one epoch": [*BASE, f"datasets=[{data}]", f"run_dir={root / 'one epoch'}", "n_epochs=1"],
+    }
+    run_many(root / "logs", todo)
+    return {name: root / name for name in todo}
+
+
+@pytest.fixture(scope="module")
+def straight(runs):
+    return runs["straight"]
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -139,9 +149,8 @@ def test_hung_rank_ends_the_job_with_stacks(tmp_path, data):
     assert "watchdog: rank 0 hung" in out
 
 
-def test_nan_run_stops_and_latest_keeps_finite_weights(tmp_path, data):
-    run_dir = tmp_path / "run"
-    check(run_train(*BASE, f"datasets=[{data}]", f"run_dir={run_dir}", "n_epochs=1"))
+def test_nan_run_stops_and_latest_keeps_finite_weights(data, runs):
+    run_dir = runs["one epoch"]  # this test's alone
     latest = os.readlink(run_dir / "LATEST")
     # the same run, continued with an lr that blows the weights up (allowed, as a user would)
     proc = run_train(*BASE, f"datasets=[{data}]", f"run_dir={run_dir}", "n_epochs=3", "lr=1e30",
