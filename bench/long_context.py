@@ -1,7 +1,7 @@
 """The longest preference pair a DPO step trains within a fixed per-rank memory budget: sequence
 parallelism 1 vs 2, on 2 ranks.
 
-    python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama, 2.5 GiB: ~1 h on 2 cores
+    python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama, 2.5 GiB: ~75 min on 2 cores
     python bench/long_context.py --quick            # ~20M Llama (~20 min): the table in bench/RESULTS.md
     python bench/long_context.py --gpu --out R/f_long.json     # bench/gpu_check.sh's stage (f): one GPU
     python bench/long_context.py --quick --tiled-mlp 16384      # ALST's tiled MLP on and off, SP 1 and 2
