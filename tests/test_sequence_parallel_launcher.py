@@ -37,6 +37,11 @@ RUNS = {
     "packed, ZeRO-3, precomputed reference, tiled MLP": ("zero3.json", ["data.layout=packed", *SEGMENTED,
                                                          "model.reference_mode=precomputed", *TILED]),
     "shared_prompt, ZeRO-3, reference engine": ("zero3.json", ["data.layout=shared_prompt", *SEGMENTED, *SAMPLES]),
+    # every layout with the other reference mode too, under the other ZeRO stage
+    "padded, ZeRO-3, precomputed reference": ("zero3.json", ["model.reference_mode=precomputed"]),
+    "packed, ZeRO-2, reference engine": ("zero2.json", ["data.layout=packed", *SEGMENTED]),
+    "shared_prompt, ZeRO-2, precomputed reference": ("zero2.json", ["data.layout=shared_prompt", *SEGMENTED,
+                                                     "model.reference_mode=precomputed"]),
     "LoRA, one rank": ("zero3.json", LORA),
     "LoRA, adapters-off reference, packed, ZeRO-3, checkpointing, fused_linear, tiled MLP": (
         "zero3.json", ["data.layout=packed", *SEGMENTED, *LORA, "model.gradient_checkpointing=true",
@@ -68,7 +73,9 @@ def test_sequence_parallel_trains_the_steps_of_one_rank(runs):
     base, base_eval = metrics(runs["one rank"][0])
     assert "world 1 on cpu" in runs["one rank"][1]
     assert base[0]["loss/train"] == pytest.approx(0.6931472, abs=1e-6) and base[-1]["loss/train"] < 0.6931
-    for name in list(RUNS)[1:4]:
+    layouts = [n for n in RUNS if not n.endswith("one rank") and not n.startswith("LoRA")]
+    assert len(layouts) == 6  # padded, packed and shared_prompt, each with a reference engine and precomputed
+    for name in layouts:
         run_dir, log = runs[name]
         train, evals = metrics(run_dir)
         assert "world 2 on cpu" in log, name
@@ -90,7 +97,7 @@ def test_lora_checkpointing_and_fused_linear_under_sequence_parallelism(runs):
     base, _ = metrics(runs["LoRA, one rank"][0])
     assert base[0]["loss/train"] == pytest.approx(0.6931472, abs=1e-6)  # policy = reference at the start
     assert abs(base[-1]["loss/train"] - base[0]["loss/train"]) > 1e-4  # the adapters train
-    name = list(RUNS)[-1]
+    (name,) = [n for n in RUNS if n.startswith("LoRA") and not n.endswith("one rank")]
     assert "sequence parallelism: groups of 2 ranks share each row" in runs[name][1]
     _same(base, metrics(runs[name][0])[0], name)
 
