@@ -69,6 +69,13 @@ def _assert_same_run(run_dir: Path, straight: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT back to its default in the job: a test run in the background of a non-interactive shell (a
+    CI script's `cmd &`) inherits SIGINT ignored, and a Python that starts with it ignored never raises
+    KeyboardInterrupt, so the runner would shrug off the SIGINT a test sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str, extra_env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         deepspeed_cmd(*args),
@@ -77,6 +84,7 @@ def _start(*args: str, extra_env: dict | None = None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_as_from_a_terminal,
     )
 
 
