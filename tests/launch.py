@@ -54,7 +54,8 @@ def run_many(
     logs = {r["name"]: Path(r["log"]).read_text() if Path(r["log"]).exists() else "" for r in spec}
     if proc.returncode != 0:
         failed = [n for n in logs if f"multirun: run {n!r} exited" in proc.stderr + proc.stdout]
-        name = failed[0] if failed else list(logs)[-1]
+        # else the last run that wrote a log: the one running when the launch died
+        name = failed[0] if failed else next((n for n in reversed(logs) if logs[n]), list(logs)[0])
         raise AssertionError(
             f"run {name!r} of the launch failed (launcher exit {proc.returncode})\n--- its log\n{logs[name][-6000:]}"
             f"\n--- launcher\n{(proc.stdout + proc.stderr)[-3000:]}"

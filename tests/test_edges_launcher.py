@@ -109,6 +109,9 @@ def test_a_second_job_on_a_run_dir_is_refused(tmp_path, data, sft):
     )  # each step once: nobody else wrote here
     latest = run_dir.joinpath("LATEST").resolve()
     assert latest.name == f"step-{16 * steps[-1]}" and ckpt.verify(latest) == [] and ckpt.is_complete(latest)
+    # a save every 2 steps and the preemption's, all kept (keep_last=0): no other job's step dir
+    saved = {f"step-{16 * k}" for k in range(2, steps[-1] + 1, 2)} | {latest.name}
+    assert sorted(p.name for _, p in ckpt.RunDir(run_dir).step_dirs()) == sorted(saved)
     assert not (run_dir / ckpt.RUN_LOCK).exists()  # released at the end
 
 
