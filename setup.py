@@ -26,8 +26,8 @@ setup(
         "plot": ["matplotlib"],
         "triton": ["triton"],
         "lora": ["peft>=0.17"],  # LoRA adapters (model.lora.r > 0)
-        "test": ["pytest", "ruff", "matplotlib", "wandb", "triton", "peft>=0.17"],
+        "test": ["pytest", "ruff", "import-linter", "matplotlib", "wandb", "triton", "peft>=0.17"],
         "bench": ["trl==1.16.0", "matplotlib"],
     },
-    entry_points={"console_scripts": ["dpo-ds-plot=dpo_ds.plot:main", "dpo-ds-export=dpo_ds.export:main"]},
+    entry_points={"console_scripts": ["dpo-ds-plot=dpo_ds.cli.plot:main", "dpo-ds-export=dpo_ds.cli.export:main"]},
 )

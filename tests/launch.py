@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from dpo_ds.launcher import deepspeed_cmd, env, free_port, launcher, single_process_env  # noqa: F401 (re-exported)
+from dpo_ds.dist.launcher import deepspeed_cmd, env, free_port, launcher, single_process_env  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "dpo_ds" / "demo" / "data"
@@ -35,7 +35,7 @@ def run_train(*args: str, timeout: int = 300, ranks: int = 2) -> subprocess.Comp
 
 
 def run_many(
-    work: Path, runs: dict[str, list[str]], ranks: int = 2, timeout: int = 900, one_rank=()
+    work: Path, runs: dict[str, list[str]], ranks: int = 2, timeout: int = 900, one_rank=(), script=None
 ) -> dict[str, str]:
     """Several train.py runs, one after another, behind one launcher run (tests/multirun.py): `runs` maps
     a name to train.py's arguments; the names in `one_rank` run as a world of one. Returns each run's
@@ -48,7 +48,7 @@ def run_many(
     ]  # fmt: skip
     (work / "runs.json").write_text(json.dumps(spec, indent=1))
     proc = subprocess.run(
-        deepspeed_cmd(str(work / "runs.json"), ranks=ranks, script=ROOT / "tests" / "multirun.py"),
+        deepspeed_cmd(str(work / "runs.json"), ranks=ranks, script=script or ROOT / "tests" / "multirun.py"),
         env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     logs = {r["name"]: Path(r["log"]).read_text() if Path(r["log"]).exists() else "" for r in spec}

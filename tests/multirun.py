@@ -6,7 +6,7 @@ launcher's and the libraries' start-up (~12 s of a tiny 2-rank run here) once fo
 SPEC.json is a list of runs, each {"name", "args": train.py's argv, "ranks": 1 or the world, "port",
 "log"}. Each rank imports what train.py imports, then, run after run, forks a child that is a fresh rank
 of that run: its own process group on the run's port (a world of one on rank 0 for "ranks": 1), its
-stdout and stderr appended to the run's log, `dpo_ds.train.main` and train.py's exit, dying with its
+stdout and stderr appended to the run's log, `dpo_ds.cli.train.main` and train.py's exit, dying with its
 parent. Nothing a run leaves in a process (patched attention, a process group, a thread) reaches the
 next one. A run that exits non-zero ends this rank with its code, so the launcher stops the others as it
 would stop a single run, and the test names the run from the logs.
@@ -27,27 +27,27 @@ def preload() -> None:
     import importlib
 
     for name in (
-        "torch.distributed.nn",  # before any process group exists (engines.init_distributed says why)
+        "torch.distributed.nn",  # before any process group exists (dist.comm.init_distributed says why)
         "deepspeed",
         "datasets",
         "transformers.models.llama.modeling_llama",
-        "dpo_ds.train",
-        "dpo_ds.engines",
-        "dpo_ds.trainer",
-        "dpo_ds.reference",
-        "dpo_ds.generation",
+        "dpo_ds.cli.train",
+        "dpo_ds.engine.build",
+        "dpo_ds.training.trainer",
+        "dpo_ds.training.reference",
+        "dpo_ds.training.generation",
         "dpo_ds.data.prepare",
         "dpo_ds.data.batches",
-        "dpo_ds.start",
-        "dpo_ds.watchdog",
+        "dpo_ds.run.start",
+        "dpo_ds.dist.watchdog",
     ):
         importlib.import_module(name)
 
 
 def child(run: dict, rank: int) -> None:
     """This process as rank `rank` of `run` (never returns)."""
-    from dpo_ds.launcher import die_with_parent
-    from dpo_ds.train import exit_now, main
+    from dpo_ds.cli.train import exit_now, main
+    from dpo_ds.dist.launcher import die_with_parent
 
     die_with_parent()
     os.environ["MASTER_PORT"] = str(run["port"])

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_ds.data.cache import TokenStore
-from dpo_ds.data.layout import Layout, MicroBatch
-from dpo_ds.data.sources import PromptGroup, Text
+from dpo_ds.data.layout import Layout
+from dpo_ds.data.microbatch import MicroBatch
+from dpo_ds.data.sources.groups import PromptGroup, Text
+from dpo_ds.data.store import TokenStore
 from dpo_ds.data.tokenize import Tokenization, TokenizedSeq
 
 log = logging.getLogger("dpo_ds.data")
@@ -73,7 +74,7 @@ class Step:
 
 class Batches:
     """Deterministic batching of one split for one rank, reading its tokenized examples from a
-    TokenStore (data/cache.py: memory-mapped, nothing held per example but its lengths)."""
+    TokenStore (data/store.py: memory-mapped, nothing held per example but its lengths)."""
 
     def __init__(
         self,

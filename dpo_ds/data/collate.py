@@ -1,6 +1,6 @@
 """Padded collator: the plainly-correct path that the packed and shared-prompt layouts are checked against.
 
-Every collator returns a data.layout.MicroBatch (its fields documented there); the padded one has one
+Every collator returns a data.microbatch.MicroBatch (its fields documented there); the padded one has one
 sequence per row, padded to the longest, with an attention mask.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dpo_ds.data.layout import MicroBatch
+from dpo_ds.data.microbatch import MicroBatch
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
 
 

@@ -4,7 +4,8 @@
     packed         whole sequences packed into rows without padding between them (data/packing.py)
     shared_prompt  each pair's prompt once, its responses after it (data/shared_prompt.py)
 
-A Layout knows its collator, the tokens an example takes in a row (what the micro-batch budget counts),
+Each is registered under its name in config.LAYOUTS (the one list of layouts: validation and the planner ask
+it too; a new layout is a class and a register() call). A Layout knows its collator, the tokens an example takes in a row (what the micro-batch budget counts),
 its rows' length, the attention it needs (rows holding several segments must attend per segment:
 attention.py's dpo_ds_blocks on CPU, FlexAttention on a GPU; a dense mask otherwise, up to
 DENSE_MASK_MAX_TOKENS), and what it contributes to fingerprints (the precomputed reference's). Every
@@ -13,14 +14,15 @@ collator returns a MicroBatch; the model wrapper (model.LogprobLM) reads its mod
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
-
-import torch
 
 from dpo_ds.config import LAYOUTS, ConfigError
-from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
+from dpo_ds.data.collate import collate_padded
+from dpo_ds.data.microbatch import MicroBatch  # also imported from here (training/objectives.py)
+from dpo_ds.data.packing import collate_packed
+from dpo_ds.data.shared_prompt import block_length, collate_shared
+from dpo_ds.data.tokenize import TokenizedSeq
+from dpo_ds.model.attention import DENSE_MASK_MAX_TOKENS
 
 log = logging.getLogger("dpo_ds.data")
 
@@ -28,116 +30,6 @@ PER_SEGMENT_ATTENTION = ("flex_attention", "dpo_ds_blocks")  # compute nothing a
 ONE_ROW = 1 << 30  # data.row_tokens that puts a whole micro-batch in one row (block or flex attention)
 # A dense additive mask is (rows, 1, T, T): 256 MiB of fp32 per row at 8192 tokens, and attention
 # computes every masked pair anyway. Longer rows need FlexAttention (model.attn_implementation).
-DENSE_MASK_MAX_TOKENS = 8192
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch, whatever the layout. Tensors (rows, T) unless said otherwise.
-
-    input_ids       long
-    labels          long, IGNORE on prompt and padding (for inspection; the model reads the targets)
-    target_pos      (M,) flat index (row * T + t) of the position whose hidden state predicts a scored
-                    token: t - 1 in a plain row, the prompt's last position for the first token of every
-                    response of a shared-prompt block
-    target_ids      (M,) the scored tokens
-    target_seq      (M,) which sequence each scored token belongs to
-    seq_ids         the sequence of each token, -1 for padding (token counts)
-    n_seqs          sequences in the micro-batch; for preference data the first half are the chosen
-                    responses and the second half the rejected ones, pair i = (i, n_seqs/2 + i)
-    logical_tokens  prompt + response tokens of every sequence, as a padded layout would run them
-    attention_mask  1 on tokens (padded), or None (packed rows: the layout's attention rule)
-    position_ids    or None (the model derives them)
-    block_ids       or None: the attention block of each token, -1 on padding (shared_prompt)
-    branch_ids      or None: 0 on a block's prompt, k on its k-th response (shared_prompt)
-    spans           per row, (start, prompt_len, [(response_start, length), ...]) per block (a packed
-                    segment: (start, length, [])), or None: what block attention computes (attention.py)
-    Set by Batches (data/batches.py) for the step that runs it:
-    example_ids     (pairs,) its examples' indices in the split, in the order of its pairs
-    split           the split they come from (a precomputed reference looks them up by both)
-    global_examples, global_tokens: the whole global batch's examples and labelled tokens
-    Chosen and rejected go through the model in one concatenated forward.
-    """
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    target_pos: torch.Tensor
-    target_ids: torch.Tensor
-    target_seq: torch.Tensor
-    seq_ids: torch.Tensor
-    n_seqs: int
-    logical_tokens: int
-    attention_mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    block_ids: torch.Tensor | None = None
-    branch_ids: torch.Tensor | None = None
-    spans: list | None = None
-    example_ids: torch.Tensor | None = None
-    split: str = "train"
-    global_examples: int = 0
-    global_tokens: int = 0
-
-    MODEL_INPUTS = (
-        "input_ids", "attention_mask", "position_ids", "block_ids", "branch_ids", "spans",
-        "target_pos", "target_ids", "target_seq", "n_seqs",
-    )  # fmt: skip
-
-    def model_inputs(self) -> dict:
-        """The keyword arguments of model.LogprobLM.forward."""
-        return {k: getattr(self, k) for k in self.MODEL_INPUTS}
-
-    def to(self, device) -> MicroBatch:
-        moved = {
-            f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return MicroBatch(**moved)
-
-    @property
-    def computed_tokens(self) -> int:
-        return int((self.seq_ids >= 0).sum())
-
-    def shard(self, rank: int, n: int) -> MicroBatch:
-        """This rank's 1/n of every row, for sequence parallelism (engines: DeepSpeed Ulysses). Rows are
-        padded on the right to a multiple of n (never scored, never attended to by a real token) and cut
-        into n equal pieces: a boundary may fall anywhere, inside a prompt or between two responses. The
-        ids, positions and labels are sliced; the scored tokens are the ones whose predicting position
-        falls in this piece, their positions renumbered into it; spans stay in whole-row coordinates,
-        since attention runs on the whole row (1/n of the heads each). No mask: the core attention is
-        causal (padded rows) or follows the spans (packed and shared-prompt rows, dpo_ds_blocks). The
-        per-sequence sums are summed over the group by the model wrapper."""
-        rows, t = self.input_ids.shape
-        local = -(-t // n)
-        full = local * n
-
-        def pad(x, value):
-            return torch.nn.functional.pad(x, (0, full - t), value=value) if full > t else x
-
-        positions = self.position_ids
-        if positions is None:  # padded rows: 0.. per row (transformers derives these when unsharded)
-            positions = torch.arange(t, device=self.input_ids.device).expand(rows, t)
-        if full > t:  # the tail continues its row's last segment's numbering
-            tail = positions[:, -1:] + torch.arange(1, full - t + 1, device=positions.device)
-            positions = torch.cat([positions, tail], dim=1)
-        lo, hi = rank * local, (rank + 1) * local
-        row, col = self.target_pos // t, self.target_pos % t
-        mine = (col >= lo) & (col < hi)
-        share = self.logical_tokens // n + (1 if rank < self.logical_tokens % n else 0)
-        return dataclasses.replace(
-            self,
-            input_ids=pad(self.input_ids, 0)[:, lo:hi],
-            labels=pad(self.labels, IGNORE)[:, lo:hi],
-            seq_ids=pad(self.seq_ids, -1)[:, lo:hi],
-            position_ids=positions[:, lo:hi].contiguous(),
-            attention_mask=None,
-            block_ids=None,
-            branch_ids=None,
-            target_pos=row[mine] * local + (col[mine] - lo),
-            target_ids=self.target_ids[mine],
-            target_seq=self.target_seq[mine],
-            logical_tokens=share,  # the group's shares sum to the row's count (throughput)
-        )
 
 
 class Layout:
@@ -172,12 +64,16 @@ class Layout:
         return sum(len(s) for s in example)
 
     def collate(self, examples: list[list[TokenizedSeq]], pad_id: int) -> MicroBatch:
-        from dpo_ds.data.collate import collate_padded
-
         return collate_padded(examples, pad_id)
 
     def row_len(self) -> int:
         return self.max_length
+
+    @classmethod
+    def plan_tokens(cls, pairs: int, width: int, length: int, prompt: int, budget: int) -> int:
+        """The tokens a micro-batch of `pairs` examples (`width` sequences each, of up to `length` tokens, the
+        prompt `prompt` of them) takes in this layout's rows, for the planner: one row per sequence."""
+        return pairs * width * length
 
     def describe(self) -> str:
         """What the layout contributes to fingerprints (rows of another length give other sums)."""
@@ -190,9 +86,12 @@ class Packed(Layout):
     segmented = True
 
     def collate(self, examples, pad_id):
-        from dpo_ds.data.packing import collate_packed
-
         return collate_packed(examples, pad_id, self.row_len())
+
+    @classmethod
+    def plan_tokens(cls, pairs, width, length, prompt, budget):
+        """The token budget when there is one (rows are filled to it), else every sequence once."""
+        return budget or pairs * width * length
 
     def row_len(self) -> int:
         return self.row_tokens or self.max_length
@@ -204,21 +103,18 @@ class SharedPrompt(Layout):
     own_mask = True  # packed rows need none: transformers masks them by their restarting position ids
 
     def size(self, example):
-        from dpo_ds.data.shared_prompt import block_length
-
         return block_length(example)
 
     def collate(self, examples, pad_id):
-        from dpo_ds.data.shared_prompt import collate_shared
-
         return collate_shared(examples, pad_id, self.row_len())
+
+    @classmethod
+    def plan_tokens(cls, pairs, width, length, prompt, budget):
+        """The budget, else each example's prompt once and its responses after it."""
+        return budget or pairs * (length + (width - 1) * (length - min(prompt, length)))
 
     def row_len(self) -> int:
         return self.row_tokens or 2 * self.max_length
-
-
-KINDS = {cls.name: cls for cls in (Layout, Packed, SharedPrompt)}  # config.LAYOUTS, the key's values
-assert tuple(KINDS) == LAYOUTS
 
 
 def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_parallel: int = 1) -> str | None:
@@ -229,8 +125,8 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_para
     need), packed and shared-prompt rows dpo_ds_blocks (which follows the spans), on any device."""
     if sequence_parallel > 1:
         if requested == "auto":
-            return "sdpa" if layout == "padded" else "dpo_ds_blocks"
-        ok = SP_ATTENTION["padded" if layout == "padded" else "segmented"]
+            return "dpo_ds_blocks" if LAYOUTS.get(layout).segmented else "sdpa"
+        ok = SP_ATTENTION["segmented" if LAYOUTS.get(layout).segmented else "padded"]
         if requested not in ok:
             raise ConfigError(
                 f"config key 'model.attn_implementation': {requested} cannot run data.layout={layout} under "
@@ -241,7 +137,7 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_para
         return requested
     if requested != "auto":
         return requested
-    if layout == "padded":
+    if not LAYOUTS.get(layout).segmented:
         return None
     return "dpo_ds_blocks" if on_cpu else "flex_attention"
 
@@ -262,8 +158,7 @@ def choose(
     sequence-parallel group, (rank, size). Under per-segment attention one packed row fills the whole
     micro-batch budget (nothing is computed across segments, so no padding is needed); a dense mask
     costs (row x row) per row, so there rows stay near max_length unless data.row_tokens says."""
-    if name not in KINDS:
-        raise ConfigError(f"config key 'data.layout': must be one of {LAYOUTS}, got {name!r}")
+    kind = LAYOUTS.get(name)  # a name no layout registered: the config key named
     impl = attn_implementation(name, attn, on_cpu, sequence_parallel[1])
     if on_cpu and impl == "flex_attention":
         log.warning(
@@ -271,9 +166,9 @@ def choose(
             "eager FlexAttention (torch has no compiled backward on CPU; the scores are materialized, T x T "
             "per head): the GPU's attention checked on CPU, not a fast path (auto: dpo_ds_blocks)"
         )
-    if not row_tokens and impl in PER_SEGMENT_ATTENTION and name != "padded":
+    if not row_tokens and impl in PER_SEGMENT_ATTENTION and kind.segmented:
         row_tokens = max_tokens_per_micro_batch or ONE_ROW  # one row per micro-batch, no padding
-    layout = KINDS[name](max_length, row_tokens, impl, sequence_parallel)
+    layout = kind(max_length, row_tokens, impl, sequence_parallel)
     if layout.own_mask and not layout.per_segment and layout.row_len() > DENSE_MASK_MAX_TOKENS:
         raise ConfigError(
             f"config key 'data.row_tokens': {name} rows of {layout.row_len()} tokens need a dense "

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from dpo_ds.data.collate import order_sequences, targets_from_labels
-from dpo_ds.data.layout import MicroBatch
+from dpo_ds.data.microbatch import MicroBatch
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
 
 

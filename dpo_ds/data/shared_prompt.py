@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from dpo_ds.data.layout import MicroBatch
+from dpo_ds.data.microbatch import MicroBatch
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
 
 

@@ -47,7 +47,7 @@ import re
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from dpo_ds.data.sources import DataError, Text
+from dpo_ds.data.sources.groups import DataError, Text
 
 IGNORE = -100
 # how a prompt was truncated (Tokenization.cuts); a conversation may count under two of these

@@ -18,22 +18,23 @@ from pathlib import Path
 import torch
 import yaml
 
-from dpo_ds.checkpoint import find_step_dir, run_dir_of
 from dpo_ds.data.collate import collate_padded
 from dpo_ds.data.tokenize import Tokenization
 from dpo_ds.demo import checker
 from dpo_ds.demo.make_data import OUT as DATA
-from dpo_ds.model import LogprobLM, load_tokenizer, resolve_model_dir, sequence_logps
+from dpo_ds.model.files import load_tokenizer, resolve_model_dir
+from dpo_ds.model.lm import LogprobLM, sequence_logps
+from dpo_ds.run.dir import find_step_dir, run_dir_of
 
 
 def load_policy(path: Path, model_dir: Path):
     """A run's policy as one plain model: its policy.pt, or a LoRA run's base with its adapter merged."""
     from transformers import AutoModelForCausalLM
 
-    from dpo_ds.adapters import is_adapter_dir
-    from dpo_ds.checkpoint import read_archive
-    from dpo_ds.export import merged_model
-    from dpo_ds.model import load_config
+    from dpo_ds.cli.export import merged_model
+    from dpo_ds.model.adapters import is_adapter_dir
+    from dpo_ds.model.files import load_config
+    from dpo_ds.run.archive import read_archive
 
     step = find_step_dir(path)
     if is_adapter_dir(step):

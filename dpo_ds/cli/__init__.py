@@ -1,0 +1,1 @@
+"""The entry points: train (build the run, then the loop), prepare, export, plot."""

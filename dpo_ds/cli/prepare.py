@@ -1,0 +1,92 @@
+"""The data phase alone (data/prepare.py), with train.py's config keys and the same launchers, to build
+the token cache ahead of a GPU job (on CPU nodes, into data.cache_dir) and to time it:
+
+    deepspeed --num_gpus 8 --module dpo_ds.cli.prepare --config my.yaml data.cache_dir=/shared/cache
+    torchrun --nproc_per_node 16 -m dpo_ds.cli.prepare datasets=[ultrafeedback:/data/uf] ...
+
+It prints one JSON line per rank with what it measured (wall and CPU seconds, peak and private
+memory, tokens), which bench/data_prep.py reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+
+from dpo_ds.data.prepare import prepare_data
+
+
+def _memory() -> dict:
+    from dpo_ds.dist.memory import proc_status
+
+    return proc_status("VmHWM", "VmRSS", "RssAnon", "RssFile")
+
+
+def main(argv=None) -> int:
+    from dpo_ds.cli.train import USER_ERRORS, parse_args
+    from dpo_ds.config import load_config
+    from dpo_ds.dist import comm
+    from dpo_ds.model.files import load_tokenizer, resolve_model_dir
+    from dpo_ds.run.dir import RunDir
+    from dpo_ds.training.objectives import build_objective
+
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    cfg = load_config(args.config, args.overrides)
+    wall0, cpu0 = time.time(), time.process_time()
+    before = _memory()
+    rank, world, _ = comm.init_distributed(cfg.torch_threads, cfg.dist_timeout_s)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)  # fmt: skip
+    try:
+        model_dir = resolve_model_dir(cfg.model.name_or_path)
+        tokenizer = load_tokenizer(model_dir)
+        started = time.time(), time.process_time(), _memory()
+        _, prepared = prepare_data(
+            cfg,
+            not build_objective(cfg).pairs,
+            tokenizer,
+            model_dir,
+            RunDir(cfg.run_dir),
+            rank=rank,
+            world=world,
+        )
+        after = _memory()
+        stores = prepared.stores
+        tokens = sum(s.tokens for s in stores.values())
+        result = {
+            "rank": rank,
+            "world": world,
+            "built": prepared.built,
+            "wall_s": time.time() - wall0,
+            "data_wall_s": time.time() - started[0],
+            "cpu_s": time.process_time() - cpu0,
+            "data_cpu_s": time.process_time() - started[1],
+            "children_cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), k) for k in ("ru_utime", "ru_stime")),
+            "peak_rss": after.get("VmHWM", 0),
+            "worker_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,  # the build's worker
+            "anon_held": after.get("RssAnon", 0) - started[2].get("RssAnon", 0),
+            "file_held": after.get("RssFile", 0) - started[2].get("RssFile", 0),
+            "rss_before": before.get("VmRSS", 0),
+            "tokens": tokens,
+            "examples": {k: len(v) for k, v in stores.items()},
+            "cache": str(prepared.path),
+        }  # fmt: skip
+        sys.stdout.write("DPO_DS_PREPARE " + json.dumps(result) + "\n")  # one write: ranks share the pipe
+        sys.stdout.flush()
+        comm.barrier()
+    except USER_ERRORS as e:
+        comm.say(f"dpo_ds: error: {e}")
+        comm.part_together()
+        comm.shutdown()
+        return 2
+    comm.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from dpo_ds.cli.train import exit_now
+
+    exit_now(main())

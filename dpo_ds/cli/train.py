@@ -1,0 +1,130 @@
+"""dpo_ds entry point: SFT, DPO, IPO, cDPO and reference-free DPO on DeepSpeed.
+
+    deepspeed --num_gpus 8 dpo_ds/train.py --ds ds_configs/zero3.json loss=sft exp_name=sft datasets=[hh]
+    deepspeed --num_gpus 8 dpo_ds/train.py --ds ds_configs/zero3.json loss=dpo loss.beta=0.1 \
+        exp_name=dpo datasets=[hh] model.archive=runs/sft/LATEST/policy.pt
+
+Reads top to bottom: parse -> init distributed -> check inputs -> build -> train -> close.
+Every input is checked before any engine is built, identically on every rank, so a bad key, file,
+row or archive stops all ranks with the same message instead of hanging a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from dpo_ds.config import ConfigError
+from dpo_ds.data.sources import DataError
+from dpo_ds.data.tokenize import TokenizationError
+from dpo_ds.model.adapters import AdapterError
+from dpo_ds.model.files import ModelError
+from dpo_ds.run.dir import ArchiveError
+from dpo_ds.run.lock import RunDirLocked
+
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ArchiveError,
+    ModelError,
+    TokenizationError,
+    RunDirLocked,
+    AdapterError,
+)
+log = logging.getLogger("dpo_ds")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument(
+        "--ds",
+        default=str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json"),
+        help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)",
+    )
+    ap.add_argument(
+        "--config", default=None, help="YAML file with dpo_ds config keys; key=value overrides win"
+    )
+    ap.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by launchers
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. loss=dpo loss.beta=0.1 datasets=[hh,shp]")
+    return ap.parse_intermixed_args(argv)  # key=value before and after --ds / --config
+
+
+def run(argv=None) -> dict:
+    from dpo_ds.cli import steps
+    from dpo_ds.config import load_config
+    from dpo_ds.dist import comm
+    from dpo_ds.training.objectives import build_objective
+
+    # 1. parse: the whole config is checked before anything starts
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    # the one place the training mode is decided: the objective (its losses checked against their specs)
+    # says whether it needs a reference
+    objective = build_objective(cfg)
+
+    # 2. distributed: the ranks, the DeepSpeed JSONs, the layout; then the run dir, locked
+    place = steps.start_distributed(cfg, args.ds, objective)
+    run_dir, lock = steps.claim_run_dir(cfg, place.rank)
+
+    # 3. inputs: model directory, archive, data, resume -- all checked before any engine exists
+    inputs = steps.check_inputs(cfg, place, objective, run_dir)
+    resume = steps.decide_resume(cfg, place, inputs, run_dir)
+    preemption, watchdog = steps.watch(cfg, place.rank, run_dir, lock)
+
+    # 4. build: both models start from the same weights; the policy resumed from its checkpoint
+    policy, reference, memory = steps.build_models(cfg, place, objective, inputs, run_dir, resume)
+    start_step = steps.resume_policy(cfg, policy, resume)
+
+    # 5. train, evaluate, save
+    trainer = steps.trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, memory,
+                            preemption, watchdog)  # fmt: skip
+    metrics = trainer.train(start_step)
+
+    # 6. close
+    comm.barrier()
+    watchdog.stop()
+    comm.shutdown()
+    return metrics
+
+
+def main(argv=None) -> int:
+    from dpo_ds.dist import comm
+    from dpo_ds.training.guards import TrainingStopped
+
+    try:
+        run(argv)
+    except USER_ERRORS as e:  # raised on every rank alike (rank 0 decides and broadcasts)
+        comm.say(f"dpo_ds: error: {e}")
+        comm.part_together()  # every rank's message out before any rank exits
+        comm.shutdown()
+        return 2
+    except TrainingStopped as e:  # the guard, or too many failed saves: every rank stops alike
+        comm.say(f"dpo_ds: stopped: {e}")  # no waiting for the others: a stop may mean they are gone
+        comm.shutdown()
+        return 3
+    return 0
+
+
+def exit_now(code: int) -> None:
+    """End a rank whose run is over with `code`: the exit handlers run (the run dir's lock, the
+    watchdog), logs and streams are flushed, and the interpreter's own teardown of torch, DeepSpeed and
+    transformers' modules (2-3 s a rank, that writes nothing) is skipped."""
+    import os
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())

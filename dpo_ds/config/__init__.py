@@ -1,0 +1,79 @@
+"""One typed config: dataclass defaults <- optional YAML file <- key=value overrides.
+
+The key names follow the original DPO code (eric-mitchell/direct-preference-optimization):
+`loss=dpo loss.beta=0.1 model.archive=... batch_size=64 ...`. Unknown keys, values of the wrong
+type and impossible values are errors that name the key; nothing is silently ignored.
+
+errors.py    ConfigError
+schema.py    the allowed values (DTYPES, ...) and the typed dataclasses (Config, ...)
+registry.py  the reference modes and layouts (REFERENCE_MODES, LAYOUTS): each value with the class behind it
+parse.py     coercion of YAML / CLI values, load_config (build -> resolve -> validate), to_dict, dump_yaml
+resolve.py   resolve(): the one owner of derived, "auto" and normalised values
+validate.py  validate(): checks only, never changes the config
+
+Imports run errors <- schema, registry <- resolve, validate <- parse; nothing here imports the rest of
+dpo_ds (the registries import the classes they name when first asked, by name).
+"""
+
+from .errors import ConfigError
+from .parse import dump_yaml, load_config, parse_overrides, to_dict
+from .registry import LAYOUTS, REFERENCE_MODES, Registry
+from .resolve import resolve
+from .schema import (
+    ADD_BOS,
+    ATTN_IMPLEMENTATIONS,
+    DTYPES,
+    GATHER_MODES,
+    IPO_NORMALIZE,
+    LOGPROB_IMPLS,
+    MODEL_INITS,
+    OPTIMIZERS,
+    SFT_NORMALIZE,
+    TRUNCATION_MODES,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    GuardConfig,
+    LoraSettings,
+    LossConfig,
+    ModelConfig,
+    ParallelConfig,
+    ResumeConfig,
+    WandbConfig,
+)
+from .validate import validate
+
+__all__ = [
+    "ADD_BOS",
+    "ATTN_IMPLEMENTATIONS",
+    "DTYPES",
+    "GATHER_MODES",
+    "IPO_NORMALIZE",
+    "LAYOUTS",
+    "Registry",
+    "LOGPROB_IMPLS",
+    "MODEL_INITS",
+    "OPTIMIZERS",
+    "REFERENCE_MODES",
+    "SFT_NORMALIZE",
+    "TRUNCATION_MODES",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "GuardConfig",
+    "LoraSettings",
+    "LossConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "ResumeConfig",
+    "WandbConfig",
+    "dump_yaml",
+    "load_config",
+    "parse_overrides",
+    "resolve",
+    "to_dict",
+    "validate",
+]

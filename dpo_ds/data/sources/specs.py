@@ -1,0 +1,32 @@
+"""Source specs: the known hub names and their splits, the local suffixes, the bundled demo data,
+and the forms `load_source` accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HUB_NAMES = {
+    "hh": "Anthropic/hh-rlhf",
+    "shp": "stanfordnlp/SHP",
+    "se": "HuggingFaceH4/stack-exchange-preferences",
+    "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+}
+# The hub split each dpo_ds split reads. stack-exchange has only 'train' (its 'test' is held out
+# from it); ultrafeedback_binarized names its preference splits train_prefs / test_prefs.
+HUB_SPLITS = {
+    "se": {"train": "train", "test": "train"},
+    "ultrafeedback": {"train": "train_prefs", "test": "test_prefs"},
+}
+# Suffixes tried, in this order, for {split}.* in a directory. json files may hold JSON lines.
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+
+DEMO_DIR = Path(__file__).resolve().parent.parent.parent / "demo" / "data"
+ACCEPTED_FORMS = (
+    "'hh', 'shp', 'se', 'ultrafeedback' (Hugging Face hub); 'hh:DIR', 'shp:DIR', 'se:DIR', "
+    "'ultrafeedback:DIR' (local copies shaped like the hub's rows); 'demo'; a local file ending "
+    ".jsonl, .json or .parquet; or a directory holding {split}.jsonl|json|parquet"
+)
+
+
+def _hub_split(kind: str, split: str) -> str:
+    return HUB_SPLITS.get(kind, {}).get(split, split)

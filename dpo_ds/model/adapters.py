@@ -1,0 +1,129 @@
+"""LoRA adapters through peft: the config, the modules they wrap, and adapter checkpoints on disk.
+
+With model.lora.r > 0 the policy is the base model (frozen, never in the optimizer) with peft LoRA
+adapters on every linear layer of the decoder but the lm_head (or model.lora.target_modules); only the
+adapters train. The reference is that same model with its adapters switched off (reference.py,
+model.reference_mode=adapters_off): no second copy of the weights. B starts at zero, so at step 0 the
+adapters add nothing and the DPO loss is exactly ln 2.
+
+Adapter dtype (model.lora.adapter_dtype). The default, `policy`, keeps the adapters in the policy's
+dtype: under DeepSpeed mixed precision (model.policy_dtype=bfloat16) the optimizer holds an fp32 master
+copy of every trainable parameter, so a bf16 adapter is still updated in fp32, and every module has one
+dtype, so ZeRO-3 all-gathers never mix dtypes: DeepSpeed 0.19.2 broke exactly that case (fp32 adapters
+on a bf16 base, DeepSpeed issue 8072), and the default cannot meet it on any version. `float32` makes
+the adapters fp32 on a bf16 base, as peft does by default: the adapter's own matmuls then run in fp32
+(peft casts its input), which matters for small ranks and long runs more than for the update itself.
+Both train under ZeRO-3 on 2 ranks with DeepSpeed 0.19.8 (tests/test_lora_launcher.py).
+
+A LoRA run's step dir holds the adapter in peft's own format (adapter_config.json and
+adapter_model.safetensors: `PeftModel.from_pretrained(base, step_dir)` loads it) beside what resume
+needs. Its base is the run's own starting point (start.py), recorded in its run_state.json, and
+adapter_config.json names the model directory (base_model_name_or_path).
+
+peft is imported inside functions: this module imports in milliseconds without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ALL_LINEAR = "all-linear"
+
+
+class AdapterError(ValueError):
+    """A LoRA setting or adapter archive that cannot be used; the message names the key or file."""
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def _targets(settings) -> str | list[str]:
+    return ALL_LINEAR if list(settings.target_modules) == [ALL_LINEAR] else list(settings.target_modules)
+
+
+def lora_config(settings):
+    """peft's LoraConfig for model.lora.*: alpha defaults to 2 x r, no bias, no dropout by default."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise AdapterError(
+            "model.lora.r > 0 needs peft: pip install 'dpo_ds[lora]' (or pip install peft)"
+        ) from None
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha if settings.alpha is not None else 2 * settings.r,
+        lora_dropout=settings.dropout,
+        target_modules=_targets(settings),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_targets(settings, model_dir: Path) -> list[str]:
+    """The module names model.lora.target_modules wraps, from the model built on the meta device (no
+    weights, no memory), or an AdapterError naming the key when a target matches nothing."""
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.model.files import load_config
+
+    config = lora_config(settings)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(model_dir))
+    head = model.get_output_embeddings()
+    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    if config.target_modules == ALL_LINEAR:
+        return sorted(linear)
+    matched = {name for name, _ in model.named_modules() if check_target_module_exists(config, name)}
+    for target in settings.target_modules:
+        if not any(name == target or name.endswith(f".{target}") for name in matched):
+            kinds = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            raise AdapterError(
+                f"config key 'model.lora.target_modules': {target!r} matches no module of {model_dir} "
+                f"(its linear layers: {', '.join(kinds)}; or all-linear)"
+            )
+    if any(m is head for name, m in model.named_modules() if name in matched):
+        raise AdapterError(
+            "config key 'model.lora.target_modules': the lm_head cannot take an adapter (the log-prob "
+            "paths compute from its weight directly); leave it out"
+        )
+    return sorted(matched)
+
+
+def wrap(lm, settings, seed: int, gradient_checkpointing: bool, base: Path):
+    """The peft model around `lm`, adapters initialised from `seed` (the same on every rank: A random,
+    B zero), in lm's dtype or fp32 (model.lora.adapter_dtype). The base's parameters are frozen by peft;
+    adapter_config.json will name `base` (the model directory) as base_model_name_or_path."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    fp32 = settings.adapter_dtype == "float32"
+    model = get_peft_model(lm, lora_config(settings), autocast_adapter_dtype=fp32)
+    model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
+    if gradient_checkpointing:
+        # peft's trick for checkpointing with a frozen embedding: its output must require grad, or a
+        # reentrant checkpoint would give the adapters inside no gradient (harmless when non-reentrant)
+        model.enable_input_require_grads()
+    return model
+
+
+def is_lora(lm) -> bool:
+    """Whether the HF model is a peft model (LoRA adapters)."""
+    return hasattr(lm, "peft_config") and hasattr(lm, "disable_adapter")
+
+
+def adapter_base(step_dir: Path) -> str | None:
+    """The model directory an adapter archive's adapter_config.json names as its base."""
+    import json
+
+    try:
+        return json.loads((Path(step_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise AdapterError(
+            f"{Path(step_dir) / ADAPTER_CONFIG} cannot be read ({type(e).__name__}: {e})"
+        ) from None

@@ -1,0 +1,251 @@
+"""Memory of a DPO run per rank, from the model's config.json and the run's config alone (no weights).
+
+Every term is a formula of its own, with its derivation beside it, and a test (tests/test_plan.py);
+dpo_ds/plan/planner.py prints them as a table, and train.py logs their total at launch. Bytes per rank; N is the
+model's parameter count, R the ranks a ZeRO stage shards over, p the bytes of one value in the policy's
+dtype (4 fp32, 2 bf16/fp16).
+
+Model states (DeepSpeed ZeRO, AdamW):
+    weights     N p, / R under ZeRO-3 (partitioned parameters)
+    gradients   T p (T the trainable parameters: N, or LoRA's adapters), / R from ZeRO-2 (partitioned)
+    master      T x 4: DeepSpeed's ZeRO optimizers keep an fp32 copy of the trainable partition, in fp32
+                runs too (the flat fp32 groups the optimizer steps), / R from ZeRO-1
+    Adam        T x 8 (exp_avg, exp_avg_sq in fp32), / R from ZeRO-1
+    so a full fp32 policy under ZeRO-3 is 20 bytes a parameter over R, bf16 mixed precision 16 over R.
+Reference: engine: N x its dtype's bytes, / R when it is ZeRO-3 (its own placement), 0 on the device when
+    offloaded (its weights in CPU memory), plus what its forward holds while the policy's activations are
+    alive: its own ZeRO-3 prefetch bucket and its logits under no_grad (M V x 4, fp32; fused_linear: one
+    chunk); precomputed: 8 bytes (chosen, rejected fp32) per example, on the CPU; LoRA adapters off /
+    reference-free: nothing.
+Activations of one micro-batch, per token, for a Llama-shaped decoder layer (hidden H, KV width K = KV heads
+    x head dim, MLP width I), what autograd keeps for the backward:
+        attention block: the norm's input and output (2H), q, k, v (H + 2K), the attention output (H), the
+                         o_proj output added to the residual (H), the rotary q/k copies (H + K)
+        MLP block: the norm's input and output (2H), gate, up, silu(gate), their product (4I), down (H)
+    ~ 10H + 3K + 4I values a token a layer (58M Llama, H 512, K 512, I 1376: 11.6k values, 45.5 KiB in fp32;
+    measured by bench/memory.py at module level: 45.6 KiB), x p bytes. With gradient checkpointing a layer
+    keeps its input (H) and one layer is recomputed at a time, its activations and their gradients alive
+    together: L H p + 2 (10H + 3K + 4I) p. Attention itself keeps O(tokens) (SDPA's flash/efficient
+    kernels, FlexAttention and dpo_ds_blocks never build a (T x T) matrix; a dense shared-prompt mask does).
+    Plus the embedding output and the final norm (3H p).
+Logits of the scored tokens M (every response token; a bound: prompts are often half the tokens), V vocab:
+    naive      M V (2p + 3): the logits, their gradient, and log-softmax's fp32 work (measured 2.73x the fp32
+               logits' size on CPU)
+    chunked    M V (p + 3): the logits kept for the backward, chunks of fp32 work (measured 1.77x)
+    triton     M V (p + 1): the logits and their gradient written in place, no fp32 copy
+    fused_linear  no logits: one (chunk, V) fp32 buffer, chunk = FUSED_CHUNK_ROWS
+Communication buffers (the DeepSpeed JSON's sizes, in elements of p bytes): ZeRO-3 prefetches
+    stage3_prefetch_bucket_size and reduces in reduce_bucket_size buckets; ZeRO-1/2 reduce gradients through
+    one reduce_bucket_size bucket allocated whole (the updated partitions are gathered into the parameters
+    themselves; on CPU the bucket's pages are not resident and it counts nothing there).
+The save's peak (rank 0, policy.pt streamed): the largest tensor gathered in fp32, twice (the gathered
+    copy and the collective's temporary one).
+On CPU a process also holds ~CPU_PROCESS_GIB of libraries, interpreter and fixed buffers (torch,
+DeepSpeed, transformers, datasets; measured as the whole run of a 0.07M-parameter model); the planner adds
+it on CPU and says so. On a GPU the device holds none of that.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo_ds.config import REFERENCE_MODES
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# a CPU rank's resident set whatever the model: libraries, interpreter, the data phase, DeepSpeed's and
+# torch's fixed buffers once engines exist and step (bench/memory.py row 11: the whole run of a
+# 0.07M-parameter model peaks at 0.556 GiB a rank)
+CPU_PROCESS_GIB = 0.54
+FUSED_CHUNK_ROWS = 1024  # logprobs.reference.default_chunk_rows at these vocabularies (a bound)
+LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-shaped decoder from its config.json: what every formula reads."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    qkv_bias: bool = False  # Qwen2's q, k, v projections carry biases
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shape:
+        c = config.get("text_config", config)
+        heads = c["num_attention_heads"]
+        return cls(
+            vocab=c["vocab_size"],
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            heads=heads,
+            kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            intermediate=c["intermediate_size"],
+            tied=bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", False))),
+            qkv_bias=bool(c.get("attention_bias", c.get("model_type") == "qwen2")),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> Shape:
+        return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear projection of one layer, by its name in a Llama."""
+        h, q, k, i = self.hidden, self.heads * self.head_dim, self.kv_width, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+    @property
+    def params(self) -> int:
+        """Embeddings V H, per layer its projections (and q/k/v biases where the model has them) and two
+        norms (2H), the final norm, the lm_head (V H unless tied to the embeddings)."""
+        per_layer = sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden
+        if self.qkv_bias:
+            per_layer += self.heads * self.head_dim + 2 * self.kv_width
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.vocab * self.hidden + self.layers * per_layer + self.hidden + head
+
+    @property
+    def largest_tensor(self) -> int:
+        return max(self.vocab * self.hidden, *(a * b for a, b in self.linear_shapes().values()))
+
+
+def lora_params(shape: Shape, r: int, targets) -> int:
+    """r (in + out) a wrapped projection (A: r x in, B: out x r), on every layer."""
+    names = LORA_TARGETS_ALL if list(targets) == ["all-linear"] else list(targets)
+    return shape.layers * sum(r * (a + b) for n, (a, b) in shape.linear_shapes().items() if n in names)
+
+
+def model_states(n: int, trainable: int, stage: int, p: int, ranks: int) -> dict[str, float]:
+    """Weights, gradients, fp32 master copy and Adam states per rank (module docstring), in bytes."""
+    return {
+        "weights": n * p / (ranks if stage == 3 else 1),
+        "gradients": trainable * p / (ranks if stage >= 2 else 1),
+        "optimizer": trainable * (4 + 8) / (ranks if stage >= 1 else 1),
+    }
+
+
+def reference_bytes(
+    mode: str, n: int, p: int, stage: int, ranks: int, offload: bool, zero: dict, scored: int, vocab: int, impl: str
+) -> float:  # fmt: skip
+    """On the device, per rank: an engine's weights (N p, / R under ZeRO-3, 0 offloaded), its prefetch
+    bucket (ZeRO-3) and its no-grad logits; the other modes nothing there (a precomputed table, 8 bytes an
+    example, lives on the CPU)."""
+    if mode == "none" or not REFERENCE_MODES.get(mode).holds_engine:
+        return 0.0
+    weights = 0.0 if offload else n * p / (ranks if stage == 3 else 1)
+    prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), n) * p if stage == 3 else 0.0
+    logits = min(scored, FUSED_CHUNK_ROWS) * vocab * 4.0 if impl == "fused_linear" else scored * vocab * 4.0
+    return weights + prefetch + logits
+
+
+def per_token_layer(shape: Shape) -> int:
+    """Values autograd keeps a token a layer: 10H + 3K + 4I (module docstring)."""
+    return 10 * shape.hidden + 3 * shape.kv_width + 4 * shape.intermediate
+
+
+def activation_bytes(shape: Shape, tokens: int, p: int, checkpointing: bool) -> float:
+    """One micro-batch's activations on a rank holding `tokens` tokens of it."""
+    edges = 3 * shape.hidden * tokens * p  # embedding output, final norm in and out
+    if checkpointing:
+        return tokens * p * (shape.layers * shape.hidden + 2 * per_token_layer(shape)) + edges
+    return tokens * shape.layers * per_token_layer(shape) * p + edges
+
+
+def logits_bytes(impl: str, scored: int, vocab: int, p: int) -> float:
+    if impl == "fused_linear":
+        return min(scored, FUSED_CHUNK_ROWS) * vocab * 4.0
+    per = {"naive": 2 * p + 3, "chunked": p + 3, "triton": p + 1}[impl]
+    return float(scored) * vocab * per
+
+
+def buffer_bytes(zero: dict, stage: int, n: int, p: int, on_cpu: bool = False) -> float:
+    """The JSON's bucket sizes in elements (DeepSpeed's defaults where unset). ZeRO-3's fill as parameters
+    and gradients pass, so at most the model's size. ZeRO-1/2 allocate their reduce bucket whole at start
+    (device memory on a GPU); on CPU its pages are not resident (bench/memory.py row 5 measures none of
+    it), so there it counts nothing."""
+
+    def size(key, default, cap=True):
+        v = zero.get(key, default)
+        v = float(v) if v != "auto" else default
+        return (min(v, n) if cap else v) * p
+
+    if stage == 3:
+        return size("stage3_prefetch_bucket_size", 5e7) + size("reduce_bucket_size", 5e8)
+    if stage in (1, 2):
+        return 0.0 if on_cpu else size("reduce_bucket_size", 5e8, cap=False)
+    return 0.0
+
+
+def save_peak_bytes(shape: Shape) -> float:
+    return 2 * shape.largest_tensor * 4.0
+
+
+@dataclass
+class Run:
+    """What a run is, in the terms the formulas need (plan.describe builds it from a config)."""
+
+    shape: Shape
+    ranks: int  # every rank of the job
+    stage: int
+    policy_bytes: int
+    reference_mode: str  # engine | precomputed | adapters_off | none
+    reference_bytes: int
+    reference_stage: int
+    reference_offload: bool
+    lora_r: int
+    lora_targets: tuple
+    tokens_per_micro: int  # tokens of one micro-batch on one rank before sequence parallelism
+    scored_per_micro: int
+    checkpointing: bool
+    logprob_impl: str
+    sequence_parallel: int
+    zero: dict = field(default_factory=dict)
+    on_cpu: bool = False
+
+
+def estimate(run: Run) -> dict[str, float]:
+    """Every term for one rank, in bytes, and their total; on CPU the process constants too."""
+    s = run.shape
+    n = s.params
+    trainable = lora_params(s, run.lora_r, run.lora_targets) if run.lora_r else n
+    states = model_states(n, trainable, run.stage, run.policy_bytes, run.ranks)
+    if run.lora_r:  # the adapters' own weights beside the frozen base
+        states["weights"] += trainable * run.policy_bytes / (run.ranks if run.stage == 3 else 1)
+    tokens = -(-run.tokens_per_micro // run.sequence_parallel)
+    scored = -(-run.scored_per_micro // run.sequence_parallel)
+    terms = {
+        **states,
+        "reference": reference_bytes(
+            run.reference_mode,
+            n,
+            run.reference_bytes,
+            run.reference_stage,
+            run.ranks,
+            run.reference_offload,
+            run.zero,
+            scored,
+            s.vocab,
+            run.logprob_impl,
+        ),  # fmt: skip
+        "activations": activation_bytes(s, tokens, run.policy_bytes, run.checkpointing),
+        "logits": logits_bytes(run.logprob_impl, scored, s.vocab, run.policy_bytes),
+        "buffers": buffer_bytes(run.zero, run.stage, n, run.policy_bytes, run.on_cpu),
+    }
+    if run.on_cpu:
+        terms["libraries (CPU)"] = CPU_PROCESS_GIB * GIB
+    terms["total"] = sum(terms.values())
+    terms["save peak (rank 0)"] = save_peak_bytes(s)
+    return terms

@@ -1,0 +1,263 @@
+"""Will it fit? The memory of a DPO run per rank, before launching it.
+
+    python -m dpo_ds.plan --ds ds_configs/zero3.json model.name_or_path=/models/Llama-3-8B \\
+        max_length=2048 batch_size=64 --gpus 8 --gpu-mem 80
+
+Takes train.py's config keys (--ds, --config, key=value) and the cluster (--gpus per node, --nodes,
+--gpu-mem or --cpu-mem GiB); reads the model directory's config.json only (no weights: a 70B plans on a
+laptop). Prints every term of dpo_ds/plan/estimate.py for one rank and for rank 0 while it saves, the total
+against the budget, and when it does not fit the cheapest changes in the README's order (LoRA, ZeRO-3, a
+precomputed reference, fused_linear, gradient checkpointing, a smaller token budget, sequence parallelism,
+offload), each alone and then together until it fits; --write-ds PATH writes the DeepSpeed JSON of the
+first set that fits. Estimates, not measurements: bench/plan_check.py compares them with bench/memory.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dpo_ds.config import LAYOUTS
+from dpo_ds.engine.ds_config import reference_zero_stage
+from dpo_ds.plan.estimate import DTYPE_BYTES, GIB, Run, Shape, estimate
+
+
+def describe(
+    cfg, ds: dict, ranks: int, on_cpu: bool, model_dir: Path, sequence_tokens: int | None = None
+) -> Run:
+    """The run a config and a DeepSpeed JSON make, in the formulas' terms. Sequences are planned at
+    max_length (a bound) unless sequence_tokens says how long the data's longest ones are."""
+    from dpo_ds.training.objectives import build_objective
+
+    objective = build_objective(cfg)
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    sp = cfg.parallel.sequence_parallel_size
+    dp = max(ranks // sp, 1)
+    pairs = max(cfg.batch_size // (dp * cfg.gradient_accumulation_steps), 1)  # per micro-batch
+    width = 2 if objective.pairs else 1
+    length = min(sequence_tokens or cfg.max_length, cfg.max_length)
+    # the layout says what a micro-batch of pairs takes in its rows (config.LAYOUTS: one owner)
+    tokens = LAYOUTS.get(cfg.data.layout).plan_tokens(
+        pairs, width, length, cfg.max_prompt_length, cfg.data.max_tokens_per_micro_batch
+    )
+    mode = cfg.model.reference_mode if objective.needs_reference else "none"  # resolved by load_config
+    ref_stage = reference_zero_stage(stage, cfg.model.reference_zero_stage)
+    return Run(
+        shape=Shape.from_dir(model_dir),
+        ranks=ranks,
+        stage=stage,
+        policy_bytes=DTYPE_BYTES[cfg.model.policy_dtype],
+        reference_mode=mode,
+        reference_bytes=DTYPE_BYTES[cfg.model.reference_dtype],
+        reference_stage=ref_stage,
+        reference_offload=cfg.model.reference_offload
+        or zero.get("offload_param", {}).get("device", "none") != "none",
+        lora_r=cfg.model.lora.r,
+        lora_targets=tuple(cfg.model.lora.target_modules),
+        tokens_per_micro=tokens,
+        scored_per_micro=tokens,  # a bound: every token scored
+        checkpointing=cfg.model.gradient_checkpointing,
+        logprob_impl=cfg.model.logprob_impl,
+        sequence_parallel=sp,
+        zero=zero,
+        on_cpu=on_cpu,
+    )
+
+
+def _offloaded(run: Run) -> Run:
+    """ZeRO-3 with the optimizer state and the parameters offloaded to CPU: on the device, the gathered
+    layers in flight (the buffers) and the activations."""
+    zero = {
+        **run.zero,
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
+    return dataclasses.replace(run, stage=3, zero=zero, reference_offload=True)
+
+
+def device_total(run: Run) -> float:
+    t = estimate(run)
+    if run.zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        t["total"] -= t["optimizer"]  # in CPU memory
+    if run.zero.get("offload_param", {}).get("device", "none") != "none":
+        t["total"] -= t["weights"]
+    return t["total"]
+
+
+# the README's order (Fitting a large model, Long sequences): each a change to a Run
+FIXES = [
+    ("LoRA r=16 on every linear layer (model.lora.r=16)", lambda r: dataclasses.replace(
+        r, lora_r=16, lora_targets=("all-linear",), reference_mode="adapters_off" if r.reference_mode == "engine" else r.reference_mode)),
+    ("ZeRO-3 (--ds ds_configs/zero3.json)", lambda r: dataclasses.replace(
+        r, stage=3, reference_stage=3, zero={**r.zero, "stage": 3})),
+    ("a precomputed reference (model.reference_mode=precomputed)", lambda r: dataclasses.replace(
+        r, reference_mode="precomputed") if r.reference_mode == "engine" else r),
+    ("fused_linear log-probs (model.logprob_impl=fused_linear)", lambda r: dataclasses.replace(r, logprob_impl="fused_linear")),
+    ("gradient checkpointing (model.gradient_checkpointing=true)", lambda r: dataclasses.replace(r, checkpointing=True)),
+    ("half the tokens per micro-batch (gradient_accumulation_steps x2 or a smaller data.max_tokens_per_micro_batch)",
+     lambda r: dataclasses.replace(r, tokens_per_micro=r.tokens_per_micro // 2, scored_per_micro=r.scored_per_micro // 2)),
+    ("sequence parallelism over 2x the ranks a row (parallel.sequence_parallel_size)", lambda r: dataclasses.replace(
+        r, sequence_parallel=min(r.sequence_parallel * 2, r.ranks))),
+    ("ZeRO-3 with CPU offload (--ds ds_configs/zero3_offload.json)", _offloaded),
+]  # fmt: skip
+
+
+SAVE = "save peak (rank 0)"  # estimate's term for what rank 0 adds while it writes a checkpoint
+NOT_WHILE_SAVING = ("activations", "logits")  # a step's, freed before the save
+
+
+def running_terms(t: dict) -> dict:
+    """The terms of estimate(run) that every rank holds during a training step."""
+    return {k: v for k, v in t.items() if k not in ("total", SAVE)}
+
+
+def _saving(t: dict) -> dict:
+    """The terms rank 0 holds while it saves: no step's activations, the save's own peak instead."""
+    return {**{k: v for k, v in running_terms(t).items() if k not in NOT_WHILE_SAVING}, SAVE: t[SAVE]}
+
+
+def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run | None]:
+    """(the report, [(fix, new total GiB)], the first cumulative Run that fits or None)."""
+    t = estimate(run)
+    where = "CPU (resident set per rank)" if run.on_cpu else "GPU (device memory per rank)"
+    lines = [
+        f"dpo_ds plan: {run.shape.params / 1e9:.2f}B parameters ({run.shape.layers} layers, hidden {run.shape.hidden}, "
+        f"vocab {run.shape.vocab}), {run.ranks} ranks, ZeRO-{run.stage}, reference {run.reference_mode}, "
+        f"{run.tokens_per_micro} tokens a micro-batch{f' over {run.sequence_parallel} ranks' if run.sequence_parallel > 1 else ''}, "
+        f"{run.logprob_impl}{', checkpointing' if run.checkpointing else ''}{f', LoRA r={run.lora_r}' if run.lora_r else ''}; {where}",
+        "",
+        "| term | every rank GiB | rank 0 while saving GiB |",
+        "|---|---:|---:|",
+    ]  # fmt: skip
+    running, saving = running_terms(t), _saving(t)
+    for k in [*running, SAVE]:
+        lines.append(f"| {k} | {running.get(k, 0) / GIB:.2f} | {saving.get(k, 0) / GIB:.2f} |")
+    total = device_total(run) / GIB
+    save_total = sum(saving.values()) / GIB
+    lines.append(f"| **total** | **{total:.2f}** | **{save_total:.2f}** |")
+    worst = max(total, save_total)
+    if run.on_cpu:
+        lines.append(
+            "(on CPU the libraries line is a measured constant per process: torch, DeepSpeed, transformers)"
+        )
+    verdict = (f"fits in {budget_gib:.1f} GiB with {budget_gib - worst:.2f} GiB to spare" if worst <= budget_gib
+               else f"over {budget_gib:.1f} GiB by {worst - budget_gib:.2f} GiB (largest: {max(running, key=running.get)})")  # fmt: skip
+    lines += ["", f"estimate: {verdict}"]
+    fixes, fitting = [], None
+    if worst > budget_gib:
+        lines += [
+            "",
+            "| change (alone) | new total GiB | together with the ones above GiB |",
+            "|---|---:|---:|",
+        ]
+        together = run
+        for name, change in FIXES:
+            if change(run) == run and change(together) == together:
+                continue  # already so (ZeRO-3 under ZeRO-3, a precomputed reference with LoRA's adapters off)
+            alone = device_total(change(run)) / GIB
+            together = change(together)
+            cumulative = device_total(together) / GIB
+            fixes.append((name, alone))
+            mark = " (fits)" if cumulative <= budget_gib else ""
+            lines.append(f"| {name} | {alone:.2f} | {cumulative:.2f}{mark} |")
+            if cumulative <= budget_gib and fitting is None:
+                fitting = together
+                break
+    return "\n".join(lines), fixes, fitting
+
+
+def one_line(run: Run, budget_gib: float | None) -> str:
+    """The launch log's line: the total and its three largest terms."""
+    t = estimate(run)
+    total = device_total(run) / GIB
+    top = sorted(running_terms(t).items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in top)
+    against = f" of {budget_gib:.1f} GiB" if budget_gib else ""
+    return f"memory estimate per rank (dpo_ds.plan): {total:.2f} GiB{against} ({parts})"
+
+
+def first_fix(run: Run, budget_gib: float) -> str:
+    for name, change in FIXES:
+        if change(run) != run and device_total(change(run)) / GIB <= budget_gib:
+            return name
+    return FIXES[0][0]
+
+
+def ds_json_for(ds: dict, fitting: Run) -> dict:
+    out = copy.deepcopy(ds)
+    out["zero_optimization"] = {**out.get("zero_optimization", {}), **fitting.zero, "stage": fitting.stage}
+    return out
+
+
+def main(argv=None) -> int:
+    from dpo_ds.config import ConfigError, load_config
+    from dpo_ds.model.files import ModelError, resolve_model_dir
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dpo_ds.plan", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
+    ap.add_argument("--ds", default=str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json"))
+    ap.add_argument("--config", default=None)
+    ap.add_argument(
+        "--gpus", type=int, default=None, help="ranks per node (default: this machine's GPUs, or 1)"
+    )
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: this machine's)")
+    ap.add_argument(
+        "--cpu-mem", type=float, default=None, help="GiB per node, CPU runs (default: this machine's)"
+    )
+    ap.add_argument(
+        "--write-ds", default=None, help="write the DeepSpeed JSON of the first set of changes that fits"
+    )
+    ap.add_argument("--sequence-tokens", type=int, default=None,
+                    help="the data's longest sequence (prompt + response) if shorter than max_length")  # fmt: skip
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds = json.loads(Path(args.ds).read_text())
+        model_dir = resolve_model_dir(cfg.model.name_or_path)
+        gpus, gpu_mem, on_cpu = _machine(args)
+        run = describe(cfg, ds, gpus * args.nodes, on_cpu, model_dir, args.sequence_tokens)
+        budget = (args.cpu_mem or _mem_total_gib()) / gpus if on_cpu else gpu_mem
+    except (ConfigError, ModelError, OSError, KeyError, ValueError) as e:
+        print(f"dpo_ds.plan: error: {e}", file=sys.stderr)
+        return 2
+    report, _, fitting = plan(run, budget)
+    print(report)
+    if args.write_ds and fitting is not None:
+        Path(args.write_ds).write_text(json.dumps(ds_json_for(ds, fitting), indent=2) + "\n")
+        print(
+            f"wrote {args.write_ds} (the ZeRO settings of the first set that fits; the other changes are config keys)"
+        )
+    return 0
+
+
+def _machine(args) -> tuple[int, float | None, bool]:
+    """(ranks per node, GiB per GPU, whether the ranks are CPU processes)."""
+    import torch
+
+    if args.gpu_mem is not None:
+        return args.gpus or 1, args.gpu_mem, False
+    if torch.cuda.is_available() and args.cpu_mem is None:
+        return (
+            args.gpus or torch.cuda.device_count(),
+            torch.cuda.get_device_properties(0).total_memory / GIB,
+            False,
+        )
+    return args.gpus or 1, None, True
+
+
+def _mem_total_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) / 2**20
+
+
+if __name__ == "__main__":
+    sys.exit(main())

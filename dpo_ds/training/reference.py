@@ -1,0 +1,356 @@
+"""Where the reference log-probs of a micro-batch come from: the one thing the trainer asks.
+
+    LiveReference         a frozen inference engine beside the policy (model.reference_mode=engine)
+    PrecomputedReference  a table computed once before training by a reference engine that is then
+                          destroyed, so none exists while the policy trains (reference_mode=precomputed)
+    NoReference           the objective needs none (SFT, reference-free losses): nothing is built
+
+Each answers `logps(batch)` with the reference's per-sequence log-probs (2 * pairs,) in the
+collators' order, or None; and `sampler()`, a context giving the model the reference's samples are
+generated from at eval, or None (a precomputed or absent reference has none).
+
+The precomputed table lives in `reference_logps.pt` (run/dir.py's RunDir names it) with a fingerprint
+of everything that changes its numbers. A rerun or resume with the same fingerprint reuses it; a
+cache whose fingerprint differs is refused, naming what changed; it is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from dpo_ds.config import ConfigError
+from dpo_ds.data.batches import data_digest
+from dpo_ds.model.lm import sequence_logps
+
+log = logging.getLogger("dpo_ds")
+
+
+class ReferenceMode:
+    """A reference mode, registered in config.REFERENCE_MODES under the value of model.reference_mode that
+    picks it: what it needs of the config, when it is built, what it holds, and how it is built. Config
+    validation, the planner and the run ask it; a new mode is a subclass and a register() call."""
+
+    holds_engine = False  # whether a reference model is resident beside the policy while it trains (planner)
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        """The mode's own requirements of the config: need(ok, key, message) raises naming the key."""
+
+    @classmethod
+    def built_before_policy(cls, cfg) -> bool:
+        """Whether it is built before the policy (a model of its own, which should take its memory first)."""
+        return True
+
+    @classmethod
+    def build(cls, cfg, *, policy=None, **context):
+        """The reference source for the run (build_reference_source's arguments; `policy` given after it)."""
+        raise NotImplementedError
+
+
+class NoReference:
+    def logps(self, batch: dict) -> torch.Tensor | None:
+        return None
+
+    def sampler(self):
+        """The model the reference's samples are generated from: none here."""
+        return nullcontext(None)
+
+
+class LiveReference(ReferenceMode):
+    """A frozen inference engine run on the same micro-batch as the policy, under no_grad
+    (model.reference_mode=engine)."""
+
+    holds_engine = True
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        if cfg.model.lora.r:
+            need(
+                False,
+                "model.reference_mode",
+                "is engine, a second copy of the base model beside a LoRA policy whose own base, adapters off, is "
+                "that reference; use adapters_off (the default with LoRA) or precomputed",
+            )
+
+    @classmethod
+    def build(cls, cfg, *, ref_config, model_dir, start, layout, sp=None, **context):
+        from dpo_ds.engine import build as engine_build
+
+        lm = engine_build.build_base(
+            model_dir, ref_config, cfg.model.reference_dtype, start, attn=layout.attn
+        )
+        return cls(engine_build.build_reference(lm, ref_config, cfg, sp))
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logps(self.engine, batch).logps.float()
+
+    def sampler(self):
+        return nullcontext(self.engine)
+
+
+class AdaptersOffReference(ReferenceMode):
+    """The LoRA policy's own base: the same engine, its adapters switched off, under no_grad, on the
+    same micro-batch and in the same order on every rank. No second copy of the weights
+    (model.reference_mode=adapters_off)."""
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        need(
+            cfg.model.lora.r > 0,
+            "model.reference_mode",
+            "is adapters_off, which needs LoRA (model.lora.r > 0)",
+        )
+
+    @classmethod
+    def built_before_policy(cls, cfg) -> bool:
+        return False  # it is the policy
+
+    @classmethod
+    def build(cls, cfg, *, policy=None, **context):
+        return cls(policy)
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        from dpo_ds.engine.step import unwrap_lm
+
+        with torch.no_grad(), unwrap_lm(self.engine).disable_adapter():
+            return sequence_logps(self.engine, batch).logps.float()
+
+    @contextmanager
+    def sampler(self):
+        """The reference's samples: the policy's engine with its adapters off."""
+        from dpo_ds.engine.step import unwrap_lm
+
+        with unwrap_lm(self.engine).disable_adapter():
+            yield self.engine
+
+
+class PrecomputedReference(NoReference, ReferenceMode):
+    """Looks a micro-batch's reference log-probs up by its examples' ids: tables[split] is
+    (examples, 2) fp32 (chosen, rejected), NaN for examples the run never uses. No model to sample from
+    (model.reference_mode=precomputed; built by precompute())."""
+
+    @classmethod
+    def built_before_policy(cls, cfg) -> bool:
+        return not cfg.model.lora.r  # with LoRA the policy, adapters off, computes the table
+
+    @classmethod
+    def build(cls, cfg, **context):
+        return precompute(cfg, **context)
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.tables = tables
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        rows = self.tables[batch.split][batch.example_ids.cpu()]  # (pairs, 2)
+        if torch.isnan(rows).any():  # an example the pre-pass did not compute: never guess
+            missing = batch.example_ids[torch.isnan(rows).any(dim=1).to(batch.example_ids.device)]
+            raise RuntimeError(
+                f"no precomputed reference log-probs for {batch.split} examples {missing.tolist()}"
+            )
+        device = batch.input_ids.device
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(device)  # (2 * pairs,) chosen then rejected
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def _file_facts(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()} {st.st_size} bytes, mtime {int(st.st_mtime)}"
+
+
+def weights_facts(start) -> str:
+    """What the reference's weights are (start.Start): the files they come from, or a seeded init."""
+    facts = "; ".join(_file_facts(f) for f in start.files if f.is_file())
+    return f"{start.describe()}: {facts}" if facts else start.describe()
+
+
+def fingerprint(cfg, model_dir: Path, splits, start, layout) -> dict[str, str]:
+    return {
+        "reference weights": weights_facts(start),
+        "model config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
+        "data (token ids of every example)": data_digest(splits),
+        "model.reference_dtype": cfg.model.reference_dtype,
+        "model.logprob_impl": cfg.model.logprob_impl,
+        "data.layout": layout.describe(),
+    }
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def read_cache(path: Path, want: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """The cached tables when `path` holds a complete cache with this fingerprint; None when there
+    is none; a ConfigError naming what changed when there is one for something else."""
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a cut-short or foreign file is refused, never half-used
+        raise ConfigError(
+            f"reference cache {path} cannot be read ({type(e).__name__}: {e}); delete it"
+        ) from None
+    if not isinstance(cache, dict) or not cache.get("complete") or "fingerprint" not in cache:
+        raise ConfigError(f"reference cache {path} is incomplete; delete it to compute it again")
+    changed = _changed(cache["fingerprint"], want)
+    if changed:
+        what = "; ".join(f"{k}: {cache['fingerprint'].get(k)!r} -> {want.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"reference cache {path} was computed for a different run ({what}); delete it to compute it "
+            f"again, or point data.cache_dir elsewhere"
+        )
+    return cache["tables"]
+
+
+def write_cache(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor]) -> None:
+    """Whole or nothing: a temporary file, fsync, then an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"fingerprint": want, "tables": tables, "complete": True}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the pre-pass
+
+
+@torch.no_grad()
+def compute_tables(engine, passes: dict[str, tuple[int, Iterable[dict]]], device, gather) -> dict:
+    """passes: split -> (its number of examples, the micro-batches this rank's training steps or evals
+    will run, in their order). Running those very micro-batches (same examples together, same padding
+    or rows, same order) makes every value what the live engine would compute at that step, bit for
+    bit: the pre-pass sums each sequence's log-probs in the training forward's order. Every rank runs
+    its own (the same count on every rank, as training does); `gather` (all_gather_object) then gives
+    every rank the whole table. An example met again (a later epoch) keeps its first value."""
+    tables = {}
+    for split, (n_examples, micro_batches) in passes.items():
+        rows: dict[int, tuple[float, float]] = {}
+        for micro in micro_batches:
+            seqs = sequence_logps(engine, micro.to(device))
+            chosen, rejected = seqs.chosen.float().cpu(), seqs.rejected.float().cpu()
+            for k, i in enumerate(micro.example_ids.tolist()):
+                rows.setdefault(i, (chosen[k].item(), rejected[k].item()))
+        table = torch.full((n_examples, 2), float("nan"), dtype=torch.float32)
+        for part in gather(rows):
+            for i, (c, r) in part.items():
+                table[i, 0], table[i, 1] = c, r
+        tables[split] = table
+        done = int((~torch.isnan(table[:, 0])).sum())
+        if done:
+            log.info(f"reference log-probs precomputed for {done} {split} examples")
+    return tables
+
+
+def built_before_policy(cfg, objective) -> bool:
+    """Whether the reference is built before the policy (the mode says: a model of its own, live or a
+    precomputed pre-pass whose engine is destroyed before the policy and its optimizer take the memory)."""
+    from dpo_ds.config import REFERENCE_MODES
+
+    return objective.needs_reference and REFERENCE_MODES.get(cfg.model.reference_mode).built_before_policy(
+        cfg
+    )
+
+
+def build_reference_source(cfg, objective, **context):
+    """The reference the objective asked for, from the mode model.reference_mode names: nothing; a live
+    engine; the policy with its adapters off (LoRA, `policy` given); or a table precomputed by a reference
+    engine destroyed before the policy exists (or, with LoRA, by the policy with its adapters off)."""
+    from dpo_ds.config import REFERENCE_MODES
+
+    if not objective.needs_reference:
+        return NoReference()
+    return REFERENCE_MODES.get(cfg.model.reference_mode).build(cfg, **context)
+
+
+def precompute(
+    cfg,
+    *,
+    ref_config: dict | None,
+    model_dir: Path,
+    start,
+    splits,
+    run_dir,
+    rank: int,
+    world: int,
+    device,
+    resume_dir: Path | None = None,
+    layout,
+    sp=None,
+    policy=None,
+):
+    """The table of a precomputed reference: read from a cache whose fingerprint matches, or computed now
+    by a reference engine destroyed afterwards (or, with LoRA, by the policy with its adapters off)."""
+    from dpo_ds.dist import comm
+    from dpo_ds.dist import memory as dist_memory
+    from dpo_ds.engine import build as engine_build
+    from dpo_ds.engine import step as engine_step
+
+    want = fingerprint(cfg, model_dir, splits, start, layout)
+    path = cache_path(cfg, run_dir, want)
+    candidates = [path]
+    if resume_dir is not None:  # the run being resumed may hold it
+        from dpo_ds.run.dir import run_dir_of
+
+        candidates.append(run_dir_of(resume_dir).reference_cache)
+    found = comm.decided_by_rank0(  # (path, tables) of the first cache that matches, or None
+        lambda: next(((str(p), t) for p in candidates if (t := read_cache(p, want)) is not None), None),
+        (ConfigError,),
+    )
+    if found is not None:
+        log.info(f"reference log-probs from {found[0]} (fingerprint matches); no reference model is built")
+        return PrecomputedReference(found[1])
+
+    train, evaluation = splits
+    passes = {
+        train.split: (len(train), train.first_pass(cfg.n_epochs, cfg.n_examples)),
+        evaluation.split: (len(evaluation), evaluation.eval_pass(cfg.n_eval_examples)),
+    }
+    if policy is not None:  # LoRA: the policy's base, its adapters off, computes them; nothing to destroy
+        with engine_step.unwrap_lm(policy).disable_adapter():
+            tables = compute_tables(policy, passes, device, comm.all_gather_objects)
+        log.info("reference pre-pass done by the policy with its adapters off")
+    else:
+        before = dist_memory.memory_now_gib()
+        lm = engine_build.build_base(
+            model_dir, ref_config, cfg.model.reference_dtype, start, attn=layout.attn
+        )
+        engine = engine_build.build_reference(lm, ref_config, cfg, sp)
+        built = dist_memory.memory_now_gib()
+        tables = compute_tables(engine, passes, device, comm.all_gather_objects)
+        engine_build.destroy(engine)
+        del engine, lm
+        after = dist_memory.memory_now_gib()
+        log.info(
+            f"reference pre-pass done; its engine is destroyed: memory {before:.2f} GiB before it, {built:.2f} GiB "
+            f"with it, {after:.2f} GiB after (rank {rank}), before the policy is built"
+        )
+    if rank == 0:
+        write_cache(path, want, tables)
+        log.info(f"reference log-probs cached in {path}")
+    comm.barrier()
+    return PrecomputedReference(tables)
+
+
+def cache_path(cfg, run_dir, want: dict[str, str]) -> Path:
+    """data.cache_dir/reference_logps-{digest}.pt, shared by every run with the same fingerprint; or
+    the run dir's reference_logps.pt, which a resume must match."""
+    if cfg.data.cache_dir:
+        digest = hashlib.sha256(repr(sorted(want.items())).encode()).hexdigest()[:16]
+        return Path(cfg.data.cache_dir) / f"{run_dir.reference_cache.stem}-{digest}.pt"
+    return run_dir.reference_cache
