@@ -7,7 +7,7 @@ ds_configs/zero3.json on every rank, then on rank 0 measures the peak RSS growth
 minus the RSS right before) of two ways of writing {'step_idx', 'state', 'metrics'}:
   old   every parameter gathered in turn (deepspeed.zero.GatheredParameters, all ranks) and cloned to CPU
         into one full state dict on rank 0, then torch.save: the whole fp32 model lives on rank 0
-  new   dpo_ds.engines.save_policy: rank 0 writes each gathered tensor's bytes and drops it
+  new   dpo_ds.run.save.save_policy: rank 0 writes each gathered tensor's bytes and drops it
 Then rank 0 loads both files and checks that they hold the same names and equal tensors. Results go
 to R as JSON. Run it with MALLOC_MMAP_THRESHOLD_=1048576 so freed blocks leave the resident set.
 """
@@ -57,40 +57,45 @@ def main() -> None:
 
     import torch
 
-    from dpo_ds import engines
     from dpo_ds.config import load_config
+    from dpo_ds.dist import comm
+    from dpo_ds.dist import memory as dist_memory
+    from dpo_ds.engine import build as engine_build
+    from dpo_ds.engine import ds_config as engine_config
+    from dpo_ds.engine import step as engine_step
+    from dpo_ds.run import save as run_save
 
     model_dir = Path(args.model_dir)
     cfg = load_config(None, [f"model.name_or_path={model_dir}", "batch_size=2", "eval_batch_size=2"])
-    rank, world, device = engines.init_distributed()
-    ds = engines.resolve_ds_config(
+    rank, world, device = comm.init_distributed()
+    ds = engine_config.resolve_ds_config(
         str(ROOT / "ds_configs" / "zero3.json"), cfg, world, on_cpu=device.type == "cpu"
     )
-    lm = engines.build_lm(model_dir, ds, "float32", from_weights=False)
-    engine = engines.build_policy(lm, ds, cfg)
-    lm = engines.unwrap_lm(engine)
+    lm = engine_build.build_lm(model_dir, ds, "float32", from_weights=False)
+    engine = engine_build.build_policy(lm, ds, cfg)
+    lm = engine_step.unwrap_lm(engine)
     out = Path(args.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    engines.barrier()
+    comm.barrier()
 
     result = {}
     for key, path in (("old", out / "old_policy.pt"), ("new", out / "new_policy.pt")):
         gc.collect()
-        engines.barrier()
-        before = engines.memory_now_gib()
-        engines.reset_peak_memory()
+        comm.barrier()
+        before = dist_memory.memory_now_gib()
+        dist_memory.reset_peak_memory()
         t0 = time.time()
         if key == "old":
             save_old(lm, path, rank)
         else:
-            engines.save_policy(engine, path, step_idx=0, metrics={})
-        engines.barrier()
+            run_save.save_policy(engine, path, step_idx=0, metrics={})
+        comm.barrier()
         seconds = time.time() - t0
         if rank == 0:
             result[key] = {
                 "rss_before_gib": before,
-                "growth_gib": engines.peak_memory_gib() - before,
+                "growth_gib": dist_memory.peak_memory_gib() - before,
                 "seconds": seconds,
                 "file_bytes": path.stat().st_size,
             }
@@ -118,8 +123,8 @@ def main() -> None:
             largest_tensor_bytes=max(t.numel() * t.element_size() for t in new["state"].values()),
         )
         Path(args.json).write_text(json.dumps(result, indent=2))
-    engines.barrier()
-    engines.shutdown()
+    comm.barrier()
+    comm.shutdown()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Then, one after the other, each in its own processes (peak memory is its own):
   TRL          load the parquet with `datasets`, turn the rows into TRL's conversational shape (prompt,
                chosen, rejected as message lists), and DPOTrainer._prepare_dataset (apply_chat_template
                and tokenize, one process: dataset_num_proc=None); max_length 1024
-  dpo_ds x1    `deepspeed --num_gpus 1 --module dpo_ds.data.prepare`: the data phase of train.py alone
+  dpo_ds x1    `deepspeed --num_gpus 1 --module dpo_ds.cli.prepare`: the data phase of train.py alone
                (read ultrafeedback:DIR, tokenize and check every row, write the token cache, map it)
   dpo_ds x2    the same with 2 ranks: each tokenizes half, the cache is one
   relaunch     the 2-rank command again: the cache is found by its fingerprint and mapped
@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dpo_ds.launcher import deepspeed_cmd, env  # noqa: E402
+from dpo_ds.dist.launcher import deepspeed_cmd, env  # noqa: E402
 
 
 def corpus() -> list[str]:
@@ -147,7 +147,7 @@ def run_trl(work: Path, model: Path, data: Path) -> dict:
 def run_dpo_ds(work: Path, model: Path, data: Path, ranks: int, cache: Path) -> dict:
     cmd = deepspeed_cmd(
         f"model.name_or_path={model}", f"datasets=[ultrafeedback:{data}]", "max_length=1024", "max_prompt_length=512",
-        f"data.cache_dir={cache}", f"run_dir={work / 'run'}", ranks=ranks, module="dpo_ds.data.prepare",
+        f"data.cache_dir={cache}", f"run_dir={work / 'run'}", ranks=ranks, module="dpo_ds.cli.prepare",
     )  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env(threads=1), capture_output=True, text=True)

@@ -4,7 +4,7 @@ real launcher (2 ranks, ZeRO-3 policy and ZeRO-3 reference engine, sample_during
     python bench/generation.py            # ~6 min on a 2-core CPU
     python bench/generation.py --hidden 1024 --layers 16 --new-tokens 256 --evals 8   # on a GPU node
 
-Three runs, identical but for how generation meets ZeRO-3 (dpo_ds/engines.gathered_for_generation):
+Three runs, identical but for how generation meets ZeRO-3 (dpo_ds/engine/gather.py: gathered_for_generation):
 
   before       DeepSpeed's per-module gathers with its parameter trace left alone, as dpo_ds generated
                until this change (DPO_DS_GENERATION_KEEP_TRACE=1, eval.gather_for_generation=false)
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dpo_ds.demo.make_assets import char_model_dir  # noqa: E402
-from dpo_ds.launcher import deepspeed_cmd, env  # noqa: E402
+from dpo_ds.dist.launcher import deepspeed_cmd, env  # noqa: E402
 
 MODES = {
     "before": (["eval.gather_for_generation=false"], {"DPO_DS_GENERATION_KEEP_TRACE": "1"}),

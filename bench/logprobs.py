@@ -37,8 +37,8 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dpo_ds.logprobs import token_logprobs  # noqa: E402
-from dpo_ds.logprobs.fused_linear import fused_linear_logprobs  # noqa: E402
+from dpo_ds.model.logprobs import token_logprobs
+from dpo_ds.model.logprobs.fused_linear import fused_linear_logprobs
 
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.memory import LETTERS, SHAPES, make_model, stop, train_cmd  # noqa: E402
-from dpo_ds.launcher import wait_for_train_steps  # noqa: E402
+from dpo_ds.dist.launcher import wait_for_train_steps  # noqa: E402
 
 CONFIGS = {
     # name: (model shape, the two fitted lengths, budget GiB per rank)

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpo_ds.launcher import free_port  # noqa: E402
+from dpo_ds.dist.launcher import free_port  # noqa: E402
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta"]
 
@@ -66,8 +66,8 @@ def initial_adapter(model_dir: Path, settings, seed: int) -> dict:
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from dpo_ds import adapters
-    from dpo_ds.model import load_config
+    from dpo_ds.model import adapters
+    from dpo_ds.model.files import load_config
 
     lm = AutoModelForCausalLM.from_pretrained(
         str(model_dir), config=load_config(model_dir), dtype=torch.float32
@@ -111,7 +111,7 @@ def run_trl(work: Path, model_dir: Path, rows: list[dict], adapter: dict, args) 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_ds.model import load_config
+    from dpo_ds.model.files import load_config
 
     class Losses(TrainerCallback):
         def __init__(self):

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_ds.losses import (  # noqa: E402
+from dpo_ds.training.losses import (
     apo_down_loss,
     apo_zero_loss,
     chosen_nll,

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dpo_ds.demo.make_assets import char_model_dir  # noqa: E402
-from dpo_ds.launcher import deepspeed_cmd, env  # noqa: E402
+from dpo_ds.dist.launcher import deepspeed_cmd, env  # noqa: E402
 
 
 def make_model(out: Path, hidden: int, layers: int) -> int:

@@ -8,7 +8,7 @@ Triton compiles for a GPUTarget with no device present: triton.compile(ASTSource
 "cuda", 90, 32)) runs the whole pipeline down to PTX and, with the ptxas that ships in
 triton/backends/nvidia/bin, a cubin. The kernels are found by scanning the package's source for @triton.jit
 functions; each one needs an entry in its module's COMPILE_SPECS (format: dpo_ds/logprobs/triton_kernel.py),
-or this prints which one lacks it and exits 1. tests/test_triton_compile.py runs this script with --json
+or this prints which one lacks it and exits 1. tests/model/test_triton_compile.py runs this script with --json
 and checks every result, so the table below is exactly what CI compiles.
 
 TRITON_INTERPRET is removed from this process's environment before triton is imported: under the

@@ -63,7 +63,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from dpo_ds.demo.make_assets import llama_config  # noqa: E402
-from dpo_ds.launcher import free_port  # noqa: E402
+from dpo_ds.dist.launcher import free_port  # noqa: E402
 
 TOKENIZER_DIR = REPO / "dpo_ds" / "demo" / "model"
 WORDS = "abcdefghijklmnopqrstuvwxyz"

@@ -52,8 +52,13 @@ def runs(work: Path) -> dict[str, list[str]]:
         "dpo_precomputed": [*dpo, "model.reference_mode=precomputed"],
         "dpo_lora": [*dpo, "model.lora.r=8", "lr=1e-2"],
         "dpo_sp2": [*dpo, "parallel.sequence_parallel_size=2", "batch_size=8"],
-        "dpo_resumed": [*dpo, "n_epochs=4", "checkpoint.save_every=2", "checkpoint.keep_last=2",
-                        "resume_from=auto"],  # fmt: skip
+        "dpo_resumed": [
+            *dpo,
+            "n_epochs=4",
+            "checkpoint.save_every=2",
+            "checkpoint.keep_last=2",
+            "resume_from=auto",
+        ],  # fmt: skip
     }
 
 
@@ -71,7 +76,9 @@ def launch(args: list[str], run_dir: Path, log: Path, **extra_env: str) -> int:
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+        return subprocess.run(
+            cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=900
+        ).returncode
 
 
 def record(run_dir: Path) -> dict:
@@ -80,7 +87,9 @@ def record(run_dir: Path) -> dict:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss/train" in rec:
-            steps.append({k: repr(v) for k, v in sorted(rec.items()) if k in ("step", "loss/train", "grad_norm")})
+            steps.append(
+                {k: repr(v) for k, v in sorted(rec.items()) if k in ("step", "loss/train", "grad_norm")}
+            )
     latest = (run_dir / "LATEST").resolve()
     weights = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                for p in sorted(latest.iterdir()) if p.name in ("policy.pt", "adapter_model.safetensors")}  # fmt: skip
@@ -109,7 +118,7 @@ def record_all(work: Path, old_work: Path | None) -> dict:
         run_dir = work / "dpo_resumed_old_dir"
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(old_work / "dpo_killed", run_dir, symlinks=True)
-        args = runs(work)["dpo_resumed"]
+        args = runs(old_work)["dpo_resumed"]  # its own data and archive: a resume must not change them
         code = launch(args, run_dir, work / "dpo_resumed_old_dir.log")
         assert code == 0, f"resume of {old_work / 'dpo_killed'}: exit {code}"
         out["dpo_resumed_old_dir"] = record(run_dir)
@@ -118,9 +127,14 @@ def record_all(work: Path, old_work: Path | None) -> dict:
 
 def compare(before: dict, after: dict) -> bool:
     same_all = True
-    print(f"| run | steps | last loss | last grad norm | final weights (sha256) | identical |\n|---|---:|---|---|---|---|")
+    print(
+        "| run | steps | last loss | last grad norm | final weights (sha256) | identical |\n|---|---:|---|---|---|---|"
+    )
     for name in sorted(set(before) | set(after)):
-        b, a = before.get(name), after.get(name, before.get("dpo_resumed") if name.endswith("_old_dir") else None)
+        b, a = (
+            before.get(name),
+            after.get(name, before.get("dpo_resumed") if name.endswith("_old_dir") else None),
+        )
         same = a is not None and b is not None and a == b
         if name.endswith("_old_dir") and b is None:  # only the later recording resumes the old dir
             b, a = before["dpo_resumed"], after[name]
