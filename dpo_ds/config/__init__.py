@@ -18,7 +18,7 @@ dpo_ds (the registries import the classes they name when first asked, by name).
 from .errors import ConfigError
 from .parse import dump_yaml, load_config, parse_overrides, to_dict
 from .registry import LAYOUTS, REFERENCE_MODES, Registry
-from .resolve import resolve
+from .resolve import reference_mode, resolve
 from .schema import (
     ADD_BOS,
     ATTN_IMPLEMENTATIONS,
@@ -73,6 +73,7 @@ __all__ = [
     "dump_yaml",
     "load_config",
     "parse_overrides",
+    "reference_mode",
     "resolve",
     "to_dict",
     "validate",

@@ -51,8 +51,9 @@ class Registry:
 
     def get(self, name: str):
         if name in self._lazy:
-            module, attribute = self._lazy.pop(name).split(":")
+            module, attribute = self._lazy[name].split(":")
             self._entries[name] = getattr(importlib.import_module(module), attribute)
+            del self._lazy[name]  # only once it imported: a failed import leaves the name known
         if name not in self._entries:
             raise ConfigError(f"config key '{self.key}': must be one of {self.names()}, got {name!r}")
         return self._entries[name]

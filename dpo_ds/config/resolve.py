@@ -14,6 +14,14 @@ from pathlib import Path
 from .schema import Config
 
 
+def reference_mode(cfg: Config) -> str:
+    """model.reference_mode with `auto` settled: the policy's own base with its adapters off under LoRA, else
+    a frozen engine beside the policy. What resolve() writes; what a config that was never resolved means."""
+    if cfg.model.reference_mode != "auto":
+        return cfg.model.reference_mode
+    return "adapters_off" if cfg.model.lora.r else "engine"
+
+
 def resolve(cfg: Config) -> None:
     """Fill in `cfg`'s derived values, in place."""
     if cfg.run_dir is None:
@@ -24,6 +32,4 @@ def resolve(cfg: Config) -> None:
         cfg.data.layout = "packed"
     cfg.data.add_bos = str(cfg.data.add_bos).lower()
     cfg.eval.gather_for_generation = str(cfg.eval.gather_for_generation).lower()
-    if cfg.model.reference_mode == "auto":
-        # the policy's own base with its adapters off under LoRA, else a frozen engine beside the policy
-        cfg.model.reference_mode = "adapters_off" if cfg.model.lora.r else "engine"
+    cfg.model.reference_mode = reference_mode(cfg)

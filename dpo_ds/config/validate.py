@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .registry import LAYOUTS, REFERENCE_MODES
+from .resolve import reference_mode
 from .schema import (
     ADD_BOS,
     ATTN_IMPLEMENTATIONS,
@@ -153,7 +154,7 @@ def _check_lora(cfg: Config) -> None:
 def _check_reference_mode(cfg: Config) -> None:
     """model.reference_mode (resolved: never auto here) is a registered mode, and the mode's own checks
     (REFERENCE_MODES: what it needs of the config), after the LoRA keys they read."""
-    mode = cfg.model.reference_mode
+    mode = reference_mode(cfg)  # a config validate() is given unresolved means what resolve() would make it
     names = REFERENCE_MODES.names()
     _need(cfg, mode in names, "model.reference_mode", f"must be one of {names}")
     REFERENCE_MODES.get(mode).check(cfg, lambda ok, key, msg: _need(cfg, ok, key, msg))

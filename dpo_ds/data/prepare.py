@@ -7,6 +7,7 @@ The training entry (cli/train.py) runs it before any engine exists; `python -m d
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger("dpo_ds")
@@ -60,3 +61,10 @@ def prepare_data(cfg, sft: bool, tokenizer, model_dir: Path, run_dir, *, rank: i
     for line in prepared.sources + prepared.summary:  # sources may mix conversations and plain text
         log.info(line)
     return tokenization, prepared
+
+
+if (
+    __name__ == "__main__"
+):  # the command moved with the entry points: never a silent exit 0 that built nothing
+    sys.exit("dpo_ds: error: the data phase alone is `python -m dpo_ds.cli.prepare` (or `deepspeed --module "
+             "dpo_ds.cli.prepare`), with the same arguments; this module is the library it runs")  # fmt: skip

@@ -14,13 +14,11 @@ import signal
 
 def injected(variable: str, rank: int, index: int) -> str | None:
     """The rest of `variable`'s R:K[:REST] when it names this rank and this (1-based) occurrence, else None."""
-    spec = os.environ.get(variable)
-    if not spec:
-        return None
-    r, k, *rest = spec.split(":", 2)
-    if int(r) != rank or int(k) != index:
-        return None
-    return rest[0] if rest else ""
+    spec = os.environ.get(variable) or ""
+    head = f"{rank}:{index}"
+    if spec == head:
+        return ""
+    return spec[len(head) + 1 :] if spec.startswith(head + ":") else None
 
 
 def kill_in_save(rank: int, save_index: int) -> None:

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from dpo_ds.config import LAYOUTS
+from dpo_ds.config import LAYOUTS, reference_mode
 from dpo_ds.engine.ds_config import reference_zero_stage
 from dpo_ds.plan.estimate import DTYPE_BYTES, GIB, Run, Shape, estimate
 
@@ -45,7 +45,7 @@ def describe(
     tokens = LAYOUTS.get(cfg.data.layout).plan_tokens(
         pairs, width, length, cfg.max_prompt_length, cfg.data.max_tokens_per_micro_batch
     )
-    mode = cfg.model.reference_mode if objective.needs_reference else "none"  # resolved by load_config
+    mode = reference_mode(cfg) if objective.needs_reference else "none"
     ref_stage = reference_zero_stage(stage, cfg.model.reference_zero_stage)
     return Run(
         shape=Shape.from_dir(model_dir),

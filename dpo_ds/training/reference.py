@@ -260,22 +260,20 @@ def compute_tables(engine, passes: dict[str, tuple[int, Iterable[dict]]], device
 def built_before_policy(cfg, objective) -> bool:
     """Whether the reference is built before the policy (the mode says: a model of its own, live or a
     precomputed pre-pass whose engine is destroyed before the policy and its optimizer take the memory)."""
-    from dpo_ds.config import REFERENCE_MODES
+    from dpo_ds.config import REFERENCE_MODES, reference_mode
 
-    return objective.needs_reference and REFERENCE_MODES.get(cfg.model.reference_mode).built_before_policy(
-        cfg
-    )
+    return objective.needs_reference and REFERENCE_MODES.get(reference_mode(cfg)).built_before_policy(cfg)
 
 
 def build_reference_source(cfg, objective, **context):
     """The reference the objective asked for, from the mode model.reference_mode names: nothing; a live
     engine; the policy with its adapters off (LoRA, `policy` given); or a table precomputed by a reference
     engine destroyed before the policy exists (or, with LoRA, by the policy with its adapters off)."""
-    from dpo_ds.config import REFERENCE_MODES
+    from dpo_ds.config import REFERENCE_MODES, reference_mode
 
     if not objective.needs_reference:
         return NoReference()
-    return REFERENCE_MODES.get(cfg.model.reference_mode).build(cfg, **context)
+    return REFERENCE_MODES.get(reference_mode(cfg)).build(cfg, **context)
 
 
 def precompute(

@@ -101,3 +101,26 @@ def test_a_two_rank_run_uses_the_toy_mode_and_layout(tmp_path):
     # the toy classes only add a check and log lines: the same steps as the built-in mode and layout
     assert [r["loss/train"] for r in toy] == [r["loss/train"] for r in builtin]
     assert [r["grad_norm"] for r in toy] == [r["grad_norm"] for r in builtin]
+
+
+def test_a_config_never_resolved_means_what_resolve_makes_it():
+    """The planner and the reference builder read model.reference_mode through config.reference_mode: a
+    Config built without load_config (reference_mode=auto) plans as the resolved one does."""
+    from dpo_ds.config import Config, reference_mode
+    from dpo_ds.training.objectives import build_objective
+    from dpo_ds.training.reference import built_before_policy
+
+    raw = Config()
+    raw.max_length, raw.max_prompt_length = 16, 8
+    resolved = load_config(None, ["max_length=16", "max_prompt_length=8"])
+    assert (
+        raw.model.reference_mode == "auto"
+        and reference_mode(raw) == resolved.model.reference_mode == "engine"
+    )
+    ds = {"zero_optimization": {"stage": 3}}
+    plans = [describe(c, ds, 2, True, SHIPPED_MODELS["tiny"]) for c in (raw, resolved)]
+    assert plans[0].reference_mode == plans[1].reference_mode == "engine"
+    assert estimate(plans[0]) == estimate(plans[1])
+    assert built_before_policy(raw, build_objective(resolved)) is True
+    raw.model.lora.r = 8
+    assert reference_mode(raw) == "adapters_off" and not built_before_policy(raw, build_objective(resolved))
