@@ -29,5 +29,7 @@ setup(
         "test": ["pytest", "ruff", "import-linter", "matplotlib", "wandb", "triton", "peft>=0.17"],
         "bench": ["trl==1.16.0", "matplotlib"],
     },
-    entry_points={"console_scripts": ["dpo-ds-plot=dpo_ds.cli.plot:main", "dpo-ds-export=dpo_ds.cli.export:main"]},
+    entry_points={
+        "console_scripts": ["dpo-ds-plot=dpo_ds.cli.plot:main", "dpo-ds-export=dpo_ds.cli.export:main"]
+    },
 )

@@ -5,6 +5,7 @@
     python bench/gpu_check.py dpo     --out R/c_dpo.json          # (c) DPO steps of a ~1B Llama through dpo_ds
     python bench/gpu_check.py report  --dir R [--md OUT.md]       # (e) one markdown table of everything
     ... --cpu-smoke                                               # tiny sizes on CPU: checks the plumbing only
+    python bench/gpu_check.py report  --dir R --cpu-smoke         # + a CPU-smoke banner; exit 1 if a stage failed
 
 Nothing is downloaded: random weights, a generated word-level tokenizer, synthetic data.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # dpo_ds from this checkout, installed or not
-from dpo_ds.launcher import free_port, missing_modules, wait_for_train_steps  # noqa: E402
+from dpo_ds.dist.launcher import free_port, missing_modules, wait_for_train_steps  # noqa: E402
 
 GIB = 2**30
 # Dense bf16 peak (no sparsity), from NVIDIA's data sheets; the H200 has the H100 SXM's tensor cores.
@@ -101,7 +102,7 @@ def copy_bandwidth(device, nbytes: int, reps: int) -> float:
 def cmd_kernels(args) -> None:
     import torch
 
-    from dpo_ds.logprobs import available_impls, token_logprobs
+    from dpo_ds.model.logprobs import available_impls, token_logprobs
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu_smoke:
@@ -112,13 +113,14 @@ def cmd_kernels(args) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     tokens = args.tokens or (16384 if cuda else 64)
     vocabs = args.vocabs or ([32000, 128256] if cuda else [1000, 4000])
+    reps = args.reps if cuda else min(args.reps, 2)
     impls = [i for i in ("naive", "chunked", "triton") if i in available_impls()]
-    if not cuda:
-        impls = [i for i in impls if i != "triton"]  # the interpreter would take minutes at these sizes
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":  # the smoke run of gpu_check.sh sets it
+        impls = [i for i in impls if i != "triton"]
     torch.manual_seed(0)
 
     copy_bytes = (2 * GIB) if cuda else (64 * 2**20)
-    bw = copy_bandwidth(device, copy_bytes, args.reps * 2)
+    bw = copy_bandwidth(device, copy_bytes, reps * 2)
     print(
         f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + written, {copy_bytes / GIB:.2f} GiB tensor)", flush=True
     )
@@ -143,7 +145,7 @@ def cmd_kernels(args) -> None:
                 return out
 
             try:
-                ms = time_ms(step, device, args.reps)
+                ms = time_ms(step, device, reps)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -325,6 +327,11 @@ def cmd_dpo(args) -> None:
     ds_path = work / "zero3_torch_adam.json"
     ds_path.write_text(json.dumps(ds))
     impl = args.logprob_impl or ("triton" if cuda else "chunked")
+    if not cuda and not args.logprob_impl and os.environ.get("TRITON_INTERPRET") == "1":
+        import importlib.util
+
+        if importlib.util.find_spec("triton"):
+            impl = "triton"  # smoke: the GPU's kernel, in the interpreter (gpu_check.sh --cpu-smoke sets it)
     layouts = [x for x in args.layouts.split(",") if x]
     runs = {}
     for k, layout in enumerate(layouts):
@@ -525,13 +532,81 @@ def _memory_rows(mem: dict | None) -> list[str]:
     return rows
 
 
-def cmd_report(args) -> None:
+def _long_rows(long: dict | None) -> list[str]:
+    """(f): bench/long_context.py --gpu's rows (it prints its own table too)."""
+    if long is None:
+        return ["| (f) long pair | | | | | | no result (timed out or crashed; see the log) |"]
+    if "skipped" in long:
+        return [f"| (f) long pair | | | | | | SKIPPED: {long['skipped']} |"]
+    rows = []
+    for r in long.get("rows", []):
+        mlp = f"MLP tiles of {r['tiled']}" if r.get("tiled") else "whole MLP"
+        case = f"{long['n_params'] / 1e9:.2f}B, SP 1, 1 rank, pair of {r['length']} tokens, {mlp}"
+        if "error" in r:
+            rows.append(f"| (f) long pair | {case} | | | | | FAILED: {r['error']} |")
+        else:
+            rows.append(
+                f"| (f) long pair | {case} | {r['step_s']:.2f} s/step | {r['tokens_per_s']:,.0f} real tok/s | | "
+                f"{r['peak_gib']:.2f} GiB | packed, checkpointing, fused_linear |"
+            )
+    return rows
+
+
+def _problems(res: Path, kern, dpo, memory, long) -> list[str]:
+    """Every stage that failed, was skipped, timed out or left no result (with --cpu-smoke: exit 1)."""
+    bad = []
+    verdict, _ = _pytest_summary(res)
+    if verdict != "PASS":
+        bad.append(f"(a) parity tests: {verdict}")
+    stage_rc = res / "stage_rc.txt"  # gpu_check.sh: '<stage> <exit status>' per line
+    for line in stage_rc.read_text().splitlines() if stage_rc.exists() else []:
+        stage, _, rc = line.partition(" ")
+        if rc.strip() != "0":
+            bad.append(f"({stage}) exited {rc.strip()}")
+    for name, obj in (
+        ("(b) kernels", kern),
+        ("(c) DPO steps", dpo),
+        ("(d) memory", memory),
+        ("(f) long pair", long),
+    ):
+        if obj is None:
+            bad.append(f"{name}: no result")
+        elif "skipped" in obj:
+            bad.append(f"{name}: skipped: {obj['skipped']}")
+    for r in (kern or {}).get("rows", []):
+        if "error" in r:
+            bad.append(f"(b) {r['impl']} {r['tokens']}x{r['vocab']}: {r['error'][:120]}")
+    for layout, run in ((dpo or {}).get("runs") or {}).items():
+        if "tokens_per_s" not in run or run.get("status") != "ok":
+            bad.append(f"(c) {layout}: {run.get('status', 'no result')}")
+    for r in (memory or {}).get("rows", []):
+        if r.get("skipped") or "error" in r:
+            bad.append(f"(d) {r['name']}: {r.get('error') or r.get('skipped')}")
+    for pairs, r in (memory or {}).get("module", {}).items():
+        if "none" not in r:
+            bad.append(f"(d) module level, {pairs} pair(s): {r.get('error', '?')}")
+    for r in (long or {}).get("rows", []):
+        if "error" in r:
+            bad.append(f"(f) {r['length']} tokens{' tiled' if r.get('tiled') else ''}: {r['error']}")
+    return bad
+
+
+SMOKE_BANNER = (
+    "**CPU SMOKE RUN: tiny models on CPU, gloo, TRITON_INTERPRET=1. These figures only show that every stage's "
+    "code runs end to end; they are CPU smoke figures, not GPU results.**"
+)
+
+
+def cmd_report(args) -> int:
     res = Path(args.dir)
     env = _load(res / "env.json") or {}
     kern = _load(res / "b_kernels.json")
     dpo = _load(res / "c_dpo.json")
     memory = _load(res / "d_memory.json")  # bench/memory.py --gpu-short
+    long = _load(res / "f_long.json")  # bench/long_context.py --gpu
     out = []
+    if args.cpu_smoke:
+        out.append(SMOKE_BANNER + "\n")
     dev = env.get("device", "?")
     out.append(
         f"GPU check on {dev}: torch {env.get('torch')}, triton {env.get('triton')}, transformers "
@@ -540,8 +615,10 @@ def cmd_report(args) -> None:
     out.append("| check | case | time | throughput | vs copy BW / MFU | peak memory | note |")
     out.append("|---|---|---:|---:|---:|---:|---|")
     verdict, summary = _pytest_summary(res)
+    interp = res / "a_triton_interpret"
+    interp = interp.read_text().strip() if interp.exists() else "0"
     out.append(
-        f"| (a) parity tests | tests/test_logprobs.py, TRITON_INTERPRET=0 | | | | | {verdict}: {summary} |"
+        f"| (a) parity tests | tests/model/test_logprobs.py, TRITON_INTERPRET={interp} | | | | | {verdict}: {summary} |"
     )
     if kern is None:
         out.append("| (b) log-prob kernels | | | | | | no result (timed out or crashed; see the log) |")
@@ -591,13 +668,25 @@ def cmd_report(args) -> None:
             )
         if "shared_prompt" in runs and "packed" in runs and runs["packed"].get("tokens_per_s"):
             ratio = runs["shared_prompt"].get("tokens_per_s", 0) / runs["packed"]["tokens_per_s"]
-            out.append(f"| (c) shared_prompt / packed | | | {ratio:.2f}x real tok/s | | | FlexAttention |")
+            attn = "FlexAttention" if env.get("cuda", True) else "dpo_ds_blocks (CPU's auto)"
+            out.append(f"| (c) shared_prompt / packed | | | {ratio:.2f}x real tok/s | | | {attn} |")
     out.extend(_memory_rows(memory))
+    out.extend(_long_rows(long))
+    bad = _problems(res, kern, dpo, memory, long)
+    out.append("")
+    if bad:
+        out.append(f"{len(bad)} stage problem(s) (failed, skipped, timed out or no result):")
+        out.extend(f"- {b}" for b in bad)
+    else:
+        out.append("every stage ran and left its figures")
+    if args.cpu_smoke:
+        out.append("\n" + SMOKE_BANNER)
     text = "\n".join(out)
     print(text)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(text + "\n")
+    return 1 if args.cpu_smoke and bad else 0
 
 
 def main() -> None:
@@ -636,14 +725,20 @@ def main() -> None:
         "--logprob-impl",
         choices=("naive", "chunked", "triton"),
         default=None,
-        help="default triton on GPU, chunked on CPU",
+        help="default triton on GPU (and on CPU under TRITON_INTERPRET=1), else chunked",
     )
     p.add_argument("--cpu-smoke", action="store_true")
     p = sub.add_parser("report")
     p.add_argument("--dir", required=True)
     p.add_argument("--md", default=None)
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="say the figures are CPU smoke figures; exit 1 if any stage failed, was skipped or left no result",
+    )
     args = ap.parse_args()
-    {"env": cmd_env, "kernels": cmd_kernels, "dpo": cmd_dpo, "report": cmd_report}[args.cmd](args)
+    rc = {"env": cmd_env, "kernels": cmd_kernels, "dpo": cmd_dpo, "report": cmd_report}[args.cmd](args)
+    sys.exit(rc or 0)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ parallelism 1 vs 2, on 2 ranks.
 
     python bench/long_context.py                    # CPU, 2 ranks, ~58M Llama, 2.5 GiB: ~75 min on 2 cores
     python bench/long_context.py --quick            # ~20M Llama (~20 min): the table in bench/RESULTS.md
+    python bench/long_context.py --smoke            # 8.6M Llama, 256/512 tokens, SP 1 and 2 (~1.5 min): the code
     python bench/long_context.py --gpu --out R/f_long.json     # bench/gpu_check.sh's stage (f): one GPU
+    python bench/long_context.py --gpu --cpu-smoke              # the same stage on CPU, tiny (its plumbing)
     python bench/long_context.py --quick --tiled-mlp 16384      # ALST's tiled MLP on and off, SP 1 and 2
 
 Every run is a real `dpo_ds/train.py` run through the deepspeed launcher (2 ranks, 1 torch thread each)
@@ -28,7 +30,10 @@ Target: SP 2 trains >= 1.8x the length of SP 1 within the same per-rank budget.
 
 --gpu (one lent GPU, bench/gpu_check.sh): SP 2 needs two devices, so the stage runs SP 1 on one rank, a ~1B
 model in bf16 on packed rows over FlexAttention, at each of --lengths (default 8192, 32768) while its
---budget-s lasts: peak memory (max allocated) and tokens/s of a long pair on the device, no fit.
+--budget-s lasts: peak memory (max allocated) and tokens/s of a long pair on the device, no fit. The first
+length always starts (stopped at the budget's end); a later one only with 60 s left.
+--gpu --cpu-smoke: the same on CPU, the 8.6M smoke model of bench/memory.py with bf16 weights written once,
+pairs of 256 then 512 tokens (--lengths), then 256 with MLP tiles of 128 tokens: figures of no meaning.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +60,8 @@ CONFIGS = {
     "full": (SHAPES["full"], (4096, 8192), 2.5),
     "quick": (SHAPES["quick"], (8192, 16384), 1.6),
     "gpu": (SHAPES["gpu"], (8192, 16384), 40.0),
+    # --smoke: the fit's four runs only (a budget below every peak: no check run); figures of no meaning
+    "smoke": (SHAPES["smoke"], (256, 512), 0.5),
 }
 
 
@@ -136,20 +144,29 @@ def longest(a: dict, b: dict, budget: float) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--smoke", action="store_true", help="2 ranks, tiniest sizes: the code paths (exit 1 if a run failed)"
+    )
     ap.add_argument("--gpu", action="store_true", help="CUDA, ~1B model in bf16 (bench/gpu_check.sh)")
     ap.add_argument("--budget-gib", type=float, default=None, help="per-rank budget (default: the config's)")
     ap.add_argument("--run-timeout", type=float, default=1500)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no run after this many seconds")
-    ap.add_argument("--lengths", default="8192,32768", help="--gpu: the pair lengths to run")
+    ap.add_argument(
+        "--lengths", default=None, help="--gpu: the pair lengths to run (8192,32768; smoke 256,512)"
+    )
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="with --gpu: tiny sizes on CPU (the stage's plumbing)"
+    )
     ap.add_argument("--tiled-mlp", type=int, default=0, metavar="L",
                     help="instead: SP 1 and SP 2 at pairs of L tokens with and without ALST's tiled MLP")  # fmt: skip
     args = ap.parse_args()
     args.deadline = time.time() + args.budget_s
-    args.gpu_short = args.cuda = args.gpu  # what memory.train_cmd reads: one GPU runs a bare python, world 1
+    args.gpu_short = args.gpu  # what memory.train_cmd reads: one GPU runs a bare python, world 1
+    args.cuda = args.gpu and not args.cpu_smoke  # memory.run_env: DS_ACCELERATOR=cuda, no TRITON_INTERPRET
     if args.gpu:
         return gpu_stage(args)
-    name = "gpu" if args.gpu else "quick" if args.quick else "full"
+    name = "gpu" if args.gpu else "smoke" if args.smoke else "quick" if args.quick else "full"
     shape, (l1, l2), budget = CONFIGS[name]
     budget = args.budget_gib or budget
     work = Path(tempfile.mkdtemp(prefix="dpo_ds_long_"))
@@ -184,6 +201,12 @@ def main() -> int:
         Path(args.out).write_text(
             json.dumps({"budget_gib": budget, "n_params": n_params, "results": results}, indent=1)
         )
+    if args.smoke:
+        shutil.rmtree(work, ignore_errors=True)
+        runs = [x for r in results.values() for x in [*r.get("fit", []), *r.get("checks", [])]]
+        if any("error" in r for r in [*results.values(), *runs]):
+            print("long_context --smoke: FAILED (a run failed)")
+            return 1
     return 0
 
 
@@ -216,25 +239,36 @@ def gpu_stage(args) -> int:
     """One GPU: SP 1 on one rank at each length while the budget lasts (see the module docstring)."""
     import torch
 
-    if not torch.cuda.is_available():
-        print("long_context: SKIPPED: no CUDA device")
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
+        print("long_context: SKIPPED: no CUDA device (use --cpu-smoke to check the plumbing on CPU)")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"skipped": "no CUDA device"}))
         return 0
+    if args.cpu_smoke and cuda:
+        args.cpu_smoke = False  # a GPU is here: the real stage
+        args.cuda = True
+    shape = SHAPES["smoke"] if args.cpu_smoke else SHAPES["gpu"]
     work = Path(tempfile.mkdtemp(prefix="dpo_ds_long_"))
-    n_params = make_model(work / "model", SHAPES["gpu"], weights_on="cuda")
+    n_params = make_model(work / "model", shape, weights_on="cpu" if args.cpu_smoke else "cuda")
     rows = []
-    lengths = [int(x) for x in args.lengths.split(",")]
-    hidden = SHAPES["gpu"][0]
-    # each length, then the first again with ALST's tiled MLP (tiles of hidden_size tokens), while it lasts
+    lengths = [int(x) for x in (args.lengths or ("256,512" if args.cpu_smoke else "8192,32768")).split(",")]
+    hidden = shape[0]
+    min_left = 15 if args.cpu_smoke else 60  # seconds a later row needs to be worth starting
+    # each length, then the first again with ALST's tiled MLP (tiles of hidden_size tokens), while it lasts;
+    # the first always starts (run() stops it at the deadline): the stage exists to run at least that one
     for length, tiled in [(n, 0) for n in lengths] + [(lengths[0], hidden)]:
-        if time.time() > args.deadline - 60:
+        if rows and time.time() > args.deadline - min_left:
             rows.append(
                 {"length": length, "tiled": tiled, "error": "not started: the stage's budget is spent"}
             )
             continue
         rows.append({**run(work, 1, length, args, ranks=1, tiled=tiled), "tiled": tiled})
-    lines = [f"Long pairs on one GPU ({torch.cuda.get_device_name()}), ~{n_params / 1e9:.2f}B Llama bf16, ZeRO-3, "
-             "packed rows on FlexAttention, checkpointing, fused_linear", "",
-             "| pair tokens | MLP | peak GiB (max allocated) | s/step | tokens/s |", "|---:|---|---:|---:|---:|"]  # fmt: skip
+    where = f"one GPU ({torch.cuda.get_device_name()})" if cuda else "CPU (SMOKE: not GPU figures)"
+    attn = "FlexAttention" if cuda else "dpo_ds_blocks (CPU's auto)"
+    lines = [f"Long pairs on {where}, ~{n_params / 1e9:.3f}B Llama bf16, ZeRO-3, "
+             f"packed rows on {attn}, checkpointing, fused_linear", "",
+             f"| pair tokens | MLP | peak GiB ({'max allocated' if cuda else 'VmHWM'}) | s/step | tokens/s |", "|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         mlp = f"tiles of {r['tiled']}" if r["tiled"] else "whole"
         if "error" in r:
@@ -245,7 +279,11 @@ def gpu_stage(args) -> int:
             )
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps({"n_params": n_params, "rows": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"n_params": n_params, "device": "cuda" if cuda else "cpu", "rows": rows}, indent=1)
+        )
+    if not cuda:
+        shutil.rmtree(work, ignore_errors=True)  # the smoke's model and runs (a GPU run's logs stay)
     return 0
 
 

@@ -2,6 +2,8 @@
 
     python bench/memory.py            # CPU, 2 ranks, ~58M Llama: about 10 min on 2 cores
     python bench/memory.py --quick    # ~20M Llama, shorter sequences, 2 steps: a smoke run (~4 min)
+    python bench/memory.py --smoke    # CPU, 2 ranks, the 8.6M smoke model, the rows SMOKE_ROWS + module + save
+                                      # tables at the smallest sizes: every code path, figures of no meaning (~2 min)
     python bench/memory.py --gpu-short --out R/d_memory.json   # bench/gpu_check.sh's step: 1 rank, CUDA, ~1B
     python bench/memory.py --gpu-short --cpu-smoke             # the same plumbing on CPU, tiny
 
@@ -37,7 +39,7 @@ Targets, printed as PASS/MISS with the numbers:
                   none          decoder forward+backward with a dummy loss: (h @ u).sum() over the scored
                                 hidden states h, + dot(W_head, U), which gives the lm_head a full (V, H)
                                 weight gradient as every real path has, and no logits at all
-                  fused_linear  the same decoder + LogprobLM's fused lm_head log-probs (dpo_ds/model.py)
+                  fused_linear  the same decoder + LogprobLM's fused lm_head log-probs (dpo_ds/model/lm.py)
                   chunked/naive the same with materialised logits, for scale
                 fused_linear's excess = its peak growth - none's; naive's and chunked's excess show what
                 materialised logits cost on the same scale (the training rows show it under DeepSpeed).
@@ -47,7 +49,7 @@ Targets, printed as PASS/MISS with the numbers:
 
 Save table: rank 0's peak RSS growth (VmHWM after a reset minus RSS right before) while a ~100M-parameter
 ZeRO-3 policy on 2 ranks is written as policy.pt, by the old method (every parameter gathered into a full
-state dict on rank 0, then torch.save) and by engines.save_policy (streamed while gathering); both files
+state dict on rank 0, then torch.save) and by run_save.save_policy (streamed while gathering); both files
 are then loaded and compared tensor by tensor. See bench/_save_memory_driver.py.
 
 --gpu-short (bench/gpu_check.sh): 1 rank (one GPU), ~1B Llama in bf16 with weights written once on the
@@ -74,7 +76,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dpo_ds.demo.make_assets import char_model_dir  # noqa: E402
-from dpo_ds.launcher import (  # noqa: E402
+from dpo_ds.dist.launcher import (  # noqa: E402
     TRAIN_PY,
     deepspeed_cmd,
     env,
@@ -83,7 +85,7 @@ from dpo_ds.launcher import (  # noqa: E402
     missing_modules,
     wait_for_train_steps,
 )
-from dpo_ds.model import has_weights  # noqa: E402
+from dpo_ds.model.files import has_weights  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -108,7 +110,13 @@ SIZES = {
     "quick": ("quick", 4, 128, 2, 2, 512, 2),
     "gpu": ("gpu", 8, 512, 2, 4, 1024, 2),
     "smoke": ("smoke", 2, 64, 2, 1, 128, 2),
+    "cpu_smoke": ("smoke", 2, 64, 2, 2, 128, 2),  # --smoke: 2 ranks, so 2 long pairs (one a rank)
 }
+
+
+# --smoke: the rows the targets read (1/3 precomputed, 4/10 ZeRO-3, 8 fused_linear, 13 LoRA), ZeRO-2 (5) and
+# sequence parallelism (14); each 2-rank row costs ~15 s of launch on 2 cores whatever its size
+SMOKE_ROWS = ("1", "3", "4", "5", "8", "10", "13", "14")
 
 
 def set_sizes(args, name: str) -> None:
@@ -253,10 +261,10 @@ def row_overrides(spec: dict, args, work: Path) -> list[str]:
 
 
 def planned_row(overrides: list[str], ranks: int, args) -> dict:
-    """dpo_ds.plan's estimate of a row's run, to stand beside its measured peak (bench/plan_check.py;
-    gpu_check's (d) on a GPU): planned_gib and its terms, or why there is none."""
+    """dpo_ds.plan's estimate of a row's run, to stand beside its measured peak (bench/_plan_estimate.py, tabled by
+    bench/plan_check.py; gpu_check's (d) on a GPU): planned_gib and its terms, or why there is none."""
     try:
-        from bench.plan_check import planned
+        from bench._plan_estimate import planned
 
         total, terms = planned(overrides, ranks, on_cpu=not args.cuda)
         return {"planned_gib": total, "planned_terms": terms}
@@ -419,8 +427,9 @@ def module_child(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpo_ds import engines
-    from dpo_ds.model import LogprobLM, has_weights, load_config
+    from dpo_ds.dist import memory as dist_memory
+    from dpo_ds.model.files import has_weights, load_config
+    from dpo_ds.model.lm import LogprobLM
 
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
@@ -466,10 +475,10 @@ def module_child(args) -> None:
         # warm-up at full size: code pages, library workspaces and allocator state out of the measurement
         step(variant, *inputs)
         gc.collect()
-        before = engines.memory_now_gib()
-        engines.reset_peak_memory()
+        before = dist_memory.memory_now_gib()
+        dist_memory.reset_peak_memory()
         step(variant, *inputs)
-        result[variant] = (engines.peak_memory_gib() - before) * GIB
+        result[variant] = (dist_memory.peak_memory_gib() - before) * GIB
         result["scored_tokens"] = len(inputs[2])
         result["logits_bytes"] = len(inputs[2]) * lm.config.vocab_size * 4  # their fp32 logits
     print("RESULT " + json.dumps(result), flush=True)
@@ -532,7 +541,7 @@ def module_rows(args, work: Path, jobs: list[tuple[str, int]]) -> dict[int, dict
 
 
 def save_rows(args, work: Path) -> dict:
-    shape = SHAPES["quick" if args.quick else "full_save"]
+    shape = SHAPES["smoke" if args.smoke else "quick" if args.quick else "full_save"]
     model = work / "save_model"
     n = make_model(model, shape)
     say(f"save: {n / 1e6:.0f}M-parameter model, ZeRO-3, 2 ranks")
@@ -638,7 +647,7 @@ def report(args, n_params: int, rows: list[dict], mod: dict, save: dict | None) 
         out.append("target precomputed peak <= engine peak - reference weights: n/a (a row did not run)")
 
     # 2. fused_linear on top of the activations (module level)
-    from dpo_ds.logprobs.reference import default_chunk_rows
+    from dpo_ds.model.logprobs.reference import default_chunk_rows
 
     main = mod.get(args.module_pairs, {})
     if "none" in main and "fused_linear" in main:
@@ -762,7 +771,7 @@ def report(args, n_params: int, rows: list[dict], mod: dict, save: dict | None) 
             out.append("|---|---:|---:|---:|---:|")
             for k, label in (
                 ("old", "before: gather all, torch.save"),
-                ("new", "after: engines.save_policy"),
+                ("new", "after: run_save.save_policy"),
             ):
                 s = save[k]
                 out.append(
@@ -791,6 +800,12 @@ def gpu_ready() -> str | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~20M model, shorter sequences: a smoke run")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU, 2 ranks: the 8.6M smoke model, the smallest sizes, the rows of SMOKE_ROWS + module + save "
+        "tables (~2.5 min; the code paths, not the figures); exit 1 if any of them failed",
+    )
     ap.add_argument("--gpu-short", action="store_true", help="bench/gpu_check.sh's step: 1 rank, CUDA, ~1B")
     ap.add_argument("--cpu-smoke", action="store_true", help="with --gpu-short: tiny sizes on CPU")
     ap.add_argument("--budget-s", type=float, default=80, help="--gpu-short: start no row after this")
@@ -833,7 +848,7 @@ def main() -> int:
             )
         sizes = "smoke" if args.cpu_smoke else "gpu"
     else:
-        sizes = "quick" if args.quick else "full"
+        sizes = "cpu_smoke" if args.smoke else "quick" if args.quick else "full"
     set_sizes(args, sizes)
     ranks = 1 if args.gpu_short else 2
     args.module_pairs = args.long_batch // ranks  # one rank's micro-batch of the long rows
@@ -867,8 +882,9 @@ def main() -> int:
             save = None
         else:
             wanted = set(args.rows.split(",")) if args.rows else None
+            keep = wanted or (set(SMOKE_ROWS) if args.smoke else None)
             for spec in training_specs(args):
-                if wanted is None or spec["key"] in wanted:
+                if keep is None or spec["key"] in keep:
                     rows.append(train_row(spec, args, work))
             # the training rows' micro-batch, and twice as many tokens: fused's excess is mostly fixed
             mod = (
@@ -879,7 +895,7 @@ def main() -> int:
                     work,
                     [
                         ("none,fused_linear,chunked,naive", args.module_pairs),
-                        ("none,fused_linear", 2 * args.module_pairs),
+                        *([] if args.smoke else [("none,fused_linear", 2 * args.module_pairs)]),
                     ],
                 )
             )
@@ -908,6 +924,13 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if args.smoke:  # the smoke checks that every part ran (the full run reports a failed row in its table)
+        failed = [r["key"] for r in rows if "error" in r or r.get("skipped")]
+        failed += [f"module {k}" for k, r in mod.items() if "error" in r or "none" not in r]
+        failed += ["save"] if save is None or "error" in save else []
+        if failed:
+            print(f"memory --smoke: FAILED: {', '.join(failed)}")
+            return 1
     return 0
 
 

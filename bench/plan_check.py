@@ -2,12 +2,13 @@
 
     python bench/plan_check.py              # CPU, 2 ranks, the 58M Llama: ~12 min on 2 cores
     python bench/plan_check.py --rows 1,13,14
+    python bench/plan_check.py --quick      # memory.py --smoke's sizes (8.6M Llama), rows 1,5,10: ~1 min, the code
 
 Each row is bench/memory.py's own run (memory.row_overrides: the same train.py arguments, the same data,
 the same model), measured as memory.py measures it (rank 0's memory/peak_gib: the resident set's high-water
 mark over the training steps); beside it dpo_ds.plan's total for the same arguments, read from the
 model's config.json alone. On CPU the total includes the planner's per-process constants (libraries and
-interpreter, DeepSpeed's fixed buffers: dpo_ds/estimate.py), which it says it adds. Target: every row
+interpreter, DeepSpeed's fixed buffers: dpo_ds/plan/estimate.py), which it says it adds. Target: every row
 within 20% of its measured peak.
 """
 
@@ -24,31 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import memory  # noqa: E402
-from dpo_ds.config import load_config  # noqa: E402
-from dpo_ds.estimate import GIB, estimate  # noqa: E402
-from dpo_ds.model import resolve_model_dir  # noqa: E402
-from dpo_ds.plan import describe, device_total  # noqa: E402
-
-
-def longest_sequence(data: Path, max_length: int) -> int:
-    """The data's longest prompt + response in tokens (the char tokenizer: a token a character, plus BOS and
-    EOS), at most max_length: what the planner is told with --sequence-tokens, as a user knowing their data
-    would; without it the planner plans every sequence at max_length (a bound)."""
-    longest = 0
-    for line in (data / "train.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        longest = max(longest, len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"])) + 2)
-    return min(longest, max_length)
-
-
-def planned(overrides: list[str], ranks: int, on_cpu: bool = True) -> tuple[float, dict]:
-    ds_path = overrides[overrides.index("--ds") + 1]
-    keys = [o for i, o in enumerate(overrides) if o != "--ds" and (i == 0 or overrides[i - 1] != "--ds")]
-    cfg = load_config(None, keys)
-    data = Path(cfg.datasets[0])
-    run = describe(cfg, json.loads(Path(ds_path).read_text()), ranks, on_cpu, resolve_model_dir(cfg.model.name_or_path),
-                   longest_sequence(data, cfg.max_length))  # fmt: skip
-    return device_total(run) / GIB, {k: v / GIB for k, v in estimate(run).items()}
 
 
 def main() -> int:
@@ -56,9 +32,17 @@ def main() -> int:
     ap.add_argument("--rows", default=None, help="comma-separated row keys of bench/memory.py (default: all)")
     ap.add_argument("--run-timeout", type=float, default=600)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="bench/memory.py --smoke's sizes, rows 1,5,10 unless --rows: the code, not the figures; "
+        "exit 1 if a row failed",
+    )
     args = ap.parse_args()
     args.gpu_short = args.cuda = False
-    memory.set_sizes(args, "full")  # memory.py's own sizes
+    memory.set_sizes(args, "cpu_smoke" if args.quick else "full")  # memory.py's own sizes
+    if args.quick and not args.rows:
+        args.rows = "1,5,10"  # ZeRO-3 with a reference engine, ZeRO-2, one rank
     work = Path(tempfile.mkdtemp(prefix="dpo_ds_plan_check_"))
     n_params = memory.make_model(work / "model", memory.SHAPES[args.shape])
     memory.make_data(work / "data_short", args.batch * args.steps, args.max_length, fill=False)
@@ -102,6 +86,9 @@ def main() -> int:
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1, default=str))
+    if args.quick and (not rows or any("error" in r or "planned_error" in r for r in rows)):
+        print("plan_check --quick: FAILED (a row did not run or was not planned)")
+        return 1
     return 0
 
 

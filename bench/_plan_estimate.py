@@ -1,0 +1,37 @@
+"""dpo_ds.plan's estimate of one bench/memory.py training row, from its train.py arguments alone.
+
+Shared by bench/memory.py (each row's planned_gib beside its measured peak, gpu_check's (d) too) and
+bench/plan_check.py (the table of both). A helper, not a bench: it imports neither of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpo_ds.config import load_config
+from dpo_ds.model.files import resolve_model_dir
+from dpo_ds.plan.estimate import GIB, estimate
+from dpo_ds.plan.planner import describe, device_total
+
+
+def longest_sequence(data: Path, max_length: int) -> int:
+    """The data's longest prompt + response in tokens (the char tokenizer: a token a character, plus BOS and
+    EOS), at most max_length: what the planner is told with --sequence-tokens, as a user knowing their data
+    would; without it the planner plans every sequence at max_length (a bound)."""
+    longest = 0
+    for line in (data / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        longest = max(longest, len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"])) + 2)
+    return min(longest, max_length)
+
+
+def planned(overrides: list[str], ranks: int, on_cpu: bool = True) -> tuple[float, dict]:
+    """(planned GiB per rank, {term: GiB}) for a row's `--ds PATH key=value ...` train.py arguments."""
+    ds_path = overrides[overrides.index("--ds") + 1]
+    keys = [o for i, o in enumerate(overrides) if o != "--ds" and (i == 0 or overrides[i - 1] != "--ds")]
+    cfg = load_config(None, keys)
+    data = Path(cfg.datasets[0])
+    run = describe(cfg, json.loads(Path(ds_path).read_text()), ranks, on_cpu, resolve_model_dir(cfg.model.name_or_path),
+                   longest_sequence(data, cfg.max_length))  # fmt: skip
+    return device_total(run) / GIB, {k: v / GIB for k, v in estimate(run).items()}
