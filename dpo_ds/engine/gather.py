@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from dpo_ds.dist.comm import sync_max
+from dpo_ds.dist.comm import any_rank_flagged
 from dpo_ds.dist.memory import free_memory_bytes
 from dpo_ds.engine.sequence_parallel import sequence_parallel_paused
 from dpo_ds.engine.step import is_partitioned, unwrap_lm
@@ -51,7 +51,8 @@ def _gathered_for_generation(engine, mode: str):
     params = list(engine.module.parameters())
     need = sum(p.ds_numel * p.element_size() for p in params)  # bytes of one full copy
     fits = need <= GATHER_MEMORY_SHARE * free_memory_bytes()
-    fits_everywhere = sync_max(0 if fits else 1) == 0  # one collective, so every rank decides alike
+    (short_somewhere,) = any_rank_flagged(not fits)  # one collective, so every rank decides alike
+    fits_everywhere = not short_somewhere
     offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # inference: the offload
     gib = need / 2**30
     if mode == "false" or (mode == "auto" and not fits_everywhere):

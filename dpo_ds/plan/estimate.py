@@ -137,13 +137,19 @@ def model_states(n: int, trainable: int, stage: int, p: int, ranks: int) -> dict
     }
 
 
+def holds_engine(mode: str) -> bool:
+    """Whether a reference of this mode (config.REFERENCE_MODES; "none": no reference) keeps a model resident
+    beside the policy while it trains."""
+    return mode != "none" and REFERENCE_MODES.get(mode).holds_engine
+
+
 def reference_bytes(
     mode: str, n: int, p: int, stage: int, ranks: int, offload: bool, zero: dict, scored: int, vocab: int, impl: str
 ) -> float:  # fmt: skip
     """On the device, per rank: an engine's weights (N p, / R under ZeRO-3, 0 offloaded), its prefetch
     bucket (ZeRO-3) and its no-grad logits; the other modes nothing there (a precomputed table, 8 bytes an
     example, lives on the CPU)."""
-    if mode == "none" or not REFERENCE_MODES.get(mode).holds_engine:
+    if not holds_engine(mode):
         return 0.0
     weights = 0.0 if offload else n * p / (ranks if stage == 3 else 1)
     prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), n) * p if stage == 3 else 0.0

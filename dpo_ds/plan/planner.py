@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dpo_ds.config import LAYOUTS, reference_mode
 from dpo_ds.engine.ds_config import reference_zero_stage
-from dpo_ds.plan.estimate import DTYPE_BYTES, GIB, Run, Shape, estimate
+from dpo_ds.plan.estimate import DTYPE_BYTES, GIB, Run, Shape, estimate, holds_engine
 
 
 def describe(
@@ -93,11 +93,11 @@ def device_total(run: Run) -> float:
 # the README's order (Fitting a large model, Long sequences): each a change to a Run
 FIXES = [
     ("LoRA r=16 on every linear layer (model.lora.r=16)", lambda r: dataclasses.replace(
-        r, lora_r=16, lora_targets=("all-linear",), reference_mode="adapters_off" if r.reference_mode == "engine" else r.reference_mode)),
+        r, lora_r=16, lora_targets=("all-linear",), reference_mode="adapters_off" if holds_engine(r.reference_mode) else r.reference_mode)),
     ("ZeRO-3 (--ds ds_configs/zero3.json)", lambda r: dataclasses.replace(
         r, stage=3, reference_stage=3, zero={**r.zero, "stage": 3})),
     ("a precomputed reference (model.reference_mode=precomputed)", lambda r: dataclasses.replace(
-        r, reference_mode="precomputed") if r.reference_mode == "engine" else r),
+        r, reference_mode="precomputed") if holds_engine(r.reference_mode) else r),
     ("fused_linear log-probs (model.logprob_impl=fused_linear)", lambda r: dataclasses.replace(r, logprob_impl="fused_linear")),
     ("gradient checkpointing (model.gradient_checkpointing=true)", lambda r: dataclasses.replace(r, checkpointing=True)),
     ("half the tokens per micro-batch (gradient_accumulation_steps x2 or a smaller data.max_tokens_per_micro_batch)",
