@@ -6,7 +6,7 @@
 The x axis is examples seen (`counters/examples`), so runs with different batch sizes line up.
 Train records are thin lines, eval records markers joined by a line; one colour per run. Panels with
 no data are left out: an SFT run has loss and log-probs, a DPO run also has the reward panels.
-matplotlib is imported only when plotting, so `import dpo_ds.plot` costs nothing.
+matplotlib is imported only when plotting, so `import dpo_ds.cli.plot` costs nothing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The values a config key chooses between, each with the class that implements it: one owner per decision.
 
     REFERENCE_MODES  model.reference_mode -> a reference mode (training/reference.py): what it needs of the
-                     config (check), whether `auto` picks it (default_for), whether it is built before the
-                     policy, whether it holds an engine while the policy trains (the planner asks), build()
+                     config (check), whether it is built before the policy, whether it holds an engine while
+                     the policy trains (the planner asks), build(); what `auto` means is config.resolve's
     LAYOUTS          data.layout -> a Layout (data/layout.py): its collator, rows, the attention it needs,
                      whether it takes a token budget (segmented), the tokens it plans per micro-batch
 
@@ -47,7 +47,7 @@ class Registry:
         return (*self.choices, *self._order)
 
     def __contains__(self, name) -> bool:
-        return name in self._lazy or name in self._entries
+        return name in self._order
 
     def get(self, name: str):
         if name in self._lazy:
@@ -57,9 +57,6 @@ class Registry:
         if name not in self._entries:
             raise ConfigError(f"config key '{self.key}': must be one of {self.names()}, got {name!r}")
         return self._entries[name]
-
-    def entries(self) -> dict[str, object]:
-        return {name: self.get(name) for name in self.names() if name not in self.choices}
 
 
 REFERENCE_MODES = Registry(

@@ -4,8 +4,9 @@
     packed         whole sequences packed into rows without padding between them (data/packing.py)
     shared_prompt  each pair's prompt once, its responses after it (data/shared_prompt.py)
 
-Each is registered under its name in config.LAYOUTS (the one list of layouts: validation and the planner ask
-it too; a new layout is a class and a register() call). A Layout knows its collator, the tokens an example takes in a row (what the micro-batch budget counts),
+Each is registered under its name in config.LAYOUTS (the one list of layouts: validation and the planner
+ask it too; a new layout is a class and a register() call). A Layout knows its collator, the tokens an
+example takes in a row (what the micro-batch budget counts),
 its rows' length, the attention it needs (rows holding several segments must attend per segment:
 attention.py's dpo_ds_blocks on CPU, FlexAttention on a GPU; a dense mask otherwise, up to
 DENSE_MASK_MAX_TOKENS), and what it contributes to fingerprints (the precomputed reference's). Every
@@ -123,10 +124,11 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_para
     rows None, transformers' own default (sdpa). Under sequence parallelism the core attention sees the
     whole row but no mask (DeepSpeed's Ulysses drops it): padded rows run sdpa (causal is all they
     need), packed and shared-prompt rows dpo_ds_blocks (which follows the spans), on any device."""
+    segmented = LAYOUTS.get(layout).segmented  # several sequences a row: attention must follow them
     if sequence_parallel > 1:
         if requested == "auto":
-            return "dpo_ds_blocks" if LAYOUTS.get(layout).segmented else "sdpa"
-        ok = SP_ATTENTION["segmented" if LAYOUTS.get(layout).segmented else "padded"]
+            return "dpo_ds_blocks" if segmented else "sdpa"
+        ok = SP_ATTENTION["segmented" if segmented else "padded"]
         if requested not in ok:
             raise ConfigError(
                 f"config key 'model.attn_implementation': {requested} cannot run data.layout={layout} under "
@@ -137,7 +139,7 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_para
         return requested
     if requested != "auto":
         return requested
-    if not LAYOUTS.get(layout).segmented:
+    if not segmented:
         return None
     return "dpo_ds_blocks" if on_cpu else "flex_attention"
 

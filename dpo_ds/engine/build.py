@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dpo_ds.config import Config, ConfigError
+from dpo_ds.dist.comm import sync_max
 from dpo_ds.engine.sequence_parallel import SequenceParallel
 from dpo_ds.model.files import TORCH_DTYPES, ModelError, disable_dropout, load_config, resolve_model_dir
 from dpo_ds.model.lm import LogprobLM
@@ -187,9 +188,7 @@ def tile_mlps(lm, tokens: int) -> int:
                 return forward(module, x)
             shards = math.ceil(x.shape[-2] / tokens)
             if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                count = torch.tensor(shards, device=x.device)
-                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-                shards = int(count.item())
+                shards = sync_max(shards)
             if shards <= 1:
                 return forward(module, x)
             params = [p for p in module.parameters() if p.requires_grad]

@@ -54,8 +54,6 @@ def save_adapter(engine, step_dir: Path) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from dpo_ds.model.adapters import ADAPTER_WEIGHTS
-
     peft_model = unwrap_lm(engine)
     rank = torch.distributed.get_rank()
     state = {}
@@ -65,9 +63,9 @@ def save_adapter(engine, step_dir: Path) -> None:
 
     def write():
         adapter = get_peft_model_state_dict(peft_model, state_dict=state)
-        tmp = Path(step_dir) / f".{ADAPTER_WEIGHTS}.tmp"
+        tmp = Path(step_dir) / f".{adapters.ADAPTER_WEIGHTS}.tmp"
         save_file(adapter, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, Path(step_dir) / ADAPTER_WEIGHTS)
+        os.replace(tmp, Path(step_dir) / adapters.ADAPTER_WEIGHTS)
         config = peft_model.peft_config["default"]
         config.save_pretrained(str(step_dir))
 

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable
 
 from dpo_ds.config import ConfigError
-from dpo_ds.run.save import TrainingStopped  # noqa: F401 (raised here and by the save protocol)
+from dpo_ds.run.save import TrainingStopped  # raised here and by the save protocol
 from dpo_ds.training import metrics as metric_names
 
 log = logging.getLogger("dpo_ds")
