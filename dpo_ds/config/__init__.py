@@ -7,7 +7,11 @@ type and impossible values are errors that name the key; nothing is silently ign
 errors.py    ConfigError
 schema.py    the allowed values (DTYPES, ...) and the typed dataclasses (Config, ...)
 registry.py  the reference modes and layouts (REFERENCE_MODES, LAYOUTS): each value with the class behind it
-parse.py     coercion of YAML / CLI values, load_config (build -> resolve -> validate), to_dict, dump_yaml
+parse.py     coercion of YAML / CLI values, load_config (build -> resolve -> validate), read_config (the config
+             and the keys the user set), to_dict, dump_yaml; an unknown key's error names the closest keys
+trl_names.py TRL's names (DPOConfig, TrainingArguments) and what dpo_ds calls them: the errors' hints, the
+             docs page docs/coming-from-trl.md
+trl_defaults.py  the defaults that differ from TRL's on purpose, noted at launch
 resolve.py   resolve(): the one owner of derived, "auto" and normalised values
 validate.py  validate(): checks only, never changes the config
 
@@ -16,7 +20,7 @@ dpo_ds (the registries import the classes they name when first asked, by name).
 """
 
 from .errors import ConfigError
-from .parse import dump_yaml, load_config, parse_overrides, to_dict
+from .parse import dump_yaml, load_config, parse_overrides, read_config, to_dict
 from .registry import LAYOUTS, REFERENCE_MODES, Registry
 from .resolve import reference_mode, resolve
 from .schema import (
@@ -73,6 +77,7 @@ __all__ = [
     "dump_yaml",
     "load_config",
     "parse_overrides",
+    "read_config",
     "reference_mode",
     "resolve",
     "to_dict",

@@ -8,6 +8,7 @@ validate() checks it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -37,8 +38,15 @@ def _coerce(key: str, value, tp):
         return _coerce(key, value, inner[0])
     if origin is list:
         if isinstance(value, str):
-            loaded = yaml.safe_load(value) if value.strip().startswith("[") else [value]
-            value = loaded
+            # `[a,b]` as YAML; a bare `a,b` is the same list (`datasets=hh,shp` names two sources); a
+            # single name with a comma in it is written quoted in brackets: `datasets=['my,file.jsonl']`
+            value = (
+                yaml.safe_load(value)
+                if value.strip().startswith("[")
+                else [v.strip() for v in value.split(",")]
+            )
+            if any(v == "" for v in value):
+                raise ConfigError(f"config key '{key}': an empty item in {value!r}")
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list like [a,b], got {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
@@ -77,22 +85,24 @@ def _coerce(key: str, value, tp):
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
 
 
-def _set(obj, dotted: str, value, prefix: str = "") -> None:
+def _set(obj, dotted: str, value, prefix: str = "", seen: set[str] | None = None) -> None:
+    """Set the dotted key `prefix + dotted` of `obj` to `value`; `seen` collects the dotted keys set."""
     head, _, rest = dotted.partition(".")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     full = prefix + head
     if head not in names:
-        raise ConfigError(f"unknown config key '{full}'; known keys here: {', '.join(names)}")
+        raise ConfigError(_unknown_key(obj, head, prefix, value if not rest else None))
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
-            _set(current, rest, value, prefix=full + ".")
+            _set(current, rest, value, full + ".", seen)
         elif isinstance(value, dict):
             for k, v in value.items():
-                _set(current, str(k), v, prefix=full + ".")
+                _set(current, str(k), v, full + ".", seen)
         elif head == "loss":
             current.name = _loss_name("loss", value)  # `loss=dpo` as in the original's hydra groups
+            _mark(seen, "loss.name")
         else:
             raise ConfigError(f"config key '{full}' is a group; set its fields as {full}.<field>=value")
         return
@@ -101,6 +111,46 @@ def _set(obj, dotted: str, value, prefix: str = "") -> None:
     if isinstance(obj, LossConfig) and head == "name":
         value = _loss_name(full, value)
     setattr(obj, head, _coerce(full, value, hints[head]))
+    _mark(seen, full)
+
+
+def _mark(seen: set[str] | None, key: str) -> None:
+    if seen is not None:
+        seen.add(key)
+
+
+def _leaf_keys(obj, prefix: str = "") -> list[str]:
+    """Every dotted key below `obj`: loss.beta, ..., model.lora.r, ..."""
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        keys += (
+            _leaf_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+        )
+    return keys
+
+
+def _unknown_key(obj, head: str, prefix: str, value) -> str:
+    """The error for an unknown key: what TRL's name means here, or the closest known keys."""
+    full = prefix + head
+    if not prefix:  # a TRL / Trainer name (learning_rate=1e-6, loss_type=sigmoid) says what dpo_ds calls it
+        from .trl_names import key_hint  # here, not at the top: `python -m dpo_ds.config.trl_names` runs it
+
+        hint = key_hint(head, value)
+        if hint:
+            return f"unknown config key '{full}': {hint}"
+    names = [f.name for f in dataclasses.fields(obj)]
+    close = [prefix + n for n in difflib.get_close_matches(head, names, n=3)]
+    if not prefix:  # a key written without its group: chosen_nll_weight=1 -> loss.chosen_nll_weight
+        by_leaf: dict[str, list[str]] = {}
+        for key in _leaf_keys(obj):
+            if "." in key:
+                by_leaf.setdefault(key.rsplit(".", 1)[1], []).append(key)
+        for leaf in difflib.get_close_matches(head, list(by_leaf), n=3):
+            close += by_leaf[leaf]
+    if close:
+        return f"unknown config key '{full}'; did you mean {' or '.join(repr(k) for k in close[:3])}?"
+    return f"unknown config key '{full}'; known keys here: {', '.join(names)}"
 
 
 def _loss_name(key: str, value) -> str:
@@ -124,7 +174,26 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 
 def load_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
-    cfg = Config()
+    cfg, _ = _build(config_file, overrides)
+    resolve(cfg)  # here, not in _build: its deprecation warning names load_config's caller (stacklevel)
+    validate(cfg)
+    return cfg
+
+
+def read_config(
+    config_file: str | None = None, overrides: list[str] | None = None
+) -> tuple[Config, frozenset[str]]:
+    """load_config's config, and the dotted keys the user set (in the file or as overrides): every other key
+    holds its default, or what resolve() derived from the keys set."""
+    cfg, seen = _build(config_file, overrides)
+    resolve(cfg)
+    validate(cfg)
+    return cfg, frozenset(seen)
+
+
+def _build(config_file: str | None, overrides: list[str] | None) -> tuple[Config, set[str]]:
+    """Defaults <- the YAML file <- the key=value overrides, and the keys set; not yet resolved or checked."""
+    cfg, seen = Config(), set()
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -139,14 +208,12 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
             )
         for key, value in data.items():
             try:
-                _set(cfg, str(key), value)
+                _set(cfg, str(key), value, seen=seen)
             except ConfigError as e:
                 raise ConfigError(f"{config_file}: {e}") from None
     for key, value in parse_overrides(overrides or []):
-        _set(cfg, key, value)
-    resolve(cfg)
-    validate(cfg)
-    return cfg
+        _set(cfg, key, value, seen=seen)
+    return cfg, seen
 
 
 def to_dict(cfg: Config) -> dict:

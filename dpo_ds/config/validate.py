@@ -7,6 +7,9 @@ engine/ds_config.py; which losses exist and which hyperparameters each defines, 
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from pathlib import Path
 
 from .errors import ConfigError
@@ -29,6 +32,7 @@ from .schema import (
 
 def validate(cfg: Config) -> None:
     """Impossible values are errors naming the key. Checks needing the world size live in engine/ds_config.py."""
+    _check_finite(cfg)  # first: `lr=inf` passes `> 0`, and nan's own message is clearer than "must be > 0"
     _check_loss(cfg)
     _check_data(cfg)
     _check_model(cfg)
@@ -57,6 +61,31 @@ def _get(cfg, dotted: str):
 def _need(cfg: Config, ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {msg}, got {_get(cfg, key)!r}")
+
+
+def float_keys(obj, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every float-typed key of the config (float, float | None, list[float]), found
+    from the dataclasses' own annotations, so a float key added later is checked without being listed."""
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key, tp = getattr(obj, f.name), prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(value):
+            out += float_keys(value, key + ".")
+        elif float in (tp, *typing.get_args(tp)) or tp == list[float]:
+            out += (
+                [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+                if isinstance(value, list)
+                else [(key, value)]
+            )
+    return out
+
+
+def _check_finite(cfg: Config) -> None:
+    """No float key may be inf or nan: `lr=inf` or `loss.beta=nan` would train on garbage, not fail."""
+    for key, value in float_keys(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
 
 
 def _check_loss(cfg: Config) -> None:

@@ -234,3 +234,16 @@ def test_deepspeeds_muon_module_is_only_imported_for_muon(monkeypatch):
 
     assert not isinstance(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), MuonWithAuxAdam)
     assert sys.modules[engine_build.MUON_MODULE].__doc__.startswith("dpo_ds:")
+
+
+def test_a_bare_comma_list_is_the_bracketed_list():
+    # `datasets=hh,shp` used to become the single source 'hh,shp'
+    assert load_config(None, ["datasets=hh,shp"]).datasets == ["hh", "shp"]
+    assert load_config(None, ["datasets=[hh,shp]"]).datasets == ["hh", "shp"]
+    assert load_config(None, ["model.lora.target_modules=q_proj, v_proj"]).model.lora.target_modules == [
+        "q_proj",
+        "v_proj",
+    ]
+    assert load_config(None, ["datasets=['my,file.jsonl']"]).datasets == ["my,file.jsonl"]
+    with pytest.raises(ConfigError, match="config key 'datasets': an empty item"):
+        load_config(None, ["datasets=hh,"])
