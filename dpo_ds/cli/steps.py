@@ -55,7 +55,9 @@ class Resume:
     allowed: list[str]
 
 
-def start_distributed(cfg, ds_path: str, objective) -> Place:
+def start_distributed(cfg, ds_path: str, objective, set_keys=None) -> Place:
+    """set_keys: the config keys the user set (config.read_config), for the TRL-defaults note; None: the
+    keys still at their defaults count as not set."""
     from dpo_ds.data.layout import choose as choose_layout
     from dpo_ds.engine import ds_config as engine_config
     from dpo_ds.engine import sequence_parallel as engine_sp
@@ -82,19 +84,40 @@ def start_distributed(cfg, ds_path: str, objective) -> Place:
     log.info(
         f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}"
     )
+    if rank == 0:
+        log_trl_defaults(cfg, set_keys, ds_path, ds_config)
     return Place(rank, world, device, on_cpu, dp_rank, sp_rank, dp_world, sp_size, ds_config, ref_config,
                  stage, layout)  # fmt: skip
 
 
+def log_trl_defaults(cfg, set_keys, ds_path: str, ds_config: dict) -> None:
+    """Once at launch: the defaults this run uses that differ from TRL's (config/trl_defaults.py); the
+    optimizer betas count only when they come from a shipped DeepSpeed JSON, not the user's own file."""
+    from dpo_ds.config.shipped import DS_CONFIGS
+    from dpo_ds.config.trl_defaults import trl_default_notes
+
+    shipped = Path(ds_path).resolve().parent == DS_CONFIGS.resolve()
+    betas = ds_config.get("optimizer", {}).get("params", {}).get("betas") if shipped else None
+    notes = trl_default_notes(cfg, set_keys, betas)
+    if notes:
+        log.info("defaults that differ from TRL's (docs/coming-from-trl.md): " + "; ".join(notes))
+
+
 def claim_run_dir(cfg, rank: int):
     """One job per run directory: rank 0 takes its lock before anything is written there (and before the
-    data phase, so a second job is refused in seconds); every rank gets the answer. (RunDir, RunLock)"""
+    data phase, so a second job is refused in seconds); every rank gets the answer. (RunDir, RunLock,
+    whether this launch made the directory: only then may a failed start remove it, drop_unused_run_dir)"""
     from dpo_ds.run.dir import RunDir
     from dpo_ds.run.lock import RunDirLocked, RunLock
 
     run_dir = RunDir(cfg.run_dir)
     lock = RunLock(run_dir)
-    took_over = comm.decided_by_rank0(lock.acquire, (RunDirLocked,))
+
+    def take():  # looked at before the lock's mkdir makes the directory
+        created = not (run_dir.root.exists() or run_dir.root.is_symlink())
+        return created, lock.acquire()
+
+    created, took_over = comm.decided_by_rank0(take, (RunDirLocked,))
     if rank == 0:
         atexit.register(lock.release)  # every exit but SIGKILL; a killed job's lock is stale (RunLock)
     if took_over:
@@ -108,7 +131,55 @@ def claim_run_dir(cfg, rank: int):
             f"config key 'run_dir': {run_dir.root} already holds a run ({', '.join(taken)}); pick another "
             f"exp_name/run_dir, or continue it with resume_from=auto"
         )
-    return run_dir, lock
+    return run_dir, lock, created
+
+
+def drop_unused_run_dir(run_dir, lock, created: bool, rank: int) -> bool:
+    """A start that failed on a user error (raised on every rank alike) leaves behind no run dir this
+    launch made: once every rank is here, rank 0 releases the lock and removes the directory, unless it
+    holds a result (valuable_in). A directory that was there before (a resume, one the user made) stays.
+    Every rank calls it; returns whether the directory went."""
+    if not created or not _ranks_meet():  # a rank that never comes: someone may still write there
+        return False
+    return rank == 0 and remove_unused_run_dir(run_dir, lock)
+
+
+def remove_unused_run_dir(run_dir, lock) -> bool:
+    """Rank 0: the lock released and run_dir removed, unless it holds a result; whether it went."""
+    import shutil
+
+    kept = valuable_in(run_dir)
+    if kept:
+        log.info(f"{run_dir.root} is kept: it holds {', '.join(kept)}")
+        return False
+    lock.release()
+    shutil.rmtree(run_dir.root, ignore_errors=True)
+    log.info(f"removed {run_dir.root}, which this launch made: nothing was trained into it")
+    return True
+
+
+def valuable_in(run_dir) -> list[str]:
+    """What in a run dir is a result, not a failed start's leftovers (its lock, config files, token
+    cache): LATEST, step dirs, metrics, the reference log-probs, hang reports."""
+    paths = [run_dir.latest, run_dir.metrics, run_dir.reference_cache, *run_dir.root.glob("hang-rank*.txt")]
+    found = [p.name for p in paths if p.exists() or p.is_symlink()]
+    return found + [p.name for _, p in run_dir.step_dirs()]
+
+
+def _ranks_meet(timeout_s: float = 30.0) -> bool:
+    """Whether every rank reached this point within timeout_s (a barrier in a thread: never a hang)."""
+    import threading
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return True
+    met = threading.Event()
+
+    def wait():
+        torch.distributed.barrier()
+        met.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    return met.wait(timeout_s)
 
 
 def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:

@@ -1,8 +1,12 @@
 """dpo_ds entry point: SFT, DPO, IPO, cDPO and reference-free DPO on DeepSpeed.
 
-    deepspeed --num_gpus 8 dpo_ds/train.py --ds ds_configs/zero3.json loss=sft exp_name=sft datasets=[hh]
-    deepspeed --num_gpus 8 dpo_ds/train.py --ds ds_configs/zero3.json loss=dpo loss.beta=0.1 \
-        exp_name=dpo datasets=[hh] model.archive=runs/sft/LATEST/policy.pt
+    dpo-ds train --gpus 8 --ds zero3 loss=sft exp_name=sft datasets=[hh]
+    dpo-ds train --gpus 8 --ds zero3 loss=dpo loss.beta=0.1 exp_name=dpo datasets=[hh] \
+        model.archive=runs/sft/LATEST/policy.pt
+
+(`dpo-ds train` runs the DeepSpeed launcher; `deepspeed --num_gpus 8 --module dpo_ds.train ...`,
+`torchrun --nproc_per_node 8 -m dpo_ds.train ...` and, in a clone, `deepspeed dpo_ds/train.py ...` run the
+same entry.)
 
 Reads top to bottom: parse -> init distributed -> check inputs -> build -> train -> close.
 Every input is checked before any engine is built, identically on every rank, so a bad key, file,
@@ -16,9 +20,9 @@ import atexit
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 from dpo_ds.config import ConfigError
+from dpo_ds.config.shipped import DEFAULT_DS, ds_config_names, ds_config_path, recipe_path
 from dpo_ds.data.sources import DataError
 from dpo_ds.data.tokenize import TokenizationError
 from dpo_ds.model.adapters import AdapterError
@@ -38,26 +42,50 @@ USER_ERRORS = (
 log = logging.getLogger("dpo_ds")
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    ap.add_argument(
-        "--ds",
-        default=str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json"),
-        help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)",
+def parse_args(argv, prog: str | None = None, description: str | None = None):
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description=description or __doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     ap.add_argument(
-        "--config", default=None, help="YAML file with dpo_ds config keys; key=value overrides win"
+        "--ds",
+        default=DEFAULT_DS,
+        help=f"DeepSpeed JSON: a shipped one by name ({', '.join(ds_config_names())}) or a file (default {DEFAULT_DS})",
+    )
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="YAML of dpo_ds config keys: a file, or a shipped recipe by name (`dpo-ds recipes`); key=value wins",
     )
     ap.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by launchers
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. loss=dpo loss.beta=0.1 datasets=[hh,shp]")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_trl_flags(argv, ap)
     return ap.parse_intermixed_args(argv)  # key=value before and after --ds / --config
+
+
+def _refuse_trl_flags(argv: list[str], ap: argparse.ArgumentParser) -> None:
+    """A flag TRL or transformers' Trainer takes (`--deepspeed ds.json`, `--output_dir runs/x`) gets what dpo_ds
+    calls it, as a config error, before argparse's bare 'unrecognized arguments'."""
+    from dpo_ds.config.trl_names import flag_hint
+
+    known = {opt for action in ap._actions for opt in action.option_strings}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg.split("=", 1)[0] in known:
+            continue
+        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+        hint = flag_hint(arg, value)
+        if hint is not None:
+            raise ConfigError(hint)
 
 
 def run(argv=None) -> dict:
     from dpo_ds.cli import steps
-    from dpo_ds.config import load_config
+    from dpo_ds.config import read_config
     from dpo_ds.dist import comm
     from dpo_ds.training.objectives import build_objective
 
@@ -65,23 +93,27 @@ def run(argv=None) -> dict:
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    ds_path = ds_config_path(args.ds)
+    cfg, set_keys = read_config(recipe_path(args.config) if args.config else None, args.overrides)
     # the one place the training mode is decided: the objective (its losses checked against their specs)
     # says whether it needs a reference
     objective = build_objective(cfg)
 
     # 2. distributed: the ranks, the DeepSpeed JSONs, the layout; then the run dir, locked
-    place = steps.start_distributed(cfg, args.ds, objective)
-    run_dir, lock = steps.claim_run_dir(cfg, place.rank)
+    place = steps.start_distributed(cfg, str(ds_path), objective, set_keys)
+    run_dir, lock, created = steps.claim_run_dir(cfg, place.rank)
+    try:
+        # 3. inputs: model directory, archive, data, resume -- all checked before any engine exists
+        inputs = steps.check_inputs(cfg, place, objective, run_dir)
+        resume = steps.decide_resume(cfg, place, inputs, run_dir)
+        preemption, watchdog = steps.watch(cfg, place.rank, run_dir, lock)
 
-    # 3. inputs: model directory, archive, data, resume -- all checked before any engine exists
-    inputs = steps.check_inputs(cfg, place, objective, run_dir)
-    resume = steps.decide_resume(cfg, place, inputs, run_dir)
-    preemption, watchdog = steps.watch(cfg, place.rank, run_dir, lock)
-
-    # 4. build: both models start from the same weights; the policy resumed from its checkpoint
-    policy, reference, memory = steps.build_models(cfg, place, objective, inputs, run_dir, resume)
-    start_step = steps.resume_policy(cfg, policy, resume)
+        # 4. build: both models start from the same weights; the policy resumed from its checkpoint
+        policy, reference, memory = steps.build_models(cfg, place, objective, inputs, run_dir, resume)
+        start_step = steps.resume_policy(cfg, policy, resume)
+    except USER_ERRORS:  # a start that failed leaves no empty run dir behind (only one this launch made)
+        steps.drop_unused_run_dir(run_dir, lock, created, place.rank)
+        raise
 
     # 5. train, evaluate, save
     trainer = steps.trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, memory,

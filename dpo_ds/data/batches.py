@@ -34,10 +34,12 @@ class Example:
     responses: list[Text]  # [chosen, rejected] for preference losses, [sft_target] for SFT
     truncation_mode: str
     origins: list[str] | None = None  # [prompt's, each response's]: "FILE row I (0-based), field 'F'"
+    source: str = ""  # the `datasets` spec it came from: the data report counts by source
 
 
-def flatten(groups: list[PromptGroup], sft: bool) -> list[Example]:
-    """One SFT example per prompt (its sft_target), or one preference example per pair."""
+def flatten(groups: list[PromptGroup], sft: bool, source: str = "") -> list[Example]:
+    """One SFT example per prompt (its sft_target), or one preference example per pair; `source`
+    names the spec they came from."""
 
     def origin(g: PromptGroup, k: int) -> str:
         return g.response_origins[k] if k < len(g.response_origins) else g.prompt_origin
@@ -49,6 +51,7 @@ def flatten(groups: list[PromptGroup], sft: bool) -> list[Example]:
                 [g.sft_target],
                 g.truncation_mode,
                 [g.prompt_origin, g.sft_origin or g.prompt_origin],
+                source,
             )
             for g in groups
         ]
@@ -58,6 +61,7 @@ def flatten(groups: list[PromptGroup], sft: bool) -> list[Example]:
             [g.responses[c], g.responses[r]],
             g.truncation_mode,
             [g.prompt_origin, origin(g, c), origin(g, r)],
+            source,
         )
         for g in groups
         for c, r in g.pairs

@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,10 @@ class Prepared:
     seconds: float
     summary: list[str] = field(default_factory=list)  # tokenization's own log lines (cuts, merges)
     sources: list[str] = field(default_factory=list)  # one line per source: how its rows are rendered
+    # what the build counted for the data report (data/report.py): {"survey": the sources' counts, or
+    # None; "tallies": {split: {source: Tokenization.tallies summed}}}; None for a cache built before
+    report: dict | None = None
+    data_report: dict | None = None  # rank 0: the report made of it (data/prepare.py)
 
     def digest(self, splits=("train",)) -> str:
         h = hashlib.sha256()
@@ -134,14 +139,16 @@ class Prepared:
 
 def prepare(
     cfg, tokenization, model_dir: Path, cache_root: Path, sft: bool, *, rank: int, world: int, comm,
-    load_examples, describe=None, num_proc: int = 1,
+    load_examples, describe=None, num_proc: int = 1, survey=None,
 ) -> Prepared:  # fmt: skip
     """The tokenized train and test splits: mapped from the cache when its fingerprint matches, else
     built by the ranks together (see the module docstring) and then mapped.
 
     comm: the collectives (dist.comm): decided_by_rank0, all_gather_objects, fail_alike, barrier.
     load_examples(split) -> the split's Examples (reads and parses the sources; build only).
-    describe(split, examples) -> log lines about them (how each source is rendered)."""
+    describe(split, examples) -> log lines about them (how each source is rendered).
+    survey() -> what the data report counts on the sources' rows (data/report.py), called in the build's
+    worker after both splits are read, on the rank that writes the manifest; kept in the manifest."""
     t0 = time.time()
     facts = fingerprint(cfg, model_dir, sft)
     path = Path(cache_root) / f"tokens-{digest_of(facts)}"
@@ -149,7 +156,7 @@ def prepare(
     built = False
     if found is None:
         _build(path, facts, tokenization, rank=rank, world=world, comm=comm, load_examples=load_examples,
-               describe=describe, num_proc=num_proc)  # fmt: skip
+               describe=describe, num_proc=num_proc, survey=survey)  # fmt: skip
         built = True
         _give_back_memory()  # the parsed rows and the shard's lists are gone; return their pages
         found = comm.decided_by_rank0(lambda: _read_manifest(path, facts))
@@ -166,7 +173,9 @@ def prepare(
         f"token cache {path}: {what} in {seconds:.1f} s: {info['train_examples']} train / {info['test_examples']} "
         f"test examples, {info['tokens']} tokens, {mib:.1f} MiB"
     )
-    return Prepared(stores, path, built, seconds, info.get("summary", []), info.get("sources", []))
+    return Prepared(
+        stores, path, built, seconds, info.get("summary", []), info.get("sources", []), info.get("report")
+    )
 
 
 def _give_back_memory() -> None:
@@ -187,7 +196,17 @@ def _give_back_memory() -> None:
 
 
 def _build(
-    path: Path, facts: dict, tokenization, *, rank, world, comm, load_examples, describe, num_proc=1
+    path: Path,
+    facts: dict,
+    tokenization,
+    *,
+    rank,
+    world,
+    comm,
+    load_examples,
+    describe,
+    num_proc=1,
+    survey=None,
 ) -> None:
     """Every rank tokenizes its share of each split into its shard in a temporary directory next to
     `path`; rank 0 writes the manifest and renames the directory into place."""
@@ -204,6 +223,7 @@ def _build(
     sees = comm.all_gather_objects(marker.is_file())
     shared = all(sees)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    finishing = rank == 0 if shared else local_rank == 0  # writes the manifest (of its node's copy)
     if shared:
         share, parts = rank, world  # every rank of the cluster tokenizes its share
     else:
@@ -215,8 +235,9 @@ def _build(
     error = None
     try:
         done = _in_worker(
-            lambda: _tokenize_shares(tmp, share, parts, tokenization, rank, load_examples, describe, num_proc)
-        )
+            lambda: _tokenize_shares(tmp, share, parts, tokenization, rank, load_examples, describe, num_proc,
+                                     survey if finishing else None)
+        )  # fmt: skip
     except (DataError, TokenizationError) as e:
         error = (type(e).__name__, str(e))
 
@@ -227,28 +248,51 @@ def _build(
         return (DataError if kind == "DataError" else TokenizationError)(message)
 
     comm.fail_alike(error, failure)
-    counts = done.pop("counts")
-    sources = done.pop("sources")
+    own = {k: done.pop(k) for k in ("counts", "sources", "survey")}  # this rank's, never gathered
     parts_info = comm.all_gather_objects(done)
+    if not shared:
+        parts_info = [p for p in parts_info if p["shards"]][:1]  # this node's copy: its local rank 0's
     if shared:
         comm.barrier()
         if rank == 0:
-            _finish(tmp, path, facts, parts_info, counts, sources)
+            _finish(tmp, path, facts, parts_info, _info(parts_info, own, tokenization))
         comm.barrier()
     else:
         if local_rank == 0:
-            _finish(tmp, path, facts, [p for p in parts_info if p["shards"]][:1], counts, sources)
+            _finish(tmp, path, facts, parts_info, _info(parts_info, own, tokenization))
         else:
             _wait_for(path / MANIFEST)
         comm.barrier()
 
 
+def _info(parts_info: list[dict], own: dict, tokenization) -> dict:
+    """The manifest's "info": counts, the sources' lines, and tokenization's tallies summed over every
+    share, so that each is said once, as one total (a rank's own count is a fraction of it)."""
+    tallies = {s: {} for s in SPLITS}
+    for part in parts_info:
+        for split, by_source in part["tallies"].items():
+            for source, counted in by_source.items():
+                tallies[split].setdefault(source, Counter()).update(counted)
+    total = sum((c for by_source in tallies.values() for c in by_source.values()), Counter())
+    return {
+        "train_examples": own["counts"]["train"],
+        "test_examples": own["counts"]["test"],
+        "tokens": sum(p["tokens"] for p in parts_info),
+        "summary": tokenization.summary(total),
+        "sources": own["sources"],
+        "report": {
+            "survey": own["survey"],
+            "tallies": {s: {src: dict(c) for src, c in by.items()} for s, by in tallies.items()},
+        },
+    }
+
+
 def _tokenize_shares(
-    tmp: Path, share, parts: int, tokenization, rank: int, load_examples, describe, num_proc
+    tmp: Path, share, parts: int, tokenization, rank: int, load_examples, describe, num_proc, survey=None
 ):
     """Read each split's sources and tokenize this rank's share of it into its shard (share None: read
     only, for the counts). Returns what the manifest needs from this rank."""
-    out = {"shards": {}, "digests": {}, "tokens": 0, "counts": {}, "sources": []}
+    out = {"shards": {}, "digests": {}, "tokens": 0, "counts": {}, "sources": [], "tallies": {}}
     for split in SPLITS:
         examples = load_examples(split)
         out["counts"][split] = len(examples)
@@ -258,10 +302,12 @@ def _tokenize_shares(
             continue
         lo, hi = len(examples) * share // parts, len(examples) * (share + 1) // parts
         name = f"{split}-{share:05d}-of-{parts:05d}.arrow"
-        digest, tokens = _write_shard(tmp / name, split, examples, lo, hi, tokenization, rank, num_proc)
-        out["shards"][split], out["digests"][split] = [name], [digest]
+        digest, tokens, tallies = _write_shard(
+            tmp / name, split, examples, lo, hi, tokenization, rank, num_proc
+        )
+        out["shards"][split], out["digests"][split], out["tallies"][split] = [name], [digest], tallies
         out["tokens"] += tokens
-    out["summary"] = tokenization.summary()
+    out["survey"] = survey() if survey is not None else None
     return out
 
 
@@ -314,56 +360,72 @@ _WORK: tuple = ()  # (tokenization, examples) for the forked workers of data.num
 
 
 def _tokenize_range(bounds: tuple[int, int]):
-    """A worker's chunk: (compact arrays of examples[lo:hi], its truncation counters)."""
+    """A worker's chunk: (compact arrays of examples[lo:hi], what tokenization counted on them)."""
     tokenization, examples = _WORK
-    tokenization.cuts.clear()
-    tokenization.boundary_splits = 0
+    tokenization.reset_tallies()
     out = []
     for i in range(*bounds):
         ex = examples[i]
         out.append(_arrays(tokenization.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins)))
-    return out, dict(tokenization.cuts), tokenization.boundary_splits
+    return out, dict(tokenization.tallies())
+
+
+def _runs(examples, lo: int, hi: int) -> list[tuple[int, int, str]]:
+    """examples[lo:hi] as (start, end, source) runs of one source each (sources come one after another)."""
+    runs = []
+    for i in range(lo, hi):
+        source = examples[i].source
+        if runs and runs[-1][2] == source:
+            runs[-1] = (runs[-1][0], i + 1, source)
+        else:
+            runs.append((i, i + 1, source))
+    return runs
 
 
 def _write_shard(
     target: Path, split: str, examples, lo: int, hi: int, tokenization, rank: int, num_proc: int = 1
 ):
-    """Tokenize examples[lo:hi] into one Arrow file; returns (digest, tokens). Shows progress. With
-    num_proc > 1, forked workers tokenize chunks and this process hashes and writes them in order."""
+    """Tokenize examples[lo:hi] into one Arrow file; returns (digest, tokens, {source: what tokenization
+    counted on its examples}). Shows progress. With num_proc > 1, forked workers tokenize chunks (never
+    across two sources) and this process hashes and writes them in order."""
     from datasets.arrow_writer import ArrowWriter
 
     builder = _ShardBuilder(keep_rows=split == "test")
     progress = _Progress(split, hi - lo, rank)
+    tallies: dict[str, Counter] = {}
     if num_proc > 1 and hi - lo > num_proc:
         import multiprocessing
 
         global _WORK
         _WORK = (tokenization, examples)
         step = max(1, min(1000, (hi - lo) // (4 * num_proc)))
-        chunks = [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+        chunks = [(a, min(a + step, end), src) for start, end, src in _runs(examples, lo, hi)
+                  for a in range(start, end, step)]  # fmt: skip
         with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-            for (a, _), (arrays, cuts, splits) in zip(chunks, pool.imap(_tokenize_range, chunks)):
+            results = pool.imap(_tokenize_range, [(a, b) for a, b, _ in chunks])
+            for (a, _, src), (arrays, counted) in zip(chunks, results):
                 for k, arr in enumerate(arrays):
                     builder.add_arrays(a + k, examples[a + k], *arr)
-                tokenization.cuts.update(cuts)
-                tokenization.boundary_splits += splits
+                tallies.setdefault(src, Counter()).update(counted)
                 progress.update(len(builder.index))
         _WORK = ()
     else:
-        for i in range(lo, hi):
-            ex = examples[i]
-            builder.add(i, ex, tokenization.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins))
-            progress.update(i - lo + 1)
+        for start, end, src in _runs(examples, lo, hi):
+            before = tokenization.tallies()
+            for i in range(start, end):
+                ex = examples[i]
+                seqs = tokenization.tokenize(ex.prompt, ex.responses, ex.truncation_mode, ex.origins)
+                builder.add(i, ex, seqs)
+                progress.update(i - lo + 1)
+            tallies.setdefault(src, Counter()).update(tokenization.tallies() - before)
     progress.close()
     with ArrowWriter(path=str(target), features=_features(split)) as writer:
         writer.write_batch(builder.batch())
         writer.finalize()
-    return builder.hash.hexdigest(), builder.tokens
+    return builder.hash.hexdigest(), builder.tokens, {src: dict(+c) for src, c in tallies.items()}
 
 
-def _finish(
-    tmp: Path, path: Path, facts: dict, parts_info: list[dict], counts: dict, sources: list[str]
-) -> None:
+def _finish(tmp: Path, path: Path, facts: dict, parts_info: list[dict], info: dict) -> None:
     """The manifest, written last into the temporary directory, then the directory renamed into place
     (another run that built the same fingerprint first wins: ours goes)."""
     shards = {s: [n for p in parts_info for n in p["shards"].get(s, [])] for s in SPLITS}
@@ -374,19 +436,7 @@ def _finish(
             for d in p["digests"].get(s, []):
                 h.update(d.encode())
         split_digests[s] = h.hexdigest()
-    summary = sorted({line for p in parts_info for line in p["summary"]})
-    manifest = {
-        "facts": facts,
-        "shards": shards,
-        "digests": split_digests,
-        "info": {
-            "train_examples": counts["train"],
-            "test_examples": counts["test"],
-            "tokens": sum(p["tokens"] for p in parts_info),
-            "summary": summary,
-            "sources": sources,
-        },
-    }
+    manifest = {"facts": facts, "shards": shards, "digests": split_digests, "info": info}
     (tmp / "shared").unlink(missing_ok=True)
     with open(tmp / MANIFEST, "w") as f:
         f.write(json.dumps(manifest, indent=1))
@@ -410,13 +460,27 @@ def _wait_for(f: Path, poll_s: float = 1.0) -> None:
         time.sleep(poll_s)
 
 
-class _Progress:
-    """tqdm on a terminal (rank 0), else a log line every 10% with rows per second."""
+PROGRESS_QUIET_S = 10.0  # a share tokenized sooner than this logs no progress at all
 
-    def __init__(self, split: str, total: int, rank: int):
+
+def progress_due(done: int, total: int, elapsed_s: float, last_quarter: int) -> int | None:
+    """The quarter of a share (1, 2 or 3: 25, 50, 75 %) to log now, or None: at most three lines a share,
+    each the first update past a new quarter, and none until the share has taken PROGRESS_QUIET_S (the
+    cache's own line says when it is done, so a share of seconds needs nothing more)."""
+    if total <= 0 or elapsed_s < PROGRESS_QUIET_S:
+        return None
+    quarter = min(4 * done // total, 3)
+    return quarter if quarter > last_quarter else None
+
+
+class _Progress:
+    """tqdm on a terminal (rank 0), else a few log lines (progress_due) with rows per second."""
+
+    def __init__(self, split: str, total: int, rank: int, clock=time.monotonic):
         self.split, self.total, self.rank = split, total, rank
-        self.t0 = time.time()
-        self.next = 0.1
+        self.clock = clock
+        self.t0 = clock()
+        self.quarter = 0
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
@@ -426,12 +490,17 @@ class _Progress:
     def update(self, done: int) -> None:
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
-        elif self.rank == 0 and self.total and done / self.total >= self.next:
-            rate = done / max(time.time() - self.t0, 1e-9)
+            return
+        if self.rank != 0:
+            return
+        elapsed = self.clock() - self.t0
+        quarter = progress_due(done, self.total, elapsed, self.quarter)
+        if quarter is not None:
+            self.quarter = quarter
             log.info(
-                f"tokenizing {self.split}: {done}/{self.total} rows of rank 0's share ({rate:.0f} rows/s)"
+                f"tokenizing {self.split}: {done}/{self.total} rows of rank 0's share "
+                f"({done / max(elapsed, 1e-9):.0f} rows/s)"
             )
-            self.next += 0.1
 
     def close(self) -> None:
         if self.bar is not None:

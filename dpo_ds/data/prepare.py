@@ -35,14 +35,18 @@ def prepare_data(cfg, sft: bool, tokenizer, model_dir: Path, run_dir, *, rank: i
     from dpo_ds.config import ConfigError
     from dpo_ds.data import cache
     from dpo_ds.data.batches import flatten
+    from dpo_ds.data.report import Survey
     from dpo_ds.data.sources import load_source
     from dpo_ds.dist import comm
 
     tokenization = tokenization_of(cfg, tokenizer)
+    survey = Survey(sft)  # counts the rows for the data report, only where the cache's manifest is written
 
     def load_examples(split: str):
         groups = [(spec, load_source(spec, split, cfg.data.cache_dir)) for spec in cfg.datasets]
-        examples = flatten([g for _, gs in groups for g in gs], sft)
+        for spec, gs in groups:
+            survey.add(split, spec, gs)
+        examples = [e for spec, gs in groups for e in flatten(gs, sft, spec)]
         if split == "train":
             load_examples.sources = [tokenization.describe(spec, gs) for spec, gs in groups]
             if not examples:
@@ -56,11 +60,35 @@ def prepare_data(cfg, sft: bool, tokenizer, model_dir: Path, run_dir, *, rank: i
     prepared = cache.prepare(
         cfg, tokenization, model_dir, root, sft, rank=rank, world=world, comm=comm,
         load_examples=load_examples, describe=lambda split, _: getattr(load_examples, "sources", []),
-        num_proc=cfg.data.num_proc,
+        num_proc=cfg.data.num_proc, survey=survey,
     )  # fmt: skip
     for line in prepared.sources + prepared.summary:  # sources may mix conversations and plain text
         log.info(line)
+    if rank == 0:
+        report_data(cfg, sft, prepared, run_dir.data_report)
     return tokenization, prepared
+
+
+def report_data(cfg, sft: bool, prepared, path: Path) -> None:
+    """Rank 0: the data report (data/report.py) as a table in the log and as JSON at `path` (the run
+    dir's data_report.json), kept on `prepared.data_report`. A report that cannot be written is a
+    warning: it describes the run, it does not stop it."""
+    from dpo_ds.data import report
+
+    prepared.data_report = report.build(
+        prepared.report,
+        prepared.stores,
+        sft=sft,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+    )
+    try:
+        report.write(prepared.data_report, path)
+        where = f"written to {path}"
+    except OSError as e:
+        where = f"not written to {path}: {e}"
+        log.warning(f"data report {where}")
+    log.info(f"{report.table(prepared.data_report)}\n(the data report, {where})")
 
 
 if (

@@ -48,16 +48,18 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from dpo_ds.data.sources.groups import DataError, Text
+from dpo_ds.data.tallies import (
+    BOUNDARY_SPLITS,
+    CUT_RESPONSES,
+    CUT_SYSTEM,
+    CUT_TEXT,
+    CUT_TOKENS,
+    CUT_TURNS,
+    IDENTICAL_IDS,
+    summary_lines,
+)
 
 IGNORE = -100
-# how a prompt was truncated (Tokenization.cuts); a conversation may count under two of these
-CUT_TOKENS, CUT_TURNS, CUT_TEXT, CUT_SYSTEM = "tokens", "turns", "text", "system"
-CUT_DESCRIPTIONS = {
-    CUT_TOKENS: "plain-text prompts cut to their tokens' start or end",
-    CUT_TURNS: "conversations lost whole earlier exchanges",
-    CUT_TEXT: "conversations had their earliest user message's text cut",
-    CUT_SYSTEM: "conversations had their system message's text cut too",
-}
 TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
 ADD_BOS = ("auto", "true", "false")
 
@@ -159,6 +161,8 @@ class Tokenization:
         self.stop_ids = [self.eos_id] + [t for t in self._end_of_turn() if t != self.eos_id]
         self.boundary_splits = 0  # responses tokenized apart from the prompt (see _chat_response)
         self.cuts: Counter[str] = Counter()  # how many prompts were truncated, by how (CUT_* keys)
+        self.response_cuts = 0  # responses cut to the room left after the prompt
+        self.identical_ids = 0  # examples whose responses are the same ids once tokenized and truncated
 
     # ------------------------------------------------------------------ the tokenizer's rules
 
@@ -443,8 +447,11 @@ class Tokenization:
         mpl, ml = self.max_prompt_length, self.max_length
         if self.original:  # token for token what tokenize_batch_element does
             if len(prompt) + longest > ml:
+                if len(prompt) > mpl:
+                    self.cuts[CUT_TOKENS] += 1
                 prompt = prompt[:mpl] if side == "keep_start" else prompt[-mpl:]
             if len(prompt) + longest > ml:
+                self.response_cuts += sum(len(p.ids) > ml - mpl for p in pieces)
                 pieces = [p.cut(ml - mpl) for p in pieces]
             return prompt, pieces
         if self._overflows(prompt, pieces):
@@ -459,6 +466,7 @@ class Tokenization:
                 keep = max(mpl - len(head), 0)  # a `prompt[-0:]` slice would keep everything
                 prompt = head + (prompt[len(prompt) - keep :] if keep else [])
         room = ml - len(prompt)
+        self.response_cuts += sum(len(p.ids) > room for p in pieces)
         return prompt, [p.cut(room) for p in pieces]
 
     def _prompt_length(self, messages: list[dict], origin: str) -> int:
@@ -526,18 +534,24 @@ class Tokenization:
             )
         return f"data source {spec}: " + (" and ".join(parts) or "no rows")
 
-    def summary(self) -> list[str]:
-        """What tokenization did beyond the plain rules, as log lines (nothing when it did nothing)."""
-        lines = []
-        if self.boundary_splits:
-            lines.append(
-                f"{self.boundary_splits} responses begin with characters that merge with the end of the "
-                f"generation prompt when tokenized together; they are tokenized apart from it, as at generation"
-            )
-        if self.cuts:
-            how = ", ".join(f"{n} {CUT_DESCRIPTIONS[k]}" for k, n in sorted(self.cuts.items()))
-            lines.append(f"prompts over max_prompt_length={self.max_prompt_length} were truncated: {how}")
-        return lines
+    def tallies(self) -> Counter[str]:
+        """Everything counted so far, by name (the CUT_* kinds, CUT_RESPONSES, IDENTICAL_IDS,
+        BOUNDARY_SPLITS): what the cache sums over shards, workers and ranks into one total."""
+        return Counter(
+            {**self.cuts, CUT_RESPONSES: self.response_cuts, IDENTICAL_IDS: self.identical_ids,
+             BOUNDARY_SPLITS: self.boundary_splits}
+        )  # fmt: skip
+
+    def reset_tallies(self) -> None:
+        self.cuts.clear()
+        self.response_cuts = self.identical_ids = self.boundary_splits = 0
+
+    def summary(self, tallies: Counter[str] | None = None) -> list[str]:
+        """What tokenization did beyond the plain rules, as log lines (nothing when it did nothing):
+        of its own tallies, or of `tallies` (the sum over every rank's share: one total, said once)."""
+        return summary_lines(
+            self.tallies() if tallies is None else tallies, self.max_prompt_length, self.max_length
+        )
 
     def tokenize(
         self,
@@ -556,6 +570,7 @@ class Tokenization:
             shorter = self._shorten_conversation(prompt, side, (origins or ["prompt"])[0])
             prompt_ids, pieces = self.render(shorter, responses, origins)
         prompt_ids, pieces = self._truncate(prompt_ids, pieces, side)
+        self.identical_ids += len(pieces) > 1 and all(p.ids == pieces[0].ids for p in pieces[1:])
         n = len(prompt_ids)
         return [
             TokenizedSeq(

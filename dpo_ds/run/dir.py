@@ -5,6 +5,7 @@ resume rules, the save protocol; everything in it reads these names from this mo
 {run_dir}/ds_config.json            the resolved DeepSpeed config
 {run_dir}/metrics.jsonl             one JSON record per step and per eval (rank 0)
 {run_dir}/samples.jsonl             greedy samples at each eval (sample_during_eval=true)
+{run_dir}/data_report.json          the data report of the data phase (data/report.py), rank 0
 {run_dir}/reference_logps.pt        the precomputed reference log-probs (model.reference_mode=precomputed)
 {run_dir}/step-{N}/policy.pt        {'step_idx', 'state', 'metrics'}: the full HF state dict, as the
                                     original DPO code writes and reads it (N = training examples seen)
@@ -31,6 +32,7 @@ CONFIG = "config.yaml"
 DS_CONFIG = "ds_config.json"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
+DATA_REPORT = "data_report.json"
 REFERENCE_CACHE = "reference_logps.pt"
 LATEST = "LATEST"
 POLICY = "policy.pt"
@@ -74,6 +76,10 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.root / SAMPLES
+
+    @property
+    def data_report(self) -> Path:
+        return self.root / DATA_REPORT
 
     @property
     def reference_cache(self) -> Path:

@@ -103,7 +103,7 @@ def shapes(tmp_path):
     """spec -> loaded groups, one per conversational shape, from files shaped like the hub's."""
     uf = tmp_path / "uf" / "data"
     uf.mkdir(parents=True)
-    # the hub repository's layout, as `huggingface-cli download --repo-type dataset` writes it
+    # the hub repository's layout, as `hf download --repo-type dataset` writes it
     _write(uf / "train_prefs-00000-of-00001.parquet", ultrafeedback_rows())
     out = {"ultrafeedback": load_source(f"ultrafeedback:{tmp_path / 'uf'}", "train", str(tmp_path / "c"))}
     for name, rows in (("trl", trl_rows()), ("trl_implicit", trl_implicit_rows())):

@@ -484,7 +484,7 @@ def test_hub_shaped_wrong_types(tmp_path, cache):
 
 
 def test_missing_paths(tmp_path, cache):
-    with pytest.raises(DataError, match=r"data file .*nope_train.jsonl does not exist"):
+    with pytest.raises(DataError, match=r"no local file or directory .*nope_train.jsonl exists"):
         load_source(str(tmp_path / "nope_train.jsonl"), "train", cache_dir=cache)
     with pytest.raises(DataError, match=r"data directory .*no_such_dir does not exist"):
         load_source(f"hh:{tmp_path / 'no_such_dir'}", "train", cache_dir=cache)
@@ -508,6 +508,46 @@ def test_unknown_spec(cache):
     assert "unknown data source 'anthropic'" in msg
     for form in ("'hh'", "'shp:DIR'", "'demo'", ".jsonl", ".parquet", "directory"):
         assert form in msg
+
+
+@pytest.mark.parametrize(
+    "spec, closest",
+    [("ultrafedback", "ultrafeedback"), ("HH", "hh"), ("Anthropic/hh-rlhf", "hh"), ("sph", "shp"),
+     ("ultrafedback:/data/uf", "ultrafeedback:/data/uf"), ("nothing_like_it", None)],
+)  # fmt: skip
+def test_a_spec_that_is_no_name_and_no_path_names_the_known_names(tmp_path, monkeypatch, spec, closest):
+    """The known names are looked at before the filesystem: a mistyped name is told the names, the
+    closest one, and that no local file or directory of that name exists either; the fingerprint
+    (which looks for the files first of all) says the same."""
+    from dpo_ds.config import load_config
+    from dpo_ds.data.cache import fingerprint
+    from dpo_ds.model.files import SHIPPED_MODELS
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [f"datasets=[{spec}]"])
+    for attempt in (
+        lambda: load_source(spec, "train"),
+        lambda: fingerprint(cfg, SHIPPED_MODELS["tiny"], False),
+    ):
+        with pytest.raises(DataError) as err:
+            attempt()
+        msg = str(err.value)
+        assert f"unknown data source {spec!r}" in msg
+        assert "hh, shp, se, ultrafeedback, demo" in msg
+        assert (f"did you mean {closest!r}?" in msg) == (closest is not None), msg
+        assert f"no local file or directory {tmp_path / spec} exists" in msg
+
+
+def test_two_names_in_one_spec_are_told_to_be_a_list(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"several sources are a list: datasets=\[hh,shp\]"):
+        load_source("hh,shp", "train")
+
+
+def test_a_file_without_a_data_suffix_is_named(tmp_path):
+    (tmp_path / "rows.txt").write_text("{}\n")
+    with pytest.raises(DataError, match=r"rows.txt exists, but a data file ends \.jsonl"):
+        load_source(str(tmp_path / "rows.txt"), "train")
 
 
 def test_bad_split():

@@ -93,7 +93,7 @@ def chatml(tmp_path_factory):
 def _write(store_builder_examples, tokenization, split, tmp_path):
     """The examples through a real shard file (ArrowWriter) and back (Dataset.from_file, memory-mapped)."""
     target = tmp_path / f"{split}.arrow"
-    digest, tokens = cache._write_shard(
+    digest, tokens, _ = cache._write_shard(
         target, split, store_builder_examples, 0, len(store_builder_examples), tokenization, 0
     )
     return cache.TokenStore.from_datasets([datasets.Dataset.from_file(str(target))], split, digest), tokens

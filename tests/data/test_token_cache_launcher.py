@@ -89,6 +89,15 @@ def test_two_ranks_build_one_cache_with_the_old_paths_ids(setup):
                 split,
                 i,
             )
+    # what tokenization counted, said once as the two ranks' sum: the same lines as this process's count
+    # of every example; and the data report, by rank 0 alone, in the run dir
+    assert manifest["info"]["summary"] == rules.summary() and rules.summary()
+    for line in rules.summary():
+        assert out.count(line) == 1, (line, out[-3000:])
+    report = json.loads((root / "prep" / "data_report.json").read_text())
+    assert [report["total"][s]["examples"] for s in ("train", "test")] == [48, 16]
+    assert [report["sources"][str(root / d)]["train"]["examples"] for d in ("conv", "plain")] == [24, 24]
+    assert out.count("data report: preference pairs") == 1
 
 
 @pytest.mark.parametrize(

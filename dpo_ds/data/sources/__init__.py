@@ -9,7 +9,7 @@ Spec forms accepted by `load_source(spec, split)`:
   hh:DIR, shp:DIR        the same parsing, from DIR/{split}.jsonl|json|parquet (optionally .gz for json)
                          with the hub's columns.
   ultrafeedback:DIR      DIR/{train_prefs|test_prefs}.jsonl|json|parquet, or the hub repository's own
-                         layout DIR/data/{split}-NNNNN-of-NNNNN.parquet (as `huggingface-cli download`
+                         layout DIR/data/{split}-NNNNN-of-NNNNN.parquet (as `hf download`
                          writes it).
   se:DIR                 the same parsing, from DIR/train.jsonl|json|parquet, then the held-out rule.
                          stack-exchange has only a train split: 'test' is the 1% of questions whose
@@ -74,7 +74,7 @@ from dpo_ds.data.sources.formats import (
     TRUNCATION_MODES,
     _parse_local,
 )
-from dpo_ds.data.sources.groups import DataError, Message, PromptGroup, Text
+from dpo_ds.data.sources.groups import DataError, Message, PromptGroup, SourceGroups, Text, prompt_key
 from dpo_ds.data.sources.html import html_to_text
 from dpo_ds.data.sources.hub import (
     SE_TEST_PERCENT,
@@ -91,6 +91,8 @@ from dpo_ds.data.sources.specs import (
     HUB_SPLITS,
     LOCAL_SUFFIXES,
     _hub_split,
+    closest_name,
+    known_names,
 )
 
 __all__ = [
@@ -107,6 +109,7 @@ __all__ = [
     "ORIGINAL_COLUMNS",
     "PREFERENCE_COLUMNS",
     "PromptGroup",
+    "SourceGroups",
     "SE_TEST_PERCENT",
     "SHP_MIN_SCORE_RATIO",
     "TRUNCATION_MODES",
@@ -118,51 +121,82 @@ __all__ = [
     "html_to_text",
     "load_source",
     "load_sources",
+    "prompt_key",
+    "resolve_spec",
     "source_files",
 ]
 
 
-def load_source(spec: str, split: str, cache_dir: str | None = None) -> list[PromptGroup]:
-    """Load one source (see the module docstring for `spec`) as a deterministic list of groups."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+def resolve_spec(spec: str) -> tuple[str, Path | None]:
+    """What a source spec names, decided in one place for loading and fingerprinting alike:
+    (hub name, None), (hub name, DIR) for 'name:DIR', ('dir', DIR) for 'demo' or a directory, or
+    ('file', PATH). Known names are matched before the filesystem is asked, so a mistyped name is
+    told the names it could have meant, not that no such file exists."""
     if not isinstance(spec, str) or not spec:
         raise DataError(f"data source must be a non-empty string, got {spec!r}; accepted: {ACCEPTED_FORMS}")
-
     if spec in HUB_NAMES:
-        return _load_hub_source(spec, split, cache_dir)
+        return spec, None
     kind, sep, rest = spec.partition(":")
     if sep and kind in HUB_NAMES:
         if not rest:
             raise DataError(f"data source {spec!r}: expected '{kind}:DIR' with a directory after the colon")
-        return _load_hub_shaped_dir(kind, Path(rest), split, cache_dir)
+        return kind, Path(rest)
     if spec == "demo":
-        return _load_local_dir(DEMO_DIR, split, cache_dir)
-
+        return "dir", DEMO_DIR
     path = Path(spec)
     if path.is_dir():
-        return _load_local_dir(path, split, cache_dir)
-    if _local_suffix(path) is not None:
-        return _load_local_file(path, split, cache_dir)
-    raise DataError(
-        f"unknown data source {spec!r}: not a known name and no such directory "
-        f"(nor a file ending {', '.join(LOCAL_SUFFIXES)}); accepted forms: {ACCEPTED_FORMS}"
+        return "dir", path
+    if path.is_file():
+        if _local_suffix(path) is None:
+            raise DataError(
+                f"data source {spec!r}: the file {path} exists, but a data file ends "
+                f"{', '.join(LOCAL_SUFFIXES)}; accepted forms: {ACCEPTED_FORMS}"
+            )
+        return "file", path
+    raise DataError(_unknown_spec(spec, path))
+
+
+def _unknown_spec(spec: str, path: Path) -> str:
+    """The error for a spec that is no known name and no existing path: the known names, the closest
+    one, and where a local path was looked for."""
+    close = closest_name(spec)
+    if "," in spec:  # datasets=hh,shp: one spec holding two names
+        near = f"; several sources are a list: datasets=[{spec}]"
+    else:
+        near = f"; did you mean {close!r}?" if close else ""
+    return (
+        f"unknown data source {spec!r}: not a known name ({', '.join(known_names())}{near}), and no local "
+        f"file or directory {path.absolute()} exists either. Accepted forms: {ACCEPTED_FORMS}"
     )
+
+
+def load_source(spec: str, split: str, cache_dir: str | None = None) -> SourceGroups:
+    """Load one source (see the module docstring for `spec`) as a deterministic list of groups, with
+    the rows read and dropped (SourceGroups)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    kind, path = resolve_spec(spec)
+    if kind in HUB_NAMES:
+        return (
+            _load_hub_source(kind, split, cache_dir)
+            if path is None
+            else _load_hub_shaped_dir(kind, path, split, cache_dir)
+        )
+    if kind == "dir":
+        return _load_local_dir(path, split, cache_dir)
+    return _load_local_file(path, split, cache_dir)
 
 
 def source_files(spec: str, split: str) -> list[Path] | None:
     """The files `load_source(spec, split)` reads, found the same way and without reading them (for a
     fingerprint of the data); None for a hub name, which `datasets` resolves through its own cache."""
-    if spec in HUB_NAMES:
-        return None
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in HUB_NAMES:
-        shards, path = _hub_shaped_files(kind, Path(rest), split)
-        return shards or [path]
-    if spec == "demo":
-        return [_find_split_file(DEMO_DIR, split)]
-    path = Path(spec)
-    if path.is_dir():
+    kind, path = resolve_spec(spec)
+    if kind in HUB_NAMES:
+        if path is None:
+            return None
+        shards, found = _hub_shaped_files(kind, path, split)
+        return shards or [found]
+    if kind == "dir":
         return [_find_split_file(path, split)]
     return [_split_file_of(path, split)]
 
@@ -177,11 +211,11 @@ def load_sources(specs: list[str], split: str, cache_dir: str | None = None) -> 
     return groups
 
 
-def _load_local_dir(directory: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
+def _load_local_dir(directory: Path, split: str, cache_dir: str | None) -> SourceGroups:
     path = _find_split_file(directory, split)
     return _parse_local(_read_file(path, cache_dir), str(path))
 
 
-def _load_local_file(path: Path, split: str, cache_dir: str | None) -> list[PromptGroup]:
+def _load_local_file(path: Path, split: str, cache_dir: str | None) -> SourceGroups:
     path = _split_file_of(path, split)
     return _parse_local(_read_file(path, cache_dir), str(path))

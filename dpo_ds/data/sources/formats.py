@@ -16,7 +16,7 @@ from dpo_ds.data.sources.fields import (
     _short,
     _str_field,
 )
-from dpo_ds.data.sources.groups import DataError, PromptGroup, Text, _Groups, _log_summary
+from dpo_ds.data.sources.groups import DataError, PromptGroup, Text, _Groups, loaded
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 # A local prompt is most often a conversation, whose latest turns matter most when it is too long.
@@ -75,8 +75,7 @@ def _parse_original(ds, where: str) -> list[PromptGroup]:
                 sft_origin=f"{at}, field 'sft_target'",
             )
         )
-    _log_summary(where, len(groups), groups, Counter())
-    return groups
+    return loaded(where, len(groups), groups, Counter())
 
 
 def _parse_preference(ds, where: str) -> list[PromptGroup]:
@@ -196,5 +195,4 @@ def _parse_messages(ds, where: str) -> list[PromptGroup]:
                 sft_origin=f"{at}, field 'messages'",
             )
         )
-    _log_summary(where, len(groups), groups, Counter())
-    return groups
+    return loaded(where, len(groups), groups, Counter())

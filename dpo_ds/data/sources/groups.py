@@ -37,7 +37,17 @@ class PromptGroup:
     sft_origin: str = dataclasses.field(default="", compare=False)
 
 
-def _key(prompt: Text) -> str | tuple:
+class SourceGroups(list):
+    """A source's groups (a list of PromptGroup, equal to the plain list of them), and what its reading
+    counted: the rows read, and the rows dropped by reason (the data report shows both)."""
+
+    def __init__(self, groups=(), rows: int = 0, dropped: Counter[str] | None = None):
+        super().__init__(groups)
+        self.rows = rows
+        self.dropped = Counter(dropped or {})
+
+
+def prompt_key(prompt: Text) -> str | tuple:
     """Rows group by prompt; a conversational prompt groups by its exact messages (a tuple of each
     message's sorted items when every value is text, the common case and a tenth of the cost of JSON;
     JSON otherwise, which tells 1 from 1.0 and takes lists)."""
@@ -69,7 +79,7 @@ class _Groups:
         scores: list[float] | None = None,
     ) -> None:
         """`at` names the row ("FILE row I (0-based)"); fields[k] names the column of responses[k]."""
-        key = _key(prompt)
+        key = prompt_key(prompt)
         group = self.by_prompt.get(key)
         if group is None:
             # sft_target given: the first row's wins; scores given: the top-scored response, at finish.
@@ -91,16 +101,21 @@ class _Groups:
         if scores is not None:
             self.scores[key].extend(scores)
 
-    def finish(self, where: str, n_rows: int, dropped: Counter[str]) -> list[PromptGroup]:
+    def finish(self, where: str, n_rows: int, dropped: Counter[str]) -> SourceGroups:
         groups = list(self.by_prompt.values())
         for group in groups:
-            scores = self.scores[_key(group.prompt)]
+            scores = self.scores[prompt_key(group.prompt)]
             if scores:
                 best = max(range(len(scores)), key=lambda k: scores[k])  # first of equal maxima
                 group.sft_target = group.responses[best]
                 group.sft_origin = group.response_origins[best]
-        _log_summary(where, n_rows, groups, dropped)
-        return groups
+        return loaded(where, n_rows, groups, dropped)
+
+
+def loaded(where: str, n_rows: int, groups: list[PromptGroup], dropped: Counter[str]) -> SourceGroups:
+    """A source's groups as read: logged (rows -> groups, pairs, what was dropped) and counted."""
+    _log_summary(where, n_rows, groups, dropped)
+    return SourceGroups(groups, n_rows, dropped)
 
 
 def _log_summary(where: str, n_rows: int, groups: list[PromptGroup], dropped: Counter[str]) -> None:

@@ -32,7 +32,7 @@ def _load_hub_shaped_dir(kind: str, directory: Path, split: str, cache_dir: str 
     hub_split = _hub_split(kind, split)
     shards, path = _hub_shaped_files(kind, directory, split)
     if shards:
-        # the hub repository's own layout (huggingface-cli download --repo-type dataset)
+        # the hub repository's own layout (hf download --repo-type dataset)
         import datasets
 
         try:

@@ -30,3 +30,24 @@ ACCEPTED_FORMS = (
 
 def _hub_split(kind: str, split: str) -> str:
     return HUB_SPLITS.get(kind, {}).get(split, split)
+
+
+def known_names() -> list[str]:
+    """The names a source spec may be, in the order the docs list them."""
+    return [*HUB_NAMES, "demo"]
+
+
+def closest_name(spec: str) -> str | None:
+    """The known name a mistyped spec most likely meant ('ultrafedback' -> 'ultrafeedback', the hub's
+    'Anthropic/hh-rlhf' -> 'hh'), kept to NAME:DIR form when spec has a colon; None if none is close."""
+    import difflib
+
+    word, sep, rest = spec.partition(":")
+    candidates = {n: n for n in known_names()}
+    candidates.update({repo.lower(): name for name, repo in HUB_NAMES.items()})
+    candidates.update({repo.lower().split("/")[-1]: name for name, repo in HUB_NAMES.items()})
+    close = difflib.get_close_matches(word.strip().lower(), candidates, n=1, cutoff=0.6)
+    if not close:
+        return None
+    name = candidates[close[0]]
+    return f"{name}:{rest}" if sep and name in HUB_NAMES else name
