@@ -2,6 +2,8 @@
 # Several nodes from a hostfile (DeepSpeed's format: "host slots=N" per line; see launch/hostfile.example).
 # Run on the first node; the launcher reaches the others over passwordless ssh (pdsh).
 #   bash launch/multi_node.sh HOSTFILE MASTER_ADDR [DS_JSON] [key=value ...]
+# One run per call, its keys its own: SFT then DPO is two calls, e.g. loss=sft exp_name=sft lr=1e-5, then
+# loss=dpo exp_name=dpo lr=5e-7 model.archive=runs/sft/LATEST (launch/single_node.sh does both in one).
 # Without ssh, start it on every node yourself with the same arguments plus
 #   --no_ssh --node_rank R   (R = 0 on MASTER_ADDR, 1.. on the others); set NO_SSH=1 NODE_RANK=R here.
 set -euo pipefail

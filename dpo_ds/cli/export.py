@@ -1,7 +1,8 @@
 """Export a run's checkpoint as a standard Hugging Face model directory.
 
     python -m dpo_ds.export runs/dpo/LATEST exported/dpo                   # from LATEST/policy.pt
-    python -m dpo_ds.export runs/dpo/step-640 exported/dpo --dtype bfloat16
+    python -m dpo_ds.export runs/dpo exported/dpo                          # a run dir: its LATEST
+    python -m dpo_ds.export runs/dpo/step-640 exported/dpo --dtype float32  # not the run's own dtype
     python -m dpo_ds.export runs/dpo/LATEST exported/dpo --from-deepspeed  # from LATEST/ds/ alone
     python -m dpo_ds.export runs/lora-dpo/LATEST exported/merged            # LoRA: adapters merged in
     python -m dpo_ds.export runs/lora-dpo/LATEST exported/adapter --adapter # LoRA: the adapter alone
@@ -15,6 +16,8 @@ ZeRO-3 partitions are consolidated by DeepSpeed's zero_to_fp32 (the fp32 master 
 ZeRO-3 the module state in mp_rank_00_model_states.pt is already whole. The model's config.json and
 tokenizer come from the run's model directory (config.yaml's model.name_or_path, or --model), with
 the config as shipped: the dropout that training zeroes is kept for whoever fine-tunes the export.
+The weights are written in the dtype the run trained in (config.yaml's model.policy_dtype: a bfloat16
+8B run exports ~16 GB, not float32's ~32 GB) unless --dtype says otherwise; stderr says which.
 
 A LoRA run's step dir holds its adapter (peft's format), not the model. By default the export is the
 merged model: the run's own base (its starting point, rebuilt from run_state.json: the model dir's
@@ -51,27 +54,86 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- locating inputs
 
 
-def run_model_name(step_dir: Path) -> str:
-    """model.name_or_path from the config.yaml of the run the step dir belongs to."""
+def locate_step_dir(path: Path) -> Path:
+    """The step dir CHECKPOINT names (run_dirs.find_step_dir). A directory that is no step dir must be a
+    run dir with a LATEST: without one it is an error naming it, never read as a step dir (whose run
+    would then be its parent directory)."""
+    path = Path(path)
+    if path.is_dir() and not _looks_like_step_dir(path):
+        latest = run_dirs.RunDir(path).latest
+        if latest.is_symlink() and not latest.exists():
+            raise ExportError(f"{latest} names {os.readlink(latest)}, which does not exist")
+        if not latest.exists():
+            steps = [p.name for _, p in run_dirs.RunDir(path).step_dirs()]
+            has = f"; it holds {', '.join(steps)}: pass one of them" if steps else ""
+            raise ExportError(
+                f"{path} has no {run_dirs.LATEST}/: expected a run dir whose run saved a checkpoint "
+                f"(RUN_DIR/{run_dirs.LATEST} -> step-N), or a step dir (RUN_DIR/step-N) holding "
+                f"{run_dirs.POLICY}, {run_dirs.DS_TAG}/ or a LoRA adapter{has}"
+            )
+    return run_dirs.find_step_dir(path)
+
+
+def _looks_like_step_dir(path: Path) -> bool:
+    from dpo_ds.model.adapters import ADAPTER_CONFIG
+
+    tail = path.name[len(run_dirs.STEP_PREFIX) :]
+    named = path.name == run_dirs.LATEST or (path.name.startswith(run_dirs.STEP_PREFIX) and tail.isdigit())
+    held = (run_dirs.POLICY, run_dirs.DS_TAG, run_dirs.RUN_STATE, run_dirs.COMPLETE, ADAPTER_CONFIG)
+    return named or any((path / name).exists() for name in held)
+
+
+def run_config(step_dir: Path, instead: str) -> tuple[Path, dict | None]:
+    """(path, mapping) of the config.yaml of the run the step dir belongs to; None when there is none.
+    `instead` is the option that does without it, named in the error for a file that cannot be read."""
     import yaml
 
     cfg_path = run_dir_of(step_dir).config
     if not cfg_path.is_file():
-        raise ExportError(
-            f"{cfg_path} does not exist: cannot tell which model {step_dir} holds; pass --model DIR"
-        )
+        return cfg_path, None
     try:
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ExportError(f"{cfg_path}: not valid YAML ({e}); pass --model DIR") from None
-    name = (
-        cfg.get("model", {}).get("name_or_path")
-        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict)
-        else None
-    )
+        raise ExportError(f"{cfg_path}: not valid YAML ({e}); pass {instead}") from None
+    return cfg_path, cfg if isinstance(cfg, dict) else {}
+
+
+def _model_key(cfg: dict | None, key: str):
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return model.get(key) if isinstance(model, dict) else None
+
+
+def run_model_name(step_dir: Path) -> str:
+    """model.name_or_path from the config.yaml of the run the step dir belongs to."""
+    cfg_path, cfg = run_config(step_dir, "--model DIR")
+    if cfg is None:
+        raise ExportError(
+            f"{cfg_path} does not exist: cannot tell which model {step_dir} holds; pass --model DIR"
+        )
+    name = _model_key(cfg, "name_or_path")
     if not isinstance(name, str) or not name:
         raise ExportError(f"{cfg_path}: no string key model.name_or_path; pass --model DIR")
     return name
+
+
+def trained_dtype(step_dir: Path, state: dict[str, torch.Tensor] | None) -> tuple[str, str]:
+    """(dtype name, where it comes from): the dtype the run trained in, which the export keeps unless
+    --dtype says otherwise. The run's model.policy_dtype; without a config.yaml, the checkpoint's
+    weights' own dtype (policy.pt holds the trained dtype; ZeRO-3 consolidation gives fp32 masters)."""
+    cfg_path, cfg = run_config(step_dir, "--dtype")
+    name = _model_key(cfg, "policy_dtype")
+    if name is not None:
+        if name not in TORCH_DTYPES:
+            raise ExportError(
+                f"{cfg_path}: model.policy_dtype is {name!r}, expected one of {sorted(TORCH_DTYPES)}; "
+                "pass --dtype"
+            )
+        return name, f"the run's model.policy_dtype in {cfg_path}"
+    floating = {t.dtype for t in (state or {}).values() if t.is_floating_point()}
+    names = [k for k, v in TORCH_DTYPES.items() if floating == {v}]
+    if names:
+        return names[0], f"the checkpoint's weights ({cfg_path} gives no model.policy_dtype)"
+    return "float32", f"{cfg_path} gives no model.policy_dtype"
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -206,17 +268,19 @@ def merged_model(model_dir: Path, step_dir: Path, dtype: torch.dtype, runnable: 
 def export(
     checkpoint_path: Path,
     out_dir: Path,
-    dtype: str = "float32",
+    dtype: str | None = None,
     from_deepspeed: bool = False,
     model: str | None = None,
     overwrite: bool = False,
     adapter: bool = False,
 ) -> Path:
+    """Write the HF model directory; dtype None keeps the dtype the run trained in (trained_dtype).
+    Says on stderr which dtype the weights were written in, and why."""
     from transformers import AutoTokenizer
 
-    if dtype not in TORCH_DTYPES:
+    if dtype is not None and dtype not in TORCH_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
-    step_dir = run_dirs.find_step_dir(checkpoint_path)
+    step_dir = locate_step_dir(checkpoint_path)
     model_dir = resolve_model_dir(model if model is not None else run_model_name(step_dir))
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -238,19 +302,9 @@ def export(
     if adapter:
         for name in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS):
             shutil.copyfile(step_dir / name, tmp / name)
+        _say(f"the adapter as the run saved it, from {step_dir}")
     else:
-        if lora:
-            hf_model = merged_model(model_dir, step_dir, TORCH_DTYPES[dtype])
-        else:
-            policy = run_dirs.policy_file(step_dir)
-            if from_deepspeed or not policy.is_file():
-                state, source = (
-                    read_deepspeed_state(step_dir),
-                    f"DeepSpeed checkpoint {run_dirs.ds_dir(step_dir)}",
-                )
-            else:
-                state, source = archives.read_archive(policy)["state"], str(policy)
-            hf_model = build_model(model_dir, state, TORCH_DTYPES[dtype], source)
+        hf_model = _model_to_export(model_dir, step_dir, dtype, from_deepspeed, lora)
         hf_model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():
@@ -259,8 +313,36 @@ def export(
     return out_dir
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dpo_ds.export", description=__doc__.split("\n\n")[0])
+def _model_to_export(model_dir: Path, step_dir: Path, dtype: str | None, from_deepspeed: bool, lora: bool):
+    """The HF model of the step dir in `dtype` (None: the run's own), the dtype said on stderr."""
+    if lora:
+        state, source = None, f"{step_dir} (LoRA adapters merged into the run's base)"
+    else:
+        policy = run_dirs.policy_file(step_dir)
+        if from_deepspeed or not policy.is_file():
+            state, source = (
+                read_deepspeed_state(step_dir),
+                f"DeepSpeed checkpoint {run_dirs.ds_dir(step_dir)}",
+            )
+        else:
+            state, source = archives.read_archive(policy)["state"], str(policy)
+    name, why = (dtype, "--dtype") if dtype is not None else trained_dtype(step_dir, state)
+    _say(f"weights in {name} ({why}{'' if dtype is not None else '; --dtype to change'}), from {source}")
+    if lora:
+        return merged_model(model_dir, step_dir, TORCH_DTYPES[name])
+    return build_model(model_dir, state, TORCH_DTYPES[name], source)
+
+
+def _say(message: str) -> None:
+    """What the export chose, on stderr: stdout's last line is the exported directory, for scripts."""
+    print(f"dpo_ds.export: {message}", file=sys.stderr)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    # usage names the command as it was run: `dpo-ds export` (which sets argv[0]), dpo-ds-export, python -m
+    launched = Path(sys.argv[0]).name
+    prog = prog or (launched if launched and not launched.endswith(".py") else "python -m dpo_ds.export")
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "checkpoint", type=Path, metavar="CHECKPOINT", help="RUN_DIR/LATEST, RUN_DIR/step-N, or a run dir"
     )
@@ -268,8 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--dtype",
         choices=sorted(TORCH_DTYPES),
-        default="float32",
-        help="dtype of the saved weights (default float32)",
+        default=None,
+        help="dtype of the saved weights (default: the dtype the run trained in, its model.policy_dtype)",
     )
     ap.add_argument(
         "--from-deepspeed",

@@ -39,8 +39,12 @@ PANELS = [
 ]
 
 
+PLOT_EXTRA = "pip install 'dpo_ds[plot]'"  # the extra that brings matplotlib (setup.py extras_require)
+
+
 class PlotError(ValueError):
-    """A run directory whose metrics cannot be plotted; the message names the file and line."""
+    """A run directory whose metrics cannot be plotted (the message names the directory, file and line),
+    or matplotlib missing (the message names the extra that installs it)."""
 
 
 def metric_key(group: str, field: str, split: str) -> str:
@@ -51,10 +55,15 @@ def metric_key(group: str, field: str, split: str) -> str:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of run_dir/metrics.jsonl, in file order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is not a directory" if run_dir.exists() else "does not exist"
+        raise PlotError(f"run directory {run_dir} {what} (expected a run_dir that training wrote)")
     path = RunDir(run_dir).metrics
     if not path.is_file():
         raise PlotError(
-            f"{path} does not exist (expected the metrics.jsonl that dpo_ds/train.py writes into its run_dir)"
+            f"{run_dir} holds no metrics ({path} does not exist): expected the run_dir of a run that "
+            "has logged at least one step"
         )
     text = path.read_text()
     lines = text.splitlines()
@@ -88,13 +97,21 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, [points[x] for x in xs]
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, or PlotError naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError(f"matplotlib is not installed; plotting needs it: {PLOT_EXTRA}") from None
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    runs = [(Path(d), read_metrics(Path(d))) for d in run_dirs]
+    return plt
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    runs = [(Path(d), read_metrics(Path(d))) for d in run_dirs]  # bad run dirs first: no import for them
+    plt = pyplot()
     names = [d.resolve().name or str(d) for d, _ in runs]
     if len(set(names)) < len(names):  # two runs called e.g. "LATEST"/"dpo": fall back to the path given
         names = [str(d) for d, _ in runs]
@@ -161,8 +178,11 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dpo_ds.plot", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog: str | None = None) -> int:
+    # usage names the command as it was run: `dpo-ds plot` (which sets argv[0]), dpo-ds-plot, python -m
+    launched = Path(sys.argv[0]).name
+    prog = prog or (launched if launched and not launched.endswith(".py") else "python -m dpo_ds.plot")
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories holding metrics.jsonl"
     )

@@ -8,6 +8,18 @@ import torch
 
 from dpo_ds.dist.comm import across_ranks
 
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_bytes(n: float) -> str:
+    """A size in the largest binary unit it reaches, so a 200 KiB checkpoint is not "0.00 GiB":
+    512 -> "512 B", 1536 -> "1.50 KiB", 3 * 2**30 -> "3.00 GiB". Negative sizes keep their sign."""
+    size, unit = abs(float(n)), 0
+    while round(size, 2) >= 1024 and unit < len(BYTE_UNITS) - 1:  # 1024.00 KiB is 1.00 MiB
+        size, unit = size / 1024, unit + 1
+    sign = "-" if n < 0 else ""
+    return f"{sign}{int(size)} B" if unit == 0 else f"{sign}{size:.2f} {BYTE_UNITS[unit]}"
+
 
 def proc_status(*keys: str) -> dict[str, int]:
     """Fields of /proc/self/status in bytes (VmHWM, VmRSS, RssAnon, ...): the one reader of that file."""

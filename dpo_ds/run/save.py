@@ -12,6 +12,7 @@ import torch
 
 from dpo_ds.dist.comm import across_ranks, all_gather_objects, by_rank, decided_by_rank0, fail_alike
 from dpo_ds.dist.faults import kill_in_save
+from dpo_ds.dist.memory import format_bytes
 from dpo_ds.engine import io as engine_io
 from dpo_ds.engine.step import unwrap_lm
 from dpo_ds.model import adapters
@@ -230,9 +231,9 @@ class Checkpointer:
         if short:
             r, f = short[0]
             raise SaveError(
-                f"{target}: not begun: the last checkpoint took {self.last_bytes / 2**30:.2f} GiB and rank {r} "
-                f"sees {f / 2**30:.2f} GiB free on the run dir's filesystem; free "
-                f"{(self.last_bytes - f) / 2**30:.2f} GiB more, or keep fewer checkpoints (checkpoint.keep_last)"
+                f"{target}: not begun: the last checkpoint took {format_bytes(self.last_bytes)} and rank {r} "
+                f"sees {format_bytes(f)} free on the run dir's filesystem; free "
+                f"{format_bytes(self.last_bytes - f)} more, or keep fewer checkpoints (checkpoint.keep_last)"
             )
 
     def _complete(self, target: Path, state: dict, files: list[tuple[str, int]]) -> int:

@@ -1,5 +1,5 @@
 """Bad input through the real 2-rank `deepspeed` launcher: every rank stops at once with a message
-naming the key, file, row or field -- no hang in a collective, no checkpoint written.
+naming the key, file, row or field -- no hang in a collective, no checkpoint written, no run dir left.
 
 Four launcher runs, each a few seconds of imports before the error; a hang fails the test through
 subprocess.TimeoutExpired.
@@ -54,6 +54,8 @@ def _fails(tmp_path, *args: str, ds: str | None = None, data=None) -> str:
     # nothing that looks like a checkpoint: inputs are checked before any engine or output exists
     assert not (run_dir / "LATEST").exists() and not (run_dir / "LATEST").is_symlink()
     assert not list(run_dir.glob("step-*"))
+    # and no empty run dir left behind: the one this launch made (lock, config files, token cache) goes
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
     return out
 
 

@@ -94,7 +94,16 @@ def test_plot_several_runs_and_resumed_run(tmp_path):
 
 def test_plot_missing_or_empty_metrics(tmp_path, capsys):
     assert plot.main([str(tmp_path / "nope")]) == 2
-    assert str(tmp_path / "nope" / "metrics.jsonl") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"run directory {tmp_path / 'nope'} does not exist" in err and len(err.splitlines()) == 1
+    (tmp_path / "a_file").write_text("x")
+    assert plot.main([str(tmp_path / "a_file")]) == 2
+    assert f"run directory {tmp_path / 'a_file'} is not a directory" in capsys.readouterr().err
+    (tmp_path / "no_metrics").mkdir()
+    assert plot.main([str(tmp_path / "no_metrics")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'no_metrics'} holds no metrics" in err
+    assert str(tmp_path / "no_metrics" / "metrics.jsonl") in err and len(err.splitlines()) == 1
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert plot.main([str(tmp_path / "empty")]) == 2
@@ -105,6 +114,22 @@ def test_plot_missing_or_empty_metrics(tmp_path, capsys):
     assert plot.main([str(tmp_path / "bad")]) == 2
     assert "line 2" in capsys.readouterr().err
     assert not (tmp_path / "nope" / "curves.png").exists()
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
+    run = _write_metrics(tmp_path / "dpo", sft=False)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert plot.main([str(run)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "dpo_ds.plot: error: matplotlib is not installed; plotting needs it: " + (
+        "pip install 'dpo_ds[plot]'\n"
+    )
+    assert captured.out == "" and not (run / "curves.png").exists()
+    # a bad run dir is still named first: no import is needed to find it
+    assert plot.main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- export: helpers
@@ -126,12 +151,12 @@ def _perturbed_state(model_dir, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _make_run(run_dir, state, name_or_path: str = "tiny", step: int = 3):
+def _make_run(run_dir, state, name_or_path: str = "tiny", step: int = 3, overrides=()):
     step_dir = run_dir / f"step-{step}"
     step_dir.mkdir(parents=True)
     write_policy(step_dir / "policy.pt", step, state, {"loss/eval": 0.5})
     dump_yaml(
-        load_config(None, [f"model.name_or_path={name_or_path}", f"run_dir={run_dir}"]),
+        load_config(None, [f"model.name_or_path={name_or_path}", f"run_dir={run_dir}", *overrides]),
         run_dir / "config.yaml",
     )
     point_latest(run_dir, step_dir)
@@ -209,6 +234,57 @@ def test_export_bfloat16_and_overwrite(tmp_path, capsys):
             t = f.get_tensor(k)
             assert t.dtype == torch.bfloat16 and torch.equal(t, state[k].to(torch.bfloat16)), k
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _saved_dtypes(out_dir) -> set:
+    from safetensors import safe_open
+
+    with safe_open(str(out_dir / "model.safetensors"), "pt") as f:
+        return {f.get_tensor(k).dtype for k in f.keys()}
+
+
+def test_export_keeps_the_runs_dtype_unless_told(tmp_path, capsys):
+    """A bf16 run exports bf16 by default (half of float32's bytes), --dtype overrides, stderr says which."""
+    state = {k: v.to(torch.bfloat16) for k, v in _perturbed_state(SHIPPED_MODELS["tiny"], seed=4).items()}
+    run = _make_run(tmp_path / "run", state, overrides=["model.policy_dtype=bfloat16"])
+    assert export.main([str(run), str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"weights in bfloat16 (the run's model.policy_dtype in {run / 'config.yaml'}; --dtype to change)"
+        in err
+    )
+    assert _saved_dtypes(tmp_path / "hf") == {torch.bfloat16}
+    exported, _ = _load_export(tmp_path / "hf")
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+    assert export.main([str(run), str(tmp_path / "hf32"), "--dtype", "float32"]) == 0
+    assert "weights in float32 (--dtype)" in capsys.readouterr().err
+    assert _saved_dtypes(tmp_path / "hf32") == {torch.float32}
+
+    # no config.yaml (--model gives the model): the checkpoint's own weights decide
+    (run / "config.yaml").unlink()
+    assert export.main([str(run / "LATEST"), str(tmp_path / "hf_w"), "--model", "tiny"]) == 0
+    assert "weights in bfloat16 (the checkpoint's weights" in capsys.readouterr().err
+    assert _saved_dtypes(tmp_path / "hf_w") == {torch.bfloat16}
+
+
+def test_export_run_dir_without_latest_is_named(tmp_path, capsys):
+    """A run dir with no LATEST is an error naming it, not a step dir whose run is its parent."""
+    state = _perturbed_state(SHIPPED_MODELS["tiny"], seed=6)
+    _make_run(tmp_path / "parent", state)  # a parent that *is* a run, config.yaml and all
+    run = tmp_path / "parent" / "child_run"
+    run.mkdir()
+    assert export.main([str(run), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} has no LATEST/: expected a run dir whose run saved a checkpoint" in err
+    assert "step dir (RUN_DIR/step-N)" in err and not (tmp_path / "hf").exists()
+    (run / "step-8").mkdir()
+    assert export.main([str(run), str(tmp_path / "hf")]) == 2
+    assert "it holds step-8: pass one of them" in capsys.readouterr().err
+    (run / "LATEST").symlink_to("step-16")
+    assert export.main([str(run), str(tmp_path / "hf")]) == 2
+    assert f"{run / 'LATEST'} names step-16, which does not exist" in capsys.readouterr().err
 
 
 def test_export_tied_embeddings(tmp_path):
