@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart main job: set up, then SFT -> DPO on the bundled demo through the real deepspeed
 # launcher (2 ranks; CPU ranks on a machine without GPUs), then the before/after table.
-#   bash demo.sh                   # DS=ds_configs/zero2.json bash demo.sh for ZeRO-2
-#   LORA=1 bash demo.sh            # DPO with LoRA adapters on the same SFT checkpoint (configs/demo_dpo_lora.yaml)
+#   bash demo.sh                   # DS=zero2 bash demo.sh for ZeRO-2
+#   LORA=1 bash demo.sh            # DPO with LoRA adapters on the same SFT checkpoint (the demo_dpo_lora recipe)
 set -euo pipefail
 cd "$(dirname "$0")"
 t0=$SECONDS
@@ -10,14 +10,14 @@ bash scripts/setup.sh
 . .venv/bin/activate
 setup_s=$((SECONDS - t0))
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-DS=${DS:-ds_configs/zero3.json}
+DS=${DS:-zero3}
 NUM_GPUS=${NUM_GPUS:-2}
 RUNS=${RUNS:-runs}
 if [ "${LORA:-0}" = 1 ]; then DPO=demo-dpo-lora; else DPO=demo-dpo; fi
 rm -rf "$RUNS/demo-sft" "$RUNS/$DPO"  # the demo starts over; dpo_ds itself refuses to reuse a run dir
 t1=$SECONDS
-deepspeed --num_gpus "$NUM_GPUS" dpo_ds/train.py --ds "$DS" --config configs/demo_sft.yaml run_dir="$RUNS/demo-sft" "$@"
-deepspeed --num_gpus "$NUM_GPUS" dpo_ds/train.py --ds "$DS" --config "configs/${DPO//-/_}.yaml" run_dir="$RUNS/$DPO" \
+dpo-ds train --gpus "$NUM_GPUS" --ds "$DS" --config demo_sft run_dir="$RUNS/demo-sft" "$@"
+dpo-ds train --gpus "$NUM_GPUS" --ds "$DS" --config "${DPO//-/_}" run_dir="$RUNS/$DPO" \
     model.archive="$RUNS/demo-sft/LATEST/policy.pt" "$@"
 python -m dpo_ds.demo.evaluate --sft "$RUNS/demo-sft/LATEST" --dpo "$RUNS/$DPO/LATEST" --json "$RUNS/$DPO-table.json" \
     && ok=1 || ok=0

@@ -8,7 +8,16 @@ setup(
     description="Direct Preference Optimization on DeepSpeed (ZeRO-2/3, offload), SFT -> DPO/IPO/cDPO",
     packages=find_packages(include=["dpo_ds", "dpo_ds.*"]),
     # every file the package reads at run time that is not Python (tests/test_packaging.py checks the wheel)
-    package_data={"dpo_ds": ["demo/data/*.jsonl", "demo/model/*", "demo/tiny/*"]},
+    package_data={
+        "dpo_ds": [
+            "demo/data/*.jsonl",
+            "demo/model/*",
+            "demo/tiny/*",
+            "ds_configs/*.json",  # --ds zero3; a clone's top-level ds_configs/ links here
+            "recipes/*.yaml",  # --config NAME, dpo-ds recipes; a clone's top-level configs/ links here
+            "plan/models/*/*/config.json",  # the recipes' models, planned before they are downloaded
+        ]
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -26,10 +35,23 @@ setup(
         "plot": ["matplotlib"],
         "triton": ["triton"],
         "lora": ["peft>=0.17"],  # LoRA adapters (model.lora.r > 0)
-        "test": ["pytest", "ruff", "import-linter", "matplotlib", "wandb", "triton", "peft>=0.17"],
+        "test": [
+            "pytest",
+            "ruff",
+            "import-linter",
+            "matplotlib",
+            "wandb",
+            "triton",
+            "peft>=0.17",
+            "trl==1.16.0",
+        ],
         "bench": ["trl==1.16.0", "matplotlib"],
     },
     entry_points={
-        "console_scripts": ["dpo-ds-plot=dpo_ds.cli.plot:main", "dpo-ds-export=dpo_ds.cli.export:main"]
+        "console_scripts": [
+            "dpo-ds=dpo_ds.cli.main:main",
+            "dpo-ds-plot=dpo_ds.cli.plot:main",
+            "dpo-ds-export=dpo_ds.cli.export:main",
+        ]
     },
 )

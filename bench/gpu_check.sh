@@ -31,6 +31,7 @@
 #       typing-inspection==0.4.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 #
 # Stages, each under `timeout` (the whole script gives up new work after GPU_CHECK_BUDGET_S, 590 s):
+#   (env) `dpo-ds env` (python -m dpo_ds.cli.main env): the product's bug-report page on the card
 #   (a) tests/model/test_logprobs.py on CUDA with TRITON_INTERPRET=0: the compiled Triton kernel against fp64
 #   (b) naive / chunked / triton log-probs fwd+bwd at 16384 tokens x vocab 32000 and 128256, bf16, as GB/s of
 #       the nominal 3 x N x V elements and as a fraction of a measured device-to-device copy, + extra memory
@@ -98,6 +99,13 @@ STAGE_RC=$RES/stage_rc.txt
 : >"$STAGE_RC"
 stage_rc() { echo "$1 $2" >>"$STAGE_RC"; }
 
+# (env) the product's own bug-report page on this machine: `dpo-ds env` (versions, the GPU as torch and
+# DeepSpeed's accelerator see it, DeepSpeed's op status)
+echo "== (env) dpo-ds env"
+timeout -k 5 60 "$PY" -m dpo_ds.cli.main env >"$RES/dpo_ds_env.md" 2>"$RES/dpo_ds_env.err"
+stage_rc env $?
+grep -E "^\| (torch|deepspeed|GPU|GPUs|bf16 supported|DeepSpeed accelerator|NCCL) " "$RES/dpo_ds_env.md"
+
 # (a) parity tests; conftest sets TRITON_INTERPRET only without CUDA, and 0 here keeps the compiled kernel
 # (the CPU smoke run has no compiled kernel: the interpreter runs the same tests)
 INTERP=0
@@ -146,6 +154,7 @@ if [ -n "${OUT:-}" ]; then
     cp "$LOG" "$OUT/gpu_check.log" 2>/dev/null
     cp "$RES"/c_dpo_*.log "$OUT/" 2>/dev/null
     cp "$RES"/f_long.json "$OUT/" 2>/dev/null
+    cp "$RES"/dpo_ds_env.md "$OUT/" 2>/dev/null
 fi
 echo "== done in $((SECONDS - START)) s"
 if [ ${#SMOKE[@]} -gt 0 ]; then

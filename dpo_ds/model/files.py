@@ -26,14 +26,36 @@ def resolve_model_dir(name_or_path: str) -> Path:
     if name_or_path in SHIPPED_MODELS:
         return SHIPPED_MODELS[name_or_path]
     path = Path(name_or_path)
+    if not path.is_dir() and hub_id(name_or_path):
+        path = hub_cached(name_or_path) or path
     if not path.is_dir():
         raise ModelError(
             f"model.name_or_path={name_or_path!r} is not a directory; dpo_ds loads local Hugging Face "
-            f"model directories (download with `huggingface-cli download` first) or one of {sorted(SHIPPED_MODELS)}"
+            f"model directories (fetch one with `hf download REPO --local-dir DIR` first) or one of {sorted(SHIPPED_MODELS)}"
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name_or_path={name_or_path!r}: {path / 'config.json'} is missing")
     return path
+
+
+def hub_id(name: str) -> bool:
+    """`org/name`, as the hub names repositories (not a path that exists)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
+
+
+def hub_cached(repo_id: str, cache_dir: str | None = None) -> Path | None:
+    """The hub cache's snapshot of a model repository (`hf download REPO` put it there), or None. Never
+    downloads: every rank must see the same files, so fetching is the user's step before the launch."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Will it fit? The memory of a DPO run per rank, before launching it.
 
-    python -m dpo_ds.plan --ds ds_configs/zero3.json model.name_or_path=/models/Llama-3-8B \\
+    dpo-ds plan --ds zero3 model.name_or_path=/models/Llama-3-8B \\
         max_length=2048 batch_size=64 --gpus 8 --gpu-mem 80
 
 Takes train.py's config keys (--ds, --config, key=value) and the cluster (--gpus per node, --nodes,
@@ -195,15 +195,14 @@ def ds_json_for(ds: dict, fitting: Run) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "dpo-ds plan") -> int:
     from dpo_ds.config import ConfigError, load_config
-    from dpo_ds.model.files import ModelError, resolve_model_dir
+    from dpo_ds.config.shipped import DEFAULT_DS, ds_config_path, recipe_path
+    from dpo_ds.model.files import ModelError
 
-    ap = argparse.ArgumentParser(
-        prog="python -m dpo_ds.plan", description=__doc__.split("\n\n")[0], allow_abbrev=False
-    )
-    ap.add_argument("--ds", default=str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json"))
-    ap.add_argument("--config", default=None)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--ds", default=DEFAULT_DS, help="DeepSpeed JSON: a shipped one by name or a file")
+    ap.add_argument("--config", default=None, help="YAML of config keys: a file or a shipped recipe's name")
     ap.add_argument(
         "--gpus", type=int, default=None, help="ranks per node (default: this machine's GPUs, or 1)"
     )
@@ -220,9 +219,10 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        ds = json.loads(Path(args.ds).read_text())
-        model_dir = resolve_model_dir(cfg.model.name_or_path)
+        ds_path = ds_config_path(args.ds)
+        cfg = load_config(recipe_path(args.config) if args.config else None, args.overrides)
+        ds = json.loads(ds_path.read_text())
+        model_dir = plan_model_dir(cfg.model.name_or_path)
         gpus, gpu_mem, on_cpu = _machine(args)
         run = describe(cfg, ds, gpus * args.nodes, on_cpu, model_dir, args.sequence_tokens)
         budget = (args.cpu_mem or _mem_total_gib()) / gpus if on_cpu else gpu_mem
@@ -237,6 +237,35 @@ def main(argv=None) -> int:
             f"wrote {args.write_ds} (the ZeRO settings of the first set that fits; the other changes are config keys)"
         )
     return 0
+
+
+# config.json files of the models the recipes name (architecture only, no weights), so a recipe plans
+# before its model is downloaded
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "models"
+
+
+def plan_model_dir(name_or_path: str) -> Path:
+    """The directory whose config.json the plan reads: a local model directory, a shipped demo model or a
+    hub id's snapshot in the hub cache (as training finds them); else the config dpo_ds ships for that id."""
+    from dpo_ds.model.files import ModelError, hub_id, resolve_model_dir
+
+    try:
+        return resolve_model_dir(name_or_path)
+    except ModelError:
+        if not hub_id(name_or_path):
+            raise
+    shipped = SHIPPED_CONFIGS / name_or_path / "config.json"
+    if shipped.is_file():
+        print(
+            f"dpo_ds plan: {name_or_path} is not downloaded; planning from the config.json dpo_ds ships for it"
+        )
+        return shipped.parent
+    known = sorted(f"{p.parent.name}/{p.name}" for p in SHIPPED_CONFIGS.glob("*/*") if p.is_dir())
+    raise ModelError(
+        f"model.name_or_path={name_or_path!r}: not a local model directory, not in the hub cache, and not one of "
+        f"the models whose config.json dpo_ds ships ({', '.join(known)}); `hf download {name_or_path} config.json` "
+        "gets the one file the plan reads"
+    )
 
 
 def _machine(args) -> tuple[int, float | None, bool]:

@@ -33,6 +33,8 @@ def _read_file(path: Path, cache_dir: str | None):
                 f.read().decode("utf-8")
             except UnicodeDecodeError:
                 raise DataError(f"{path}: {_json_problem(path)}") from None
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a local file reads in a second: no "Generating train split" bar per file
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as e:
@@ -40,6 +42,9 @@ def _read_file(path: Path, cache_dir: str | None):
         if where:
             raise DataError(f"{path}: {where}") from None
         raise DataError(f"{path}: could not be read as {builder}: {type(e).__name__}: {e}") from e
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     if len(ds) == 0:
         raise DataError(f"{path} is empty: no rows")
     return ds
