@@ -29,9 +29,15 @@ def resolve_model_dir(name_or_path: str) -> Path:
     if not path.is_dir() and hub_id(name_or_path):
         path = hub_cached(name_or_path) or path
     if not path.is_dir():
+        how = (
+            f"`hf download {name_or_path}` puts it in the hub cache, where dpo_ds finds it by this id"
+            if hub_id(name_or_path)
+            else "fetch one with `hf download REPO --local-dir DIR` first"
+        )
         raise ModelError(
-            f"model.name_or_path={name_or_path!r} is not a directory; dpo_ds loads local Hugging Face "
-            f"model directories (fetch one with `hf download REPO --local-dir DIR` first) or one of {sorted(SHIPPED_MODELS)}"
+            f"model.name_or_path={name_or_path!r} is not a directory{' nor in the hub cache' if hub_id(name_or_path) else ''}; "
+            f"dpo_ds reads local Hugging Face model directories, hub ids already downloaded, or one of "
+            f"{sorted(SHIPPED_MODELS)} ({how}; nothing is downloaded at run time)"
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name_or_path={name_or_path!r}: {path / 'config.json'} is missing")
