@@ -495,6 +495,15 @@ def _pytest_summary(res: Path) -> tuple[str, str]:
     return verdict, summary or (lines[-1][:120] if lines else "")
 
 
+def _planned(r: dict) -> str:
+    """dpo_ds.plan's peak per rank beside max_memory_allocated: the planner's target is 0.90x-1.25x."""
+    if "planned_gib" not in r:
+        return f"plan: {r.get('planned_error', 'none')}"
+    ratio = r["planned_gib"] / max(r["peak_gib"], 1e-9)
+    ok = "within" if 0.90 <= ratio <= 1.25 else "OUTSIDE"
+    return f"planned {r['planned_gib']:.2f} GiB, {ratio:.2f}x ({ok} 0.90-1.25x)"
+
+
 def _memory_rows(mem: dict | None) -> list[str]:
     """(d): bench/memory.py --gpu-short's training rows, module-level fused_linear figures and targets."""
     if mem is None:
@@ -511,7 +520,7 @@ def _memory_rows(mem: dict | None) -> list[str]:
         else:
             rows.append(
                 f"| (d) peak memory | {case}, batch {r['batch']} x {r['max_length']} | {r['step_s']:.2f} s/step "
-                f"| | | {r['peak_gib']:.2f} GiB | models+opt {r['model_opt_gib']:.2f} GiB |"
+                f"| | | {r['peak_gib']:.2f} GiB | models+opt {r['model_opt_gib']:.2f} GiB; {_planned(r)} |"
             )
     for pairs, res in sorted(mem.get("module", {}).items()):
         if "none" not in res:

@@ -47,6 +47,9 @@ class Inputs:
     train_data: object  # data.batches.Batches
     eval_data: object
     digest: str
+    planned_gib: float | None = (
+        None  # dpo_ds.plan's peak per rank for this run (the end of run says the measured)
+    )
 
 
 @dataclass
@@ -202,7 +205,9 @@ def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:
         wrapped = check_targets(cfg.model.lora, model_dir)
         log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
     engine_sp.check_sequence_parallel(place.sp_size, model_dir)  # heads the group can split
-    log_memory_estimate(cfg, place.ds_config, place.world, place.on_cpu, model_dir)  # the planner's total
+    planned_gib = log_memory_estimate(
+        cfg, place.ds_config, place.world, place.on_cpu, model_dir
+    )  # the planner's
     tokenizer = load_tokenizer(model_dir)
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
     # the data phase (data/prepare.py): every row tokenized into the token cache (or mapped from it), by
@@ -213,7 +218,7 @@ def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:
     )
     train_data, eval_data = _batches(cfg, place, tokenization, prepared)
     digest = data_digest([train_data])  # the cache's: each shard hashed as it was written
-    return Inputs(model_dir, start, tokenizer, checker, train_data, eval_data, digest)
+    return Inputs(model_dir, start, tokenizer, checker, train_data, eval_data, digest, planned_gib)
 
 
 def _batches(cfg, place: Place, tokenization, prepared):
@@ -429,10 +434,10 @@ def trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, m
     )
 
 
-def log_memory_estimate(cfg, ds_config: dict, world: int, on_cpu: bool, model_dir) -> None:
+def log_memory_estimate(cfg, ds_config: dict, world: int, on_cpu: bool, model_dir) -> float | None:
     """Rank 0 logs dpo_ds.plan's estimate in one line; on a GPU, an estimate over the device's free
     memory is a warning naming the largest term and the first change that fits (a warning: the
-    estimate is a bound, and the run may still fit)."""
+    estimate is a bound, and the run may still fit). Returns the planned peak per rank, GiB (or None)."""
     from dpo_ds.dist import memory as dist_memory
     from dpo_ds.plan import planner as plan
     from dpo_ds.plan.estimate import GIB, estimate
@@ -441,7 +446,7 @@ def log_memory_estimate(cfg, ds_config: dict, world: int, on_cpu: bool, model_di
         run = plan.describe(cfg, ds_config, world, on_cpu, model_dir)
     except (KeyError, TypeError, ValueError) as e:  # a config.json not shaped like a Llama
         log.info(f"memory estimate: not available for {model_dir} ({type(e).__name__}: {e})")
-        return
+        return None
     budget = None if on_cpu else dist_memory.free_memory_bytes() / GIB
     log.info(plan.one_line(run, budget))
     total = plan.device_total(run) / GIB
@@ -451,5 +456,21 @@ def log_memory_estimate(cfg, ds_config: dict, world: int, on_cpu: bool, model_di
         log.warning(
             f"the memory estimate ({total:.1f} GiB per rank) is over this GPU's free {budget:.1f} GiB; the largest "
             f"term is {largest} ({terms[largest] / GIB:.1f} GiB); first change that fits: {plan.first_fix(run, budget)} "
-            f"(python -m dpo_ds.plan with the same keys shows them all)"
+            f"(dpo-ds plan with the same keys shows them all)"
         )
+    return plan.worst_total(run) / GIB
+
+
+def log_planned_vs_measured(planned_gib: float | None, rank: int) -> None:
+    """At the end of a run: dpo_ds.plan's peak per rank beside the measured one (every rank's, the largest
+    named), so every run checks the planner. Every rank calls it (one all-reduce)."""
+    from dpo_ds.dist import memory as dist_memory
+
+    measured = dist_memory.memory_across_ranks({"peak": dist_memory.peak_memory_gib()})
+    if planned_gib is None or rank != 0:
+        return
+    peak, worst = measured["peak_max"], measured["peak_max_rank"]
+    log.info(
+        f"memory per rank: planned {planned_gib:.2f} GiB, measured peak {peak:.2f} GiB (rank {worst}; rank 0 "
+        f"{measured['peak']:.2f}) since training started: planned / measured {planned_gib / max(peak, 1e-9):.2f}"
+    )

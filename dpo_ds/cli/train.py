@@ -119,6 +119,7 @@ def run(argv=None) -> dict:
     trainer = steps.trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, memory,
                             preemption, watchdog)  # fmt: skip
     metrics = trainer.train(start_step)
+    steps.log_planned_vs_measured(inputs.planned_gib, place.rank)  # every run checks the planner
 
     # 6. close
     comm.barrier()

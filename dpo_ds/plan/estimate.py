@@ -220,6 +220,8 @@ class Run:
     sequence_parallel: int
     zero: dict = field(default_factory=dict)
     on_cpu: bool = False
+    assumed: str = ""  # what the plan took for the run (dtypes, attention, micro-batch), said in its header
+    notes: tuple = ()  # warnings about the config the plan read (a batch that does not divide, ...)
 
 
 def estimate(run: Run) -> dict[str, float]:

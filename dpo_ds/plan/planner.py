@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from dpo_ds.config import LAYOUTS, reference_mode
+from dpo_ds.data.layout import attn_implementation
 from dpo_ds.engine.ds_config import reference_zero_stage
 from dpo_ds.plan.estimate import DTYPE_BYTES, GIB, Run, Shape, estimate, holds_engine
 
@@ -47,6 +48,22 @@ def describe(
     )
     mode = reference_mode(cfg) if objective.needs_reference else "none"
     ref_stage = reference_zero_stage(stage, cfg.model.reference_zero_stage)
+    attn = attn_implementation(cfg.data.layout, cfg.model.attn_implementation, on_cpu, sp) or "sdpa"
+    reference = (f"reference {cfg.model.reference_dtype} ({mode})" if holds_engine(mode)
+                 else f"reference {mode}")  # fmt: skip
+    assumed = (
+        f"policy {cfg.model.policy_dtype}, {reference}; attention {attn}; a micro-batch of {pairs} "
+        f"{'pairs' if width == 2 else 'examples'} per data-parallel rank ({width * pairs} sequences of up to "
+        f"{length} tokens, {cfg.data.layout} rows: {tokens} tokens{f', over {sp} ranks' if sp > 1 else ''})"
+    )
+    notes = []
+    per_step = dp * cfg.gradient_accumulation_steps
+    if cfg.batch_size % per_step:
+        notes.append(
+            f"batch_size={cfg.batch_size} does not divide into {dp} data-parallel ranks x "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: planned at {pairs} a micro-batch; "
+            f"the launch refuses it (use a multiple of {per_step})"
+        )
     return Run(
         shape=Shape.from_dir(model_dir),
         ranks=ranks,
@@ -66,6 +83,8 @@ def describe(
         sequence_parallel=sp,
         zero=zero,
         on_cpu=on_cpu,
+        assumed=assumed,
+        notes=tuple(notes),
     )
 
 
@@ -90,21 +109,28 @@ def device_total(run: Run) -> float:
     return t["total"]
 
 
-# the README's order (Fitting a large model, Long sequences): each a change to a Run
+# the README's order (Fitting a large model, Long sequences): each a change to a Run, and what a user writes
+# for it (config keys; "--ds" for a change of the DeepSpeed JSON, which --write-ds writes)
 FIXES = [
     ("LoRA r=16 on every linear layer (model.lora.r=16)", lambda r: dataclasses.replace(
-        r, lora_r=16, lora_targets=("all-linear",), reference_mode="adapters_off" if holds_engine(r.reference_mode) else r.reference_mode)),
-    ("ZeRO-3 (--ds ds_configs/zero3.json)", lambda r: dataclasses.replace(
-        r, stage=3, reference_stage=3, zero={**r.zero, "stage": 3})),
+        r, lora_r=16, lora_targets=("all-linear",), reference_mode="adapters_off" if holds_engine(r.reference_mode) else r.reference_mode),
+     lambda r: ["model.lora.r=16"]),
+    ("ZeRO-3 (--ds zero3)", lambda r: dataclasses.replace(
+        r, stage=3, reference_stage=3, zero={**r.zero, "stage": 3}), lambda r: ["--ds"]),
     ("a precomputed reference (model.reference_mode=precomputed)", lambda r: dataclasses.replace(
-        r, reference_mode="precomputed") if holds_engine(r.reference_mode) else r),
-    ("fused_linear log-probs (model.logprob_impl=fused_linear)", lambda r: dataclasses.replace(r, logprob_impl="fused_linear")),
-    ("gradient checkpointing (model.gradient_checkpointing=true)", lambda r: dataclasses.replace(r, checkpointing=True)),
+        r, reference_mode="precomputed") if holds_engine(r.reference_mode) else r,
+     lambda r: ["model.reference_mode=precomputed"]),
+    ("fused_linear log-probs (model.logprob_impl=fused_linear)", lambda r: dataclasses.replace(r, logprob_impl="fused_linear"),
+     lambda r: ["model.logprob_impl=fused_linear"]),
+    ("gradient checkpointing (model.gradient_checkpointing=true)", lambda r: dataclasses.replace(r, checkpointing=True),
+     lambda r: ["model.gradient_checkpointing=true"]),
     ("half the tokens per micro-batch (gradient_accumulation_steps x2 or a smaller data.max_tokens_per_micro_batch)",
-     lambda r: dataclasses.replace(r, tokens_per_micro=r.tokens_per_micro // 2, scored_per_micro=r.scored_per_micro // 2)),
+     lambda r: dataclasses.replace(r, tokens_per_micro=r.tokens_per_micro // 2, scored_per_micro=r.scored_per_micro // 2),
+     lambda r: ["gradient_accumulation_steps=<twice yours>"]),
     ("sequence parallelism over 2x the ranks a row (parallel.sequence_parallel_size)", lambda r: dataclasses.replace(
-        r, sequence_parallel=min(r.sequence_parallel * 2, r.ranks))),
-    ("ZeRO-3 with CPU offload (--ds ds_configs/zero3_offload.json)", _offloaded),
+        r, sequence_parallel=min(r.sequence_parallel * 2, r.ranks)),
+     lambda r: [f"parallel.sequence_parallel_size={min(r.sequence_parallel * 2, r.ranks)}"]),
+    ("ZeRO-3 with CPU offload (--ds zero3_offload)", _offloaded, lambda r: ["--ds"]),
 ]  # fmt: skip
 
 
@@ -112,9 +138,23 @@ SAVE = "save peak (rank 0)"  # estimate's term for what rank 0 adds while it wri
 NOT_WHILE_SAVING = ("activations", "logits")  # a step's, freed before the save
 
 
+def params_text(n: int) -> str:
+    """8.03B, 135M, 0.55M: the unit that keeps the figure readable."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def running_terms(t: dict) -> dict:
     """The terms of estimate(run) that every rank holds during a training step."""
     return {k: v for k, v in t.items() if k not in ("total", SAVE)}
+
+
+def worst_total(run: Run) -> float:
+    """The larger of a training step's total and rank 0's while it saves: the peak a rank reaches, bytes."""
+    return max(device_total(run), sum(_saving(estimate(run)).values()))
 
 
 def _saving(t: dict) -> dict:
@@ -127,10 +167,12 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
     t = estimate(run)
     where = "CPU (resident set per rank)" if run.on_cpu else "GPU (device memory per rank)"
     lines = [
-        f"dpo_ds plan: {run.shape.params / 1e9:.2f}B parameters ({run.shape.layers} layers, hidden {run.shape.hidden}, "
-        f"vocab {run.shape.vocab}), {run.ranks} ranks, ZeRO-{run.stage}, reference {run.reference_mode}, "
+        f"dpo_ds plan: {params_text(run.shape.params)} parameters ({run.shape.layers} layers, hidden {run.shape.hidden}, "
+        f"vocab {run.shape.vocab}), {plural(run.ranks, 'rank')}, ZeRO-{run.stage}, reference {run.reference_mode}, "
         f"{run.tokens_per_micro} tokens a micro-batch{f' over {run.sequence_parallel} ranks' if run.sequence_parallel > 1 else ''}, "
         f"{run.logprob_impl}{', checkpointing' if run.checkpointing else ''}{f', LoRA r={run.lora_r}' if run.lora_r else ''}; {where}",
+        *([f"assumed: {run.assumed}"] if run.assumed else []),
+        *(f"warning: {note}" for note in run.notes),
         "",
         "| term | every rank GiB | rank 0 while saving GiB |",
         "|---|---:|---:|",
@@ -156,11 +198,12 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
             "| change (alone) | new total GiB | together with the ones above GiB |",
             "|---|---:|---:|",
         ]
-        together = run
-        for name, change in FIXES:
+        together, paste = run, []
+        for name, change, keys in FIXES:
             if change(run) == run and change(together) == together:
                 continue  # already so (ZeRO-3 under ZeRO-3, a precomputed reference with LoRA's adapters off)
             alone = device_total(change(run)) / GIB
+            paste += [k for k in keys(together) if k not in paste]
             together = change(together)
             cumulative = device_total(together) / GIB
             fixes.append((name, alone))
@@ -169,6 +212,10 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
             if cumulative <= budget_gib and fitting is None:
                 fitting = together
                 break
+        if fitting is not None:
+            keys = " ".join(k for k in paste if k != "--ds")
+            ds_note = " and the DeepSpeed JSON's ZeRO settings (--write-ds PATH writes them; then --ds PATH)"
+            lines += ["", f"to fit, add: {keys or '(no config key)'}{ds_note if '--ds' in paste else ''}"]
     return "\n".join(lines), fixes, fitting
 
 
@@ -183,7 +230,7 @@ def one_line(run: Run, budget_gib: float | None) -> str:
 
 
 def first_fix(run: Run, budget_gib: float) -> str:
-    for name, change in FIXES:
+    for name, change, _ in FIXES:
         if change(run) != run and device_total(change(run)) / GIB <= budget_gib:
             return name
     return FIXES[0][0]
@@ -224,6 +271,9 @@ def main(argv=None, prog: str = "dpo-ds plan") -> int:
         ds = json.loads(ds_path.read_text())
         model_dir = plan_model_dir(cfg.model.name_or_path)
         gpus, gpu_mem, on_cpu = _machine(args)
+        if on_cpu and args.gpus and args.cpu_mem is None:
+            print(f"dpo_ds plan: no GPU here and no --gpu-mem: planning CPU memory ({plural(gpus, 'rank')} a node "
+                  "as CPU processes); give --gpu-mem GiB to plan GPUs")  # fmt: skip
         run = describe(cfg, ds, gpus * args.nodes, on_cpu, model_dir, args.sequence_tokens)
         budget = (args.cpu_mem or _mem_total_gib()) / gpus if on_cpu else gpu_mem
     except (ConfigError, ModelError, OSError, KeyError, ValueError) as e:
@@ -231,12 +281,27 @@ def main(argv=None, prog: str = "dpo-ds plan") -> int:
         return 2
     report, _, fitting = plan(run, budget)
     print(report)
-    if args.write_ds and fitting is not None:
-        Path(args.write_ds).write_text(json.dumps(ds_json_for(ds, fitting), indent=2) + "\n")
-        print(
-            f"wrote {args.write_ds} (the ZeRO settings of the first set that fits; the other changes are config keys)"
-        )
+    if args.write_ds:
+        write_ds(args.write_ds, ds, fitting)
     return 0
+
+
+def write_ds(path: str, ds: dict, fitting: Run | None) -> None:
+    """--write-ds: the DeepSpeed JSON of the first set of changes that fits, only when it differs from the
+    one given (else the changes are config keys alone, printed above)."""
+    if fitting is None:
+        print(f"--write-ds: nothing written to {path}: no change is needed, or none of them fits")
+        return
+    changed = ds_json_for(ds, fitting)
+    if changed == ds:
+        print(
+            f"--write-ds: nothing written to {path}: the changes that fit are config keys; the JSON stays as it is"
+        )
+        return
+    Path(path).write_text(json.dumps(changed, indent=2) + "\n")
+    print(
+        f"wrote {path}: the ZeRO settings of the first set that fits; train with --ds {path} and the keys above"
+    )
 
 
 # config.json files of the models the recipes name (architecture only, no weights), so a recipe plans

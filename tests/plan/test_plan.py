@@ -174,7 +174,7 @@ def test_the_three_readme_shapes():
 
 def test_fixes_follow_the_readme_order_and_each_lowers_the_total():
     run = _run("model.policy_dtype=bfloat16", "max_length=4096", "batch_size=8", model="llama3_70b")
-    names = [name.split(" (")[0] for name, _ in FIXES]
+    names = [name.split(" (")[0] for name, _, _ in FIXES]
     assert names[:3] == ["LoRA r=16 on every linear layer", "ZeRO-3", "a precomputed reference"]
     assert names[-1].startswith("ZeRO-3 with CPU offload")
     _, fixes, _ = plan(run, 10.0)
