@@ -12,7 +12,7 @@ from pathlib import Path
 from dpo_ds.config import load_config
 from dpo_ds.model.files import resolve_model_dir
 from dpo_ds.plan.estimate import GIB, estimate
-from dpo_ds.plan.planner import describe, device_total
+from dpo_ds.plan.planner import describe, device_total, sampled_data
 
 
 def longest_sequence(data: Path, max_length: int) -> int:
@@ -26,12 +26,24 @@ def longest_sequence(data: Path, max_length: int) -> int:
     return min(longest, max_length)
 
 
-def planned(overrides: list[str], ranks: int, on_cpu: bool = True) -> tuple[float, dict]:
-    """(planned GiB per rank, {term: GiB}) for a row's `--ds PATH key=value ...` train.py arguments."""
+def planned(
+    overrides: list[str], ranks: int, on_cpu: bool = True, data_sample: int = 0
+) -> tuple[float, dict]:
+    """(planned GiB per rank, {term: GiB}) for a row's `--ds PATH key=value ...` train.py arguments. With
+    data_sample the planner reads that many examples of the row's data itself (`dpo-ds plan --data-sample`);
+    else it is told the longest sequence (`--sequence-tokens`), counted here in characters."""
     ds_path = overrides[overrides.index("--ds") + 1]
     keys = [o for i, o in enumerate(overrides) if o != "--ds" and (i == 0 or overrides[i - 1] != "--ds")]
     cfg = load_config(None, keys)
-    data = Path(cfg.datasets[0])
-    run = describe(cfg, json.loads(Path(ds_path).read_text()), ranks, on_cpu, resolve_model_dir(cfg.model.name_or_path),
-                   longest_sequence(data, cfg.max_length))  # fmt: skip
-    return device_total(run) / GIB, {k: v / GIB for k, v in estimate(run).items()}
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    ds = json.loads(Path(ds_path).read_text())
+    if data_sample:
+        data = sampled_data(cfg, model_dir, ranks, on_cpu, data_sample)
+        run = describe(cfg, ds, ranks, on_cpu, model_dir, data=data)
+    else:
+        run = describe(
+            cfg, ds, ranks, on_cpu, model_dir, longest_sequence(Path(cfg.datasets[0]), cfg.max_length)
+        )
+    return device_total(run) / GIB, {
+        k: v / GIB for k, v in estimate(run).items()
+    }  # the steps alone: no save measured

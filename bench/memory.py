@@ -260,13 +260,13 @@ def row_overrides(spec: dict, args, work: Path) -> list[str]:
     ]
 
 
-def planned_row(overrides: list[str], ranks: int, args) -> dict:
+def planned_row(overrides: list[str], ranks: int, args, data_sample: int = 0) -> dict:
     """dpo_ds.plan's estimate of a row's run, to stand beside its measured peak (bench/_plan_estimate.py, tabled by
     bench/plan_check.py; gpu_check's (d) on a GPU): planned_gib and its terms, or why there is none."""
     try:
         from bench._plan_estimate import planned
 
-        total, terms = planned(overrides, ranks, on_cpu=not args.cuda)
+        total, terms = planned(overrides, ranks, on_cpu=not args.cuda, data_sample=data_sample)
         return {"planned_gib": total, "planned_terms": terms}
     except Exception as e:  # noqa: BLE001 - the measurement stands without it
         return {"planned_error": f"{type(e).__name__}: {e}"}
@@ -278,7 +278,7 @@ def train_row(spec: dict, args, work: Path) -> dict:
     run_dir = work / "runs" / spec["key"]
     batch, max_length = (args.long_batch, args.long_length) if spec["long"] else (args.batch, args.max_length)
     overrides = row_overrides(spec, args, work)
-    plan = planned_row(overrides, ranks, args)
+    plan = planned_row(overrides, ranks, args, spec.get("data_sample", 0))
     cmd, e = train_cmd(overrides, ranks, args)
     log_path = work / f"{spec['key']}.log"
     metrics = run_dir / "metrics.jsonl"

@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--rows", default=None, help="comma-separated row keys (memory.py's, or o1..o6 outside)")
     ap.add_argument("--section", choices=["bench", "outside", "all"], default="all",
                     help="bench: memory.py's rows; outside: bench/plan_heldout.py's configurations")  # fmt: skip
+    ap.add_argument("--whole-runs", action="store_true",
+                    help="outside rows: run each to its end (an eval, the final save with the optimizer state) and "
+                         "read the planned / measured line every run ends with")  # fmt: skip
     ap.add_argument("--run-timeout", type=float, default=600)
     ap.add_argument("--out", default=None)
     ap.add_argument(
@@ -100,13 +103,36 @@ def outside_rows(args, work: Path, keep) -> list[dict]:
             if (kind, key) not in built:
                 out = work / "outside" / f"{kind}_{key}"
                 built[kind, key] = (plan_heldout.build_model(out, key, args.quick) if kind == "model"
-                                    else plan_heldout.build_data(out, key, 64))  # fmt: skip
+                                    else plan_heldout.build_data(out, key, plan_heldout.ROWS_OF_DATA))  # fmt: skip
         data = built["data", spec["data_key"]]
         source = f"ultrafeedback:{data}" if spec["data_key"] == "uf" else str(data)
         spec = {**spec, "model": str(built["model", spec["model_key"]]),
                 "overrides": [f"datasets=[{source}]", *spec["overrides"]]}  # fmt: skip
-        rows.append(memory.train_row(spec, args, work))
+        rows.append(whole_run(spec, args, work) if args.whole_runs else memory.train_row(spec, args, work))
     return rows
+
+
+def whole_run(spec: dict, args, work: Path) -> dict:
+    """A row run as a user runs it, to its end: the steps, an eval, the final save (optimizer state too); its
+    own last line says planned vs measured (cli/steps.log_planned_vs_measured: the launch's data-aware plan of
+    the peak, training or saving, beside the largest VmHWM of any rank since training started)."""
+    import re
+    import subprocess
+
+    batch = next(int(o.split("=")[1]) for o in spec["overrides"] if o.startswith("batch_size="))
+    overrides = [*memory.row_overrides(spec, args, work), f"eval_every={batch * spec['steps']}", "n_eval_examples=8",
+                 "checkpoint.save_optimizer=true"]  # fmt: skip
+    cmd, env = memory.train_cmd(overrides, spec["ranks"], args)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.run_timeout)
+    found = re.search(
+        r"memory per rank: planned ([\d.]+) GiB, measured peak ([\d.]+) GiB", proc.stdout + proc.stderr
+    )
+    out = {**spec, "wall_s": time.time() - t0}
+    if proc.returncode != 0 or not found:
+        return {**out, "error": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}"}
+    planned, peak = float(found.group(1)), float(found.group(2))
+    return {**out, "peak_gib": peak, "planned_gib": planned, "planned_terms": {"(launch log)": planned}}
 
 
 def table(name: str, title: str, rows: list[dict]) -> tuple[bool, str]:

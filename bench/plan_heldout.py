@@ -47,6 +47,7 @@ MODELS = {
     "w8k": (256, 4, 8, 8, 32, 768, 8192, "chatml", False),
     "h128": (512, 4, 4, 2, 128, 1408, 8192, "chatml", False),
 }
+ROWS_OF_DATA = 200  # train rows of each data set; the planner reads them all (dpo-ds plan --data-sample 200)
 QUICK = {  # --quick: the same code paths at a fraction of the size (a smoke, not the figures)
     "smol": (128, 2, 4, 2, 32, 256, 4096, "chatml", True),
 }
@@ -102,10 +103,12 @@ def build_data(out: Path, kind: str, n: int, seed: int = 0) -> Path:
 
 def specs(quick: bool = False) -> list[dict]:
     """memory.train_row's specs: the row's overrides after memory.row_overrides' defaults (the last value of a
-    key wins), its model and data named by the keys of MODELS and build_data."""
+    key wins), its model and data named by the keys of MODELS and build_data; each planned from its data as
+    `dpo-ds plan --data-sample` plans it."""
     out = []
     for key, name, model, data, ranks, ds, steps, overrides in ROWS:
         batch = next(int(o.split("=")[1]) for o in overrides if o.startswith("batch_size="))
         out.append({"key": key, "name": name, "ranks": ranks, "ds": ds, "steps": steps, "long": False,
-                    "model_key": model, "data_key": data, "overrides": [*overrides, f"n_examples={batch * steps}"]})  # fmt: skip
+                    "model_key": model, "data_key": data, "data_sample": ROWS_OF_DATA,
+                    "overrides": [*overrides, f"n_examples={batch * steps}"]})  # fmt: skip
     return out

@@ -205,9 +205,6 @@ def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:
         wrapped = check_targets(cfg.model.lora, model_dir)
         log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
     engine_sp.check_sequence_parallel(place.sp_size, model_dir)  # heads the group can split
-    planned_gib = log_memory_estimate(
-        cfg, place.ds_config, place.world, place.on_cpu, model_dir
-    )  # the planner's
     tokenizer = load_tokenizer(model_dir)
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
     # the data phase (data/prepare.py): every row tokenized into the token cache (or mapped from it), by
@@ -218,6 +215,8 @@ def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:
     )
     train_data, eval_data = _batches(cfg, place, tokenization, prepared)
     digest = data_digest([train_data])  # the cache's: each shard hashed as it was written
+    # the planner's peak per rank, at the micro-batches this data makes (its token cache, sampled)
+    planned_gib = log_memory_estimate(cfg, place, model_dir, train_data)
     return Inputs(model_dir, start, tokenizer, checker, train_data, eval_data, digest, planned_gib)
 
 
@@ -434,16 +433,28 @@ def trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, m
     )
 
 
-def log_memory_estimate(cfg, ds_config: dict, world: int, on_cpu: bool, model_dir) -> float | None:
-    """Rank 0 logs dpo_ds.plan's estimate in one line; on a GPU, an estimate over the device's free
+DATA_SAMPLE = 1024  # examples of the token cache the launch's memory estimate collates
+
+
+def log_memory_estimate(cfg, place: Place, model_dir, train_data) -> float | None:
+    """Rank 0 logs dpo_ds.plan's estimate in one line, planned at the largest micro-batch the layout makes
+    of the first DATA_SAMPLE examples of the token cache; on a GPU, an estimate over the device's free
     memory is a warning naming the largest term and the first change that fits (a warning: the
     estimate is a bound, and the run may still fit). Returns the planned peak per rank, GiB (or None)."""
     from dpo_ds.dist import memory as dist_memory
     from dpo_ds.plan import planner as plan
-    from dpo_ds.plan.estimate import GIB, estimate
+    from dpo_ds.plan.data import micro_batch_tokens
+    from dpo_ds.plan.estimate import CPU_RUNTIME_EXTRA_GIB, GIB, estimate
 
+    ds_config, world, on_cpu = place.ds_config, place.world, place.on_cpu
+    examples = [train_data.tokenized(i) for i in range(min(DATA_SAMPLE, len(train_data)))]
+    data = micro_batch_tokens(examples, place.layout, plan.micro_pairs(cfg, world), train_data.pad_id)
     try:
-        run = plan.describe(cfg, ds_config, world, on_cpu, model_dir)
+        # on CPU what this rank holds before any model (libraries, the data) is measured, not assumed
+        now = (
+            dist_memory.proc_status("VmRSS").get("VmRSS", 0) / GIB + CPU_RUNTIME_EXTRA_GIB if on_cpu else None
+        )
+        run = plan.describe(cfg, ds_config, world, on_cpu, model_dir, data=data, process_gib=now)
     except (KeyError, TypeError, ValueError) as e:  # a config.json not shaped like a Llama
         log.info(f"memory estimate: not available for {model_dir} ({type(e).__name__}: {e})")
         return None

@@ -40,9 +40,14 @@ Communication buffers (the DeepSpeed JSON's sizes, in elements of p bytes): ZeRO
     themselves; on CPU the bucket's pages are not resident and it counts nothing there).
 The save's peak (rank 0, policy.pt streamed): the largest tensor gathered in fp32, twice (the gathered
     copy and the collective's temporary one).
-On CPU a process also holds ~CPU_PROCESS_GIB of libraries, interpreter and fixed buffers (torch,
-DeepSpeed, transformers, datasets; measured as the whole run of a 0.07M-parameter model); the planner adds
-it on CPU and says so. On a GPU the device holds none of that.
+LoRA adds r values a token a layer per wrapped projection (A(x), kept for B's backward). An attention that
+    materializes its scores (eager; FlexAttention on CPU) keeps heads x block^2 a block a layer; sequence
+    parallelism holds one layer's q, k, v and output in both layouts during Ulysses' all-to-all.
+On CPU a process also holds its libraries, interpreter and fixed buffers (torch, DeepSpeed, transformers,
+datasets): the planner measures its own imports (a launch: the rank's resident set before any model) and adds
+CPU_RUNTIME_EXTRA_GIB; without a measurement, CPU_PROCESS_GIB (the whole run of a 0.07M-parameter model). On
+a GPU the device holds the CUDA context and the allocator's reserve besides torch's allocations: both assumed
+(CUDA_CONTEXT_GIB, ALLOCATOR_RESERVE_FRACTION) and named as such in the table.
 """
 
 from __future__ import annotations
@@ -59,6 +64,23 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # torch's fixed buffers once engines exist and step (bench/memory.py row 11: the whole run of a
 # 0.07M-parameter model peaks at 0.556 GiB a rank)
 CPU_PROCESS_GIB = 0.54
+# the planner on CPU measures what a rank holds before any model instead (its imports, at launch also the
+# data), and adds what a rank adds besides the modelled terms while it trains: gloo, DeepSpeed's engines and
+# their fixed buffers, the step's Python heap: measured here as that 0.556 GiB whole run less the 0.42 GiB a
+# rank holds when the launch plans
+CPU_RUNTIME_EXTRA_GIB = 0.12
+# and while rank 0 saves and evaluates on CPU: torch.save's pickling buffers, DeepSpeed's checkpoint writer,
+# the eval's generation (the shipped demo's whole run peaks 0.10 GiB above its training steps)
+CPU_SAVE_EVAL_GIB = 0.10
+# on a GPU, beside what torch allocates (max_memory_allocated): the CUDA context of the process (driver,
+# cuBLAS/NCCL workspaces: ~0.5 GiB on recent cards, CUDA 12) and the caching allocator's reserve beyond its
+# allocations (fragmentation between block sizes), taken as 10% of them. Assumed, not measured here (no GPU);
+# stated as such in the plan; bench/gpu_check.sh compares the allocated part with max_memory_allocated
+CUDA_CONTEXT = "CUDA context (not allocated by torch)"
+CUDA_CONTEXT_GIB = 0.5
+ALLOCATOR_RESERVE = "allocator reserve (10% of allocations)"
+ALLOCATOR_RESERVE_FRACTION = 0.10
+GPU_OVERHEAD_TERMS = (CUDA_CONTEXT, ALLOCATOR_RESERVE)
 FUSED_CHUNK_ROWS = 1024  # logprobs.reference.default_chunk_rows at these vocabularies (a bound)
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -170,6 +192,35 @@ def activation_bytes(shape: Shape, tokens: int, p: int, checkpointing: bool) -> 
     return tokens * shape.layers * per_token_layer(shape) * p + edges
 
 
+def lora_activation_bytes(shape: Shape, tokens: int, p: int, r: int, targets, checkpointing: bool) -> float:
+    """LoRA's own activations: each wrapped projection keeps A(x), r values a token, for B's backward (x is
+    the base projection's saved input, shared; dropout 0). Under checkpointing one layer's worth."""
+    if not r:
+        return 0.0
+    names = LORA_TARGETS_ALL if list(targets) == ["all-linear"] else list(targets)
+    per_layer = r * sum(1 for n in shape.linear_shapes() if n in names)
+    return tokens * p * per_layer * (2 if checkpointing else shape.layers)
+
+
+def attention_score_bytes(shape: Shape, tokens: int, block: int, p: int, attention: str, on_cpu: bool,
+                          checkpointing: bool) -> float:  # fmt: skip
+    """An attention that materializes its scores (eager; FlexAttention on CPU, torch's eager path there)
+    keeps the softmax's output, heads x block x block a block, for its backward: tokens / block blocks of
+    `block` tokens. SDPA's fused kernels and dpo_ds_blocks keep none (O(tokens))."""
+    if not (attention == "eager" or (attention == "flex_attention" and on_cpu)):
+        return 0.0
+    per_layer = shape.heads * tokens * block * p
+    return per_layer * (2 if checkpointing else shape.layers)
+
+
+def all_to_all_bytes(shape: Shape, tokens: int, p: int, sequence_parallel: int) -> float:
+    """Ulysses (sequence parallelism): one layer's q, k, v and attention output in both layouts at once while
+    they are exchanged (head-sharded and sequence-sharded): 2 x (2H + 2K) values a token of this rank."""
+    if sequence_parallel <= 1:
+        return 0.0
+    return 2 * (2 * shape.hidden + 2 * shape.kv_width) * tokens * p
+
+
 def logits_bytes(impl: str, scored: int, vocab: int, p: int) -> float:
     if impl == "fused_linear":
         return min(scored, FUSED_CHUNK_ROWS) * vocab * 4.0
@@ -220,6 +271,13 @@ class Run:
     sequence_parallel: int
     zero: dict = field(default_factory=dict)
     on_cpu: bool = False
+    attention: str = (
+        "sdpa"  # the attention implementation the run resolves to (data.layout.attn_implementation)
+    )
+    block_tokens: int = 0  # the tokens one attention block spans (a padded row, a packed segment); 0: unknown
+    process_gib: float | None = (
+        None  # on CPU: what a rank holds besides the run, measured here (else the constant)
+    )
     assumed: str = ""  # what the plan took for the run (dtypes, attention, micro-batch), said in its header
     notes: tuple = ()  # warnings about the config the plan read (a batch that does not divide, ...)
 
@@ -248,12 +306,20 @@ def estimate(run: Run) -> dict[str, float]:
             s.vocab,
             run.logprob_impl,
         ),  # fmt: skip
-        "activations": activation_bytes(s, tokens, run.policy_bytes, run.checkpointing),
+        "activations": activation_bytes(s, tokens, run.policy_bytes, run.checkpointing)
+        + lora_activation_bytes(s, tokens, run.policy_bytes, run.lora_r, run.lora_targets, run.checkpointing),
+        "attention scores": attention_score_bytes(s, tokens, run.block_tokens or tokens, run.policy_bytes,
+                                                  run.attention, run.on_cpu, run.checkpointing),
+        "sequence-parallel all-to-all": all_to_all_bytes(s, tokens, run.policy_bytes, run.sequence_parallel),
         "logits": logits_bytes(run.logprob_impl, scored, s.vocab, run.policy_bytes),
         "buffers": buffer_bytes(run.zero, run.stage, n, run.policy_bytes, run.on_cpu),
-    }
+    }  # fmt: skip
     if run.on_cpu:
-        terms["libraries (CPU)"] = CPU_PROCESS_GIB * GIB
+        terms["libraries (CPU)"] = (run.process_gib or CPU_PROCESS_GIB) * GIB
+    else:
+        model = sum(terms.values())
+        terms[CUDA_CONTEXT] = CUDA_CONTEXT_GIB * GIB
+        terms[ALLOCATOR_RESERVE] = ALLOCATOR_RESERVE_FRACTION * model
     terms["total"] = sum(terms.values())
-    terms["save peak (rank 0)"] = save_peak_bytes(s)
+    terms["save peak (rank 0)"] = save_peak_bytes(s) + (CPU_SAVE_EVAL_GIB * GIB if run.on_cpu else 0.0)
     return terms

@@ -24,14 +24,16 @@ from pathlib import Path
 from dpo_ds.config import LAYOUTS, reference_mode
 from dpo_ds.data.layout import attn_implementation
 from dpo_ds.engine.ds_config import reference_zero_stage
-from dpo_ds.plan.estimate import DTYPE_BYTES, GIB, Run, Shape, estimate, holds_engine
+from dpo_ds.plan.estimate import CPU_RUNTIME_EXTRA_GIB, DTYPE_BYTES, GIB, Run, Shape, estimate, holds_engine
 
 
 def describe(
-    cfg, ds: dict, ranks: int, on_cpu: bool, model_dir: Path, sequence_tokens: int | None = None
-) -> Run:
+    cfg, ds: dict, ranks: int, on_cpu: bool, model_dir: Path, sequence_tokens: int | None = None, data=None,
+    process_gib: float | None = None,
+) -> Run:  # fmt: skip
     """The run a config and a DeepSpeed JSON make, in the formulas' terms. Sequences are planned at
-    max_length (a bound) unless sequence_tokens says how long the data's longest ones are."""
+    max_length (a bound) unless sequence_tokens says how long the data's longest ones are, or `data`
+    (plan.data.DataTokens) what the layout's collator made of the data's own micro-batches."""
     from dpo_ds.training.objectives import build_objective
 
     objective = build_objective(cfg)
@@ -46,6 +48,9 @@ def describe(
     tokens = LAYOUTS.get(cfg.data.layout).plan_tokens(
         pairs, width, length, cfg.max_prompt_length, cfg.data.max_tokens_per_micro_batch
     )
+    scored = tokens  # a bound: every token scored
+    if data is not None and not cfg.data.max_tokens_per_micro_batch:
+        tokens, scored = data.tokens, data.scored
     mode = reference_mode(cfg) if objective.needs_reference else "none"
     ref_stage = reference_zero_stage(stage, cfg.model.reference_zero_stage)
     attn = attn_implementation(cfg.data.layout, cfg.model.attn_implementation, on_cpu, sp) or "sdpa"
@@ -55,6 +60,7 @@ def describe(
         f"policy {cfg.model.policy_dtype}, {reference}; attention {attn}; a micro-batch of {pairs} "
         f"{'pairs' if width == 2 else 'examples'} per data-parallel rank ({width * pairs} sequences of up to "
         f"{length} tokens, {cfg.data.layout} rows: {tokens} tokens{f', over {sp} ranks' if sp > 1 else ''})"
+        + (f"; {data.describe()}" if data is not None else "")
     )
     notes = []
     per_step = dp * cfg.gradient_accumulation_steps
@@ -77,12 +83,15 @@ def describe(
         lora_r=cfg.model.lora.r,
         lora_targets=tuple(cfg.model.lora.target_modules),
         tokens_per_micro=tokens,
-        scored_per_micro=tokens,  # a bound: every token scored
+        scored_per_micro=scored,
         checkpointing=cfg.model.gradient_checkpointing,
         logprob_impl=cfg.model.logprob_impl,
         sequence_parallel=sp,
         zero=zero,
         on_cpu=on_cpu,
+        attention=attn,
+        block_tokens=data.longest if data is not None else length,
+        process_gib=process_gib,
         assumed=assumed,
         notes=tuple(notes),
     )
@@ -179,6 +188,8 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
     ]  # fmt: skip
     running, saving = running_terms(t), _saving(t)
     for k in [*running, SAVE]:
+        if not running.get(k) and not saving.get(k):
+            continue  # a term this run does not have (scores of a fused attention, SP's exchange without SP)
         lines.append(f"| {k} | {running.get(k, 0) / GIB:.2f} | {saving.get(k, 0) / GIB:.2f} |")
     total = device_total(run) / GIB
     save_total = sum(saving.values()) / GIB
@@ -245,6 +256,7 @@ def ds_json_for(ds: dict, fitting: Run) -> dict:
 def main(argv=None, prog: str = "dpo-ds plan") -> int:
     from dpo_ds.config import ConfigError, load_config
     from dpo_ds.config.shipped import DEFAULT_DS, ds_config_path, recipe_path
+    from dpo_ds.data.sources import DataError
     from dpo_ds.model.files import ModelError
 
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -261,8 +273,15 @@ def main(argv=None, prog: str = "dpo-ds plan") -> int:
     ap.add_argument(
         "--write-ds", default=None, help="write the DeepSpeed JSON of the first set of changes that fits"
     )
-    ap.add_argument("--sequence-tokens", type=int, default=None,
-                    help="the data's longest sequence (prompt + response) if shorter than max_length")  # fmt: skip
+    ap.add_argument(
+        "--sequence-tokens",
+        type=int,
+        default=None,
+        help="the data's longest sequence (prompt + response) if shorter than max_length",
+    )
+    ap.add_argument("--data-sample", type=int, default=0, metavar="N",
+                    help="read and tokenize N train examples of the config's data and plan the micro-batches the "
+                         "layout makes of them (default: every sequence at max_length, a bound)")  # fmt: skip
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     try:
@@ -274,9 +293,15 @@ def main(argv=None, prog: str = "dpo-ds plan") -> int:
         if on_cpu and args.gpus and args.cpu_mem is None:
             print(f"dpo_ds plan: no GPU here and no --gpu-mem: planning CPU memory ({plural(gpus, 'rank')} a node "
                   "as CPU processes); give --gpu-mem GiB to plan GPUs")  # fmt: skip
-        run = describe(cfg, ds, gpus * args.nodes, on_cpu, model_dir, args.sequence_tokens)
+        data = (
+            sampled_data(cfg, model_dir, gpus * args.nodes, on_cpu, args.data_sample)
+            if args.data_sample
+            else None
+        )
+        run = describe(cfg, ds, gpus * args.nodes, on_cpu, model_dir, args.sequence_tokens, data,
+                       measured_process_gib() if on_cpu else None)  # fmt: skip
         budget = (args.cpu_mem or _mem_total_gib()) / gpus if on_cpu else gpu_mem
-    except (ConfigError, ModelError, OSError, KeyError, ValueError) as e:
+    except (ConfigError, ModelError, DataError, OSError, KeyError, ValueError) as e:
         print(f"dpo_ds.plan: error: {e}", file=sys.stderr)
         return 2
     report, _, fitting = plan(run, budget)
@@ -284,6 +309,46 @@ def main(argv=None, prog: str = "dpo-ds plan") -> int:
     if args.write_ds:
         write_ds(args.write_ds, ds, fitting)
     return 0
+
+
+def measured_process_gib() -> float:
+    """On CPU, what a rank holds besides the run, measured on this platform: this process's resident set once
+    it has imported what every rank imports (torch, DeepSpeed, transformers, datasets), plus the run-time
+    extras measured beside the constant (estimate.CPU_RUNTIME_EXTRA_GIB: gloo, the engines' fixed buffers)."""
+    import datasets  # noqa: F401
+    import deepspeed  # noqa: F401
+    import transformers  # noqa: F401
+
+    from dpo_ds.dist.memory import proc_status
+
+    return proc_status("VmRSS").get("VmRSS", 0) / GIB + CPU_RUNTIME_EXTRA_GIB
+
+
+def micro_pairs(cfg, ranks: int) -> int:
+    """Examples a micro-batch holds on one data-parallel rank (describe's arithmetic)."""
+    dp = max(ranks // cfg.parallel.sequence_parallel_size, 1)
+    return max(cfg.batch_size // (dp * cfg.gradient_accumulation_steps), 1)
+
+
+def data_layout(cfg, on_cpu: bool):
+    """The run's layout as the planner collates with it: whole rows, before any sequence sharding."""
+    from dpo_ds.data.layout import choose
+
+    return choose(cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
+                  max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+                  attn=cfg.model.attn_implementation, on_cpu=on_cpu)  # fmt: skip
+
+
+def sampled_data(cfg, model_dir: Path, ranks: int, on_cpu: bool, n: int):
+    """--data-sample N: the config's first N train examples, tokenized and collated (plan.data)."""
+    from dpo_ds.model.files import load_tokenizer
+    from dpo_ds.plan.data import micro_batch_tokens, sample_examples
+    from dpo_ds.training.objectives import build_objective
+
+    examples = sample_examples(cfg, model_dir, not build_objective(cfg).pairs, n)
+    tok = load_tokenizer(model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return micro_batch_tokens(examples, data_layout(cfg, on_cpu), micro_pairs(cfg, ranks), pad)
 
 
 def write_ds(path: str, ds: dict, fitting: Run | None) -> None:
