@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dpo_ds.config import load_config
 from dpo_ds.model.files import resolve_model_dir
-from dpo_ds.plan.estimate import GIB, estimate
+from dpo_ds.plan.estimate import GIB, GPU_OVERHEAD_TERMS, estimate
 from dpo_ds.plan.planner import describe, device_total, sampled_data
 
 
@@ -44,6 +44,8 @@ def planned(
         run = describe(
             cfg, ds, ranks, on_cpu, model_dir, longest_sequence(Path(cfg.datasets[0]), cfg.max_length)
         )
-    return device_total(run) / GIB, {
-        k: v / GIB for k, v in estimate(run).items()
-    }  # the steps alone: no save measured
+    terms = estimate(run)
+    # the steps alone (no save measured); on a GPU what torch allocates, as max_memory_allocated counts it: the
+    # CUDA context and the allocator's reserve are outside it
+    total = device_total(run) - sum(terms.get(k, 0.0) for k in GPU_OVERHEAD_TERMS)
+    return total / GIB, {k: v / GIB for k, v in terms.items()}
