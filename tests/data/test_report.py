@@ -17,6 +17,7 @@ from dpo_ds.data.report import table  # noqa: E402
 from dpo_ds.dist import comm  # noqa: E402
 from dpo_ds.model.files import SHIPPED_MODELS, load_tokenizer  # noqa: E402
 from dpo_ds.run.dir import RunDir  # noqa: E402
+from tests.data.solo import Solo  # noqa: E402
 
 ML, MPL = 24, 12  # max_length, max_prompt_length
 
@@ -61,27 +62,6 @@ def planted(tmp_path):
     _write(tmp_path / "b_train.jsonl", B_TRAIN)
     _write(tmp_path / "b_test.jsonl", B_TEST)
     return [str(tmp_path / "a"), str(tmp_path / "b_train.jsonl")]
-
-
-class Solo:
-    """The collectives of a world of one."""
-
-    @staticmethod
-    def decided_by_rank0(fn, errors=(Exception,)):
-        return fn()
-
-    @staticmethod
-    def all_gather_objects(obj):
-        return [obj]
-
-    @staticmethod
-    def fail_alike(error, make):
-        if error is not None:
-            raise make([(0, error)])
-
-    @staticmethod
-    def barrier():
-        pass
 
 
 def _prepare(tmp_path, monkeypatch, specs, *extra, sft=False):

@@ -23,27 +23,7 @@ from dpo_ds.data.sources import load_source  # noqa: E402
 from dpo_ds.data.tokenize import Tokenization  # noqa: E402
 from dpo_ds.demo.tokenizers import build_tokenizer  # noqa: E402
 from dpo_ds.model.files import SHIPPED_MODELS, load_tokenizer  # noqa: E402
-
-
-class Solo:
-    """The collectives of a world of one."""
-
-    @staticmethod
-    def decided_by_rank0(fn, errors=(Exception,)):
-        return fn()
-
-    @staticmethod
-    def all_gather_objects(obj):
-        return [obj]
-
-    @staticmethod
-    def fail_alike(error, make):
-        if error is not None:
-            raise make([(0, error)])
-
-    @staticmethod
-    def barrier():
-        pass
+from tests.data.solo import Solo  # noqa: E402
 
 
 def user(t):
