@@ -72,11 +72,15 @@ dpo-ds train --gpus 2 --master-port "$(python -c 'from dpo_ds.dist.launcher impo
 test -f runs/demo-dpo/LATEST/policy.pt || fail "no runs/demo-dpo/LATEST/policy.pt"
 ls runs/demo-dpo
 
-step "the same entry under torchrun: dpo-ds train is a rank there, no second launcher"
+step "the same entry under torchrun: dpo-ds train is a rank there (no second launcher), and -m dpo_ds.train"
 torchrun --nproc_per_node 2 --master-port "$(python -c 'from dpo_ds.dist.launcher import free_port; print(free_port())')" \
   "$(command -v dpo-ds)" train --gpus 2 --ds zero2 model.name_or_path=tiny run_dir=runs/torchrun \
   batch_size=16 eval_batch_size=16 n_eval_examples=32 max_length=16 max_prompt_length=8 n_examples=64 loss=sft
 test -f runs/torchrun/LATEST/policy.pt || fail "torchrun: no LATEST/policy.pt"
+torchrun --nproc_per_node 2 --master-port "$(python -c 'from dpo_ds.dist.launcher import free_port; print(free_port())')" \
+  -m dpo_ds.train --ds zero3 model.name_or_path=tiny run_dir=runs/torchrun-m \
+  batch_size=16 eval_batch_size=16 n_eval_examples=32 max_length=16 max_prompt_length=8 n_examples=64 loss=sft
+test -f runs/torchrun-m/LATEST/policy.pt || fail "torchrun -m dpo_ds.train: no LATEST/policy.pt"
 
 step "dpo-ds export of the DPO run"
 dpo-ds export runs/demo-dpo exported
