@@ -11,7 +11,7 @@ it dpo_ds.plan's total for the same arguments, read from the model's config.json
 run's token cache says how long the rows are). On CPU the total includes the planner's per-process
 constants, which it says it adds. The outside section (bench/plan_heldout.py) shares neither model shape
 nor data with memory.py's rows: other head counts and head dims, GQA, tied embeddings, a 49k BPE's data,
-LoRA, sequence parallelism, ZeRO-2, a bf16 policy, checkpointing. Target: every row planned at 0.90x to
+LoRA, sequence parallelism, ZeRO-2, a bf16 policy, checkpointing, eager attention. Target: every row planned at 0.90x to
 1.25x of its measured peak.
 """
 

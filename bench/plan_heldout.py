@@ -38,6 +38,9 @@ ROWS = [
      "zero3", 3, ["data.layout=packed", "batch_size=8", "max_length=512", "max_prompt_length=128",
                   "model.gradient_checkpointing=true", "model.logprob_impl=fused_linear",
                   "model.reference_mode=precomputed"]),
+    ("o7", "m11 eager attention (its scores kept), padded <=512 tokens, ZeRO-3, reference engine", "m11", "letters",
+     2, "zero3", 3, ["data.layout=padded", "model.attn_implementation=eager", "batch_size=8", "max_length=512",
+                     "max_prompt_length=128"]),
 ]  # fmt: skip
 
 # model -> (hidden, layers, heads, kv heads, head dim, MLP, vocab, tokenizer, tied)
