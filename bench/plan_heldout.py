@@ -1,5 +1,5 @@
 """The planner outside its own bench: configurations that share neither model shape nor data with
-bench/memory.py's rows (bench/plan_check.py --outside runs them; tolerance -10% / +25% of the measured peak).
+bench/memory.py's rows (bench/plan_check.py --section outside runs them; tolerance -10% / +25% of the measured peak).
 
 Models (config.json only; dpo_ds initialises the weights from the seed):
     m11    an 11.4M Llama: hidden 384, 6 layers, 6 heads of 64, MLP 1024, vocab 1024, the character tokenizer
