@@ -444,16 +444,14 @@ def log_memory_estimate(cfg, place: Place, model_dir, train_data) -> float | Non
     from dpo_ds.dist import memory as dist_memory
     from dpo_ds.plan import planner as plan
     from dpo_ds.plan.data import micro_batch_tokens
-    from dpo_ds.plan.estimate import CPU_RUNTIME_EXTRA_GIB, GIB, estimate
+    from dpo_ds.plan.estimate import GIB, estimate
 
     ds_config, world, on_cpu = place.ds_config, place.world, place.on_cpu
     examples = [train_data.tokenized(i) for i in range(min(DATA_SAMPLE, len(train_data)))]
     data = micro_batch_tokens(examples, place.layout, plan.micro_pairs(cfg, world), train_data.pad_id)
     try:
         # on CPU what this rank holds before any model (libraries, the data) is measured, not assumed
-        now = (
-            dist_memory.proc_status("VmRSS").get("VmRSS", 0) / GIB + CPU_RUNTIME_EXTRA_GIB if on_cpu else None
-        )
+        now = plan.process_now_gib() if on_cpu else None
         run = plan.describe(cfg, ds_config, world, on_cpu, model_dir, data=data, process_gib=now)
     except (KeyError, TypeError, ValueError) as e:  # a config.json not shaped like a Llama
         log.info(f"memory estimate: not available for {model_dir} ({type(e).__name__}: {e})")

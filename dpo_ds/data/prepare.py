@@ -91,8 +91,7 @@ def report_data(cfg, sft: bool, prepared, path: Path) -> None:
     log.info(f"{report.table(prepared.data_report)}\n(the data report, {where})")
 
 
-if (
-    __name__ == "__main__"
-):  # the command moved with the entry points: never a silent exit 0 that built nothing
+# the command moved with the entry points: never a silent exit 0 that built nothing
+if __name__ == "__main__":
     sys.exit("dpo_ds: error: the data phase alone is `python -m dpo_ds.cli.prepare` (or `deepspeed --module "
              "dpo_ds.cli.prepare`), with the same arguments; this module is the library it runs")  # fmt: skip

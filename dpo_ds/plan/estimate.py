@@ -146,8 +146,13 @@ class Shape:
 
 def lora_params(shape: Shape, r: int, targets) -> int:
     """r (in + out) a wrapped projection (A: r x in, B: out x r), on every layer."""
-    names = LORA_TARGETS_ALL if list(targets) == ["all-linear"] else list(targets)
+    names = lora_target_names(targets)
     return shape.layers * sum(r * (a + b) for n, (a, b) in shape.linear_shapes().items() if n in names)
+
+
+def lora_target_names(targets) -> tuple[str, ...]:
+    """model.lora.target_modules as projection names: `all-linear` is every linear layer of the decoder."""
+    return LORA_TARGETS_ALL if list(targets) == ["all-linear"] else tuple(targets)
 
 
 def model_states(n: int, trainable: int, stage: int, p: int, ranks: int) -> dict[str, float]:
@@ -197,7 +202,7 @@ def lora_activation_bytes(shape: Shape, tokens: int, p: int, r: int, targets, ch
     the base projection's saved input, shared; dropout 0). Under checkpointing one layer's worth."""
     if not r:
         return 0.0
-    names = LORA_TARGETS_ALL if list(targets) == ["all-linear"] else list(targets)
+    names = lora_target_names(targets)
     per_layer = r * sum(1 for n in shape.linear_shapes() if n in names)
     return tokens * p * per_layer * (2 if checkpointing else shape.layers)
 
@@ -271,13 +276,11 @@ class Run:
     sequence_parallel: int
     zero: dict = field(default_factory=dict)
     on_cpu: bool = False
-    attention: str = (
-        "sdpa"  # the attention implementation the run resolves to (data.layout.attn_implementation)
-    )
+    # the attention implementation the run resolves to (data.layout.attn_implementation)
+    attention: str = "sdpa"
     block_tokens: int = 0  # the tokens one attention block spans (a padded row, a packed segment); 0: unknown
-    process_gib: float | None = (
-        None  # on CPU: what a rank holds besides the run, measured here (else the constant)
-    )
+    # on CPU: what a rank holds besides the run, measured (planner.process_now_gib); None: CPU_PROCESS_GIB
+    process_gib: float | None = None
     assumed: str = ""  # what the plan took for the run (dtypes, attention, micro-batch), said in its header
     notes: tuple = ()  # warnings about the config the plan read (a batch that does not divide, ...)
 

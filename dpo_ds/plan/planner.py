@@ -41,7 +41,7 @@ def describe(
     stage = int(zero.get("stage", 0))
     sp = cfg.parallel.sequence_parallel_size
     dp = max(ranks // sp, 1)
-    pairs = max(cfg.batch_size // (dp * cfg.gradient_accumulation_steps), 1)  # per micro-batch
+    pairs = micro_pairs(cfg, ranks)
     width = 2 if objective.pairs else 1
     length = min(sequence_tokens or cfg.max_length, cfg.max_length)
     # the layout says what a micro-batch of pairs takes in its rows (config.LAYOUTS: one owner)
@@ -314,18 +314,24 @@ def main(argv=None, prog: str = "dpo-ds plan") -> int:
 def measured_process_gib() -> float:
     """On CPU, what a rank holds besides the run, measured on this platform: this process's resident set once
     it has imported what every rank imports (torch, DeepSpeed, transformers, datasets), plus the run-time
-    extras measured beside the constant (estimate.CPU_RUNTIME_EXTRA_GIB: gloo, the engines' fixed buffers)."""
+    extras (process_now_gib)."""
     import datasets  # noqa: F401
     import deepspeed  # noqa: F401
     import transformers  # noqa: F401
 
+    return process_now_gib()
+
+
+def process_now_gib() -> float:
+    """This process's resident set now plus what a rank adds besides the modelled terms while it trains
+    (estimate.CPU_RUNTIME_EXTRA_GIB): a CPU rank's process term, planned from a measurement."""
     from dpo_ds.dist.memory import proc_status
 
     return proc_status("VmRSS").get("VmRSS", 0) / GIB + CPU_RUNTIME_EXTRA_GIB
 
 
 def micro_pairs(cfg, ranks: int) -> int:
-    """Examples a micro-batch holds on one data-parallel rank (describe's arithmetic)."""
+    """Examples a micro-batch holds on one data-parallel rank (at least one)."""
     dp = max(ranks // cfg.parallel.sequence_parallel_size, 1)
     return max(cfg.batch_size // (dp * cfg.gradient_accumulation_steps), 1)
 
