@@ -339,7 +339,7 @@ def _say(message: str) -> None:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    # usage names the command as it was run: `dpo-ds export` (which sets argv[0]), dpo-ds-export, python -m
+    # usage names the command as it was run: dpo-ds-export or python -m (`dpo-ds export` passes prog)
     launched = Path(sys.argv[0]).name
     prog = prog or (launched if launched and not launched.endswith(".py") else "python -m dpo_ds.export")
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])

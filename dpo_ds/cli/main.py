@@ -83,7 +83,6 @@ def main(argv=None) -> int:
         hint = f" (did you mean {close[0]}?)" if close else ""
         print(f"dpo-ds: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
-    sys.argv[0] = f"dpo-ds {name}"  # argparse's prog, in the subcommands that take it from argv
     return COMMANDS[name][0](rest, f"dpo-ds {name}")
 
 

@@ -179,7 +179,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    # usage names the command as it was run: `dpo-ds plot` (which sets argv[0]), dpo-ds-plot, python -m
+    # usage names the command as it was run: dpo-ds-plot or python -m (`dpo-ds plot` passes prog)
     launched = Path(sys.argv[0]).name
     prog = prog or (launched if launched and not launched.endswith(".py") else "python -m dpo_ds.plot")
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
