@@ -140,7 +140,7 @@ def claim_run_dir(cfg, rank: int):
 def drop_unused_run_dir(run_dir, lock, created: bool, rank: int) -> bool:
     """A start that failed on a user error (raised on every rank alike) leaves behind no run dir this
     launch made: once every rank is here, rank 0 releases the lock and removes the directory, unless it
-    holds a result (valuable_in). A directory that was there before (a resume, one the user made) stays.
+    holds a result (RunDir.results). A directory that was there before (a resume, one the user made) stays.
     Every rank calls it; returns whether the directory went."""
     if not created or not _ranks_meet():  # a rank that never comes: someone may still write there
         return False
@@ -151,7 +151,7 @@ def remove_unused_run_dir(run_dir, lock) -> bool:
     """Rank 0: the lock released and run_dir removed, unless it holds a result; whether it went."""
     import shutil
 
-    kept = valuable_in(run_dir)
+    kept = run_dir.results()
     if kept:
         log.info(f"{run_dir.root} is kept: it holds {', '.join(kept)}")
         return False
@@ -159,14 +159,6 @@ def remove_unused_run_dir(run_dir, lock) -> bool:
     shutil.rmtree(run_dir.root, ignore_errors=True)
     log.info(f"removed {run_dir.root}, which this launch made: nothing was trained into it")
     return True
-
-
-def valuable_in(run_dir) -> list[str]:
-    """What in a run dir is a result, not a failed start's leftovers (its lock, config files, token
-    cache): LATEST, step dirs, metrics, the reference log-probs, hang reports."""
-    paths = [run_dir.latest, run_dir.metrics, run_dir.reference_cache, *run_dir.root.glob("hang-rank*.txt")]
-    found = [p.name for p in paths if p.exists() or p.is_symlink()]
-    return found + [p.name for _, p in run_dir.step_dirs()]
 
 
 def _ranks_meet(timeout_s: float = 30.0) -> bool:

@@ -100,8 +100,16 @@ class RunDir:
         """What of an earlier run is here (a run dir is never reused unless resuming)."""
         return [p.name for p in (self.metrics, self.latest) if p.exists() or p.is_symlink()]
 
-    def hang_report(self, rank: int) -> Path:
+    def hang_report(self, rank: int | str) -> Path:
         return self.root / f"hang-rank{rank}.txt"
+
+    def results(self) -> list[str]:
+        """What a run produced here, beyond a failed start's leftovers (its lock, config files, token cache):
+        taken(), the reference log-probs, hang reports, step dirs. A failed start removes a run dir it made
+        only without any of them."""
+        extra = [self.reference_cache, *self.root.glob(self.hang_report("*").name)]
+        found = [p.name for p in extra if p.exists() or p.is_symlink()]
+        return self.taken() + found + [p.name for _, p in self.step_dirs()]
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """(examples, dir) of every step dir here, oldest first, complete or not."""

@@ -61,7 +61,7 @@ def test_a_result_keeps_the_dir(tmp_path, world_of_one, result):
         (run_dir.root / result).mkdir()
     else:
         (run_dir.root / result).write_text("{}")
-    assert steps.valuable_in(run_dir) == [result]
+    assert run_dir.results() == [result]
     assert not steps.drop_unused_run_dir(run_dir, lock, created, rank=0)
     assert run_dir.root.is_dir() and run_dir.lock.is_file()
     lock.release()
