@@ -77,11 +77,9 @@ def main(argv=None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
+        from dpo_ds.config.errors import did_you_mean
 
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        print(f"dpo-ds: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
+        print(f"dpo-ds: unknown command {name!r}{did_you_mean(name, COMMANDS)}\n\n{usage()}", file=sys.stderr)
         return 2
     return COMMANDS[name][0](rest, f"dpo-ds {name}")
 

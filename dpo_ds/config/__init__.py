@@ -4,7 +4,7 @@ The key names follow the original DPO code (eric-mitchell/direct-preference-opti
 `loss=dpo loss.beta=0.1 model.archive=... batch_size=64 ...`. Unknown keys, values of the wrong
 type and impossible values are errors that name the key; nothing is silently ignored.
 
-errors.py    ConfigError
+errors.py    ConfigError, did_you_mean
 schema.py    the allowed values (DTYPES, ...) and the typed dataclasses (Config, ...)
 registry.py  the reference modes and layouts (REFERENCE_MODES, LAYOUTS): each value with the class behind it
 parse.py     coercion of YAML / CLI values, load_config (build -> resolve -> validate), read_config (the config

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 PACKAGE = Path(__file__).resolve().parent.parent  # dpo_ds/
 DS_CONFIGS = PACKAGE / "ds_configs"
@@ -53,10 +53,7 @@ def _shipped_or_path(spec: str, folder: Path, suffix: str, names: list[str], fla
     name = spec[: -len(suffix)] if spec.endswith(suffix) else spec
     if "/" not in name and name in names:
         return folder / f"{name}{suffix}"
-    import difflib
-
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    hint = did_you_mean(name, names)
     raise ConfigError(
         f"{flag} {spec}: no such file, and not the name of a shipped {what}{hint}; shipped: {', '.join(names)}"
     )
