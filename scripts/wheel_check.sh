@@ -22,6 +22,9 @@ expect_error() {
   echo "   $what -> $(grep -F -- "$want" <<<"$out" | head -1 | cut -c1-160)"
 }
 
+# a port nobody listens on, for each launch (several on one machine collide on DeepSpeed's 29500)
+port() { python -c 'from dpo_ds.dist.launcher import free_port; print(free_port())'; }
+
 step "build the wheel"
 rm -rf "$WORK/wheel" && mkdir -p "$WORK/wheel"
 (cd "$ROOT" && "$PY" -m pip wheel -q --no-deps . -w "$WORK/wheel")
@@ -62,22 +65,22 @@ dpo-ds prepare --config demo_dpo | tee prepare.log | tail -25
 SFT=(n_examples=2560 eval_every=1000000 n_eval_examples=128 log_every=5)
 DPO=(n_examples=640 eval_every=320 n_eval_examples=128 log_every=5 eval.n_checked=64)
 step "dpo-ds train --gpus 2 --ds zero3: SFT on the shipped demo"
-dpo-ds train --gpus 2 --master-port "$(python -c 'from dpo_ds.dist.launcher import free_port; print(free_port())')" \
+dpo-ds train --gpus 2 --master-port "$(port)" \
   --ds zero3 --config my_sft.yaml run_dir=runs/demo-sft "${SFT[@]}"
 test -f runs/demo-sft/LATEST/policy.pt || fail "no runs/demo-sft/LATEST/policy.pt"
 
 step "dpo-ds train --gpus 2 --ds zero3: DPO from it"
-dpo-ds train --gpus 2 --master-port "$(python -c 'from dpo_ds.dist.launcher import free_port; print(free_port())')" \
+dpo-ds train --gpus 2 --master-port "$(port)" \
   --ds zero3 --config demo_dpo run_dir=runs/demo-dpo model.archive=runs/demo-sft/LATEST/policy.pt "${DPO[@]}"
 test -f runs/demo-dpo/LATEST/policy.pt || fail "no runs/demo-dpo/LATEST/policy.pt"
 ls runs/demo-dpo
 
 step "the same entry under torchrun: dpo-ds train is a rank there (no second launcher), and -m dpo_ds.train"
-torchrun --nproc_per_node 2 --master-port "$(python -c 'from dpo_ds.dist.launcher import free_port; print(free_port())')" \
+torchrun --nproc_per_node 2 --master-port "$(port)" \
   "$(command -v dpo-ds)" train --gpus 2 --ds zero2 model.name_or_path=tiny run_dir=runs/torchrun \
   batch_size=16 eval_batch_size=16 n_eval_examples=32 max_length=16 max_prompt_length=8 n_examples=64 loss=sft
 test -f runs/torchrun/LATEST/policy.pt || fail "torchrun: no LATEST/policy.pt"
-torchrun --nproc_per_node 2 --master-port "$(python -c 'from dpo_ds.dist.launcher import free_port; print(free_port())')" \
+torchrun --nproc_per_node 2 --master-port "$(port)" \
   -m dpo_ds.train --ds zero3 model.name_or_path=tiny run_dir=runs/torchrun-m \
   batch_size=16 eval_batch_size=16 n_eval_examples=32 max_length=16 max_prompt_length=8 n_examples=64 loss=sft
 test -f runs/torchrun-m/LATEST/policy.pt || fail "torchrun -m dpo_ds.train: no LATEST/policy.pt"
