@@ -29,13 +29,17 @@ LAUNCHER_FLAGS = {
 
 
 def parse(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
+    from dpo_ds.config.keys import add_help_keys, keys_overview
+
     ap = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0],
-        epilog="The trainer's own flags and keys follow: --ds NAME|FILE, --config RECIPE|FILE, key=value "
-        "(see `python -m dpo_ds.train --help`).",
+        epilog="The trainer's own arguments follow, and go to it: --ds NAME|FILE, --config RECIPE|FILE, "
+        "key=value\n(`python -m dpo_ds.train --help` describes them).\n\n" + keys_overview(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    add_help_keys(ap)
     ap.add_argument("--gpus", type=int, help="ranks per node (default: all of this node's GPUs)")
     ap.add_argument("--nodes", type=int, help="nodes (with --hostfile)")
     ap.add_argument("--hostfile", help="DeepSpeed hostfile: one `host slots=N` line per node")

@@ -51,7 +51,7 @@ def _env(argv, prog):
 
 # subcommand -> (its function of (argv, prog), what it does); each imports its module only when run
 COMMANDS = {
-    "train": (_train, "train: start the ranks with DeepSpeed's launcher (or be one, under torchrun)"),
+    "train": (_train, "start the ranks with DeepSpeed's launcher (or be one, under torchrun)"),
     "plan": (_plan, "will it fit? memory per rank from config.json, before any GPU"),
     "prepare": (_prepare, "tokenize the data sets into the token cache once; report on the data"),
     "export": (_export, "a run's policy as a Hugging Face model directory (or its LoRA adapter)"),
@@ -90,7 +90,8 @@ def recipes_main(argv=None, prog: str = "dpo-ds recipes") -> int:
     from dpo_ds.config.shipped import comment_field, ds_config_names, recipe_path, recipes
 
     ap = argparse.ArgumentParser(prog=prog, description=recipes_main.__doc__)
-    ap.add_argument("action", nargs="?", choices=["ls", "cp", "show"], default="ls")
+    ap.add_argument("action", nargs="?", choices=["ls", "cp", "show"], default="ls",
+                    help="ls: list the recipes and DeepSpeed configs; cp: copy one to edit; show: print one")  # fmt: skip
     ap.add_argument("name", nargs="?", help="a recipe's name (cp, show)")
     ap.add_argument("dest", nargs="?", help="cp: a file or directory (default ./NAME.yaml)")
     ap.add_argument("--force", action="store_true", help="cp: overwrite DEST")

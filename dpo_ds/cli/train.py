@@ -22,6 +22,7 @@ import sys
 import warnings
 
 from dpo_ds.config import ConfigError
+from dpo_ds.config.keys import add_help_keys, keys_overview
 from dpo_ds.config.shipped import DEFAULT_DS, ds_config_names, ds_config_path, recipe_path
 from dpo_ds.data.sources import DataError
 from dpo_ds.data.tokenize import TokenizationError
@@ -44,11 +45,13 @@ log = logging.getLogger("dpo_ds")
 
 def parse_args(argv, prog: str | None = None, description: str | None = None):
     ap = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog or "python -m dpo_ds.train",
         description=description or __doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=keys_overview(),
         allow_abbrev=False,
     )
+    add_help_keys(ap)
     ap.add_argument(
         "--ds",
         default=DEFAULT_DS,

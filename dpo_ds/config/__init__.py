@@ -5,17 +5,20 @@ The key names follow the original DPO code (eric-mitchell/direct-preference-opti
 type and impossible values are errors that name the key; nothing is silently ignored.
 
 errors.py    ConfigError, did_you_mean
-schema.py    the allowed values (DTYPES, ...) and the typed dataclasses (Config, ...)
+schema.py    the allowed values (DTYPES, ...) and the typed dataclasses (Config, ...), each field with its help
+keys.py      every dotted key with its type, default and help, walked from the dataclasses: the trainer's
+             --help-keys, the did-you-mean hint, docs/reference/config.md (scripts/gen_reference.py)
 registry.py  the reference modes and layouts (REFERENCE_MODES, LAYOUTS): each value with the class behind it
 parse.py     coercion of YAML / CLI values, load_config (build -> resolve -> validate), read_config (the config
              and the keys the user set), to_dict, dump_yaml; an unknown key's error names the closest keys
+             and what each means
 trl_names.py TRL's names (DPOConfig, TrainingArguments) and what dpo_ds calls them: the errors' hints, the
              docs page docs/coming-from-trl.md
 trl_defaults.py  the defaults that differ from TRL's on purpose, noted at launch
 resolve.py   resolve(): the one owner of derived, "auto" and normalised values
 validate.py  validate(): checks only, never changes the config
 
-Imports run errors <- schema, registry <- resolve, validate <- parse; nothing here imports the rest of
+Imports run errors <- schema, registry <- resolve, validate, keys <- parse; nothing here imports the rest of
 dpo_ds (the registries import the classes they name when first asked, by name).
 """
 

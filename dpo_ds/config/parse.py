@@ -149,7 +149,10 @@ def _unknown_key(obj, head: str, prefix: str, value) -> str:
         for leaf in difflib.get_close_matches(head, list(by_leaf), n=3):
             close += by_leaf[leaf]
     if close:
-        return f"unknown config key '{full}'; did you mean {' or '.join(repr(k) for k in close[:3])}?"
+        from .keys import key_summary  # here: keys.py walks the dataclasses only for an error's hint
+
+        means = " or ".join(f"{k!r} ({key_summary(k)})" for k in close[:3])
+        return f"unknown config key '{full}'; did you mean {means}?"
     return f"unknown config key '{full}'; known keys here: {', '.join(names)}"
 
 

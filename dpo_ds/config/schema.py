@@ -3,11 +3,15 @@
 The key names follow the original DPO code (eric-mitchell/direct-preference-optimization):
 `loss=dpo loss.beta=0.1 model.archive=... batch_size=64 ...`. Parsing lives in parse.py, the "auto" and
 normalised values in resolve.py, the checks in validate.py.
+
+Every field carries its help text, `opt(default, "help", choices=...)`: one string read by the trainer's
+--help-keys, the unknown key's "did you mean" hint and the generated docs/reference/config.md (keys.py
+walks the dataclasses). Its first sentence is the summary the hint quotes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 SFT_NORMALIZE = ("sequence", "token")
 IPO_NORMALIZE = ("sum", "length")
@@ -19,25 +23,60 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attent
 OPTIMIZERS = ("auto", "AdamW", "Adam", "RMSprop")
 MODEL_INITS = ("auto", "random")
 GATHER_MODES = ("auto", "true", "false")
+ADAPTER_DTYPES = ("policy", "float32")
+GUARD_ACTIONS = ("warn", "stop")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def opt(default=MISSING, help: str = "", *, factory=MISSING, choices: tuple[str, ...] = ()):
+    """A config field with its help text and, for a string key, the values it takes (keys.py reads both)."""
+    metadata = {"help": help, "choices": tuple(choices)} if choices else {"help": help}
+    return field(default=default, default_factory=factory, metadata=metadata)
 
 
 @dataclass
 class LossConfig:
-    # one of objectives.OBJECTIVES (`loss=ipo` on the command line sets this), or a weighted sum written as
-    # a list, `loss=[dpo,sft]` (YAML `loss: [dpo, sft]`), stored as "dpo+sft" (which parses too)
-    name: str = "dpo"
-    weights: list[float] = field(default_factory=list)  # one per summed loss; empty: all 1
-    beta: float = 0.1  # KL temperature of Eq. 7; for IPO it is tau; SimPO's reward scale
-    label_smoothing: float = 0.0  # cDPO / robust: assumed probability that a label is flipped
-    reference_free: bool = False  # implicit reference that is uniform over responses
-    chosen_nll_weight: float = 0.0  # RPO: + weight * NLL(chosen) per token (Pang et al. 2024)
-    gamma: float = 0.5  # SimPO's target reward margin (Eq. 6; TRL's simpo_gamma default)
-    orpo_lambda: float = 0.1  # ORPO's lambda: weight of its odds-ratio term (Eq. 6; TRL's default too)
-    # IPO: "sum" forms h from summed log-probs (the paper); "length" from per-token means (TRL's DPOTrainer)
-    ipo_normalize: str = "sum"
-    # SFT: "sequence" sums each sequence's NLL and averages over sequences (the original code);
-    # "token" averages over every trained-on token of the global batch (TRL's SFTTrainer, HF Trainer)
-    sft_normalize: str = "sequence"
+    name: str = opt(
+        "dpo",
+        "The loss: sft, dpo, ipo, hinge, robust, apo_zero, apo_down, simpo or orpo (`loss=ipo` on the "
+        "command line sets it). A weighted sum is written as a list, `loss=[dpo,sft]` (YAML "
+        "`loss: [dpo, sft]`), and stored as `dpo+sft`, which parses too.",
+    )
+    weights: list[float] = opt(
+        help="One weight per summed loss of a list-valued loss. Empty: every loss has weight 1.",
+        factory=list,
+    )
+    beta: float = opt(
+        0.1, "KL temperature of Eq. 7 of the DPO paper. For IPO it is tau; for SimPO the reward scale."
+    )
+    label_smoothing: float = opt(
+        0.0, "cDPO / robust: the assumed probability that a preference label is flipped, in [0, 0.5)."
+    )
+    reference_free: bool = opt(
+        False, "Use an implicit reference that is uniform over responses (no reference model)."
+    )
+    chosen_nll_weight: float = opt(
+        0.0, "RPO (Pang et al. 2024): adds weight x NLL(chosen) per token to the preference loss. 0: off."
+    )
+    gamma: float = opt(
+        0.5, "SimPO's target reward margin (Eq. 6 of the SimPO paper; TRL's simpo_gamma default)."
+    )
+    orpo_lambda: float = opt(
+        0.1, "ORPO's lambda: the weight of its odds-ratio term (Eq. 6 of the ORPO paper; TRL's default too)."
+    )
+    ipo_normalize: str = opt(
+        "sum",
+        "How IPO forms h: `sum` from summed log-probs (the IPO paper), `length` from per-token means "
+        "(TRL's DPOTrainer). loss=ipo only.",
+        choices=IPO_NORMALIZE,
+    )
+    sft_normalize: str = opt(
+        "sequence",
+        "How SFT averages: `sequence` sums each sequence's NLL and averages over sequences (the original "
+        "code); `token` averages over every trained-on token of the global batch (TRL's SFTTrainer, HF "
+        "Trainer). loss=sft only.",
+        choices=SFT_NORMALIZE,
+    )
 
     @property
     def names(self) -> list[str]:
@@ -47,148 +86,301 @@ class LossConfig:
 
 @dataclass
 class LoraSettings:
-    # LoRA adapters through peft (adapters.py): 0 trains every parameter; > 0 trains rank-r adapters only
-    r: int = 0
-    alpha: float | None = None  # LoRA's alpha (scaling alpha / r); null: 2 x r
-    dropout: float = 0.0  # DPO compares log-probs: dropout off, as in both models
-    # the modules wrapped: every linear layer of the decoder but the lm_head ("all-linear"), or names
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    # policy: the adapters in model.policy_dtype (one dtype per module; DeepSpeed's optimizer keeps the
-    # fp32 master copy); float32: fp32 adapters on a bf16/fp16 base (adapters.py says when it helps)
-    adapter_dtype: str = "policy"
+    r: int = opt(
+        0,
+        "LoRA rank, through peft (model/adapters.py). 0: every parameter trains; > 0: only rank-r adapters train.",
+    )
+    alpha: float | None = opt(None, "LoRA's alpha (the adapters are scaled by alpha / r). null: 2 x r.")
+    dropout: float = opt(
+        0.0,
+        "Dropout on the adapters' input, in [0, 1). 0: off, as in the rest of both models (DPO compares their "
+        "log-probs).",
+    )
+    target_modules: list[str] = opt(
+        help="The modules wrapped: `all-linear` (every linear layer of the decoder but the lm_head), or module names.",
+        factory=lambda: ["all-linear"],
+    )
+    adapter_dtype: str = opt(
+        "policy",
+        "Dtype of the adapters. `policy`: model.policy_dtype (one dtype per module; DeepSpeed's optimizer keeps "
+        "the fp32 master copy); `float32`: fp32 adapters on a bf16/fp16 base (model/adapters.py says when it helps).",
+        choices=ADAPTER_DTYPES,
+    )
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "demo"  # local HF causal-LM directory; "demo" / "tiny" are shipped configs
-    # auto: the directory's weights (an error when it has none), model.archive's, or for the shipped
-    # demo / tiny configs a seeded init; random: a seeded random init, asked for
-    init: str = "auto"
-    archive: str | None = None  # an SFT run's LATEST/policy.pt, loaded into policy and reference
-    policy_dtype: str = "float32"  # float32 | bfloat16 | float16 (DeepSpeed mixed precision)
-    reference_dtype: str = "float32"
-    reference_offload: bool = False  # ZeRO-3 reference parameters live on CPU
-    # auto: adapters_off with LoRA, else engine. engine: a frozen inference engine beside the policy;
-    # precomputed: its log-probs computed once before training (no reference while the policy trains);
-    # adapters_off (LoRA): the policy's own base, its adapters switched off, no second copy
-    reference_mode: str = "auto"
-    reference_zero_stage: int | None = None  # 0 | 3; null: 3 when the policy is ZeRO-3, else 0
-    logprob_impl: str = "chunked"  # naive | chunked | triton | fused_linear
-    # auto: for packed/shared_prompt rows flex_attention on a GPU (block-sparse mask) and dpo_ds_blocks
-    # on CPU (attention per segment, no mask; attention.py); transformers' default (sdpa) otherwise
-    attn_implementation: str = "auto"
-    gradient_checkpointing: bool = False
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    name_or_path: str = opt(
+        "demo",
+        "The model: a local Hugging Face causal-LM directory, or `demo` / `tiny` (configs dpo_ds ships).",
+    )
+    init: str = opt(
+        "auto",
+        "Where the starting weights come from. `auto`: the directory's weights (an error when it has none), "
+        "model.archive's, or a seeded init for the shipped demo / tiny configs; `random`: a seeded random "
+        "init, when asked for.",
+        choices=MODEL_INITS,
+    )
+    archive: str | None = opt(
+        None, "An SFT run's LATEST/policy.pt, loaded into both policy and reference. null: none."
+    )
+    policy_dtype: str = opt(
+        "float32",
+        "Dtype of the policy: float32, or DeepSpeed mixed precision in bfloat16 / float16 (sets the JSON's "
+        "bf16 / fp16 blocks).",
+        choices=DTYPES,
+    )
+    reference_dtype: str = opt("float32", "Dtype of the reference model.", choices=DTYPES)
+    reference_offload: bool = opt(False, "Keep a ZeRO-3 reference's parameters on CPU.")
+    reference_mode: str = opt(
+        "auto",
+        "Where the reference log-probs come from: `engine` (a frozen inference engine beside the policy), "
+        "`precomputed` (computed once before training; no reference model while the policy trains), "
+        "`adapters_off` (LoRA only: the policy's own base with its adapters switched off, no second copy), "
+        "or `auto` (adapters_off with LoRA, else engine).",
+    )
+    reference_zero_stage: int | None = opt(
+        None, "ZeRO stage of the reference engine: 0 or 3. null: 3 when the policy is ZeRO-3, else 0."
+    )
+    logprob_impl: str = opt(
+        "chunked",
+        "How per-token log-probs are computed (model/logprobs/): `naive` (an fp32 log-softmax of all "
+        "logits), `chunked` (rows in chunks, softmax recomputed in backward), `triton` (a Triton kernel), "
+        "`fused_linear` (from the hidden states and the lm_head weight; the logits never exist whole).",
+        choices=LOGPROB_IMPLS,
+    )
+    attn_implementation: str = opt(
+        "auto",
+        "The attention kernel. `auto`: for packed / shared_prompt rows, flex_attention on a GPU (a "
+        "block-sparse mask) and dpo_ds_blocks on CPU (attention per segment, no mask; model/attention.py); "
+        "transformers' default (sdpa) otherwise.",
+        choices=ATTN_IMPLEMENTATIONS,
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Recompute the policy's activations in backward (transformers' gradient checkpointing)."
+    )
+    lora: LoraSettings = opt(
+        help="LoRA adapters through peft: off unless model.lora.r > 0.", factory=LoraSettings
+    )
 
 
 @dataclass
 class DataConfig:
-    # padded: one sequence per row; packed: several sequences per row, no padding between them;
-    # shared_prompt: each pair one block [prompt | chosen | rejected], the prompt computed once
-    layout: str = "padded"
-    packing: bool = False  # deprecated alias of layout=packed
-    max_tokens_per_micro_batch: int = 0  # token budget of a packed micro-batch (0 = no budget)
-    row_tokens: int = 0  # length of a packed row; 0: max_length (packed), 2 x max_length (shared_prompt)
-    # the token cache (data/cache.py; shared by every run pointing here) and `datasets`' own cache;
-    # null: the token cache in the run dir
-    cache_dir: str | None = None
-    num_proc: int = 1  # tokenizing processes per rank (fork); more only help with spare cores
-    # auto: each source's end (hh keep_end, shp/se keep_start); keep_start | keep_end for all;
-    # original: the original code's rules token for token (no BOS, responses to max_length - max_prompt_length)
-    truncation_mode: str = "auto"
-    add_bos: str = "auto"  # auto: what tokenizer(text) adds in front (Llama <s>, GPT-2 nothing); true | false
-    chat_template: str | None = None  # a Jinja file for conversational rows; default: the tokenizer's own
+    layout: str = opt(
+        "padded",
+        "How sequences make rows: `padded` (one sequence per row), `packed` (several sequences per row, no "
+        "padding between them), `shared_prompt` (each pair one block [prompt | chosen | rejected], the "
+        "prompt computed once).",
+    )
+    packing: bool = opt(False, "Deprecated alias of data.layout=packed.")
+    max_tokens_per_micro_batch: int = opt(
+        0, "Token budget of a packed or shared_prompt micro-batch. 0: no budget."
+    )
+    row_tokens: int = opt(
+        0, "Length of a packed row. 0: max_length (packed), 2 x max_length (shared_prompt)."
+    )
+    cache_dir: str | None = opt(
+        None,
+        "Directory of the token cache (data/cache.py; shared by every run pointing here) and of `datasets`' "
+        "own cache. null: the token cache lives in the run dir.",
+    )
+    num_proc: int = opt(1, "Tokenizing processes per rank (fork). More help only with spare cores.")
+    truncation_mode: str = opt(
+        "auto",
+        "Which end of an over-long sequence is kept. `auto`: each source's own (hh keep_end, shp / se "
+        "keep_start); `keep_start` / `keep_end`: that end for every source; `original`: the original code's "
+        "rules token for token (no BOS, responses cut to max_length - max_prompt_length).",
+        choices=TRUNCATION_MODES,
+    )
+    add_bos: str = opt(
+        "auto",
+        "Whether sequences start with BOS. `auto`: what tokenizer(text) adds in front (Llama's <s>, nothing "
+        "for GPT-2); `true` / `false`: always / never.",
+        choices=ADD_BOS,
+    )
+    chat_template: str | None = opt(
+        None, "A Jinja template file for conversational rows. null: the tokenizer's own chat template."
+    )
 
 
 @dataclass
 class ParallelConfig:
-    # ranks that share one sequence (DeepSpeed Ulysses): each holds 1/N of every row's tokens, attention
-    # runs on the whole sequence with 1/N of the heads; data parallelism runs over world / N. 1: off
-    sequence_parallel_size: int = 1
-    # ALST's TiledMLP (DeepSpeed): every decoder layer's MLP runs over tiles of this many tokens and is
-    # recomputed tile by tile in backward, so its (tokens x intermediate) activations never exist whole;
-    # one more MLP forward per step. 0: off; ALST tiles by hidden_size. For long rows
-    # (bench/long_context.py --tiled-mlp measures it)
-    tiled_mlp_tokens: int = 0
+    sequence_parallel_size: int = opt(
+        1,
+        "Ranks that share one sequence (DeepSpeed Ulysses): each holds 1/N of every row's tokens, attention "
+        "runs on the whole sequence with 1/N of the heads, and data parallelism runs over world / N. 1: off.",
+    )
+    tiled_mlp_tokens: int = opt(
+        0,
+        "ALST's TiledMLP (DeepSpeed), for long rows: every decoder layer's MLP runs over tiles of this many "
+        "tokens and is recomputed tile by tile in backward, so its (tokens x intermediate) activations never "
+        "exist whole, at the cost of one more MLP forward per step. 0: off. ALST itself tiles by "
+        "hidden_size; bench/long_context.py --tiled-mlp measures it.",
+    )
 
 
 @dataclass
 class CheckpointConfig:
-    save_optimizer: bool = True  # false: policy.pt only (weights), no DeepSpeed checkpoint to resume from
-    save_every: int = 0  # also save every N optimizer steps (0: only at evals and the end)
-    keep_last: int = 0  # keep the N newest step dirs (never LATEST's); 0 keeps all
-    max_failed_saves: int = 3  # a failed save is logged and training goes on, until N fail in a row
+    save_optimizer: bool = opt(
+        True, "Save the DeepSpeed checkpoint to resume from. false: policy.pt only (the weights)."
+    )
+    save_every: int = opt(0, "Also save every N optimizer steps. 0: save only at evals and at the end.")
+    keep_last: int = opt(0, "Keep the N newest step dirs (LATEST's is never removed). 0: keep all.")
+    max_failed_saves: int = opt(
+        3, "A failed save is logged and training goes on, until this many fail in a row."
+    )
 
 
 @dataclass
 class GuardConfig:
-    # a step whose loss or gradient norm is not finite on any rank is skipped (DeepSpeed discards it)
-    # and counted; this many in a row stop the run
-    max_bad_steps: int = 5
-    # likelihood displacement (guards.py): off when null; else the per-token drop of the chosen
-    # responses below the reference, with reward accuracy above 0.5, that makes the run warn or stop
-    max_chosen_drop_per_token: float | None = None
-    action: str = "warn"  # warn | stop (saves a checkpoint, exits 0)
+    max_bad_steps: int = opt(
+        5,
+        "Non-finite steps in a row that stop the run. A step whose loss or gradient norm is not finite on "
+        "any rank is skipped (DeepSpeed discards it) and counted.",
+    )
+    max_chosen_drop_per_token: float | None = opt(
+        None,
+        "Likelihood displacement guard (training/guards.py): the per-token drop of the chosen responses' "
+        "log-probs below the reference's, with reward accuracy above 0.5, that makes the run warn or stop. "
+        "null: off.",
+    )
+    action: str = opt(
+        "warn",
+        "What the displacement guard does: `warn`, or `stop` (saves a checkpoint, exits 0).",
+        choices=GUARD_ACTIONS,
+    )
 
 
 @dataclass
 class EvalConfig:
-    checker: str | None = None  # module:function scoring (prompt, generation, row) -> [0, 1] at each eval
-    n_checked: int = 64  # held-out prompts generated from and checked at each eval
-    # under ZeRO-3: gather the whole model for each generation (auto: when a full copy fits), or keep
-    # DeepSpeed's per-module gathers (false); generation.py
-    gather_for_generation: str = "auto"
+    checker: str | None = opt(
+        None,
+        "A `module:function` that scores (prompt, generation, row) in [0, 1], run on greedy generations "
+        "at each eval. null: none.",
+    )
+    n_checked: int = opt(64, "Held-out prompts generated from and checked at each eval (with eval.checker).")
+    gather_for_generation: str = opt(
+        "auto",
+        "Under ZeRO-3: gather the whole model once for each generation (`true`; `auto`: when a full copy "
+        "fits), or keep DeepSpeed's per-module gathers (`false`). training/generation.py.",
+        choices=GATHER_MODES,
+    )
 
 
 @dataclass
 class ResumeConfig:
-    # keys that may differ from the checkpoint's config on resume (logged); the others must match
-    allow_changes: list[str] = field(default_factory=list)
+    allow_changes: list[str] = opt(
+        help="Keys that may differ from the checkpoint's config on resume, each written in full (`lr`, "
+        "`loss.beta`), and `data` for training data whose token ids differ; each change is logged. Every "
+        "other key that shapes training must match; batch_size and the world size never change.",
+        factory=list,
+    )
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False
-    project: str = "dpo_ds"
-    entity: str | None = None
-    mode: str = "online"  # online | offline | disabled
+    enabled: bool = opt(False, "Log the metrics to Weights & Biases too (rank 0; needs dpo_ds[wandb]).")
+    project: str = opt("dpo_ds", "The wandb project.")
+    entity: str | None = opt(None, "The wandb entity (user or team). null: wandb's default.")
+    mode: str = opt(
+        "online", "The wandb mode; `offline` needs no account, `disabled` logs nothing.", choices=WANDB_MODES
+    )
 
 
 @dataclass
 class Config:
-    loss: LossConfig = field(default_factory=LossConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    resume: ResumeConfig = field(default_factory=ResumeConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    datasets: list[str] = field(default_factory=lambda: ["demo"])
-    batch_size: int = 4  # global: preference pairs (or SFT examples) per optimizer step
-    eval_batch_size: int = 16  # global
-    gradient_accumulation_steps: int = 1
-    optimizer: str = "auto"  # auto = the DeepSpeed JSON's optimizer, AdamW if it has none
-    lr: float = 5e-7
-    warmup_steps: int = 150
-    max_grad_norm: float = 10.0
-    max_length: int = 512
-    max_prompt_length: int = 256
-    n_epochs: int | None = 1
-    n_examples: int | None = None
-    n_eval_examples: int = 256
-    eval_every: int = 20000  # in training examples, as in the original
-    do_first_eval: bool = True
-    sample_during_eval: bool = False
-    n_eval_model_samples: int = 16
-    max_new_tokens: int = 128
-    seed: int = 0
-    exp_name: str = "run"
-    run_dir: str | None = None  # default runs/{exp_name}
-    resume_from: str | None = None  # auto (this run_dir's LATEST, if any), or a step-N / LATEST directory
-    dist_timeout_s: float = 1800.0  # deadline of every collective (the process group's: 60 s more)
-    # deadline of a training step; null: 10x the slowest of the first steps, at least 60 s
-    step_timeout_s: float | None = None
-    torch_threads: int = 0  # per rank; 0 = 1 per rank on CPU, torch's default on GPU
-    log_every: int = 10  # optimizer steps between log lines
+    loss: LossConfig = opt(
+        help="The objective: which loss, or weighted sum of losses, and its hyperparameters. `loss=NAME` sets loss.name.",
+        factory=LossConfig,
+    )
+    model: ModelConfig = opt(
+        help="The policy and reference models: weights, dtypes, reference mode, log-prob and attention kernels, LoRA.",
+        factory=ModelConfig,
+    )
+    data: DataConfig = opt(
+        help="How rows become token sequences: layout, token cache, truncation, BOS, chat template.",
+        factory=DataConfig,
+    )
+    parallel: ParallelConfig = opt(
+        help="Sequence parallelism and tiled MLP, for long sequences.", factory=ParallelConfig
+    )
+    checkpoint: CheckpointConfig = opt(
+        help="What is saved, how often, and how much is kept.", factory=CheckpointConfig
+    )
+    guard: GuardConfig = opt(
+        help="When a run stops itself: non-finite steps, likelihood displacement.", factory=GuardConfig
+    )
+    eval: EvalConfig = opt(help="Generation and the checker at each eval.", factory=EvalConfig)
+    resume: ResumeConfig = opt(help="What may change when a run resumes.", factory=ResumeConfig)
+    wandb: WandbConfig = opt(help="Weights & Biases logging.", factory=WandbConfig)
+    datasets: list[str] = opt(
+        help="The data sources; their examples are pooled. Each is a hub name (hh, shp, se, ultrafeedback), "
+        "a local copy in a hub set's shape (hh:DIR, shp:DIR, se:DIR, ultrafeedback:DIR), `demo` (the bundled "
+        "demo data), a local .jsonl / .json / .parquet file, or a directory holding "
+        "{split}.jsonl|json|parquet.",
+        factory=lambda: ["demo"],
+    )
+    batch_size: int = opt(
+        4,
+        "Global batch: preference pairs (or SFT examples) per optimizer step, over every rank and "
+        "micro-batch. Must be divisible by world size x gradient_accumulation_steps.",
+    )
+    eval_batch_size: int = opt(16, "Global eval batch; must be divisible by the world size.")
+    gradient_accumulation_steps: int = opt(
+        1,
+        "Micro-batches per rank per optimizer step (padded layout): each holds batch_size / (world size x "
+        "gradient_accumulation_steps) examples.",
+    )
+    optimizer: str = opt(
+        "auto",
+        "The optimizer. `auto`: the DeepSpeed JSON's optimizer, AdamW when it has none; RMSprop is the "
+        "original code's.",
+        choices=OPTIMIZERS,
+    )
+    lr: float = opt(5e-7, "Learning rate, reached after the warmup and then held constant.")
+    warmup_steps: int = opt(150, "Optimizer steps of linear warmup up to lr.")
+    max_grad_norm: float = opt(10.0, "Gradient clipping (DeepSpeed's gradient_clipping). 0: off.")
+    max_length: int = opt(512, "Most tokens of a sequence, prompt and response together.")
+    max_prompt_length: int = opt(256, "Most tokens of a prompt; must be < max_length.")
+    n_epochs: int | None = opt(
+        1,
+        "Epochs over the training data; the run stops at n_epochs or n_examples, whichever comes first. null: no limit.",
+    )
+    n_examples: int | None = opt(
+        None,
+        "Training examples to run through (pairs for DPO). null: no limit; n_epochs and n_examples cannot both be null.",
+    )
+    n_eval_examples: int = opt(
+        256, "Held-out examples each eval runs on, in whole eval batches (the remainder is dropped)."
+    )
+    eval_every: int = opt(
+        20000, "Evaluate, and save, every this many training examples (counted as in the original code)."
+    )
+    do_first_eval: bool = opt(True, "Evaluate before the first step of a fresh run.")
+    sample_during_eval: bool = opt(
+        False,
+        "Write greedy samples of the policy and the reference at each eval to the run dir's samples.jsonl.",
+    )
+    n_eval_model_samples: int = opt(16, "Held-out prompts sampled at each eval (with sample_during_eval).")
+    max_new_tokens: int = opt(128, "Most tokens generated per prompt at eval (samples and eval.checker).")
+    seed: int = opt(0, "Seed of the data order and of every seeded init (model.init, the LoRA adapters).")
+    exp_name: str = opt(
+        "run", "The run's name (no '/'): its default run dir is runs/{exp_name}; wandb's run name."
+    )
+    run_dir: str | None = opt(
+        None, "Where the run writes checkpoints, metrics and its data report. null: runs/{exp_name}."
+    )
+    resume_from: str | None = opt(
+        None,
+        "`auto` (this run_dir's LATEST, if any), or a step-N / LATEST directory. null: a fresh start, "
+        "refused when run_dir already holds a run.",
+    )
+    dist_timeout_s: float = opt(
+        1800.0, "Deadline of every collective, in seconds (the process group's own timeout is 60 s more)."
+    )
+    step_timeout_s: float | None = opt(
+        None,
+        "Deadline of a training step, in seconds. null: 10 x the slowest of the first steps, at least 60 s.",
+    )
+    torch_threads: int = opt(0, "torch threads per rank. 0: 1 per rank on CPU, torch's default on GPU.")
+    log_every: int = opt(10, "Optimizer steps between log lines.")

@@ -16,16 +16,19 @@ from .errors import ConfigError
 from .registry import LAYOUTS, REFERENCE_MODES
 from .resolve import reference_mode
 from .schema import (
+    ADAPTER_DTYPES,
     ADD_BOS,
     ATTN_IMPLEMENTATIONS,
     DTYPES,
     GATHER_MODES,
+    GUARD_ACTIONS,
     IPO_NORMALIZE,
     LOGPROB_IMPLS,
     MODEL_INITS,
     OPTIMIZERS,
     SFT_NORMALIZE,
     TRUNCATION_MODES,
+    WANDB_MODES,
     Config,
 )
 
@@ -174,7 +177,7 @@ def _check_lora(cfg: Config) -> None:
     )
     _need(
         cfg,
-        lora.adapter_dtype in ("policy", "float32"),
+        lora.adapter_dtype in ADAPTER_DTYPES,
         "model.lora.adapter_dtype",
         "must be policy or float32",
     )
@@ -255,7 +258,7 @@ def _check_guard(cfg: Config) -> None:
     _need(cfg, guard.max_bad_steps > 0, "guard.max_bad_steps", "must be > 0")
     drop = guard.max_chosen_drop_per_token
     _need(cfg, drop is None or drop >= 0, "guard.max_chosen_drop_per_token", "must be >= 0 or null")
-    _need(cfg, guard.action in ("warn", "stop"), "guard.action", "must be warn or stop")
+    _need(cfg, guard.action in GUARD_ACTIONS, "guard.action", "must be warn or stop")
 
 
 def _check_eval(cfg: Config) -> None:
@@ -340,7 +343,7 @@ def _check_parallel(cfg: Config) -> None:
 def _check_wandb(cfg: Config) -> None:
     _need(
         cfg,
-        cfg.wandb.mode in ("online", "offline", "disabled"),
+        cfg.wandb.mode in WANDB_MODES,
         "wandb.mode",
         "must be online|offline|disabled",
     )

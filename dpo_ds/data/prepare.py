@@ -91,7 +91,22 @@ def report_data(cfg, sft: bool, prepared, path: Path) -> None:
     log.info(f"{report.table(prepared.data_report)}\n(the data report, {where})")
 
 
-# the command moved with the entry points: never a silent exit 0 that built nothing
+# this module is the library of the prepare command, not the command: never a silent exit 0 that built nothing
+PREPARE_HELP = """\
+usage: dpo-ds prepare [-h] [--ds DS] [--config CONFIG] [overrides ...]
+       python -m dpo_ds.cli.prepare ...   (deepspeed --module dpo_ds.cli.prepare ... under a launcher)
+
+prepare: the data phase of a run alone. It tokenizes the data sets into the token cache (data.cache_dir,
+or the run dir) and writes the data report ({run_dir}/data_report.json), ahead of a GPU job. It takes
+the trainer's --ds, --config and key=value; `dpo-ds prepare --help` describes them.
+
+This module, dpo_ds.data.prepare, is the library the prepare command runs: run the command instead."""
+
 if __name__ == "__main__":
-    sys.exit("dpo_ds: error: the data phase alone is `python -m dpo_ds.cli.prepare` (or `deepspeed --module "
-             "dpo_ds.cli.prepare`), with the same arguments; this module is the library it runs")  # fmt: skip
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(PREPARE_HELP)
+        sys.exit(0)
+    sys.exit(
+        "dpo_ds: error: this module is the library of the prepare command: run `dpo-ds prepare` or "
+        "`python -m dpo_ds.cli.prepare` (`deepspeed --module dpo_ds.cli.prepare`), with the same arguments"
+    )

@@ -154,8 +154,10 @@ def targets(r: dict) -> list[tuple[str, bool]]:
     ]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = "python -m dpo_ds.demo.evaluate") -> int:
+    ap = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sft", type=Path, required=True, help="SFT run's LATEST (or its policy.pt)")
     ap.add_argument("--dpo", type=Path, required=True, help="DPO run's LATEST (or its policy.pt)")
     ap.add_argument("--beta", type=float, default=None, help="default: the DPO run's loss.beta")

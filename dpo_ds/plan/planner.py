@@ -255,17 +255,19 @@ def ds_json_for(ds: dict, fitting: Run) -> dict:
 
 def main(argv=None, prog: str = "dpo-ds plan") -> int:
     from dpo_ds.config import ConfigError, load_config
+    from dpo_ds.config.keys import add_help_keys
     from dpo_ds.config.shipped import DEFAULT_DS, ds_config_path, recipe_path
     from dpo_ds.data.sources import DataError
     from dpo_ds.model.files import ModelError
 
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add_help_keys(ap)
     ap.add_argument("--ds", default=DEFAULT_DS, help="DeepSpeed JSON: a shipped one by name or a file")
     ap.add_argument("--config", default=None, help="YAML of config keys: a file or a shipped recipe's name")
     ap.add_argument(
         "--gpus", type=int, default=None, help="ranks per node (default: this machine's GPUs, or 1)"
     )
-    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes, of --gpus ranks each")
     ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: this machine's)")
     ap.add_argument(
         "--cpu-mem", type=float, default=None, help="GiB per node, CPU runs (default: this machine's)"
@@ -282,7 +284,7 @@ def main(argv=None, prog: str = "dpo-ds plan") -> int:
     ap.add_argument("--data-sample", type=int, default=0, metavar="N",
                     help="read and tokenize N train examples of the config's data and plan the micro-batches the "
                          "layout makes of them (default: every sequence at max_length, a bound)")  # fmt: skip
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("overrides", nargs="*", help="config keys as key=value, as `dpo-ds train` takes them")
     args = ap.parse_intermixed_args(argv)
     try:
         ds_path = ds_config_path(args.ds)

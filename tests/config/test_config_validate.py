@@ -122,6 +122,7 @@ def test_config_package_imports_no_other_dpo_ds_module_and_has_no_cycle():
         "shipped",
         "trl_names",
         "trl_defaults",
+        "keys",
     }
     done: set[str] = set()
 
