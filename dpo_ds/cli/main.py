@@ -87,15 +87,18 @@ def main(argv=None) -> int:
 def recipes_main(argv=None, prog: str = "dpo-ds recipes") -> int:
     """`dpo-ds recipes`: the shipped recipes; `dpo-ds recipes cp NAME [DEST]`; `dpo-ds recipes show NAME`."""
     from dpo_ds.config import ConfigError
-    from dpo_ds.config.shipped import comment_field, ds_config_names, recipe_path, recipes
+    from dpo_ds.config.shipped import comment_field, ds_config_names, ds_config_path, recipe_path, recipes
 
     ap = argparse.ArgumentParser(prog=prog, description=recipes_main.__doc__)
     ap.add_argument("action", nargs="?", choices=["ls", "cp", "show"], default="ls",
                     help="ls: list the recipes and DeepSpeed configs; cp: copy one to edit; show: print one")  # fmt: skip
-    ap.add_argument("name", nargs="?", help="a recipe's name (cp, show)")
+    ap.add_argument("name", nargs="?", help="a recipe's name (cp, show), or with --ds a DeepSpeed config's")
     ap.add_argument("dest", nargs="?", help="cp: a file or directory (default ./NAME.yaml)")
     ap.add_argument("--force", action="store_true", help="cp: overwrite DEST")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--ds", action="store_true", help="cp, show: NAME is a shipped DeepSpeed config (zero3, ...)"
+    )
+    args = ap.parse_intermixed_args(argv)  # `cp --ds NAME` as well as `cp NAME --ds`
     if args.action == "ls":
         for r in recipes():
             planned = (
@@ -105,26 +108,29 @@ def recipes_main(argv=None, prog: str = "dpo-ds recipes") -> int:
             )
             print(f"{r.name}\n    {r.summary}{planned}")
         print(f"\nDeepSpeed configs (--ds NAME): {', '.join(ds_config_names())}")
-        print(f"use one: dpo-ds train --config NAME ...; edit one: {prog} cp NAME")
+        print(
+            f"use one: dpo-ds train --config NAME --ds NAME ...; edit one: {prog} cp NAME, {prog} cp --ds NAME"
+        )
         return 0
     if not args.name:
         ap.error(f"{args.action} needs a recipe's name (`{prog}` lists them)")
     try:
-        src = recipe_path(args.name, flag=f"{prog} {args.action}")
+        find = ds_config_path if args.ds else recipe_path
+        src = find(args.name, flag=f"{prog} {args.action}" + (" --ds" if args.ds else ""))
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if args.action == "show":
         print(src.read_text(), end="")
         return 0
-    dest = Path(args.dest or f"{src.stem}.yaml")
+    dest = Path(args.dest or src.name)
     if dest.is_dir():
         dest = dest / src.name
     if dest.exists() and not args.force:
         print(f"{prog}: error: {dest} exists (--force overwrites it)", file=sys.stderr)
         return 2
     shutil.copyfile(src, dest)
-    print(f"copied {src.stem} to {dest}; run it: dpo-ds train --config {dest}")
+    print(f"copied {src.stem} to {dest}; run it: dpo-ds train {'--ds' if args.ds else '--config'} {dest}")
     return 0
 
 

@@ -90,6 +90,19 @@ def test_recipes_cp_copies_one_to_edit_and_never_overwrites(tmp_path, monkeypatc
     assert "did you mean llama3_8b_full_dpo" in capsys.readouterr().err
 
 
+def test_recipes_cp_ds_copies_a_deepspeed_config(tmp_path, monkeypatch, capsys):
+    from dpo_ds.config.shipped import DS_CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    assert dpo_ds(["recipes", "cp", "--ds", "zero3_offload"]) == 0
+    assert (tmp_path / "zero3_offload.json").read_bytes() == (DS_CONFIGS / "zero3_offload.json").read_bytes()
+    assert "dpo-ds train --ds zero3_offload.json" in capsys.readouterr().out
+    assert dpo_ds(["recipes", "show", "--ds", "zero2"]) == 0
+    assert '"zero_optimization"' in capsys.readouterr().out
+    assert dpo_ds(["recipes", "cp", "--ds", "zero4"]) == 2
+    assert "zero" in capsys.readouterr().err
+
+
 def test_recipes_lists_names_with_what_they_are_and_the_planned_verdict(capsys):
     assert dpo_ds(["recipes"]) == 0
     out = capsys.readouterr().out
