@@ -7,7 +7,8 @@
 #   bash launch/single_node.sh 8 ds_configs/zero3.json model.name_or_path=/models/llama-3-8b datasets=[hh] \
 #       --sft lr=1e-5 --dpo lr=5e-7 loss.beta=0.1
 # The runs are runs/sft-$EXP and runs/dpo-$EXP (EXP: now, unless set); DRY_RUN=1 prints the two commands
-# instead of running them.
+# instead of running them; MASTER_PORT=N picks the rendezvous port (default 29500: two jobs on one
+# machine need two ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_GPUS=${1:-8}; DS=${2:-ds_configs/zero3.json}; shift $(( $# >= 2 ? 2 : $# ))
@@ -16,6 +17,12 @@ if ! [[ $NUM_GPUS =~ ^[0-9]+$ ]]; then
         "(usage: bash launch/single_node.sh NUM_GPUS DS_JSON key=value ... --sft ... --dpo ...)" >&2
     exit 2
 fi
+if [[ $DS == *=* || $DS == --* ]]; then
+    echo "launch/single_node.sh: the 2nd argument is the DeepSpeed JSON, got '$DS'" \
+        "(usage: bash launch/single_node.sh NUM_GPUS DS_JSON key=value ... --sft ... --dpo ...)" >&2
+    exit 2
+fi
+PORT=${MASTER_PORT:-29500}
 COMMON=(); SFT=(); DPO=(); target=COMMON
 for arg in "$@"; do
     case $arg in
@@ -32,7 +39,7 @@ run() {
     if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi
 }
 # "${A[@]+"${A[@]}"}": an empty array under `set -u` on bash < 4.4
-run deepspeed --num_gpus "$NUM_GPUS" dpo_ds/train.py --ds "$DS" loss=sft exp_name="sft-$EXP" \
+run deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" dpo_ds/train.py --ds "$DS" loss=sft exp_name="sft-$EXP" \
     "${COMMON[@]+"${COMMON[@]}"}" "${SFT[@]+"${SFT[@]}"}"
-run deepspeed --num_gpus "$NUM_GPUS" dpo_ds/train.py --ds "$DS" loss=dpo loss.beta=0.1 exp_name="dpo-$EXP" \
+run deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" dpo_ds/train.py --ds "$DS" loss=dpo loss.beta=0.1 exp_name="dpo-$EXP" \
     model.archive="runs/sft-$EXP/LATEST" "${COMMON[@]+"${COMMON[@]}"}" "${DPO[@]+"${DPO[@]}"}"

@@ -35,7 +35,9 @@ def test_common_sft_only_and_dpo_only_keys():
         "4", "ds_configs/zero2.json", "model.name_or_path=/models/m", "datasets=[hh]", "x=a b",
         "--sft", "lr=1e-5", "n_epochs=2", "--dpo", "lr=5e-7", "loss.beta=0.05",
     )  # fmt: skip
-    assert sft[:6] == ["deepspeed", "--num_gpus", "4", "dpo_ds/train.py", "--ds", "ds_configs/zero2.json"]
+    assert sft[:8] == [
+        "deepspeed", "--num_gpus", "4", "--master_port", "29500", "dpo_ds/train.py", "--ds", "ds_configs/zero2.json",
+    ]  # fmt: skip
     assert _keys(sft) == [
         "loss=sft", "exp_name=sft-t", "model.name_or_path=/models/m", "datasets=[hh]", "x=a b",
         "lr=1e-5", "n_epochs=2",
@@ -54,8 +56,26 @@ def test_common_sft_only_and_dpo_only_keys():
 
 def test_defaults_and_a_bad_gpu_count():
     sft, _ = _commands()
-    assert sft[:6] == ["deepspeed", "--num_gpus", "8", "dpo_ds/train.py", "--ds", "ds_configs/zero3.json"]
+    assert sft[:8] == [
+        "deepspeed", "--num_gpus", "8", "--master_port", "29500", "dpo_ds/train.py", "--ds", "ds_configs/zero3.json",
+    ]  # fmt: skip
     proc = subprocess.run(
         ["bash", str(SCRIPT), "lr=1e-5"], env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True
     )
     assert proc.returncode == 2 and "NUM_GPUS must be a number, got 'lr=1e-5'" in proc.stderr
+
+
+def test_a_port_and_a_key_in_place_of_the_json():
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "2", "ds_configs/zero3.json"],
+        env={**os.environ, "DRY_RUN": "1", "EXP": "t", "MASTER_PORT": "29611"},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0 and all("--master_port 29611 " in line for line in proc.stdout.splitlines())
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "2", "lr=1e-5"],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "the 2nd argument is the DeepSpeed JSON, got 'lr=1e-5'" in proc.stderr
