@@ -176,13 +176,14 @@ class Trainer:
                 self.policy.train()
             every = cfg.checkpoint.save_every
             if (every and number % every == 0 or preempted) and not saved:
-                self.save(number, examples, metrics)
+                saved = self.save(number, examples, metrics)
             if self.stop_reason:
                 break
             if preempted:
+                kept = "saved" if saved else "this step not saved (said above); LATEST is the last good checkpoint"
                 log.warning(
                     f"preempted at step {number} ({self.preemption.signal_name or 'a signal on another rank'}): "
-                    f"saved; continue with resume_from=auto"
+                    f"{kept}; continue with resume_from=auto"
                 )
                 self.preempted = True
                 break
