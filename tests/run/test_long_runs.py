@@ -214,6 +214,7 @@ def test_sigterm_saves_and_exits_0_then_resumes(tmp_path, data, straight):
     assert "preempted at step" in out
     step = int(out.split("preempted at step ")[1].split()[0])
     assert os.readlink(run_dir / "LATEST") == f"step-{16 * step}"
+    assert "(SIGTERM): saved; continue with resume_from=auto" in out  # the step it names was saved
     check(run_train(*args))
     _assert_same_run(run_dir, straight)
 
