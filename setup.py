@@ -33,6 +33,10 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
+        "docs": [
+            "mkdocs>=1.6,<2",
+            "mkdocs-material>=9.7,<10",
+        ],  # the manual: mkdocs serve / mkdocs build --strict
         "triton": ["triton"],
         "lora": ["peft>=0.17"],  # LoRA adapters (model.lora.r > 0)
         "test": [
