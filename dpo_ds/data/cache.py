@@ -75,6 +75,8 @@ def _features(split: str):
 def fingerprint(cfg, model_dir: Path, sft: bool) -> dict[str, str]:
     """Everything that changes the cached ids, each named (a mismatch says what changed)."""
     facts = {"format": str(DATA_FORMAT_VERSION), "examples": "sft targets" if sft else "preference pairs"}
+    # the list as given: its order decides the examples' order, and a source named twice counts twice
+    facts["datasets"] = ", ".join(cfg.datasets)
     for split in SPLITS:
         for spec in cfg.datasets:
             files = source_files(spec, split)

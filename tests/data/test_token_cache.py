@@ -243,6 +243,20 @@ def test_found_again_by_its_fingerprint_and_rebuilt_on_a_change(tmp_path):
     assert edited.built and edited.path != first.path and len(edited.stores["train"]) == 21
 
 
+def test_the_fingerprint_holds_the_sources_in_order_and_each_repeat(tmp_path):
+    from dataclasses import replace
+
+    cfg = _cfg(tmp_path)
+    one = cache.fingerprint(cfg, SHIPPED_MODELS["tiny"], False)
+    twice = cache.fingerprint(replace(cfg, datasets=cfg.datasets * 2), SHIPPED_MODELS["tiny"], False)
+    assert cache.digest_of(one) != cache.digest_of(twice) and twice["datasets"] == ", ".join(cfg.datasets * 2)
+    swapped = replace(cfg, datasets=["demo", *cfg.datasets])
+    other_order = replace(cfg, datasets=[*cfg.datasets, "demo"])
+    assert cache.digest_of(cache.fingerprint(swapped, SHIPPED_MODELS["tiny"], False)) != cache.digest_of(
+        cache.fingerprint(other_order, SHIPPED_MODELS["tiny"], False)
+    )
+
+
 def test_a_cache_cut_short_is_never_used(tmp_path):
     root = tmp_path / "cache"
     first = _prepare(_cfg(tmp_path), root, None)
