@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -95,10 +96,10 @@ def script_for(blocks: list[Block]) -> str:
     for b in blocks:
         where = f"{b.path}:{b.line}"
         if b.not_run is not None:
-            parts.append(f"echo '== {where}: not run ({b.not_run})'")
+            parts.append("echo " + shlex.quote(f"== {where}: not run ({b.not_run})"))
             continue
-        parts.append(f"echo '== {where}'")
-        parts.append(f"DOC_BLOCK='{where}'")
+        parts.append("echo " + shlex.quote(f"== {where}"))
+        parts.append(f"DOC_BLOCK={shlex.quote(where)}")
         parts.append(b.text)
     parts.append("echo '== every block ran'")
     return "\n".join(parts) + "\n"

@@ -71,7 +71,7 @@ dpo-ds plan --config llama3_8b_full_dpo \\
     --gpus 8   # will it fit?
 ```
 
-<!-- not-run: needs 8 GPUs -->
+<!-- not-run: needs 8 GPUs (and the model's weights) -->
 ```bash
 dpo-ds train --gpus 8 --config llama3_8b_full_dpo
 dpo-ds export runs/x out
@@ -87,7 +87,10 @@ def test_blocks_are_found_with_their_markers(tmp_path, monkeypatch):
     monkeypatch.setattr(doc_blocks, "REPO", tmp_path)
     (tmp_path / "doc.md").write_text(DOC)
     blocks = doc_blocks.blocks_of(tmp_path / "doc.md")
-    assert [(b.line, b.not_run) for b in blocks] == [(3, None), (10, "needs 8 GPUs")]
+    assert [(b.line, b.not_run) for b in blocks] == [
+        (3, None),
+        (10, "needs 8 GPUs (and the model's weights)"),
+    ]
     assert blocks[0].commands == ["pip install .", "dpo-ds plan --config llama3_8b_full_dpo --gpus 8"]
     assert doc_blocks.misused_markers(blocks) == []
 
@@ -105,3 +108,14 @@ def test_a_failing_block_fails_the_run(tmp_path, monkeypatch):
     blocks = doc_blocks.blocks_of(tmp_path / "doc.md")
     assert doc_blocks.run(blocks, tmp_path) != 0
     assert (tmp_path / "out.txt").read_text() == "one\n"
+
+
+def test_a_marked_block_is_announced_not_run(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(doc_blocks, "REPO", tmp_path)
+    (tmp_path / "doc.md").write_text(
+        DOC.replace("dpo-ds plan", "echo dpo-ds plan").replace("pip install .", "true")
+    )
+    assert doc_blocks.run(doc_blocks.blocks_of(tmp_path / "doc.md"), tmp_path) == 0
+    out = capfd.readouterr().out
+    assert "doc.md:10: not run (needs 8 GPUs (and the model's weights))" in out
+    assert "dpo-ds plan --config llama3_8b_full_dpo --gpus 8" in out and "every block ran" in out
