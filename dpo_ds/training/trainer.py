@@ -180,7 +180,11 @@ class Trainer:
             if self.stop_reason:
                 break
             if preempted:
-                kept = "saved" if saved else "this step not saved (said above); LATEST is the last good checkpoint"
+                kept = (
+                    "saved"
+                    if saved
+                    else "this step not saved (said above); LATEST is the last good checkpoint"
+                )
                 log.warning(
                     f"preempted at step {number} ({self.preemption.signal_name or 'a signal on another rank'}): "
                     f"{kept}; continue with resume_from=auto"
