@@ -188,18 +188,32 @@ class Batches:
         """This rank's training micro-batches, in order, up to the step where every example the run
         trains on has been met once (the first epoch, and the step that completes it): what a
         precomputed reference runs so that its values are the ones training computes."""
-        steps = min(self.n_steps(n_epochs, n_examples), -(-len(self) // self.global_batch))
+        steps = self._first_pass_steps(n_epochs, n_examples)
         for step in itertools.islice(self.train_steps(n_epochs, n_examples), steps):
             yield from step.micro_batches
+
+    def _first_pass_steps(self, n_epochs: int | None, n_examples: int | None) -> int:
+        return min(self.n_steps(n_epochs, n_examples), -(-len(self) // self.global_batch))
+
+    def first_pass_examples(self, n_epochs: int | None, n_examples: int | None) -> list[int]:
+        """The examples of first_pass's micro-batches on every rank together, without building them:
+        every example the run trains on (the whole split once the first epoch completes)."""
+        return self._order(0)[: self._first_pass_steps(n_epochs, n_examples) * self.global_batch]
 
     def eval_pass(self, n_eval_examples: int) -> Iterator[MicroBatch]:
         """This rank's eval micro-batches, in order: the same at every eval."""
         for micro_batches, _ in self.eval_batches(n_eval_examples):
             yield from micro_batches
 
+    def eval_examples(self, n_eval_examples: int) -> list[int]:
+        """The held-out examples every eval runs, on every rank together, in order: the first
+        n_eval_examples, less the remainder of a global batch."""
+        n = min(n_eval_examples, len(self))
+        return self._order(0)[: n - n % self.global_batch]
+
     def eval_batches(self, n_eval_examples: int) -> list[tuple[list[MicroBatch], int]]:
         """Held-out examples in global batches of `global_batch`; the remainder is dropped."""
-        order = self._order(0)[: min(n_eval_examples, len(self))]
+        order = self.eval_examples(n_eval_examples)
         n_batches = len(order) // self.global_batch
         out = []
         for b in range(n_batches):

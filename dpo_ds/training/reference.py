@@ -10,8 +10,9 @@ collators' order, or None; and `sampler()`, a context giving the model the refer
 generated from at eval, or None (a precomputed or absent reference has none).
 
 The precomputed table lives in `reference_logps.pt` (run/dir.py's RunDir names it) with a fingerprint
-of everything that changes its numbers. A rerun or resume with the same fingerprint reuses it; a
-cache whose fingerprint differs is refused, naming what changed; it is written whole or not at all.
+of everything that changes its numbers. A rerun or resume with the same fingerprint reuses it when it
+holds every example the run uses (else computes it again, keeping the values it held); a cache whose
+fingerprint differs is refused, naming what changed; it is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -179,12 +180,15 @@ def weights_facts(start) -> str:
     return f"{start.describe()}: {facts}" if facts else start.describe()
 
 
-def fingerprint(cfg, model_dir: Path, splits, start, layout) -> dict[str, str]:
+def fingerprint(cfg, model_dir: Path, splits, start, layout, by_policy: bool = False) -> dict[str, str]:
+    """by_policy: the LoRA policy, adapters off, computes the table, in model.policy_dtype; else a
+    reference engine, in model.reference_dtype. The key names the one it is computed in."""
+    dtype = "model.policy_dtype" if by_policy else "model.reference_dtype"
     return {
         "reference weights": weights_facts(start),
         "model config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
         "data (token ids of every example)": data_digest(splits),
-        "model.reference_dtype": cfg.model.reference_dtype,
+        dtype: cfg.model.policy_dtype if by_policy else cfg.model.reference_dtype,
         "model.logprob_impl": cfg.model.logprob_impl,
         "data.layout": layout.describe(),
     }
@@ -194,9 +198,36 @@ def _changed(old: dict, new: dict) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def read_cache(path: Path, want: dict[str, str]) -> dict[str, torch.Tensor] | None:
-    """The cached tables when `path` holds a complete cache with this fingerprint; None when there
-    is none; a ConfigError naming what changed when there is one for something else."""
+def needed(cfg, splits) -> dict[str, list[int]]:
+    """Split -> the examples whose reference log-probs the run looks up: every one it trains on
+    (n_epochs, n_examples) and every one its evals run (n_eval_examples)."""
+    train, evaluation = splits
+    return {
+        train.split: train.first_pass_examples(cfg.n_epochs, cfg.n_examples),
+        evaluation.split: evaluation.eval_examples(cfg.n_eval_examples),
+    }
+
+
+def lacking(tables: dict[str, torch.Tensor], need: dict[str, list[int]]) -> dict[str, int]:
+    """Split -> how many of the examples `need` names `tables` holds no values for (splits lacking none left out)."""
+    out = {}
+    for split, ids in need.items():
+        table = tables.get(split, torch.empty(0, 2))
+        idx = torch.tensor(ids, dtype=torch.long)
+        inside = idx < table.shape[0]
+        n = int((~inside).sum()) + int(torch.isnan(table[idx[inside]]).any(dim=1).sum())
+        if n:
+            out[split] = n
+    return out
+
+
+def read_cache(
+    path: Path, want: dict[str, str], need: dict[str, list[int]] | None = None
+) -> dict[str, torch.Tensor] | None:
+    """The cached tables when `path` holds a complete cache with this fingerprint that has values for
+    every example `need` names; None when there is none, when it lacks some of them, or when its
+    fingerprint differs in its keys alone (an older dpo_ds's): computed again, said in the log; a
+    ConfigError naming what changed when there is one for something else."""
     if not path.is_file():
         return None
     try:
@@ -208,13 +239,44 @@ def read_cache(path: Path, want: dict[str, str]) -> dict[str, torch.Tensor] | No
     if not isinstance(cache, dict) or not cache.get("complete") or "fingerprint" not in cache:
         raise ConfigError(f"reference cache {path} is incomplete; delete it to compute it again")
     changed = _changed(cache["fingerprint"], want)
+    if changed and all(k not in cache["fingerprint"] or k not in want for k in changed):  # keys only
+        log.info(
+            f"reference cache {path} has a fingerprint of other keys ({', '.join(changed)}); computing it again"
+        )
+        return None
     if changed:
         what = "; ".join(f"{k}: {cache['fingerprint'].get(k)!r} -> {want.get(k)!r}" for k in changed)
         raise ConfigError(
             f"reference cache {path} was computed for a different run ({what}); delete it to compute it "
             f"again, or point data.cache_dir elsewhere"
         )
+    missing = lacking(cache["tables"], need or {})
+    if missing:
+        what = ", ".join(f"{n} of the {len(need[split])} {split} examples" for split, n in missing.items())
+        log.info(
+            f"reference cache {path} lacks {what} this run uses (it was computed for fewer or other examples: "
+            f"n_examples, n_epochs, n_eval_examples); computing it again"
+        )
+        return None
     return cache["tables"]
+
+
+def with_cached(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tables`, the examples they lack filled from a complete cache at `path` with this fingerprint, if
+    any: runs sharing data.cache_dir with fewer or other examples grow one table rather than take turns."""
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - nothing to keep from a file that cannot be read
+        cache = None
+    if not isinstance(cache, dict) or not cache.get("complete") or cache.get("fingerprint") != want:
+        return tables
+    old = cache["tables"]
+    return {
+        split: torch.where(torch.isnan(t), old[split], t)
+        if split in old and old[split].shape == t.shape
+        else t
+        for split, t in tables.items()
+    }
 
 
 def write_cache(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor]) -> None:
@@ -299,7 +361,8 @@ def precompute(
     from dpo_ds.engine import build as engine_build
     from dpo_ds.engine import step as engine_step
 
-    want = fingerprint(cfg, model_dir, splits, start, layout)
+    want = fingerprint(cfg, model_dir, splits, start, layout, by_policy=policy is not None)
+    need = needed(cfg, splits)
     path = cache_path(cfg, run_dir, want)
     candidates = [path]
     if resume_dir is not None:  # the run being resumed may hold it
@@ -307,7 +370,7 @@ def precompute(
 
         candidates.append(run_dir_of(resume_dir).reference_cache)
     found = comm.decided_by_rank0(  # (path, tables) of the first cache that matches, or None
-        lambda: next(((str(p), t) for p in candidates if (t := read_cache(p, want)) is not None), None),
+        lambda: next(((str(p), t) for p in candidates if (t := read_cache(p, want, need)) is not None), None),
         (ConfigError,),
     )
     if found is not None:
@@ -339,7 +402,7 @@ def precompute(
             f"with it, {after:.2f} GiB after (rank {rank}), before the policy is built"
         )
     if rank == 0:
-        write_cache(path, want, tables)
+        write_cache(path, want, with_cached(path, want, tables))
         log.info(f"reference log-probs cached in {path}")
     comm.barrier()
     return PrecomputedReference(tables)
