@@ -24,11 +24,12 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FENCE = re.compile(r"^```(\w*)\s*$")
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")  # an opening fence and its language; indented too
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(.+?)\s*-->\s*$")
 # the only lines a not-run block may hold: a run on GPUs and the export of its result
 GPU_ONLY = re.compile(r"^(dpo-ds (train|export)\b|(deepspeed|torchrun|srun)\b.*dpo_ds)")
@@ -49,30 +50,32 @@ class Block:
         return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
-def blocks_of(path: Path) -> list[Block]:
-    """The fenced bash/sh blocks of a markdown file, each with its not-run reason, if any."""
-    lines = path.read_text().splitlines()
-    out, i = [], 0
+def fenced(lines: list[str]) -> Iterator[tuple[str, int, int]]:
+    """(language, index of the opening fence, index of the closing one) of each fenced block of a
+    markdown file's lines; a fence that is never closed is a ValueError naming its line."""
+    i = 0
     while i < len(lines):
         m = FENCE.match(lines[i])
         if not m:
             i += 1
             continue
-        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(m.group(1))), None)
         if end is None:
-            raise SystemExit(f"{path}:{i + 1}: a code fence that is never closed")
-        if m.group(1) in ("bash", "sh", "shell", "console"):
+            raise ValueError(f"line {i + 1}: a code fence that is never closed")
+        yield m.group(2).lower(), i, end
+        i = end + 1
+
+
+def blocks_of(path: Path) -> list[Block]:
+    """The fenced bash/sh blocks of a markdown file, each with its not-run reason, if any."""
+    lines = path.read_text().splitlines()
+    out = []
+    for lang, i, end in fenced(lines):
+        if lang in ("bash", "sh", "shell"):
             prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
             marker = NOT_RUN.match(prev.strip())
-            out.append(
-                Block(
-                    str(path.relative_to(REPO)),
-                    i + 1,
-                    "\n".join(lines[i + 1 : end]) + "\n",
-                    marker.group(1) if marker else None,
-                )
-            )
-        i = end + 1
+            text = "\n".join(lines[i + 1 : end]) + "\n"
+            out.append(Block(str(path.relative_to(REPO)), i + 1, text, marker.group(1) if marker else None))
     return out
 
 

@@ -3,25 +3,17 @@ and refuses a not-run marker on anything but GPU training and export lines."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.docs.scripts import script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-check_docs = _script("check_docs")
-doc_blocks = _script("doc_blocks")
+check_docs = script("check_docs")
+doc_blocks = script("doc_blocks")
 
 
 @pytest.mark.parametrize(

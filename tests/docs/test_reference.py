@@ -4,7 +4,6 @@ scripts/gen_reference.py writes (its --check), and the help reaches --help-keys 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 import typing
@@ -14,19 +13,12 @@ import pytest
 
 from dpo_ds.config import LAYOUTS, REFERENCE_MODES, Config, ConfigError, load_config
 from dpo_ds.config.keys import config_keys, key_summary, keys_text, sections
+from tests.docs.scripts import script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gen_reference = _script("gen_reference")
+gen_reference = script("gen_reference")
 
 
 def _fields(cls, prefix=""):
