@@ -13,10 +13,11 @@ Model states (DeepSpeed ZeRO, AdamW):
     Adam        T x 8 (exp_avg, exp_avg_sq in fp32), / R from ZeRO-1
     so a full fp32 policy under ZeRO-3 is 20 bytes a parameter over R, bf16 mixed precision 16 over R.
 Reference: engine: N x its dtype's bytes, / R when it is ZeRO-3 (its own placement), 0 on the device when
-    offloaded (its weights in CPU memory), plus what its forward holds while the policy's activations are
-    alive: its own ZeRO-3 prefetch bucket and its logits under no_grad (M V x 4, fp32; fused_linear: one
-    chunk); precomputed: 8 bytes (chosen, rejected fp32) per example, on the CPU; LoRA adapters off /
-    reference-free: nothing.
+    offloaded (model.reference_offload=true: its weights in CPU memory; the policy JSON's offload_param is
+    not copied to the reference, engine/ds_config.py), plus what its forward holds while the policy's
+    activations are alive: its own ZeRO-3 prefetch bucket and its logits under no_grad (M V x 4, fp32;
+    fused_linear: one chunk); precomputed: 8 bytes (chosen, rejected fp32) per example, on the CPU; LoRA
+    adapters off / reference-free: nothing.
 Activations of one micro-batch, per token, for a Llama-shaped decoder layer (hidden H, KV width K = KV heads
     x head dim, MLP width I), what autograd keeps for the backward:
         attention block: the norm's input and output (2H), q, k, v (H + 2K), the attention output (H), the
@@ -38,8 +39,15 @@ Communication buffers (the DeepSpeed JSON's sizes, in elements of p bytes): ZeRO
     stage3_prefetch_bucket_size and reduces in reduce_bucket_size buckets; ZeRO-1/2 reduce gradients through
     one reduce_bucket_size bucket allocated whole (the updated partitions are gathered into the parameters
     themselves; on CPU the bucket's pages are not resident and it counts nothing there).
+Offload (a GPU's; on CPU ranks offloaded memory is the same process's, so nothing moves): offload_param
+    (ZeRO-3) keeps the policy's weights in CPU memory, offload_optimizer the fp32 master copy and Adam's
+    moments and, under ZeRO-3, the gradient partitions too (DeepSpeed's stage 3 allocates its flat gradient
+    partition buffer on the optimizer's device); on the device remain the gathered layers (the buffers) and
+    the step's activations. offloaded() names what moved; estimate() counts it off the device and out of
+    the allocator reserve.
 The save's peak (rank 0, policy.pt streamed): the largest tensor gathered in fp32, twice (the gathered
-    copy and the collective's temporary one).
+    copy and the collective's temporary one); gathered on the device under offload as well (DeepSpeed
+    gathers an offloaded parameter into device memory).
 LoRA adds r values a token a layer per wrapped projection (A(x), kept for B's backward). An attention that
     materializes its scores (eager; FlexAttention on CPU) keeps heads x block^2 a block a layer; sequence
     parallelism holds one layer's q, k, v and output in both layouts during Ulysses' all-to-all.
@@ -173,12 +181,13 @@ def holds_engine(mode: str) -> bool:
 def reference_bytes(
     mode: str, n: int, p: int, stage: int, ranks: int, offload: bool, zero: dict, scored: int, vocab: int, impl: str
 ) -> float:  # fmt: skip
-    """On the device, per rank: an engine's weights (N p, / R under ZeRO-3, 0 offloaded), its prefetch
+    """On the device, per rank: an engine's weights (N p, / R under ZeRO-3, 0 offloaded: offload needs a
+    ZeRO-3 reference, the launch refuses it at stage 0, counted there as a whole copy), its prefetch
     bucket (ZeRO-3) and its no-grad logits; the other modes nothing there (a precomputed table, 8 bytes an
     example, lives on the CPU)."""
     if not holds_engine(mode):
         return 0.0
-    weights = 0.0 if offload else n * p / (ranks if stage == 3 else 1)
+    weights = 0.0 if offload and stage == 3 else n * p / (ranks if stage == 3 else 1)
     prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), n) * p if stage == 3 else 0.0
     logits = min(scored, FUSED_CHUNK_ROWS) * vocab * 4.0 if impl == "fused_linear" else scored * vocab * 4.0
     return weights + prefetch + logits
@@ -283,16 +292,61 @@ class Run:
     process_gib: float | None = None
     assumed: str = ""  # what the plan took for the run (dtypes, attention, micro-batch), said in its header
     notes: tuple = ()  # warnings about the config the plan read (a batch that does not divide, ...)
+    # what the planner's changes read (plan.planner.FIXES): whether model.reference_zero_stage pins the
+    # reference's stage, and the micro-batch's making: examples a data-parallel rank runs at once,
+    # gradient_accumulation_steps, data.max_tokens_per_micro_batch (0: none), max_length
+    reference_stage_pinned: bool = False
+    micro_examples: int = 1
+    accumulation: int = 1
+    token_budget: int = 0
+    max_length: int = 0
+
+    def offloads(self, what: str) -> bool:
+        """Whether the JSON's offload_param / offload_optimizer moves memory off this run's device: a GPU's
+        (on CPU ranks it is the same process's memory); offload_param only under ZeRO-3."""
+        if self.on_cpu or (what == "offload_param" and self.stage != 3):
+            return False
+        return self.zero.get(what, {}).get("device", "none") != "none"
 
 
-def estimate(run: Run) -> dict[str, float]:
-    """Every term for one rank, in bytes, and their total; on CPU the process constants too."""
-    s = run.shape
-    n = s.params
-    trainable = lora_params(s, run.lora_r, run.lora_targets) if run.lora_r else n
+def policy_states(run: Run) -> dict[str, float]:
+    """The policy's weights, gradients and optimizer state per rank, wherever they live, in bytes."""
+    n = run.shape.params
+    trainable = lora_params(run.shape, run.lora_r, run.lora_targets) if run.lora_r else n
     states = model_states(n, trainable, run.stage, run.policy_bytes, run.ranks)
     if run.lora_r:  # the adapters' own weights beside the frozen base
         states["weights"] += trainable * run.policy_bytes / (run.ranks if run.stage == 3 else 1)
+    return states
+
+
+def offloaded(run: Run) -> dict[str, float]:
+    """What this run keeps in CPU memory instead of on its GPU, per rank, in bytes, by term (module
+    docstring, Offload): nothing on CPU ranks."""
+    states, out = policy_states(run), {}
+    if run.offloads("offload_param"):
+        out["weights"] = states["weights"]
+    if run.offloads("offload_optimizer"):
+        out["optimizer"] = states["optimizer"]
+        if run.stage == 3:
+            out["gradients"] = states["gradients"]
+    if reference_offloaded(run):
+        out["reference"] = run.shape.params * run.reference_bytes / run.ranks
+    return out
+
+
+def reference_offloaded(run: Run) -> bool:
+    """model.reference_offload=true on a GPU run with a ZeRO-3 reference engine (what the launch builds)."""
+    engine = holds_engine(run.reference_mode) and run.reference_stage == 3
+    return run.reference_offload and engine and not run.on_cpu
+
+
+def estimate(run: Run) -> dict[str, float]:
+    """Every term for one rank, in bytes, and their total; on CPU the process constants too. On a GPU the
+    device's: what offload moves to CPU memory (offloaded()) counts nothing here."""
+    s = run.shape
+    n = s.params
+    moved = offloaded(run)
+    states = {k: 0.0 if k in moved else v for k, v in policy_states(run).items()}
     tokens = -(-run.tokens_per_micro // run.sequence_parallel)
     scored = -(-run.scored_per_micro // run.sequence_parallel)
     terms = {
@@ -303,7 +357,7 @@ def estimate(run: Run) -> dict[str, float]:
             run.reference_bytes,
             run.reference_stage,
             run.ranks,
-            run.reference_offload,
+            "reference" in moved,
             run.zero,
             scored,
             s.vocab,
