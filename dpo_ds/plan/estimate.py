@@ -47,7 +47,16 @@ Offload (a GPU's; on CPU ranks offloaded memory is the same process's, so nothin
     the allocator reserve.
 The save's peak (rank 0, policy.pt streamed): the largest tensor gathered in fp32, twice (the gathered
     copy and the collective's temporary one); gathered on the device under offload as well (DeepSpeed
-    gathers an offloaded parameter into device memory).
+    gathers an offloaded parameter into device memory). A LoRA run never writes policy.pt (its every save,
+    the final one too, goes through run/save.py's save_adapter; export is a process of its own, after
+    training): each adapter tensor is gathered in turn (ZeRO-3) in the adapters' dtype
+    (model.lora.adapter_dtype) and rank 0 copies it (a clone, then to the CPU): on the device the largest
+    adapter tensor, twice under ZeRO-3 (gathered and the clone), once below; on CPU ranks rank 0 also keeps
+    every adapter tensor's copy until safetensors writes them (from their memory, no serialized copy).
+    DeepSpeed's checkpoint of the LoRA engine gathers nothing (engine/io.py save_checkpoint,
+    exclude_frozen_parameters): each rank torch.saves its own partition of the adapters' fp32 master copy
+    and Adam moments and the adapters' module state, tensors the other terms count already, copied to the
+    host one storage at a time as they are written.
 LoRA adds r values a token a layer per wrapped projection (A(x), kept for B's backward). An attention that
     materializes its scores (eager; FlexAttention on CPU) keeps heads x block^2 a block a layer; sequence
     parallelism holds one layer's q, k, v and output in both layouts during Ulysses' all-to-all.
@@ -158,6 +167,13 @@ def lora_params(shape: Shape, r: int, targets) -> int:
     return shape.layers * sum(r * (a + b) for n, (a, b) in shape.linear_shapes().items() if n in names)
 
 
+def lora_largest_tensor(shape: Shape, r: int, targets) -> int:
+    """The largest adapter tensor, in values: r x max(in, out) of the widest wrapped projection (A is
+    r x in, B out x r)."""
+    names = lora_target_names(targets)
+    return max((r * max(a, b) for n, (a, b) in shape.linear_shapes().items() if n in names), default=0)
+
+
 def lora_target_names(targets) -> tuple[str, ...]:
     """model.lora.target_modules as projection names: `all-linear` is every linear layer of the decoder."""
     return LORA_TARGETS_ALL if list(targets) == ["all-linear"] else tuple(targets)
@@ -260,10 +276,6 @@ def buffer_bytes(zero: dict, stage: int, n: int, p: int, on_cpu: bool = False) -
     return 0.0
 
 
-def save_peak_bytes(shape: Shape) -> float:
-    return 2 * shape.largest_tensor * 4.0
-
-
 @dataclass
 class Run:
     """What a run is, in the terms the formulas need (plan.describe builds it from a config)."""
@@ -300,6 +312,7 @@ class Run:
     accumulation: int = 1
     token_budget: int = 0
     max_length: int = 0
+    adapter_bytes: int = 0  # model.lora.adapter_dtype's bytes a value; 0: the policy's (its default)
 
     def offloads(self, what: str) -> bool:
         """Whether the JSON's offload_param / offload_optimizer moves memory off this run's device: a GPU's
@@ -307,6 +320,20 @@ class Run:
         if self.on_cpu or (what == "offload_param" and self.stage != 3):
             return False
         return self.zero.get(what, {}).get("device", "none") != "none"
+
+
+def save_peak_bytes(run: Run) -> float:
+    """What rank 0 adds while it saves a step dir (module docstring): a full policy's largest tensor in
+    fp32, twice; a LoRA policy's largest adapter tensor in the adapters' dtype, gathered (ZeRO-3) and
+    copied, and on CPU ranks every adapter tensor's copy besides."""
+    if not run.lora_r:
+        return 2 * run.shape.largest_tensor * 4.0
+    a = run.adapter_bytes or run.policy_bytes
+    largest = lora_largest_tensor(run.shape, run.lora_r, run.lora_targets) * a
+    gathered = largest if run.stage == 3 else 0.0  # below ZeRO-3 the adapters are whole: only the clone
+    if run.on_cpu:  # the clones are kept (the whole adapter) and the gathered one is in the same memory
+        return lora_params(run.shape, run.lora_r, run.lora_targets) * a + gathered
+    return gathered + largest
 
 
 def policy_states(run: Run) -> dict[str, float]:
@@ -378,5 +405,5 @@ def estimate(run: Run) -> dict[str, float]:
         terms[CUDA_CONTEXT] = CUDA_CONTEXT_GIB * GIB
         terms[ALLOCATOR_RESERVE] = ALLOCATOR_RESERVE_FRACTION * model
     terms["total"] = sum(terms.values())
-    terms["save peak (rank 0)"] = save_peak_bytes(s) + (CPU_SAVE_EVAL_GIB * GIB if run.on_cpu else 0.0)
+    terms["save peak (rank 0)"] = save_peak_bytes(run) + (CPU_SAVE_EVAL_GIB * GIB if run.on_cpu else 0.0)
     return terms

@@ -101,6 +101,7 @@ def describe(
         reference_stage_pinned=cfg.model.reference_zero_stage is not None,
         lora_r=cfg.model.lora.r,
         lora_targets=tuple(cfg.model.lora.target_modules),
+        adapter_bytes=DTYPE_BYTES["float32"] if cfg.model.lora.adapter_dtype == "float32" else 0,
         tokens_per_micro=tokens,
         scored_per_micro=scored,
         checkpointing=cfg.model.gradient_checkpointing,

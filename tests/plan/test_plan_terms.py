@@ -1,9 +1,13 @@
 """The planner's terms for what the held-out runs exposed, each against an independent count: LoRA's
-adapter activations and eager attention's scores against the bytes autograd saves, the data's micro-batches
-against arithmetic on their lengths, the GPU's and CPU's process terms."""
+adapter activations and eager attention's scores against the bytes autograd saves, a LoRA save's peak against
+the tensors run/save.py gathers, the data's micro-batches against arithmetic on their lengths, the GPU's and
+CPU's process terms."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from dpo_ds.data.layout import choose
@@ -127,3 +131,66 @@ def test_sequence_parallelism_adds_its_exchange():
     assert one["sequence-parallel all-to-all"] == 0
     assert two["sequence-parallel all-to-all"] == 2 * (2 * 64 + 2 * 64) * 128 * 4  # 128 tokens a rank
     assert two["activations"] < one["activations"]  # each rank holds half of every sequence
+
+
+SAVE = "save peak (rank 0)"
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, "policy"), (torch.bfloat16, "policy"),
+                                                  (torch.bfloat16, "float32")],
+                         ids=["fp32", "bf16", "bf16-fp32-adapters"])  # fmt: skip
+def test_a_lora_save_peak_is_the_adapter_tensors_the_save_gathers(
+    monkeypatch, tmp_path, dtype, adapter_dtype
+):
+    """A LoRA step dir's weights (run/save.py save_weights) on a tiny Llama that peft wraps as training does
+    (adapters.wrap): what the save gathers, recorded, is every adapter tensor peft made, in its dtype, and
+    nothing of the base (no policy.pt); the plan's save term is the largest of them gathered (ZeRO-3) and
+    copied, and on CPU ranks every copy rank 0 keeps besides: not the base's embedding in fp32, twice."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from dpo_ds.config import load_config
+    from dpo_ds.engine import io as engine_io
+    from dpo_ds.model import adapters
+    from dpo_ds.run import save
+
+    config, lm = _decoder("sdpa", layers=2)
+    settings = load_config(None, ["model.lora.r=8", f"model.lora.adapter_dtype={adapter_dtype}"]).model.lora
+    wrapped = adapters.wrap(lm.to(dtype), settings, 0, False, SHIPPED_MODELS["tiny"])
+    seen: dict[str, int] = {}
+    real = engine_io.gathered
+
+    def recording(tensors):
+        for name, t in real(tensors):
+            seen[name] = t.numel() * t.element_size()
+            yield name, t
+
+    monkeypatch.setattr(engine_io, "gathered", recording)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(save, "decided_by_rank0", lambda decide, errors=(): decide())
+    monkeypatch.setattr(save, "save_policy", lambda *a, **k: pytest.fail("a LoRA save wrote policy.pt"))
+    save.save_weights(SimpleNamespace(module=SimpleNamespace(lm=wrapped)), tmp_path, 0, {})
+
+    made = get_peft_model_state_dict(wrapped)  # peft's own adapter tensors
+    assert sorted(seen.values()) == sorted(t.numel() * t.element_size() for t in made.values())
+    assert all(".lora_" in name for name in seen)  # nothing of the base
+    written = load_file(str(tmp_path / adapters.ADAPTER_WEIGHTS))
+    assert sum(t.numel() * t.element_size() for t in written.values()) == sum(seen.values())
+    shape = est.Shape.from_config(config.to_dict())
+    p, a = (2, 2 if adapter_dtype == "policy" else 4) if dtype == torch.bfloat16 else (4, 4)
+    assert {t.element_size() for t in made.values()} == {a}
+
+    def term(**kw) -> float:
+        lora = dict(
+            shape=shape, policy_bytes=p, lora_r=8, adapter_bytes=4 if adapter_dtype == "float32" else 0
+        )
+        return est.estimate(_run(kw.pop("on_cpu", False), **{**lora, **kw}))[SAVE]
+
+    largest, every = max(seen.values()), sum(seen.values())
+    assert term(stage=3) == 2 * largest  # gathered and rank 0's clone, one tensor at a time
+    assert term(stage=2) == largest  # whole already: the clone alone
+    cpu = est.CPU_SAVE_EVAL_GIB * est.GIB
+    assert term(stage=3, on_cpu=True) == every + largest + cpu  # rank 0's copies until written, one gathered
+    assert term(stage=2, on_cpu=True) == every + cpu
+    full = term(stage=3, lora_r=0)
+    assert full == 2 * shape.largest_tensor * 4 and term(stage=3) < full / 4
