@@ -24,7 +24,7 @@ DEMO_DIR = Path(__file__).resolve().parent.parent.parent / "demo" / "data"
 ACCEPTED_FORMS = (
     "'hh', 'shp', 'se', 'ultrafeedback' (Hugging Face hub); 'hh:DIR', 'shp:DIR', 'se:DIR', "
     "'ultrafeedback:DIR' (local copies shaped like the hub's rows); 'demo'; a local file ending "
-    ".jsonl, .json or .parquet; or a directory holding {split}.jsonl|json|parquet"
+    ".jsonl, .json, .parquet, .jsonl.gz or .json.gz; or a directory holding {split}.jsonl|json|parquet"
 )
 
 
