@@ -84,12 +84,13 @@ class Generation:
         items = self.eval_data.checked(self.n_checked)
         mine, n_real = rank_share(items, self.rank, self.world)
         answers = self.generate(policy, [ids for ids, _ in mine], "policy")
-        total = 0.0
+        scored = []
         for (_, ex), answer in list(zip(mine, answers))[:n_real]:
             row = {"prompt": ex.prompt, "chosen": ex.responses[0], "origin": (ex.origins or [""])[0]}
             if len(ex.responses) > 1:
                 row["rejected"] = ex.responses[1]
-            total += score(self.checker, ex.prompt, answer, row)
+            scored.append((ex.prompt, answer, row))
+        total = checked_total(self.checker, scored)
         sums = comm.all_reduce_sum(
             torch.tensor([total, float(n_real)], dtype=torch.float64, device=comm.comm_device())
         )
@@ -134,3 +135,17 @@ class Generation:
                 synced_gpus=self.world > 1 and in_step,  # every forward a collective: step together
             )
         return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def checked_total(checker, scored) -> float:
+    """The summed checker scores of this rank's (prompt, generation, row) triples. A checker that raises,
+    or returns anything but a number in [0, 1], on any rank stops every rank alike with the same error:
+    one rank raising alone would leave the others waiting in the next collective."""
+    total, error = 0.0, None
+    try:
+        for prompt, generation, row in scored:
+            total += score(checker, prompt, generation, row)
+    except Exception as e:  # noqa: BLE001 - any error of the user's checker; raised on every rank below
+        error = f"{type(e).__name__}: {e}"
+    comm.fail_alike(error, lambda failed: ValueError(f"eval.checker failed: {comm.by_rank(failed)}"))
+    return total
