@@ -137,12 +137,24 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_para
                 f"use one of {ok} or auto"
             )
         return requested
+    if layout == "shared_prompt" and requested in FLASH_ATTENTION:
+        raise ConfigError(
+            f"config key 'model.attn_implementation': {requested} cannot run data.layout={layout}: it takes no "
+            f"mask, so a block's rejected response would attend to its chosen one (packed rows, whose "
+            f"segments it finds from the restarting position ids, are fine); use flex_attention (GPU), "
+            f"dpo_ds_blocks, or auto"
+        )
     if requested != "auto":
         return requested
     if not segmented:
         return None
     return "dpo_ds_blocks" if on_cpu else "flex_attention"
 
+
+FLASH_ATTENTION = (
+    "flash_attention_2",
+    "flash_attention_3",
+)  # causal kernels: no mask, segments from position ids
 
 # what the core attention may be under sequence parallelism: it gets the whole row and no mask
 SP_ATTENTION = {

@@ -129,3 +129,17 @@ def test_ranks_agree_on_micro_batch_count():
         steps = list(make(rank, lambda n, it=synced: next(it)).train_steps(1, None))
         assert [len(s.micro_batches) for s in steps] == target
         assert all(sum(mb.n_seqs for mb in s.micro_batches) == 2 * 8 for s in steps)
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3"])
+def test_a_maskless_flash_kernel_is_refused_for_shared_prompt_rows(attn):
+    from dpo_ds.config import ConfigError
+    from dpo_ds.data.layout import choose
+
+    kw = dict(max_length=32, row_tokens=0, max_tokens_per_micro_batch=0, on_cpu=False)
+    with pytest.raises(
+        ConfigError, match=rf"model.attn_implementation': {attn} cannot run data.layout=shared_prompt"
+    ):
+        choose("shared_prompt", attn=attn, **kw)
+    # one sequence a row, or packed sequences it tells apart by their restarting position ids
+    assert choose("padded", attn=attn, **kw).attn == attn and choose("packed", attn=attn, **kw).attn == attn
