@@ -14,6 +14,7 @@ import torch
 
 from dpo_ds.config import ConfigError
 from dpo_ds.dist import comm
+from dpo_ds.model.logprobs import triton_unavailable_reason
 
 log = logging.getLogger("dpo_ds")
 
@@ -73,6 +74,9 @@ def start_distributed(cfg, ds_path: str, objective, set_keys=None) -> Place:
         force=True,
     )
     on_cpu = device.type == "cpu"
+    if cfg.model.logprob_impl == "triton" and (why := triton_unavailable_reason()) is not None:
+        # here, on every rank before any model is built, not at the first forward
+        raise ConfigError(f"config key 'model.logprob_impl': triton cannot run here: {why}; or use chunked")
     sp_size = cfg.parallel.sequence_parallel_size
     dp_rank, sp_rank, dp_world = engine_sp.sequence_parallel_place(rank, world, sp_size)
     ds_config = engine_config.resolve_ds_config(ds_path, cfg, dp_world, on_cpu)

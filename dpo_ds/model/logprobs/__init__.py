@@ -29,6 +29,7 @@ __all__ = [
     "interpreter_requested",
     "naive_token_logprobs",
     "token_logprobs",
+    "triton_unavailable_reason",
 ]
 
 
@@ -37,7 +38,8 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _triton_unavailable_reason() -> str | None:
+def triton_unavailable_reason() -> str | None:
+    """Why the Triton kernel cannot run here, or None when it can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if not torch.cuda.is_available() and not interpreter_requested():
@@ -51,7 +53,7 @@ def _triton_unavailable_reason() -> str | None:
 def available_impls() -> list[str]:
     """The implementations that can run here; 'triton' needs CUDA or TRITON_INTERPRET=1."""
     impls = ["naive", "chunked"]
-    if _triton_unavailable_reason() is None:
+    if triton_unavailable_reason() is None:
         impls.append("triton")
     return impls
 
@@ -102,7 +104,7 @@ def token_logprobs(
     elif impl == "chunked":
         out = chunked_token_logprobs(logits2d, labels1d, ignore_index, chunk_rows=chunk_rows)
     else:
-        reason = _triton_unavailable_reason()
+        reason = triton_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}")
         from .triton_kernel import DEFAULT_BLOCK_V, triton_token_logprobs
