@@ -293,6 +293,8 @@ def export(
         raise ExportError(
             f"--adapter: {step_dir} holds no LoRA adapter ({adapters.ADAPTER_CONFIG} is missing)"
         )
+    if adapter:
+        _adapter_base_is(model_dir, step_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # as shipped, without training's pad fix-ups
     # write beside the target and swap in at the end, so OUT_DIR is never a half-written model
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
@@ -311,6 +313,21 @@ def export(
         shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _adapter_base_is(model_dir: Path, step_dir: Path) -> None:
+    """--adapter writes the adapter with base_model_name_or_path = model_dir: refused when the run's base
+    is anything else (an SFT archive, a merged LoRA SFT adapter, a seeded init), which loading the
+    adapter onto model_dir's weights would silently get wrong."""
+    from dpo_ds.run.start import starting_point
+
+    start = starting_point(model_dir, "auto", str(step_dir), 0)
+    if not start.from_weights or len(start.adapters) != 1:
+        raise ExportError(
+            f"--adapter: {step_dir}'s adapter was trained on {start.describe().rsplit(' + ', 1)[0]}, not on "
+            f"the weights of {model_dir}, which the adapter alone would be loaded onto; export the merged "
+            f"model (without --adapter)"
+        )
 
 
 def _model_to_export(model_dir: Path, step_dir: Path, dtype: str | None, from_deepspeed: bool, lora: bool):

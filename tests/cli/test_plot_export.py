@@ -409,3 +409,32 @@ def test_export_from_zero3_checkpoint(tmp_path):
         for k, v in state.items():
             assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float()), k
         _assert_same_outputs(exported, reference, tok)
+
+
+def _adapter_step(root, model_dir, model_cfg: dict):
+    """A LoRA step dir as a run saves it, as far as --adapter's check reads it: its adapter config naming
+    the base, and the run's config (run_state.json)."""
+    from dpo_ds.model import adapters
+    from dpo_ds.run.dir import RUN_STATE
+
+    step = root / "run" / "step-8"
+    step.mkdir(parents=True)
+    (step / adapters.ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": str(model_dir)}))
+    (step / adapters.ADAPTER_WEIGHTS).write_bytes(b"")
+    (step / RUN_STATE).write_text(json.dumps({"config": {"seed": 0, "model": model_cfg}}))
+    return step
+
+
+def test_adapter_export_is_refused_when_the_run_did_not_start_from_the_model_dirs_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.cli.export import ExportError, _adapter_base_is
+    from dpo_ds.model.files import SHIPPED_MODELS, load_config
+
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(load_config(SHIPPED_MODELS["tiny"])).save_pretrained(model_dir)
+    on_weights = _adapter_step(tmp_path / "a", model_dir, {"name_or_path": str(model_dir), "init": "auto"})
+    _adapter_base_is(model_dir, on_weights)  # the adapter's base is the directory's weights: allowed
+    seeded = _adapter_step(tmp_path / "b", model_dir, {"name_or_path": str(model_dir), "init": "random"})
+    with pytest.raises(ExportError, match=r"trained on seeded init of .* export the merged model"):
+        _adapter_base_is(model_dir, seeded)
