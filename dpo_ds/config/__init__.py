@@ -15,6 +15,7 @@ parse.py     coercion of YAML / CLI values, load_config (build -> resolve -> val
 trl_names.py TRL's names (DPOConfig, TrainingArguments) and what dpo_ds calls them: the errors' hints, the
              docs page docs/coming-from-trl.md
 trl_defaults.py  the defaults that differ from TRL's on purpose, noted at launch
+original_names.py  the original DPO code's keys dpo_ds has no place for, and what to write instead
 resolve.py   resolve(): the one owner of derived, "auto" and normalised values
 validate.py  validate(): checks only, never changes the config
 

@@ -133,6 +133,10 @@ def _leaf_keys(obj, prefix: str = "") -> list[str]:
 def _unknown_key(obj, head: str, prefix: str, value) -> str:
     """The error for an unknown key: what TRL's name means here, or the closest known keys."""
     full = prefix + head
+    from .original_names import original_hint
+
+    if original := original_hint(full):  # fsdp_port=12355, model.block_name=...: the original code's keys
+        return f"unknown config key '{full}': {original}"
     if not prefix:  # a TRL / Trainer name (learning_rate=1e-6, loss_type=sigmoid) says what dpo_ds calls it
         from .trl_names import key_hint  # here, not at the top: `python -m dpo_ds.config.trl_names` runs it
 

@@ -123,6 +123,7 @@ def test_config_package_imports_no_other_dpo_ds_module_and_has_no_cycle():
         "trl_names",
         "trl_defaults",
         "keys",
+        "original_names",
     }
     done: set[str] = set()
 
