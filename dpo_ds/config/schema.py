@@ -328,8 +328,10 @@ class Config:
     eval_batch_size: int = opt(16, "Global eval batch; must be divisible by the world size.")
     gradient_accumulation_steps: int = opt(
         1,
-        "Micro-batches per rank per optimizer step (padded layout): each holds batch_size / (world size x "
-        "gradient_accumulation_steps) examples.",
+        "Micro-batches per rank per optimizer step: each holds batch_size / (world size x "
+        "gradient_accumulation_steps) examples. With data.max_tokens_per_micro_batch set, the token budget "
+        "decides how many micro-batches a step takes (agreed across ranks) and this only has to divide "
+        "batch_size.",
     )
     optimizer: str = opt(
         "auto",
