@@ -209,7 +209,7 @@ def tile_mlps(lm, tokens: int) -> int:
 def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
     import deepspeed
 
-    from dpo_ds.model import adapters
+    from dpo_ds.model import adapters, moe
 
     _without_muon_compile(ds)
 
@@ -229,6 +229,9 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
             f"LoRA: {sum(_numel(p) for p in trainable) / 1e6:.2f}M adapter parameters in {trainable[0].dtype} "
             f"train, {sum(_numel(p) for p in frozen) / 1e6:.2f}M base parameters in {frozen[0].dtype} are frozen"
         )
+    first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    for note in moe.launch_notes(lm.config, lm, lora=bool(cfg.model.lora.r)) if first else []:
+        log.warning(note)  # an MoE model: what dpo_ds does not do for it, said once
     model = LogprobLM(lm, cfg.model.logprob_impl, sp)
     optimizer = None
     if cfg.optimizer == "RMSprop" and "optimizer" not in ds:
