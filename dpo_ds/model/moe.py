@@ -17,9 +17,12 @@ EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def expert_count(config) -> int:
-    """The number of experts a model config declares (0 for a dense model)."""
+    """The number of experts a model config declares (0 for a dense model): a transformers config, or
+    config.json read as a dict (its text_config for a multimodal one)."""
+    if isinstance(config, dict):
+        config = config.get("text_config", config)
     for key in EXPERT_COUNT_KEYS:
-        n = getattr(config, key, None)
+        n = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         if isinstance(n, int) and n > 1:
             return n
     return 0

@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_ds.config import REFERENCE_MODES
+from dpo_ds.model import moe
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -118,6 +119,13 @@ class Shape:
 
     @classmethod
     def from_config(cls, config: dict) -> Shape:
+        if experts := moe.expert_count(
+            config
+        ):  # its intermediate_size is not its experts': refused, not guessed
+            raise ValueError(
+                f"a Mixture-of-Experts model ({experts} experts): the planner counts dense decoders only, and "
+                f"its figures would leave out the experts"
+            )
         c = config.get("text_config", config)
         heads = c["num_attention_heads"]
         return cls(
@@ -134,7 +142,10 @@ class Shape:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Shape:
-        return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        try:
+            return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        except ValueError as e:  # the model named, for the planner's error and the launch's note
+            raise ValueError(f"{model_dir}: {e}") from None
 
     @property
     def kv_width(self) -> int:

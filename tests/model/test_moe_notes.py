@@ -51,3 +51,15 @@ def test_an_moe_model_is_told_what_is_not_done(tmp_path):
     assert lora.startswith(
         f"LoRA: no adapter reaches the experts, {experts / 1e6:.2f}M of the {total / 1e6:.2f}M"
     )
+
+
+def test_the_planner_refuses_an_moe_model_instead_of_counting_it_dense(tmp_path):
+    from dpo_ds.plan.estimate import Shape
+    from dpo_ds.plan.planner import main as plan_main
+
+    _qwen3_moe().config.save_pretrained(tmp_path / "moe")
+    with pytest.raises(
+        ValueError, match=r"moe: a Mixture-of-Experts model \(8 experts\): the planner counts dense"
+    ):
+        Shape.from_dir(tmp_path / "moe")
+    assert plan_main([f"model.name_or_path={tmp_path / 'moe'}", "--gpus", "2", "--gpu-mem", "80"]) == 2
