@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")  # an opening fence and its language; indented too
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(.+?)\s*-->\s*$")
 # the only lines a not-run block may hold: a run on GPUs and the export of its result
-GPU_ONLY = re.compile(r"^(dpo-ds (train|export)\b|(deepspeed|torchrun|srun)\b.*dpo_ds)")
+GPU_ONLY = re.compile(
+    r"^(?:[A-Za-z_]\w*=\S*\s+)*(dpo-ds (train|export)\b|(deepspeed|torchrun|srun)\b.*dpo_ds)[^;&|]*$"
+)
 
 
 @dataclass
@@ -59,7 +61,8 @@ def fenced(lines: list[str]) -> Iterator[tuple[str, int, int]]:
         if not m:
             i += 1
             continue
-        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(m.group(1))), None)
+        close = re.compile(rf"^\s*{re.escape(m.group(1))}\s*$")  # a closing fence holds nothing else
+        end = next((j for j in range(i + 1, len(lines)) if close.match(lines[j])), None)
         if end is None:
             raise ValueError(f"line {i + 1}: a code fence that is never closed")
         yield m.group(2).lower(), i, end

@@ -317,16 +317,22 @@ def export(
 
 def _adapter_base_is(model_dir: Path, step_dir: Path) -> None:
     """--adapter writes the adapter with base_model_name_or_path = model_dir: refused when the run's base
-    is anything else (an SFT archive, a merged LoRA SFT adapter, a seeded init), which loading the
-    adapter onto model_dir's weights would silently get wrong."""
-    from dpo_ds.run.start import starting_point
+    is anything else (an archive: an SFT policy.pt or a LoRA SFT adapter merged in; a seeded init), which
+    loading the adapter onto model_dir's weights would silently get wrong. Decided from the run's own
+    config: the weights themselves need not be here, since the adapter alone never reads them."""
+    from dpo_ds.model.files import start_from_weights
 
-    start = starting_point(model_dir, "auto", str(step_dir), 0)
-    if not start.from_weights or len(start.adapters) != 1:
+    model = run_dirs.read_run_state(step_dir).get("config", {}).get("model", {})
+    archive, init = model.get("archive"), model.get("init", "auto")
+    try:
+        on_weights = start_from_weights(model_dir, init, archive)
+    except ModelError:  # the directory's weights are not here; the run, which trained, started from them
+        on_weights = archive is None and init != "random"
+    if not on_weights:
+        what = f"model.archive={archive}" if archive else f"a seeded init of {model_dir} (model.init={init})"
         raise ExportError(
-            f"--adapter: {step_dir}'s adapter was trained on {start.describe().rsplit(' + ', 1)[0]}, not on "
-            f"the weights of {model_dir}, which the adapter alone would be loaded onto; export the merged "
-            f"model (without --adapter)"
+            f"--adapter: {step_dir}'s adapter was trained on {what}, not on the weights of {model_dir}, which "
+            f"the adapter alone would be loaded onto; export the merged model (without --adapter)"
         )
 
 

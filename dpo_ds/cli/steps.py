@@ -5,6 +5,7 @@ ranks with the same message instead of hanging a collective. Every rank runs eve
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -74,9 +75,14 @@ def start_distributed(cfg, ds_path: str, objective, set_keys=None) -> Place:
         force=True,
     )
     on_cpu = device.type == "cpu"
-    if cfg.model.logprob_impl == "triton" and (why := triton_unavailable_reason()) is not None:
+    if cfg.model.logprob_impl == "triton" and (why := triton_unavailable_reason(on_cpu)) is not None:
         # here, on every rank before any model is built, not at the first forward
         raise ConfigError(f"config key 'model.logprob_impl': triton cannot run here: {why}; or use chunked")
+    if cfg.wandb.enabled and cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        # here, on every rank before anything is built: rank 0 alone imports wandb, after the models
+        raise ConfigError(
+            "config key 'wandb.enabled': true needs the wandb package: pip install 'dpo_ds[wandb]'"
+        )
     sp_size = cfg.parallel.sequence_parallel_size
     dp_rank, sp_rank, dp_world = engine_sp.sequence_parallel_place(rank, world, sp_size)
     ds_config = engine_config.resolve_ds_config(ds_path, cfg, dp_world, on_cpu)
@@ -454,16 +460,16 @@ def log_memory_estimate(cfg, place: Place, model_dir, train_data) -> float | Non
         return None
     budget = None if on_cpu else dist_memory.free_memory_bytes() / GIB
     log.info(plan.one_line(run, budget))
-    total = plan.device_total(run) / GIB
+    total = plan.worst_total(run) / GIB  # the peak the verdict and first_fix compare: training or saving
     if budget is not None and total > budget:
         terms = plan.running_terms(estimate(run))
         largest = max(terms, key=terms.get)
         log.warning(
-            f"the memory estimate ({total:.1f} GiB per rank) is over this GPU's free {budget:.1f} GiB; the largest "
+            f"the memory estimate ({total:.1f} GiB per rank at its peak) is over this GPU's free {budget:.1f} GiB; the largest "
             f"term is {largest} ({terms[largest] / GIB:.1f} GiB); first change that fits: {plan.first_fix(run, budget)} "
             f"(dpo-ds plan with the same keys shows them all)"
         )
-    return plan.worst_total(run) / GIB
+    return total
 
 
 def log_planned_vs_measured(planned_gib: float | None, rank: int) -> None:

@@ -8,7 +8,6 @@ engine/ds_config.py; which losses exist and which hyperparameters each defines, 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import typing
 from pathlib import Path
@@ -348,8 +347,3 @@ def _check_wandb(cfg: Config) -> None:
         "wandb.mode",
         "must be online|offline|disabled",
     )
-    # checked here, on every rank before anything is built: rank 0 alone imports wandb, after the models
-    if cfg.wandb.enabled and cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            "config key 'wandb.enabled': true needs the wandb package: pip install 'dpo_ds[wandb]'"
-        )

@@ -250,7 +250,12 @@ def read_cache(
             f"reference cache {path} was computed for a different run ({what}); delete it to compute it "
             f"again, or point data.cache_dir elsewhere"
         )
-    missing = lacking(cache["tables"], need or {})
+    try:  # rank 0 decides for every rank (decided_by_rank0 passes ConfigError on): nothing else may escape
+        missing = lacking(cache["tables"], need or {})
+    except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        raise ConfigError(
+            f"reference cache {path} is malformed ({type(e).__name__}: {e}); delete it to compute it again"
+        ) from None
     if missing:
         what = ", ".join(f"{n} of the {len(need[split])} {split} examples" for split, n in missing.items())
         log.info(
@@ -270,13 +275,16 @@ def with_cached(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor
         cache = None
     if not isinstance(cache, dict) or not cache.get("complete") or cache.get("fingerprint") != want:
         return tables
-    old = cache["tables"]
-    return {
-        split: torch.where(torch.isnan(t), old[split], t)
-        if split in old and old[split].shape == t.shape
-        else t
-        for split, t in tables.items()
-    }
+    try:
+        old = cache["tables"]
+        return {
+            split: torch.where(torch.isnan(t), old[split], t)
+            if split in old and old[split].shape == t.shape
+            else t
+            for split, t in tables.items()
+        }
+    except (KeyError, TypeError, AttributeError, RuntimeError):  # a malformed cache: nothing to keep from it
+        return tables
 
 
 def write_cache(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor]) -> None:

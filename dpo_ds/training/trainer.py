@@ -93,6 +93,7 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.generation = generation  # generation.py: samples and the checker at each eval
         self.checkpoints = checkpoints  # run.save.Checkpointer: the save protocol
+        self.last_save_ok = False  # the latest save's outcome (save()), for the preemption's last line
         self.sink = sink
         self.watchdog, self.preemption = watchdog, preemption  # watchdog.py
         self.rank, self.device = rank, device
@@ -176,13 +177,14 @@ class Trainer:
                 self.policy.train()
             every = cfg.checkpoint.save_every
             if (every and number % every == 0 or preempted) and not saved:
-                saved = self.save(number, examples, metrics)
+                self.save(number, examples, metrics)
+                saved = True
             if self.stop_reason:
                 break
             if preempted:
-                kept = (
+                kept = (  # this step's save was made above, by the eval, save_every or the preemption
                     "saved"
-                    if saved
+                    if self.last_save_ok
                     else "this step not saved (said above); LATEST is the last good checkpoint"
                 )
                 log.warning(
@@ -311,7 +313,11 @@ class Trainer:
         return self.save(step, examples, metrics)
 
     def save(self, step: int, examples: int, metrics: dict, final: bool = False) -> bool:
+        """Whether the step was written; the answer is also kept (last_save_ok) for the preemption's last line,
+        whichever path (an eval, save_every, the preemption itself) made the save."""
         if not self.nonfinite.may_save:  # decided alike on every rank
             log.warning(f"not saving step-{examples}: step {step} had a non-finite loss or gradient norm")
-            return False
-        return self.checkpoints.save(self.policy, step, examples, metrics, final=final)
+            self.last_save_ok = False
+        else:
+            self.last_save_ok = self.checkpoints.save(self.policy, step, examples, metrics, final=final)
+        return self.last_save_ok

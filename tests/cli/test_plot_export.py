@@ -435,6 +435,20 @@ def test_adapter_export_is_refused_when_the_run_did_not_start_from_the_model_dir
     AutoModelForCausalLM.from_config(load_config(SHIPPED_MODELS["tiny"])).save_pretrained(model_dir)
     on_weights = _adapter_step(tmp_path / "a", model_dir, {"name_or_path": str(model_dir), "init": "auto"})
     _adapter_base_is(model_dir, on_weights)  # the adapter's base is the directory's weights: allowed
+    # the same with only config.json here: the adapter alone never reads the base's weights
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    _adapter_base_is(config_only, on_weights)
     seeded = _adapter_step(tmp_path / "b", model_dir, {"name_or_path": str(model_dir), "init": "random"})
-    with pytest.raises(ExportError, match=r"trained on seeded init of .* export the merged model"):
+    with pytest.raises(
+        ExportError, match=r"trained on a seeded init of .*model.init=random.* export the merged model"
+    ):
         _adapter_base_is(model_dir, seeded)
+    after_sft = _adapter_step(
+        tmp_path / "c",
+        model_dir,
+        {"name_or_path": str(model_dir), "init": "auto", "archive": "runs/sft/LATEST"},
+    )
+    with pytest.raises(ExportError, match=r"trained on model.archive=runs/sft/LATEST, not on the weights of"):
+        _adapter_base_is(config_only, after_sft)

@@ -136,18 +136,3 @@ def test_config_package_imports_no_other_dpo_ds_module_and_has_no_cycle():
 
     for name in graph:
         visit(name, [])
-
-
-def test_wandb_enabled_without_the_package_is_refused_before_anything_is_built(monkeypatch):
-    import importlib.util
-
-    assert load_config(None, ["wandb.enabled=true", "wandb.mode=offline"]).wandb.enabled  # installed here
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
-    )
-    with pytest.raises(ConfigError, match=r"wandb.enabled.*pip install 'dpo_ds\[wandb\]'"):
-        load_config(None, ["wandb.enabled=true"])
-    assert (
-        load_config(None, ["wandb.enabled=true", "wandb.mode=disabled"]).wandb.mode == "disabled"
-    )  # needs none

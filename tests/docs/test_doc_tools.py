@@ -111,3 +111,17 @@ def test_a_marked_block_is_announced_not_run(tmp_path, monkeypatch, capfd):
     out = capfd.readouterr().out
     assert "doc.md:10: not run (needs 8 GPUs (and the model's weights))" in out
     assert "dpo-ds plan --config llama3_8b_full_dpo --gpus 8" in out and "every block ran" in out
+
+
+def test_a_not_run_block_may_not_chain_another_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(doc_blocks, "REPO", tmp_path)
+    text = "<!-- not-run: GPUs -->\n```bash\nNCCL_DEBUG=INFO dpo-ds train --gpus 8 && rm -rf runs\n```\n"
+    (tmp_path / "doc.md").write_text(text)
+    assert len(doc_blocks.misused_markers(doc_blocks.blocks_of(tmp_path / "doc.md"))) == 1
+    (tmp_path / "doc.md").write_text(text.replace(" && rm -rf runs", ""))  # a variable before it is fine
+    assert doc_blocks.misused_markers(doc_blocks.blocks_of(tmp_path / "doc.md")) == []
+
+
+def test_a_fence_closes_only_on_a_bare_fence_line():
+    lines = ["````markdown", "```python", "x = 1", "```", "````", "```bash", "echo", "```"]
+    assert list(doc_blocks.fenced(lines)) == [("markdown", 0, 4), ("bash", 5, 7)]

@@ -188,3 +188,16 @@ def test_a_cache_from_an_older_fingerprint_is_computed_again(tmp_path, tok, worl
     reference.write_cache(path, old, cache["tables"])
     with pytest.raises(ConfigError, match=r"different run \(data.layout: 'packed, rows of 64 tokens' -> "):
         precompute(tmp_path, tok, ["n_examples=8", "n_eval_examples=4"], resume=True)
+
+
+def test_a_malformed_complete_cache_is_a_config_error_not_a_traceback(tmp_path):
+    from dpo_ds.config import ConfigError
+    from dpo_ds.training.reference import read_cache, with_cached
+
+    want = {"k": "v"}
+    path = tmp_path / "reference_logps.pt"
+    torch.save({"complete": True, "fingerprint": want, "tables": {"train": "not a tensor"}}, path)
+    with pytest.raises(ConfigError, match=r"reference_logps.pt is malformed \(.*\); delete it"):
+        read_cache(path, want, {"train": [0, 1]})
+    tables = {"train": torch.zeros(2, 2)}
+    assert with_cached(path, want, tables) is tables

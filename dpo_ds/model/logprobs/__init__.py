@@ -38,10 +38,16 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
-def triton_unavailable_reason() -> str | None:
-    """Why the Triton kernel cannot run here, or None when it can."""
+def triton_unavailable_reason(on_cpu: bool | None = None) -> str | None:
+    """Why the Triton kernel cannot run here, or None when it can; on_cpu: the run's ranks are CPU
+    processes (whatever GPU the machine has), None: as torch sees the machine."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    if on_cpu and not interpreter_requested():
+        return (
+            "the ranks run on CPU and TRITON_INTERPRET is not set: set TRITON_INTERPRET=1 in the environment "
+            "to run the kernel under the Triton interpreter (slow, for tests)"
+        )
     if not torch.cuda.is_available() and not interpreter_requested():
         return (
             "no CUDA device and TRITON_INTERPRET is not set: set TRITON_INTERPRET=1 in the environment "
