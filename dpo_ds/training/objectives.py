@@ -207,6 +207,8 @@ def check(loss: LossConfig) -> None:
     specs = {n: PREFERENCE_LOSSES[n] for n in loss.names if n != "sft"}
     for n, spec in specs.items():
         spec.check(n, loss)
+    if not specs:  # loss=sft alone defines none of them: loss=sft loss.label_smoothing=0.1 would pass unused
+        LossSpec(fn=None, reference=False, hparams=()).check("sft", loss)
     if loss.reference_free and not any(spec.reference for spec in specs.values()):
         raise ConfigError(
             f"config key 'loss.reference_free': has no meaning for loss={loss.name}, which uses no reference, got True"

@@ -67,6 +67,11 @@ def test_label_smoothing_only_where_the_loss_has_it():
     with pytest.raises(ConfigError, match="loss.label_smoothing.*loss=ipo"):
         build_objective(load_config(None, ["loss=ipo", "loss.label_smoothing=0.1"]))
     build_objective(load_config(None, ["loss=robust", "loss.label_smoothing=0.1"]))  # its eps
+    with pytest.raises(
+        ConfigError, match=r"loss.label_smoothing': is not defined for loss=sft; must be 0.0, got 0.1"
+    ):
+        build_objective(load_config(None, ["loss=sft", "loss.label_smoothing=0.1"]))
+    build_objective(load_config(None, ["loss=[dpo,sft]", "loss.label_smoothing=0.1"]))  # the dpo term's cDPO
 
 
 def test_precomputed_reference_lookup():
