@@ -119,17 +119,6 @@ def _mark(seen: set[str] | None, key: str) -> None:
         seen.add(key)
 
 
-def _leaf_keys(obj, prefix: str = "") -> list[str]:
-    """Every dotted key below `obj`: loss.beta, ..., model.lora.r, ..."""
-    keys = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        keys += (
-            _leaf_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
-        )
-    return keys
-
-
 def _unknown_key(obj, head: str, prefix: str, value) -> str:
     """The error for an unknown key: what TRL's name means here, or the closest known keys."""
     full = prefix + head
@@ -145,16 +134,16 @@ def _unknown_key(obj, head: str, prefix: str, value) -> str:
             return f"unknown config key '{full}': {hint}"
     names = [f.name for f in dataclasses.fields(obj)]
     close = [prefix + n for n in difflib.get_close_matches(head, names, n=3)]
+    from .keys import config_keys, key_summary  # here: keys.py walks the dataclasses only for an error's hint
+
     if not prefix:  # a key written without its group: chosen_nll_weight=1 -> loss.chosen_nll_weight
         by_leaf: dict[str, list[str]] = {}
-        for key in _leaf_keys(obj):
+        for key in (k.name for k in config_keys()):
             if "." in key:
                 by_leaf.setdefault(key.rsplit(".", 1)[1], []).append(key)
         for leaf in difflib.get_close_matches(head, list(by_leaf), n=3):
             close += by_leaf[leaf]
     if close:
-        from .keys import key_summary  # here: keys.py walks the dataclasses only for an error's hint
-
         means = " or ".join(f"{k!r} ({key_summary(k)})" for k in close[:3])
         return f"unknown config key '{full}'; did you mean {means}?"
     return f"unknown config key '{full}'; known keys here: {', '.join(names)}"
