@@ -178,7 +178,6 @@ class Trainer:
             every = cfg.checkpoint.save_every
             if (every and number % every == 0 or preempted) and not saved:
                 self.save(number, examples, metrics)
-                saved = True
             if self.stop_reason:
                 break
             if preempted:
