@@ -43,12 +43,14 @@ def triton_unavailable_reason(on_cpu: bool | None = None) -> str | None:
     processes (whatever GPU the machine has), None: as torch sees the machine."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if on_cpu and not interpreter_requested():
+    if interpreter_requested():
+        return None
+    if on_cpu:
         return (
             "the ranks run on CPU and TRITON_INTERPRET is not set: set TRITON_INTERPRET=1 in the environment "
             "to run the kernel under the Triton interpreter (slow, for tests)"
         )
-    if not torch.cuda.is_available() and not interpreter_requested():
+    if not torch.cuda.is_available():
         return (
             "no CUDA device and TRITON_INTERPRET is not set: set TRITON_INTERPRET=1 in the environment "
             "before importing triton to run the kernel under the Triton interpreter (slow, for tests)"
