@@ -137,12 +137,12 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_para
                 f"use one of {ok} or auto"
             )
         return requested
-    if layout == "shared_prompt" and requested in FLASH_ATTENTION:
+    if LAYOUTS.get(layout).own_mask and requested in FLASH_ATTENTION:
         raise ConfigError(
             f"config key 'model.attn_implementation': {requested} cannot run data.layout={layout}: it takes no "
-            f"mask, so a block's rejected response would attend to its chosen one (packed rows, whose "
-            f"segments it finds from the restarting position ids, are fine); use flex_attention (GPU), "
-            f"dpo_ds_blocks, or auto"
+            f"mask, so a row's sequences would attend where its own mask forbids (in shared_prompt, a block's "
+            f"rejected response to its chosen one; packed rows, whose segments it finds from the restarting "
+            f"position ids, are fine); use flex_attention (GPU), dpo_ds_blocks, or auto"
         )
     if requested != "auto":
         return requested
@@ -151,10 +151,8 @@ def attn_implementation(layout: str, requested: str, on_cpu: bool, sequence_para
     return "dpo_ds_blocks" if on_cpu else "flex_attention"
 
 
-FLASH_ATTENTION = (
-    "flash_attention_2",
-    "flash_attention_3",
-)  # causal kernels: no mask, segments from position ids
+# causal kernels that take no mask: they tell packed segments apart by their restarting position ids
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 # what the core attention may be under sequence parallelism: it gets the whole row and no mask
 SP_ATTENTION = {
