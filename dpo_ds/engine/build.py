@@ -58,10 +58,6 @@ def build_lm(model_dir: Path, ds: dict, dtype: str, from_weights: bool, attn: st
     return lm
 
 
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # a ZeRO-3 parameter's full size
-
-
 def _tensors(lm: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer by name (tied weights once), the things a state dict holds."""
     return list(lm.named_parameters()) + list(lm.named_buffers())
@@ -226,8 +222,8 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
         trainable = [p for p in lm.parameters() if p.requires_grad]
         frozen = [p for p in lm.parameters() if not p.requires_grad]
         log.info(
-            f"LoRA: {sum(_numel(p) for p in trainable) / 1e6:.2f}M adapter parameters in {trainable[0].dtype} "
-            f"train, {sum(_numel(p) for p in frozen) / 1e6:.2f}M base parameters in {frozen[0].dtype} are frozen"
+            f"LoRA: {sum(adapters.full_numel(p) for p in trainable) / 1e6:.2f}M adapter parameters in {trainable[0].dtype} "
+            f"train, {sum(adapters.full_numel(p) for p in frozen) / 1e6:.2f}M base parameters in {frozen[0].dtype} are frozen"
         )
     first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     for note in moe.launch_notes(lm.config, lm, lora=bool(cfg.model.lora.r)) if first else []:

@@ -36,6 +36,11 @@ class AdapterError(ValueError):
     """A LoRA setting or adapter archive that cannot be used; the message names the key or file."""
 
 
+def full_numel(p) -> int:
+    """A parameter's full size, also under ZeRO-3, where a partitioned parameter's numel() is 0."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 

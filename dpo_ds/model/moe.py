@@ -11,7 +11,7 @@ fused experts in peft 0.21; a list of module names may leave them out), and the 
 
 from __future__ import annotations
 
-import torch
+from .adapters import full_numel
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -28,10 +28,6 @@ def expert_count(config) -> int:
     return 0
 
 
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # a ZeRO-3 parameter's full size
-
-
 def _is_expert(name: str) -> bool:
     return "experts" in name.split(".")
 
@@ -41,10 +37,10 @@ def expert_share(lm) -> tuple[int, int, int]:
     experts = total = adapted = 0
     for name, p in lm.named_parameters():
         if "lora_" in name:
-            adapted += _numel(p) if _is_expert(name) else 0
+            adapted += full_numel(p) if _is_expert(name) else 0
             continue
-        total += _numel(p)
-        experts += _numel(p) if _is_expert(name) else 0
+        total += full_numel(p)
+        experts += full_numel(p) if _is_expert(name) else 0
     return experts, total, adapted
 
 
