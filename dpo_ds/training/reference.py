@@ -230,14 +230,7 @@ def read_cache(
     ConfigError naming what changed when there is one for something else."""
     if not path.is_file():
         return None
-    try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a cut-short or foreign file is refused, never half-used
-        raise ConfigError(
-            f"reference cache {path} cannot be read ({type(e).__name__}: {e}); delete it"
-        ) from None
-    if not isinstance(cache, dict) or not cache.get("complete") or "fingerprint" not in cache:
-        raise ConfigError(f"reference cache {path} is incomplete; delete it to compute it again")
+    cache = _load(path)
     changed = _changed(cache["fingerprint"], want)
     if changed and all(k not in cache["fingerprint"] or k not in want for k in changed):  # keys only
         log.info(
@@ -266,14 +259,27 @@ def read_cache(
     return cache["tables"]
 
 
+def _load(path: Path) -> dict:
+    """A complete cache file's contents; a ConfigError for one that cannot be read or is incomplete."""
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a cut-short or foreign file is refused, never half-used
+        raise ConfigError(
+            f"reference cache {path} cannot be read ({type(e).__name__}: {e}); delete it"
+        ) from None
+    if not isinstance(cache, dict) or not cache.get("complete") or "fingerprint" not in cache:
+        raise ConfigError(f"reference cache {path} is incomplete; delete it to compute it again")
+    return cache
+
+
 def with_cached(path: Path, want: dict[str, str], tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`tables`, the examples they lack filled from a complete cache at `path` with this fingerprint, if
     any: runs sharing data.cache_dir with fewer or other examples grow one table rather than take turns."""
     try:
-        cache = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - nothing to keep from a file that cannot be read
+        cache = _load(path) if path.is_file() else None
+    except ConfigError:  # nothing to keep from a file that cannot be read
         cache = None
-    if not isinstance(cache, dict) or not cache.get("complete") or cache.get("fingerprint") != want:
+    if cache is None or cache["fingerprint"] != want:
         return tables
     try:
         old = cache["tables"]
