@@ -10,6 +10,11 @@ from pathlib import Path
 from dpo_ds.config import Config, ConfigError
 
 
+def offloads_to_device(zero: dict, what: str) -> bool:
+    """Whether a DeepSpeed JSON's zero_optimization names a device for offload_param / offload_optimizer."""
+    return zero.get(what, {}).get("device", "none") != "none"
+
+
 def _fill(
     ds: dict, key: str, want, source: str, path: str, where: dict | None = None, label: str | None = None
 ):
@@ -102,7 +107,7 @@ def resolve_ds_config(path: str, cfg: Config, world: int, on_cpu: bool) -> dict:
             "type": "AdamW" if cfg.optimizer == "auto" else cfg.optimizer,
             "params": {"lr": cfg.lr, **({"torch_adam": True} if on_cpu else {})},
         }
-    elif zero.get("offload_optimizer", {}).get("device", "none") != "none":
+    elif offloads_to_device(zero, "offload_optimizer"):
         # A torch RMSprop on offloaded states is slow but correct; DeepSpeed refuses it unless told.
         ds["zero_force_ds_cpu_optimizer"] = False
     ds.setdefault("steps_per_print", 10**9)  # dpo_ds logs itself

@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_ds.config import REFERENCE_MODES
+from dpo_ds.engine.ds_config import offloads_to_device
 from dpo_ds.model import moe
 
 GIB = 2**30
@@ -119,9 +120,8 @@ class Shape:
 
     @classmethod
     def from_config(cls, config: dict) -> Shape:
-        if experts := moe.expert_count(
-            config
-        ):  # its intermediate_size is not its experts': refused, not guessed
+        # an MoE config's intermediate_size is not its experts': refused, not guessed
+        if experts := moe.expert_count(config):
             raise ValueError(
                 f"a Mixture-of-Experts model ({experts} experts): the planner counts dense decoders only, and "
                 f"its figures would leave out the experts"
@@ -330,7 +330,7 @@ class Run:
         (on CPU ranks it is the same process's memory); offload_param only under ZeRO-3."""
         if self.on_cpu or (what == "offload_param" and self.stage != 3):
             return False
-        return self.zero.get(what, {}).get("device", "none") != "none"
+        return offloads_to_device(self.zero, what)
 
 
 def save_peak_bytes(run: Run) -> float:

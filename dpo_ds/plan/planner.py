@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dpo_ds.config import LAYOUTS, reference_mode
 from dpo_ds.data.layout import attn_implementation
-from dpo_ds.engine.ds_config import reference_zero_stage
+from dpo_ds.engine.ds_config import offloads_to_device, reference_zero_stage
 from dpo_ds.plan.estimate import (
     CPU_RUNTIME_EXTRA_GIB,
     DTYPE_BYTES,
@@ -121,10 +121,6 @@ def describe(
     )
 
 
-def _json_offloads(zero: dict, key: str) -> bool:
-    return zero.get(key, {}).get("device", "none") != "none"
-
-
 def _zero3(run: Run) -> Run:
     """The policy under ZeRO-3; a reference engine follows it (engine.ds_config.reference_zero_stage)
     unless model.reference_zero_stage pins its stage."""
@@ -138,7 +134,7 @@ def _offloaded(run: Run) -> Run:
     model.reference_offload=true (the policy JSON's offload is not the reference's), on a ZeRO-3 reference."""
     zero = {**run.zero, "stage": 3}
     for key in ("offload_optimizer", "offload_param"):
-        if not _json_offloads(zero, key):
+        if not offloads_to_device(zero, key):
             zero[key] = {"device": "cpu"}
     out = _zero3(dataclasses.replace(run, zero=zero))
     if holds_engine(run.reference_mode):
@@ -151,7 +147,7 @@ def _offload_keys(run: Run) -> list[str]:
     reference engine model.reference_offload=true (with model.reference_zero_stage=3 where that key pins the
     reference elsewhere): the reference's JSON takes no offload from the policy's."""
     zero = run.zero
-    offloads = all(_json_offloads(zero, key) for key in ("offload_param", "offload_optimizer"))
+    offloads = all(offloads_to_device(zero, key) for key in ("offload_param", "offload_optimizer"))
     keys = [] if run.stage == 3 and offloads else ["--ds"]
     if holds_engine(run.reference_mode) and not run.reference_offload:
         keys.append("model.reference_offload=true")
@@ -236,7 +232,11 @@ def running_terms(t: dict) -> dict:
 def worst_total(run: Run) -> float:
     """The larger of a training step's total and rank 0's while it saves: the peak a rank reaches, bytes.
     The verdict, the change table and the launch's planned peak all compare this one."""
-    t = estimate(run)
+    return _peak(estimate(run))
+
+
+def _peak(t: dict) -> float:
+    """worst_total of an estimate already made."""
     return max(t["total"], sum(_saving(t).values()))
 
 
@@ -285,15 +285,16 @@ def _changes(run: Run, budget_gib: float) -> tuple[list[str], list[tuple[str, fl
     until the set fits; a change that does not lower the peak of the set so far is left out (it would
     only add keys). (its lines, [(fix, peak GiB alone)], the first set that fits or None)."""
     lines = ["", "| change (alone) | new peak GiB | together with the ones above GiB |", "|---|---:|---:|"]
-    fixes, together, paste, fitting = [], run, [], None
+    fixes, together, peak, paste, fitting = [], run, worst_total(run), [], None
     for name, change, keys in FIXES:
         after = change(together)
-        if not worst_total(after) < worst_total(together):
+        after_peak = worst_total(after)
+        if not after_peak < peak:
             continue  # already so, not applicable (one example a micro-batch), or no lower here
         alone = worst_total(change(run)) / GIB
         paste += [k for k in keys(together) if k not in paste]
-        together = after
-        cumulative = worst_total(together) / GIB
+        together, peak = after, after_peak
+        cumulative = peak / GIB
         fixes.append((name, alone))
         lines.append(
             f"| {name} | {alone:.2f} | {cumulative:.2f}{' (fits)' if cumulative <= budget_gib else ''} |"
@@ -321,7 +322,7 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
         *_table(run, t),
     ]
     saving = _saving(t)
-    worst = max(t["total"], sum(saving.values())) / GIB
+    worst = _peak(t) / GIB
     terms = running_terms(t) if t["total"] >= sum(saving.values()) else saving
     verdict = (f"fits in {budget_gib:.1f} GiB with {budget_gib - worst:.2f} GiB to spare" if worst <= budget_gib
                else f"over {budget_gib:.1f} GiB by {worst - budget_gib:.2f} GiB (largest: {max(terms, key=terms.get)})")  # fmt: skip
