@@ -63,7 +63,7 @@ class Resume:
 def start_distributed(cfg, ds_path: str, objective, set_keys=None) -> Place:
     """set_keys: the config keys the user set (config.read_config), for the TRL-defaults note; None: the
     keys still at their defaults count as not set."""
-    from dpo_ds.data.layout import choose as choose_layout
+    from dpo_ds.data.layout import for_config as layout_for
     from dpo_ds.engine import ds_config as engine_config
     from dpo_ds.engine import sequence_parallel as engine_sp
 
@@ -87,11 +87,7 @@ def start_distributed(cfg, ds_path: str, objective, set_keys=None) -> Place:
     dp_rank, sp_rank, dp_world = engine_sp.sequence_parallel_place(rank, world, sp_size)
     ds_config = engine_config.resolve_ds_config(ds_path, cfg, dp_world, on_cpu)
     # the layout, decided once (data/layout.py): its rows, collator and the attention it needs
-    layout = choose_layout(
-        cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
-        max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, attn=cfg.model.attn_implementation,
-        on_cpu=on_cpu, sequence_parallel=(sp_rank, sp_size),
-    )  # fmt: skip
+    layout = layout_for(cfg, on_cpu, sequence_parallel=(sp_rank, sp_size))
     ref_config = engine_config.reference_ds_config(ds_config, cfg) if objective.needs_reference else None
     stage = ds_config["zero_optimization"].get("stage", 0)
     log.info(

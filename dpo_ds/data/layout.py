@@ -188,3 +188,11 @@ def choose(
             f"{DENSE_MASK_MAX_TOKENS} tokens or set model.attn_implementation=flex_attention (GPU)"
         )
     return layout
+
+
+def for_config(cfg, on_cpu: bool, sequence_parallel: tuple = (0, 1)) -> Layout:
+    """choose() with a run's config keys (data.layout, max_length, data.row_tokens,
+    data.max_tokens_per_micro_batch, model.attn_implementation): what the run and its plan collate with."""
+    return choose(cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
+                  max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+                  attn=cfg.model.attn_implementation, on_cpu=on_cpu, sequence_parallel=sequence_parallel)  # fmt: skip

@@ -443,17 +443,9 @@ def micro_pairs(cfg, ranks: int) -> int:
     return max(cfg.batch_size // (dp * cfg.gradient_accumulation_steps), 1)
 
 
-def data_layout(cfg, on_cpu: bool):
-    """The run's layout as the planner collates with it: whole rows, before any sequence sharding."""
-    from dpo_ds.data.layout import choose
-
-    return choose(cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
-                  max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
-                  attn=cfg.model.attn_implementation, on_cpu=on_cpu)  # fmt: skip
-
-
 def sampled_data(cfg, model_dir: Path, ranks: int, on_cpu: bool, n: int):
     """--data-sample N: the config's first N train examples, tokenized and collated (plan.data)."""
+    from dpo_ds.data.layout import for_config as layout_for
     from dpo_ds.model.files import load_tokenizer
     from dpo_ds.plan.data import micro_batch_tokens, sample_examples
     from dpo_ds.training.objectives import build_objective
@@ -461,7 +453,8 @@ def sampled_data(cfg, model_dir: Path, ranks: int, on_cpu: bool, n: int):
     examples = sample_examples(cfg, model_dir, not build_objective(cfg).pairs, n)
     tok = load_tokenizer(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return micro_batch_tokens(examples, data_layout(cfg, on_cpu), micro_pairs(cfg, ranks), pad)
+    # the run's layout, whole rows before any sequence sharding
+    return micro_batch_tokens(examples, layout_for(cfg, on_cpu), micro_pairs(cfg, ranks), pad)
 
 
 def write_ds(path: str, ds: dict, fitting: Run | None) -> None:
