@@ -100,31 +100,42 @@ def config_page() -> str:
 
 
 class _Parser(Exception):
-    """Raised by a parse_* call: carries the parser a command's main built."""
+    """Raised by a parse_* call: carries the parser a command's main built and the method it called."""
 
-    def __init__(self, parser: argparse.ArgumentParser):
+    def __init__(self, parser: argparse.ArgumentParser, method: str):
         super().__init__(parser.prog)
-        self.parser = parser
+        self.parser, self.method = parser, method
 
 
-def parser_of(main, **kwargs) -> argparse.ArgumentParser:
-    """The real parser `main` builds: its first parse_* call raises it instead of parsing (nothing runs)."""
+PARSE_METHODS = ("parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args")
 
-    def grab(self, *args, **kw):
-        raise _Parser(self)
 
-    methods = ("parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args")
-    saved = {name: getattr(argparse.ArgumentParser, name) for name in methods}
+def caught(call, what: str) -> tuple[argparse.ArgumentParser, str]:
+    """The real parser `call()` builds and the parse_* method it calls: that call raises them instead of
+    parsing, so nothing runs. `what` names the command in the error when it parses nothing."""
+
+    def grab(method):
+        def raise_parser(self, *args, **kw):
+            raise _Parser(self, method)
+
+        return raise_parser
+
+    saved = {name: getattr(argparse.ArgumentParser, name) for name in PARSE_METHODS}
     try:
-        for name in methods:
-            setattr(argparse.ArgumentParser, name, grab)
-        main([], **kwargs)
+        for name in PARSE_METHODS:
+            setattr(argparse.ArgumentParser, name, grab(name))
+        call()
     except _Parser as e:
-        return e.parser
+        return e.parser, e.method
     finally:
         for name, method in saved.items():
             setattr(argparse.ArgumentParser, name, method)
-    raise RuntimeError(f"{main.__module__}.{main.__name__} parsed nothing")
+    raise RuntimeError(f"{what} parsed nothing")
+
+
+def parser_of(main, **kwargs) -> argparse.ArgumentParser:
+    """The real parser `main` builds (caught: nothing runs)."""
+    return caught(lambda: main([], **kwargs), f"{main.__module__}.{main.__name__}")[0]
 
 
 def _metavar(action: argparse.Action) -> str:

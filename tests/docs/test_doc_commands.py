@@ -104,27 +104,7 @@ def commands_of(markdown: str) -> list[Command]:
 def parser_and_method(name: str) -> tuple[argparse.ArgumentParser, str]:
     """The parser `dpo-ds NAME` builds, caught at its first parse call through main.py's own dispatch (as
     gen_reference.parser_of catches it, so nothing runs), and the name of the parse method it calls."""
-    caught = {}
-
-    def grab(method):
-        def raise_parser(self, *args, **kw):
-            caught["method"] = method
-            raise gen_reference._Parser(self)
-
-        return raise_parser
-
-    methods = ("parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args")
-    saved = {m: getattr(argparse.ArgumentParser, m) for m in methods}
-    try:
-        for m in methods:
-            setattr(argparse.ArgumentParser, m, grab(m))
-        COMMANDS[name][0]([], f"dpo-ds {name}")
-    except gen_reference._Parser as e:
-        return e.parser, caught["method"]
-    finally:
-        for m, method in saved.items():
-            setattr(argparse.ArgumentParser, m, method)
-    raise RuntimeError(f"dpo-ds {name} parsed nothing")
+    return gen_reference.caught(lambda: COMMANDS[name][0]([], f"dpo-ds {name}"), f"dpo-ds {name}")
 
 
 class _Exit(Exception):
