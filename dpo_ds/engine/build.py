@@ -226,7 +226,7 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
             f"train, {sum(adapters.full_numel(p) for p in frozen) / 1e6:.2f}M base parameters in {frozen[0].dtype} are frozen"
         )
     first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    for note in moe.launch_notes(lm.config, lm, lora=bool(cfg.model.lora.r)) if first else []:
+    for note in moe.launch_notes(lm, lora=bool(cfg.model.lora.r)) if first else []:
         log.warning(note)  # an MoE model: what dpo_ds does not do for it, said once
     model = LogprobLM(lm, cfg.model.logprob_impl, sp)
     optimizer = None

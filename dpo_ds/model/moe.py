@@ -44,8 +44,10 @@ def expert_share(lm) -> tuple[int, int, int]:
     return experts, total, adapted
 
 
-def launch_notes(config, lm, lora: bool) -> list[str]:
-    """What dpo_ds does not do for this MoE model, one warning each; [] for a dense model."""
+def launch_notes(lm, lora: bool) -> list[str]:
+    """What dpo_ds does not do for this MoE model (a transformers model, peft's or not), one warning each;
+    [] for a dense model."""
+    config = lm.config
     n = expert_count(config)
     if not n:
         return []

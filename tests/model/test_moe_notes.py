@@ -26,7 +26,7 @@ def test_a_dense_model_gets_no_note():
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
         )
     )
-    assert moe.expert_count(lm.config) == 0 and moe.launch_notes(lm.config, lm, lora=True) == []
+    assert moe.expert_count(lm.config) == 0 and moe.launch_notes(lm, lora=True) == []
 
 
 def test_an_moe_model_is_told_what_is_not_done(tmp_path):
@@ -34,7 +34,7 @@ def test_an_moe_model_is_told_what_is_not_done(tmp_path):
     experts = sum(p.numel() for n, p in lm.named_parameters() if ".experts." in n)
     total = sum(p.numel() for p in lm.parameters())
     assert moe.expert_count(lm.config) == 8 and experts == 2 * 8 * (2 * 16 * 32 + 32 * 16)
-    (note,) = moe.launch_notes(lm.config, lm, lora=False)
+    (note,) = moe.launch_notes(lm, lora=False)
     assert "Qwen3MoeConfig: a Mixture-of-Experts model (8 experts)" in note
     assert "router_aux_loss_coef=0.001 in its config) is not added" in note
 
@@ -42,11 +42,11 @@ def test_an_moe_model_is_told_what_is_not_done(tmp_path):
     # all-linear: peft reaches the fused experts too (their 3-D parameters); only the router note remains
     wrapped = adapters.wrap(lm, load_config(None, ["model.lora.r=4"]).model.lora, 0, False, tmp_path)
     assert any(".experts." in n for n, _ in wrapped.named_parameters() if "lora_" in n)
-    assert moe.launch_notes(wrapped.config, wrapped, lora=True) == [note]
+    assert moe.launch_notes(wrapped, lora=True) == [note]
     # adapters on attention alone: the experts, most of the parameters, get none, and the launch says so
     attention_only = load_config(None, ["model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj]"])
     wrapped = adapters.wrap(_qwen3_moe(), attention_only.model.lora, 0, False, tmp_path)
-    router, lora = moe.launch_notes(wrapped.config, wrapped, lora=True)
+    router, lora = moe.launch_notes(wrapped, lora=True)
     assert router == note
     assert lora.startswith(
         f"LoRA: no adapter reaches the experts, {experts / 1e6:.2f}M of the {total / 1e6:.2f}M"
