@@ -13,6 +13,7 @@ setup(
             "demo/data/*.jsonl",
             "demo/model/*",
             "demo/tiny/*",
+            "demo/tiny_moe/*",
             "ds_configs/*.json",  # --ds zero3; a clone's top-level ds_configs/ links here
             "recipes/*.yaml",  # --config NAME, dpo-ds recipes; a clone's top-level configs/ links here
             "plan/models/*/*/config.json",  # the recipes' models, planned before they are downloaded

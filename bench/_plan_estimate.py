@@ -1,7 +1,8 @@
 """dpo_ds.plan's estimate of one bench/memory.py training row, from its train.py arguments alone.
 
 Shared by bench/memory.py (each row's planned_gib beside its measured peak, gpu_check's (d) too) and
-bench/plan_check.py (the table of both). A helper, not a bench: it imports neither of them.
+bench/plan_check.py (the table of both), and the tolerance both judge it by: plan_table and target_line
+(bench/plan_check.py's tables, bench/memory.py --moe's). A helper, not a bench: it imports neither of them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dpo_ds.config import load_config
 from dpo_ds.model.files import resolve_model_dir
 from dpo_ds.plan.estimate import GIB, GPU_OVERHEAD_TERMS, estimate
 from dpo_ds.plan.planner import describe, device_total, sampled_data
+
+LOW, HIGH = 0.90, 1.25  # planned / measured: never under by more than 10%, never over by more than 25%
 
 
 def longest_sequence(data: Path, max_length: int) -> int:
@@ -49,3 +52,45 @@ def planned(
     # CUDA context and the allocator's reserve are outside it
     total = device_total(run) - sum(terms.get(k, 0.0) for k in GPU_OVERHEAD_TERMS)
     return total / GIB, {k: v / GIB for k, v in terms.items()}
+
+
+def plan_table(name: str, title: str, rows: list[dict]) -> tuple[bool, str]:
+    """A markdown table of rows (each with peak_gib, planned_gib and planned_terms, or an error), and whether
+    every row's planned / measured lies in [LOW, HIGH]."""
+    libraries = rows[0].get("planned_terms", {}).get("libraries (CPU)") if rows else None
+    lines = [
+        f"Planner vs measured peak per rank, {title}; CPU, "
+        + (
+            f"planned totals include the CPU constants (libraries {libraries:.2f} GiB per process)."
+            if libraries is not None
+            else "whole runs: planned and measured as each run's last log line says."
+        )
+        if rows
+        else f"{name}: no rows",
+        "",
+        "| row | config | ranks | measured peak GiB | planned GiB | planned / measured | largest planned terms |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    ok = True
+    for r in rows:
+        if "error" in r or "planned_gib" not in r:
+            ok = False
+            why = r.get("error") or r.get("planned_error")
+            lines.append(
+                f"| {r['key']} | {r['name']} | {r['ranks']} | {why} | {r.get('planned_gib', '')} | | |"
+            )
+            continue
+        ratio = r["planned_gib"] / r["peak_gib"]
+        ok &= LOW <= ratio <= HIGH
+        top = sorted(((k, v) for k, v in r["planned_terms"].items() if k not in ("total", "save peak (rank 0)")),
+                     key=lambda kv: -kv[1])[:3]  # fmt: skip
+        lines.append(f"| {r['key']} | {r['name']} | {r['ranks']} | {r['peak_gib']:.3f} | {r['planned_gib']:.3f} | "
+                     f"{ratio:.2f} | {', '.join(f'{k} {v:.2f}' for k, v in top)} |")  # fmt: skip
+    return ok, "\n".join(lines)
+
+
+def target_line(ok: bool, seconds: float, judged: bool = True) -> str:
+    """The verdict line under the tables: every row planned within LOW..HIGH of its measured peak."""
+    verdict = ("PASS" if ok else "MISS") if judged else (
+        "not judged: smoke sizes, where the per-process constant is most of every row (run at full size)")  # fmt: skip
+    return f"target every row within -{1 - LOW:.0%} / +{HIGH - 1:.0%} of its measured peak ({seconds:.0f} s): {verdict}"

@@ -3,6 +3,7 @@
     python bench/gpu_check.py env     --out R/env.json
     python bench/gpu_check.py kernels --out R/b_kernels.json      # (b) log-prob kernels vs copy bandwidth
     python bench/gpu_check.py dpo     --out R/c_dpo.json          # (c) DPO steps of a ~1B Llama through dpo_ds
+    python bench/gpu_check.py dpo --moe --layouts packed --out R/g_moe.json  # (g) the same, a ~1B-total MoE
     python bench/gpu_check.py report  --dir R [--md OUT.md]       # (e) one markdown table of everything
     ... --cpu-smoke                                               # tiny sizes on CPU: checks the plumbing only
     python bench/gpu_check.py report  --dir R --cpu-smoke         # + a CPU-smoke banner; exit 1 if a stage failed
@@ -28,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # dpo_ds from this checkout, installed or not
+from bench import _gpu_check_moe as moe  # noqa: E402
 from dpo_ds.dist.launcher import free_port, missing_modules, wait_for_train_steps  # noqa: E402
 
 GIB = 2**30
@@ -298,12 +300,12 @@ def cmd_dpo(args) -> None:
     msg = missing_modules()
     if msg:
         write_json(args.out, {"skipped": msg})
-        print(f"dpo: SKIPPED (c): {msg}")
+        print(f"dpo: SKIPPED ({'g' if args.moe else 'c'}): {msg}")
         return
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = "bfloat16" if cuda else "float32"
-    shape = model_shape(args, cuda)
+    shape = moe.moe_shape(args.cpu_smoke and not cuda) if args.moe else model_shape(args, cuda)
     steps, batch = (args.steps, args.batch_size) if cuda else (3, 4)
     if not cuda:
         args.max_length, args.max_prompt_length, args.prompt_median, args.response_median = 64, 32, 12, 16
@@ -313,7 +315,11 @@ def cmd_dpo(args) -> None:
     model_dir.mkdir()
     data_dir.mkdir()
     write_tokenizer(model_dir, shape["vocab"])
-    n_params = write_model(model_dir, shape, device, torch.bfloat16 if cuda else torch.float32)
+    wdtype = torch.bfloat16 if cuda else torch.float32
+    # an MoE's MFU counts its active parameters (moe.ACTIVE_RULE), a dense model's all of them
+    info = moe.write_moe_model(model_dir, shape, device, wdtype) if args.moe else {}
+    n_params = info["n_params"] if args.moe else write_model(model_dir, shape, device, wdtype)
+    n_flop = info.get("n_active", n_params)
     tokens_per_pair = write_data(data_dir, steps * batch, batch, shape["vocab"], args)
     print(
         f"dpo: model {n_params / 1e9:.3f}B params ({shape}), {tokens_per_pair:.0f} tokens/pair, "
@@ -347,8 +353,8 @@ def cmd_dpo(args) -> None:
         r.update(n_params=n_params, shape=shape)
         if r.get("tokens_per_s") and r.get("peak_flops"):
             # MFU (PaLM appendix B convention): 6 N per trained token; the reference forward (2 N) is extra work
-            r.update(mfu=6 * n_params * r["tokens_per_s"] / r["peak_flops"])
-            r.update(mfu_with_ref=8 * n_params * r["tokens_per_s"] / r["peak_flops"])
+            r.update(mfu=6 * n_flop * r["tokens_per_s"] / r["peak_flops"])
+            r.update(mfu_with_ref=8 * n_flop * r["tokens_per_s"] / r["peak_flops"])
         else:
             r.update(mfu=None, mfu_with_ref=None)
         print(json.dumps({layout: {k2: v for k2, v in runs[layout].items() if k2 != "log_tail"}}), flush=True)
@@ -358,6 +364,7 @@ def cmd_dpo(args) -> None:
         "layout": layouts[0] if layouts else None,
         "runs": runs,
         "n_params": n_params,
+        **info,  # --moe: n_active, params_by_part, experts_impl ...
         "shape": shape,
         "device": torch.cuda.get_device_name(0) if cuda else "CPU",
         "wall_s": time.time() - t_start,
@@ -451,25 +458,30 @@ def _dpo_run(
         "device": torch.cuda.get_device_name(0) if cuda else "CPU",
         "wall_s": time.time() - t_start,
     }
-    skip = min(args.skip, max(len(records) - 1, 0))
-    timed = records[skip:]
-    if timed:
-        secs = sum(r["throughput/step_seconds"] for r in timed)
-        toks = sum(r["throughput/real_tokens_per_second"] * r["throughput/step_seconds"] for r in timed)
-        tps = toks / secs
-        flops = peak_flops(result["device"])
-        result.update(
-            tokens_per_s=tps,
-            step_s=secs / len(timed),
-            timed_steps=len(timed),
-            peak_gib=max(r["memory/peak_gib"] for r in records),
-            padding=statistics.mean(r["throughput/padding_fraction"] for r in timed),
-            first_losses=[r["loss/train"] for r in records[:3]],
-            peak_flops=flops,
-        )
+    result.update(_timed_figures(records, args.skip, result["device"]))
     if status != "ok":
         result["log_tail"] = log_tail
     return result
+
+
+def _timed_figures(records: list[dict], skip: int, device: str) -> dict:
+    """Throughput of the records after the first `skip` (at least one timed), peak memory, first losses."""
+    timed = records[min(skip, max(len(records) - 1, 0)) :]
+    if not timed:
+        return {}
+    secs = sum(r["throughput/step_seconds"] for r in timed)
+    toks = sum(r["throughput/real_tokens_per_second"] * r["throughput/step_seconds"] for r in timed)
+    return dict(
+        tokens_per_s=toks / secs,
+        step_s=secs / len(timed),
+        timed_steps=len(timed),
+        peak_gib=max(r["memory/peak_gib"] for r in records),
+        padding=statistics.mean(r["throughput/padding_fraction"] for r in timed),
+        first_losses=[r["loss/train"] for r in records[:3]],
+        # an MoE run's router load-balancing loss (loss.router_aux_coef); a dense model logs none
+        first_aux=[r["aux_loss/train"] for r in records[:3] if "aux_loss/train" in r],
+        peak_flops=peak_flops(device),
+    )
 
 
 # ----------------------------------------------------------------------------- (e) report
@@ -561,7 +573,7 @@ def _long_rows(long: dict | None) -> list[str]:
     return rows
 
 
-def _problems(res: Path, kern, dpo, memory, long) -> list[str]:
+def _problems(res: Path, kern, dpo, memory, long, moe_res) -> list[str]:
     """Every stage that failed, was skipped, timed out or left no result (with --cpu-smoke: exit 1)."""
     bad = []
     verdict, _ = _pytest_summary(res)
@@ -575,6 +587,7 @@ def _problems(res: Path, kern, dpo, memory, long) -> list[str]:
     for name, obj in (
         ("(b) kernels", kern),
         ("(c) DPO steps", dpo),
+        ("(g) MoE DPO steps", moe_res),
         ("(d) memory", memory),
         ("(f) long pair", long),
     ):
@@ -588,6 +601,7 @@ def _problems(res: Path, kern, dpo, memory, long) -> list[str]:
     for layout, run in ((dpo or {}).get("runs") or {}).items():
         if "tokens_per_s" not in run or run.get("status") != "ok":
             bad.append(f"(c) {layout}: {run.get('status', 'no result')}")
+    bad.extend(moe.problems(moe_res))
     for r in (memory or {}).get("rows", []):
         if r.get("skipped") or "error" in r:
             bad.append(f"(d) {r['name']}: {r.get('error') or r.get('skipped')}")
@@ -613,6 +627,7 @@ def cmd_report(args) -> int:
     dpo = _load(res / "c_dpo.json")
     memory = _load(res / "d_memory.json")  # bench/memory.py --gpu-short
     long = _load(res / "f_long.json")  # bench/long_context.py --gpu
+    moe_res = _load(res / "g_moe.json")  # gpu_check.py dpo --moe
     out = []
     if args.cpu_smoke:
         out.append(SMOKE_BANNER + "\n")
@@ -679,9 +694,10 @@ def cmd_report(args) -> int:
             ratio = runs["shared_prompt"].get("tokens_per_s", 0) / runs["packed"]["tokens_per_s"]
             attn = "FlexAttention" if env.get("cuda", True) else "dpo_ds_blocks (CPU's auto)"
             out.append(f"| (c) shared_prompt / packed | | | {ratio:.2f}x real tok/s | | | {attn} |")
+    out.extend(moe.report_rows(moe_res))
     out.extend(_memory_rows(memory))
     out.extend(_long_rows(long))
-    bad = _problems(res, kern, dpo, memory, long)
+    bad = _problems(res, kern, dpo, memory, long, moe_res)
     out.append("")
     if bad:
         out.append(f"{len(bad)} stage problem(s) (failed, skipped, timed out or no result):")
@@ -735,6 +751,11 @@ def main() -> None:
         choices=("naive", "chunked", "triton"),
         default=None,
         help="default triton on GPU (and on CPU under TRITON_INTERPRET=1), else chunked",
+    )
+    p.add_argument(
+        "--moe",
+        action="store_true",
+        help="(g): a ~1B-total Qwen3-MoE (bench/_gpu_check_moe.py) instead of the Llama, MFU on active parameters",
     )
     p.add_argument("--cpu-smoke", action="store_true")
     p = sub.add_parser("report")

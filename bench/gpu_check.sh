@@ -7,7 +7,8 @@
 # --cpu-smoke (CI runs it after the tests, ~2-3 min on 2 cores): every stage below end to end on CPU, gloo, one
 # rank, TRITON_INTERPRET=1, so each stage's code path, argument plumbing and table printing run: (a) the
 # parity tests with the Triton interpreter, (b) naive/chunked/triton at 64 tokens x vocab 1000 and 4000,
-# (c) 3 DPO steps of a 0.2M Llama (vocab 1000) per layout with the triton log-probs, (d) memory.py's
+# (c) 3 DPO steps of a 0.2M Llama (vocab 1000) per layout with the triton log-probs, (g) 3 packed DPO steps of a
+# 0.2M Qwen3-MoE (4 experts, top-2, vocab 1000) with the router loss, (d) memory.py's
 # --gpu-short rows and module level on its 8.6M smoke model, (f) long_context.py --gpu on that model at 256
 # and 512 tokens and 256 with tiled MLP. It says the figures are CPU smoke figures, not GPU results, and
 # exits 1 if any stage failed, timed out, was skipped or left no result (the GPU mode's exit status and
@@ -39,6 +40,12 @@
 #       and packed on FlexAttention, then padded (the stage's budget split between them), through
 #       dpo_ds/train.py in one process: real tokens/s, peak memory, MFU against 989 TFLOP/s dense bf16.
 #       Skipped with a line saying why when deepspeed or datasets cannot be imported.
+#   (g) the same for a Mixture-of-Experts model (gpu_check.py dpo --moe, bench/_gpu_check_moe.py): DPO steps of a
+#       random Qwen3-MoE of 0.91B parameters in all, 0.18B active per token (hidden 1024, 16 layers, 32 experts
+#       of width 512, top-4, vocab 32000), ZeRO-3, bf16 policy and reference, packed on FlexAttention, the
+#       router's load-balancing loss on (the model's router_aux_loss_coef, logged as aux_loss/train), experts
+#       on transformers' grouped_mm (asked for in config.json): real tokens/s, peak memory, first losses and
+#       aux losses, MFU on the ACTIVE parameters (attention + router + top-k experts + lm_head).
 #   (d) peak memory per config (bench/memory.py --gpu-short, <= 90 s): max allocated of fwd+bwd at module level
 #       (no logits / fused_linear / chunked / naive, the fused_linear target), then 1-rank DPO runs of the ~1B
 #       model (bf16 reference engine vs precomputed, fused_linear vs naive at 8k tokens) while its budget lasts.
@@ -126,10 +133,17 @@ stage_rc b $?
 
 # (c) DPO steps through dpo_ds; gpu_check.py stops its own run 15 s before this timeout
 echo "== (c) DPO steps of a ~1B Llama through dpo_ds"
-T=$(cap 240)  # three layouts, ~75 s each: 4 steps (1 untimed) apiece
+T=$(cap 210)  # three layouts, ~65 s each: 4 steps (1 untimed) apiece
 timeout -k 10 "$T" "$PY" bench/gpu_check.py dpo --out "$RES/c_dpo.json" --budget-s $((T - 15)) --steps 4 --skip 1 \
     "${IMPL[@]}" "${SMOKE[@]}"
 stage_rc c $?
+
+# (g) DPO steps of an MoE through dpo_ds, router loss on; gpu_check.py stops its run 15 s before this timeout
+echo "== (g) DPO steps of a ~1B-total Qwen3-MoE through dpo_ds"
+T=$(cap 80)  # one layout: 4 steps (1 untimed)
+timeout -k 10 "$T" "$PY" bench/gpu_check.py dpo --moe --out "$RES/g_moe.json" --budget-s $((T - 15)) --steps 4 \
+    --skip 1 --layouts packed "${IMPL[@]}" "${SMOKE[@]}"
+stage_rc g $?
 
 # (d) peak memory per config; memory.py starts no run it cannot finish 20 s before this timeout
 echo "== (d) peak memory per config (bench/memory.py --gpu-short)"
@@ -153,6 +167,7 @@ REPORT_RC=$?
 if [ -n "${OUT:-}" ]; then
     cp "$LOG" "$OUT/gpu_check.log" 2>/dev/null
     cp "$RES"/c_dpo_*.log "$OUT/" 2>/dev/null
+    cp "$RES"/g_moe_*.log "$OUT/" 2>/dev/null
     cp "$RES"/f_long.json "$OUT/" 2>/dev/null
     cp "$RES"/dpo_ds_env.md "$OUT/" 2>/dev/null
 fi

@@ -29,17 +29,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dpo_ds.model.lm import length_weights  # noqa: E402
 from dpo_ds.training.losses import (
+    aot_loss,
+    aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
+    bco_pair_loss,
     chosen_nll,
+    discopop_loss,
     dpo_loss,
+    dpo_norm_loss,
+    exo_pair_loss,
     hinge_loss,
     ipo_length_normalized_loss,
     ipo_loss,
+    nca_pair_loss,
     orpo_loss,
     robust_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
 
 BETA, EPS, GAMMA, SIMPO_BETA, LAMBDA, ALPHA = 0.1, 0.1, 0.5, 2.0, 0.1, 0.2
@@ -58,7 +67,11 @@ def random_pairs(n: int, seed: int, equal_lengths: bool = False) -> dict[str, to
     return {"pc": logps[0], "pr": logps[1], "rc": ref[0], "rr": ref[1], "nc": counts[0], "nr": counts[1]}
 
 
-def trl_dpo(loss_types: list[str], d: dict, *, beta: float, label_smoothing: float = 0.0, weights=None):
+def trl_dpo(
+    loss_types: list[str], d: dict, *, beta: float, label_smoothing: float = 0.0, weights=None,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05,
+    ld_alpha: float | None = None,
+):  # fmt: skip
     """TRL DPOTrainer._compute_loss on one batch: (mean loss, mean chosen reward, mean rejected reward)."""
     from trl import DPOTrainer
 
@@ -82,10 +95,11 @@ def trl_dpo(loss_types: list[str], d: dict, *, beta: float, label_smoothing: flo
             device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
         ),
         aux_loss_enabled=False,
-        ld_alpha=None,
+        ld_alpha=ld_alpha,
         precompute_ref_logps=True,
         ref_model=None,
-        f_divergence_type="reverse_kl",
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
         loss_types=loss_types,
         loss_weights=weights or [1.0] * len(loss_types),
         beta=beta,
@@ -94,7 +108,7 @@ def trl_dpo(loss_types: list[str], d: dict, *, beta: float, label_smoothing: flo
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
         _tp_size=1,
-        args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
+        args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
     )
     inputs = {
         "input_ids": torch.zeros(2 * b, width, dtype=torch.long),
@@ -134,6 +148,67 @@ def trl_orpo_odds_ratio_term(mean_c, mean_r, *, lam: float):
     stub = SimpleNamespace(beta=lam, accelerator=SimpleNamespace(device=torch.device("cpu")))
     losses, cr, rr, _, _ = ORPOTrainer.odds_ratio_loss(stub, mean_c, mean_r)
     return -losses, cr, rr  # TRL's loss is nll - mean(losses): the term added is -losses
+
+
+def new_losses(d: dict, rows: list, dpo_family, counts: dict) -> None:
+    """The losses of 2026's issue: dpo_norm, exo_pair, nca_pair, bco_pair, sppo_hard, discopop and the
+    f-divergences per pair; aot and aot_unpaired, which sort over the batch, on the whole batch at once."""
+    pc, pr, rc, rr = (d[k] for k in ("pc", "pr", "rc", "rr"))
+    norm_beta, exo_eps, tau = 5.0, 1e-3, 0.05
+    dpo_family(dpo_norm_loss(pc, pr, rc, rr, beta=norm_beta, **counts), f"dpo_norm beta={norm_beta}",
+               "sigmoid_norm", "same (loss=sigmoid_norm is accepted too)", beta=norm_beta)  # fmt: skip
+    # TRL takes log(eps) and log1p(-eps) of a float32 tensor: the difference is bounded by their float32 rounding
+    e32 = torch.tensor(exo_eps, dtype=torch.float32)
+    bound = abs(math.log(exo_eps) - float(torch.log(e32))) + abs(
+        math.log1p(-exo_eps) - float(torch.log1p(-e32))
+    )
+    dpo_family(exo_pair_loss(pc, pr, rc, rr, beta=BETA, label_smoothing=exo_eps), f"exo_pair label_smoothing={exo_eps}",
+               "exo_pair", f"same up to TRL's float32 log(eps) (bound {bound:.1e})", beta=BETA,
+               label_smoothing=exo_eps)  # fmt: skip
+    for name, fn in (("nca_pair", nca_pair_loss), ("bco_pair", bco_pair_loss), ("sppo_hard", sppo_hard_loss)):
+        dpo_family(fn(pc, pr, rc, rr, beta=BETA), name, name, "same", beta=BETA)
+    dpo_family(discopop_loss(pc, pr, rc, rr, beta=BETA, discopop_tau=tau), f"discopop discopop_tau={tau}", "discopop",
+               "same", beta=BETA, discopop_tau=tau)  # fmt: skip
+    for kind in ("forward_kl", "js_divergence"):
+        dpo_family(dpo_loss(pc, pr, rc, rr, beta=BETA, f_divergence=kind), f"dpo f_divergence={kind}", "sigmoid",
+                   f"same (f_divergence_type={kind})", beta=BETA, f_divergence_type=kind)  # fmt: skip
+    # alpha-divergence: TRL 1.16 clamps its exponent by dtype and knows no float64, so the row runs in float32;
+    # one-token responses, so that the stub's per-token split of each log-prob sums back exactly in float32
+    g = torch.Generator().manual_seed(1)
+    d32 = {k: -(0.05 + 2.95 * torch.rand(pc.shape[0], generator=g)) for k in ("pc", "pr", "rc", "rr")}
+    d32.update(nc=torch.ones(pc.shape[0], dtype=torch.long), nr=torch.ones(pc.shape[0], dtype=torch.long))
+    c32 = dict(chosen_tokens=d32["nc"], rejected_tokens=d32["nr"])
+    alpha = 0.3
+    ours = dpo_norm_loss(d32["pc"], d32["pr"], d32["rc"], d32["rr"], beta=norm_beta, f_divergence="alpha_divergence",
+                         f_alpha=alpha, **c32)  # fmt: skip
+    theirs = per_pair(lambda x: trl_dpo(["sigmoid_norm"], x, beta=norm_beta, f_divergence_type="alpha_divergence",
+                                        f_alpha_divergence_coef=alpha), d32)  # fmt: skip
+    rows.append((f"dpo_norm f_divergence=alpha_divergence f_alpha={alpha}, float32", "DPOTrainer sigmoid_norm",
+                 maxdiff(ours[0], theirs[0]), max(maxdiff(ours[1], theirs[1]), maxdiff(ours[2], theirs[2])),
+                 "same, in float32 (TRL's clamp table has no float64), one-token responses"))  # fmt: skip
+    # LD-DPO: TRL weighs the policy's per-token log-probs in its forward; dpo_ds's model wrapper does
+    # (model.lm.length_weights), here on the per-token values TRL's stub is given (each sequence's log-prob spread
+    # evenly over its tokens); the reference's sums go in precomputed to both
+    ld = 0.3
+    counts_all = torch.cat([d["nc"], d["nr"]])
+    per_token = torch.cat([torch.full((int(n),), float(v) / int(n), dtype=torch.float64)
+                           for v, n in zip(torch.cat([pc, pr]), counts_all, strict=True)])  # fmt: skip
+    target_seq = torch.repeat_interleave(torch.arange(counts_all.numel()), counts_all)
+    target_pos = torch.cat([torch.arange(int(n)) for n in counts_all])
+    weighted = torch.zeros(counts_all.numel(), dtype=torch.float64).index_add(
+        0,
+        target_seq,
+        per_token * length_weights(target_seq, target_pos, counts_all.numel(), ld, dtype=torch.float64),
+    )
+    wc, wr = weighted[: pc.shape[0]], weighted[pc.shape[0] :]
+    dpo_family(dpo_loss(wc, wr, rc, rr, beta=BETA), f"dpo loss.ld_alpha={ld}", "sigmoid",
+               f"same (ld_alpha={ld})", beta=BETA, ld_alpha=ld)  # fmt: skip
+    for name, fn, eps in (("aot", aot_loss, 0.0), ("aot_unpaired", aot_unpaired_loss, 0.1)):
+        ours = fn(pc, pr, rc, rr, beta=BETA, label_smoothing=eps)
+        t_loss, t_cr, t_rj = trl_dpo([name], d, beta=BETA, label_smoothing=eps)
+        rows.append((f"{name} label_smoothing={eps}, batch mean of {pc.shape[0]} pairs", f"DPOTrainer {name}",
+                     maxdiff(ours[0].mean(), t_loss), max(maxdiff(ours[1].mean(), t_cr), maxdiff(ours[2].mean(), t_rj)),
+                     "same; both sort over the batch they are given: dpo_ds's is one rank's micro-batch"))  # fmt: skip
 
 
 def maxdiff(a, b) -> float:
@@ -185,6 +260,8 @@ def main() -> int:
     )  # fmt: skip
     dpo_family(apo_zero_loss(pc, pr, rc, rr, beta=BETA), "apo_zero", "apo_zero", "same", beta=BETA)
     dpo_family(apo_down_loss(pc, pr, rc, rr, beta=BETA), "apo_down", "apo_down", "same", beta=BETA)
+
+    new_losses(d, rows, dpo_family, counts)
 
     # cDPO: TRL 1.16's DPOTrainer "sigmoid" has no label smoothing; CPOTrainer's "sigmoid" is the same
     # equation on whatever it is given, so feed it the log-ratios
@@ -240,6 +317,10 @@ def main() -> int:
         dr_s = "-" if math.isnan(dr) else f"{dr:.1e}"
         print(f"| {name} | {theirs} | {dl:.1e} | {dr_s} | {note} |")
     print("\nEvery dpo_ds preference loss has a TRL counterpart above (TRL's cDPO only in CPOTrainer).")
+    worst = max(
+        dl for name, _, dl, _, note in rows if note.startswith("same") and "float32" not in name + note
+    )
+    print(f"largest |ours - TRL| of the losses that agree by design, float64: {worst:.1e} (target 1e-10)")
     return 0
 
 

@@ -4,6 +4,8 @@
     python bench/memory.py --quick    # ~20M Llama, shorter sequences, 2 steps: a smoke run (~4 min)
     python bench/memory.py --smoke    # CPU, 2 ranks, the 8.6M smoke model, the rows SMOKE_ROWS + module + save
                                       # tables at the smallest sizes: every code path, figures of no meaning (~2 min)
+    python bench/memory.py --moe      # CPU, 2 ranks, a 91.5M Qwen3-MoE: full DPO and LoRA on the experts, the
+                                      # planner beside each (bench/_memory_moe.py; --moe --smoke: its plumbing)
     python bench/memory.py --gpu-short --out R/d_memory.json   # bench/gpu_check.sh's step: 1 rank, CUDA, ~1B
     python bench/memory.py --gpu-short --cpu-smoke             # the same plumbing on CPU, tiny
 
@@ -464,7 +466,7 @@ def module_child(args) -> None:
             h = hidden.reshape(-1, hidden_size)[target_pos]  # (M, H) as LogprobLM takes them
             loss = (h @ u).float().sum() + torch.dot(head_w.view(-1), big_u.view(-1)).float()
         else:
-            loss = LogprobLM(lm, variant).scored_logps(ids, mask, None, target_pos, target_ids).sum()
+            loss = LogprobLM(lm, variant).scored_logps(ids, mask, None, target_pos, target_ids)[0].sum()
         loss.backward()
 
     for p in lm.parameters():
@@ -797,7 +799,7 @@ def gpu_ready() -> str | None:
     return None
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~20M model, shorter sequences: a smoke run")
     ap.add_argument(
@@ -805,6 +807,12 @@ def main() -> int:
         action="store_true",
         help="CPU, 2 ranks: the 8.6M smoke model, the smallest sizes, the rows of SMOKE_ROWS + module + save "
         "tables (~2.5 min; the code paths, not the figures); exit 1 if any of them failed",
+    )
+    ap.add_argument(
+        "--moe",
+        action="store_true",
+        help="only the Mixture-of-Experts rows (bench/_memory_moe.py: m1 full DPO, m2 LoRA on attention + experts), "
+        "each with the planner's estimate and its tolerance check; --rows m2 for one, --smoke for the smoke sizes",
     )
     ap.add_argument("--gpu-short", action="store_true", help="bench/gpu_check.sh's step: 1 rank, CUDA, ~1B")
     ap.add_argument("--cpu-smoke", action="store_true", help="with --gpu-short: tiny sizes on CPU")
@@ -824,7 +832,11 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--long-length", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-tokens", type=int, default=17, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.module_child:
         module_child(args)
         return 0
@@ -838,8 +850,7 @@ def main() -> int:
         if why:
             print(f"memory: SKIPPED: {why}")
             if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps({"skipped": why}))
+                write_json(args.out, {"skipped": why})
             return 0
         no_runs = missing_modules()
         if no_runs:
@@ -856,6 +867,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dpo_ds_bench_memory_"))
     say(f"work dir {work}")
     try:
+        if args.moe:  # the MoE rows alone, on their own model (bench/_memory_moe.py)
+            from bench._memory_moe import run_moe
+
+            return run_moe(args, work, t_start, train_row=train_row, make_data=make_data)
         weights_on = "cuda" if args.gpu_short and not args.cpu_smoke else None
         n_params = make_model(work / "model", SHAPES[args.shape], weights_on)
         say(f"model: {n_params / 1e6:.1f}M parameters{' (bf16 weights written)' if weights_on else ''}")
@@ -906,32 +921,27 @@ def main() -> int:
         print(text)
         print(f"\n(whole bench: {time.time() - t_start:.0f} s)")
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(
-                json.dumps(
-                    {
-                        "n_params": n_params,
-                        "shape": SHAPES[args.shape],
-                        "rows": rows,
-                        "module": mod,
-                        "save": save,
-                        "targets": targets,
-                        "table": text,
-                    },
-                    indent=2,
-                )
-            )
+            out = dict(n_params=n_params, shape=SHAPES[args.shape], rows=rows, module=mod, save=save)
+            write_json(args.out, {**out, "targets": targets, "table": text})
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    if args.smoke:  # the smoke checks that every part ran (the full run reports a failed row in its table)
-        failed = [r["key"] for r in rows if "error" in r or r.get("skipped")]
-        failed += [f"module {k}" for k, r in mod.items() if "error" in r or "none" not in r]
-        failed += ["save"] if save is None or "error" in save else []
-        if failed:
-            print(f"memory --smoke: FAILED: {', '.join(failed)}")
-            return 1
+    if args.smoke and (failed := smoke_failures(rows, mod, save)):
+        print(f"memory --smoke: FAILED: {', '.join(failed)}")
+        return 1
     return 0
+
+
+def write_json(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
+
+
+def smoke_failures(rows: list[dict], mod: dict, save: dict | None) -> list[str]:
+    """--smoke checks that every part ran (the full run reports a failed row in its table): what did not."""
+    failed = [r["key"] for r in rows if "error" in r or r.get("skipped")]
+    failed += [f"module {k}" for k, r in mod.items() if "error" in r or "none" not in r]
+    return failed + (["save"] if save is None or "error" in save else [])
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import memory  # noqa: E402
-
-LOW, HIGH = 0.90, 1.25  # planned / measured: never under by more than 10%, never over by more than 25%
+from bench._plan_estimate import plan_table, target_line  # noqa: E402
 
 
 def main() -> int:
@@ -68,14 +67,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     ok, lines, rows = True, [], []
     for name, title, section in sections:
-        good, text = table(name, title, section)
+        good, text = plan_table(name, title, section)
         ok &= good
         lines += [text, ""]
         rows += section
-    verdict = "not judged: smoke sizes, where the per-process constant is most of every row (run without --quick)" \
-        if args.quick else ("PASS" if ok and rows else "MISS")  # fmt: skip
-    lines.append(f"target every row within -{1 - LOW:.0%} / +{HIGH - 1:.0%} of its measured peak "
-                 f"({time.time() - t0:.0f} s): {verdict}")  # fmt: skip
+    lines.append(target_line(ok and bool(rows), time.time() - t0, judged=not args.quick))
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1, default=str))
@@ -135,39 +131,6 @@ def whole_run(spec: dict, args, work: Path) -> dict:
         return {**out, "error": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}"}
     planned, peak = float(found.group(1)), float(found.group(2))
     return {**out, "peak_gib": peak, "planned_gib": planned, "planned_terms": {"(launch log)": planned}}
-
-
-def table(name: str, title: str, rows: list[dict]) -> tuple[bool, str]:
-    libraries = rows[0].get("planned_terms", {}).get("libraries (CPU)") if rows else None
-    lines = [
-        f"Planner vs measured peak per rank, {title}; CPU, "
-        + (
-            f"planned totals include the CPU constants (libraries {libraries:.2f} GiB per process)."
-            if libraries is not None
-            else "whole runs: planned and measured as each run's last log line says."
-        )
-        if rows
-        else f"{name}: no rows",
-        "",
-        "| row | config | ranks | measured peak GiB | planned GiB | planned / measured | largest planned terms |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
-    ok = True
-    for r in rows:
-        if "error" in r or "planned_gib" not in r:
-            ok = False
-            why = r.get("error") or r.get("planned_error")
-            lines.append(
-                f"| {r['key']} | {r['name']} | {r['ranks']} | {why} | {r.get('planned_gib', '')} | | |"
-            )
-            continue
-        ratio = r["planned_gib"] / r["peak_gib"]
-        ok &= LOW <= ratio <= HIGH
-        top = sorted(((k, v) for k, v in r["planned_terms"].items() if k not in ("total", "save peak (rank 0)")),
-                     key=lambda kv: -kv[1])[:3]  # fmt: skip
-        lines.append(f"| {r['key']} | {r['name']} | {r['ranks']} | {r['peak_gib']:.3f} | {r['planned_gib']:.3f} | "
-                     f"{ratio:.2f} | {', '.join(f'{k} {v:.2f}' for k, v in top)} |")  # fmt: skip
-    return ok, "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python bench/vs_trl.py           # CPU defaults: ~4M-param Llama, 8 steps of 16 pairs, 2 rounds: ~4 min
                                      # on 2 idle cores, up to ~10 when other work shares them
     python bench/vs_trl.py --hidden 512 --layers 8 --steps 20 --batch-size 32
+    python bench/vs_trl.py --moe --threads 1 --steps 6 --skip 2   # Qwen3-MoE, router loss on: ~4 min
 
 What is compared
 - Model: a random Llama (default hidden 256, 4 layers, ~4M parameters) with dpo_ds's character-level
@@ -24,6 +25,17 @@ What is compared
 - TRL runs DPOTrainer (DataCollatorForPreference pads each micro-batch to its longest sequence;
   padding_free is left at its default, off; its log-probs come from TRL's own fused, chunked LM head).
   DPOConfig's own defaults gradient_checkpointing=True and bf16=True are turned off to match dpo_ds.
+
+--moe swaps the Llama for a random Qwen3-MoE of the same shape and parameter count: 8 experts, top-2, each
+expert's MLP an eighth of the dense MLP's width (a quarter of its MLP compute per token), router weights
+drawn wide enough that routing is far from uniform. The router's load-balancing loss is on in both with the
+config's own router_aux_loss_coef (0.001; TRL's router_aux_loss_coef=None and dpo_ds's
+loss.router_aux_coef=null both resolve to it). TRL's logged loss holds coef x aux_loss, dpo_ds's loss/train
+does not (it logs aux_loss/train beside it): the table's first losses are the DPO losses (TRL's logged loss
+minus coef x aux_loss), and a first-step table checks that each run used the config's coefficient, logged
+an aux loss, and started at DPO loss ln 2 to 1e-5. Their aux losses are not compared (the two draw batches
+in different orders); bench/moe_parity.py compares losses and aux losses step by step on the same batch.
+Target: dpo_ds's best layout >= 1.5x TRL's real tokens/s.
 
 Real tokens/s = non-pad tokens that went through the policy (prompt + chosen and prompt + rejected,
 the prompt counted in both sequences, as both frameworks feed it twice) / step time, summed over the
@@ -70,6 +82,9 @@ WORDS = "abcdefghijklmnopqrstuvwxyz"
 # dpo_ds's best layout against TRL, real tokens/s: on the short char-level set, and on chat-length rows
 TARGETS = {"short": 2.25, "chat": 1.6}
 LORA_TARGET = 1.8  # --lora: LoRA DPO on the chat-length set, the same adapters in both frameworks
+MOE_TARGET = 1.5  # --moe: a Qwen3-MoE with its router loss on in both frameworks
+MOE_EXPERTS, MOE_TOP_K = 8, 2
+FIRST_LOSS_TOL = 1e-5  # --moe: the first step's DPO loss is ln 2 in both, to this (fp32)
 BUSY_WARN = 0.10
 CHAT_DEFAULTS = {  # --data chat: an ~11M Llama, 1024-token BPE, ~730 processed tokens per pair
     "hidden": 384, "layers": 6, "max_length": 512, "max_prompt_length": 256,
@@ -85,7 +100,7 @@ def write_model(model_dir: Path, args) -> int:
     base = json.loads((TOKENIZER_DIR / "config.json").read_text())
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_DIR / name, model_dir / name)
-    return save_random_llama(
+    return (save_random_moe if args.moe else save_random_llama)(
         model_dir,
         args,
         vocab=base["vocab_size"],
@@ -114,6 +129,34 @@ def save_random_llama(model_dir: Path, args, *, vocab: int, bos: int, eos: int, 
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_random_moe(model_dir: Path, args, *, vocab: int, bos: int, eos: int, pad: int) -> int:
+    """--moe: a Qwen3-MoE of the bench's shape (args) with MOE_EXPERTS experts, top-MOE_TOP_K, each expert's
+    MLP 1/MOE_EXPERTS of the dense MLP's width (the same parameter count as save_random_llama's model, a
+    quarter of its MLP compute per token at top-2); seeded weights, the router's drawn wider than its init
+    (logits of std ~1.6 on the normalised hidden state: routing far from uniform), its config's own
+    router_aux_loss_coef (0.001), saved as safetensors; returns the parameter count."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    heads = args.hidden // args.head_dim
+    config = Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+        num_key_value_heads=heads, head_dim=args.head_dim, intermediate_size=args.intermediate or 4 * args.hidden,
+        moe_intermediate_size=(args.intermediate or 4 * args.hidden) // MOE_EXPERTS, num_experts=MOE_EXPERTS,
+        num_experts_per_tok=MOE_TOP_K, norm_topk_prob=True, output_router_logits=False,
+        max_position_embeddings=max(1024, args.max_length), rms_norm_eps=1e-6, attention_dropout=0.0,
+        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    torch.manual_seed(args.seed)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 1.6 / math.sqrt(args.hidden))  # (experts, hidden)
     model.save_pretrained(model_dir, safe_serialization=True)
     return sum(p.numel() for p in model.parameters())
 
@@ -155,7 +198,7 @@ def write_chat_model(model_dir: Path, args) -> int:
 
     build_tokenizer("chatml", model_dir, vocab_size=1024)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    return save_random_llama(
+    return (save_random_moe if args.moe else save_random_llama)(
         model_dir, args, vocab=len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id
     )
 
@@ -305,16 +348,21 @@ def run_dpo_ds(name: str, work: Path, model_dir: Path, data_dir: Path, args, lay
             steps.append(rec)
     seconds = [r["throughput/step_seconds"] for r in steps]
     tokens = [r["throughput/real_tokens_per_second"] * r["throughput/step_seconds"] for r in steps]
+    if args.moe:  # the coefficient dpo_ds resolved, as its launch log says it (loss.router_aux_coef=null)
+        coef = json.loads((model_dir / "config.json").read_text())["router_aux_loss_coef"]
+        said = f"coefficient {coef:g} (the model config's own)" in proc.stdout + proc.stderr
     return {
         "tokens_per_s": throughput(tokens, seconds, args.skip),
         "peak_gib": max(r["memory/peak_gib"] for r in steps),
         "losses": [r["loss/train"] for r in steps],
+        "aux": [r.get("aux_loss/train") for r in steps],  # --moe: the router loss (not inside loss/train)
         "padding": sum(r["throughput/padding_fraction"] for r in steps[args.skip :])
         / max(len(steps) - args.skip, 1),
         "step_s": sum(seconds[args.skip :]) / max(len(seconds) - args.skip, 1),
         "step_seconds": seconds,
         "steps": len(steps),
         "wall_s": wall,
+        **({"coef": coef if said else None} if args.moe else {}),
     }
 
 
@@ -374,6 +422,7 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         def __init__(self):
             self.seconds: list[float] = []
             self.losses: list[float] = []
+            self.aux: list[float] = []
             self._t0 = 0.0
             self.threads = 0
 
@@ -389,6 +438,8 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
+                if "aux_loss" in logs:  # an MoE's router loss: TRL's loss has coef x aux_loss inside
+                    self.aux.append(float(logs["aux_loss"]))
 
     micro = spec["batch_size"] // spec["grad_accum"]
     config = DPOConfig(
@@ -464,6 +515,14 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         "steps": n,
         "threads": timer.threads,
     }
+    if spec["moe"]:  # losses: the DPO loss alone, as dpo_ds logs it; the logged ones (with coef x aux) kept
+        coef = trainer.router_aux_loss_coef if trainer.aux_loss_enabled else None
+        result.update(
+            logged_losses=timer.losses,
+            aux=timer.aux,
+            coef=coef,
+            losses=[x - (coef or 0.0) * a for x, a in zip(timer.losses, timer.aux)],
+        )
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -495,6 +554,42 @@ def fmt_row(name: str, r: dict | None, rounds: list[float], note: str = "") -> s
         f"| {name} | {r['tokens_per_s']:,.0f} | {per_round} | {r['peak_gib']:.2f} GiB | {losses} | "
         f"{r['step_s']:.2f} | {r['padding']:.1%} | {pct(r.get('others_cpu'))} | {note} |"
     )
+
+
+def first_step_check(results: dict, model_dir: Path) -> bool:
+    """--moe: the first step's losses of every run. TRL logs loss = DPO + coef x aux_loss, dpo_ds loss/train =
+    DPO and aux_loss/train apart; each must have resolved the config's coefficient and logged an aux loss, and
+    its first DPO loss (TRL: logged loss - coef x aux_loss) must be ln 2 to FIRST_LOSS_TOL (policy = reference).
+    The aux losses are printed, not compared: the frameworks draw their batches in different orders, so their
+    first steps route different pairs (bench/moe_parity.py compares them on the same batch, to 1e-5)."""
+    coef = json.loads((model_dir / "config.json").read_text())["router_aux_loss_coef"]
+    ln2 = math.log(2)
+    print(
+        f"\nfirst step, router loss on (config router_aux_loss_coef {coef:g}): TRL's loss holds coef x aux_loss, "
+        "dpo_ds's loss/train does not; the DPO loss (TRL: loss - coef x aux_loss) must be ln 2 in both to "
+        f"{FIRST_LOSS_TOL:g}; the first 3 losses above are these DPO losses\n"
+    )
+    print(
+        "| framework | step-1 loss as logged | step-1 aux_loss | coefficient used | step-1 DPO loss | DPO - ln 2 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    ok = True
+    for name, r in results.items():
+        if r is None:
+            continue
+        logged = (r.get("logged_losses") or r["losses"] or [math.nan])[0]
+        aux = (r.get("aux") or [None])[0]
+        dpo = (r["losses"] or [math.nan])[0]
+        good = r.get("coef") == coef and aux is not None and aux > 0 and abs(dpo - ln2) <= FIRST_LOSS_TOL
+        ok = ok and good
+        aux_s = "-" if aux is None else f"{aux:.6f}"
+        print(
+            f"| {name} | {logged:.7f} | {aux_s} | {r.get('coef')} | {dpo:.7f} | {dpo - ln2:+.1e} "
+            f"{'' if good else '(MISS)'}|"
+        )
+    print(f"\nfirst-step check (DPO loss = ln 2 to {FIRST_LOSS_TOL:g}, coefficient {coef:g}, aux logged): "
+          f"{'PASS' if ok else 'MISS'}")  # fmt: skip
+    return ok
 
 
 def main() -> int:
@@ -549,6 +644,11 @@ def main() -> int:
         "--lora", type=int, nargs="?", const=16, default=0,
         help="LoRA DPO in both frameworks with rank R (default 16), alpha 2R, every linear layer; target 1.8x on --data chat",
     )  # fmt: skip
+    ap.add_argument(
+        "--moe", action="store_true",
+        help=f"a random Qwen3-MoE ({MOE_EXPERTS} experts, top-{MOE_TOP_K}, the same parameter count) instead of the "
+        f"Llama, its router loss on in both (the config's router_aux_loss_coef); target {MOE_TARGET}x",
+    )  # fmt: skip
     ap.add_argument("--no-trl", action="store_true", help="skip TRL (no target line then)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed for each framework's run")
     ap.add_argument("--workdir", default=None, help="keep model, data and logs here (default: a temp dir)")
@@ -569,6 +669,8 @@ def main() -> int:
         ap.error("--skip must be less than --steps")
     if args.max_prompt_length >= args.max_length:
         ap.error("--max-prompt-length must be less than --max-length")
+    if args.moe and args.lora:
+        ap.error("--moe and --lora together are not measured: LoRA on fused experts differs between the two")
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dpo_vs_trl_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -608,15 +710,25 @@ def main() -> int:
         f"machine: {platform.machine()} {os.cpu_count()} cores, no GPU used; python {platform.python_version()}"
     )
     print(f"versions: {versions()}")
-    print(
-        f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.2f}M parameters, "
-        f"{tokenizer_desc}; policy and reference load the same safetensors, fp32"
-        + (
-            f"; LoRA r={args.lora}, alpha {2 * args.lora}, every linear layer but the lm_head, in both"
-            if args.lora
-            else ""
+    if args.moe:
+        coef = json.loads((model_dir / "config.json").read_text())["router_aux_loss_coef"]
+        print(
+            f"model: random Qwen3-MoE, hidden {args.hidden}, {args.layers} layers, {MOE_EXPERTS} experts top-"
+            f"{MOE_TOP_K} (expert MLP width {(args.intermediate or 4 * args.hidden) // MOE_EXPERTS}), "
+            f"{n_params / 1e6:.2f}M parameters, {tokenizer_desc}; policy and reference load the same safetensors, "
+            f"fp32; router loss on in both: router_aux_loss_coef {coef:g} (the config's own: TRL "
+            "router_aux_loss_coef=None, dpo_ds loss.router_aux_coef=null)"
         )
-    )
+    else:
+        print(
+            f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.2f}M parameters, "
+            f"{tokenizer_desc}; policy and reference load the same safetensors, fp32"
+            + (
+                f"; LoRA r={args.lora}, alpha {2 * args.lora}, every linear layer but the lm_head, in both"
+                if args.lora
+                else ""
+            )
+        )
     print(
         f"data: {len(rows)} synthetic pairs, log-normal lengths (median prompt {args.prompt_median:g}, "
         f"response {args.response_median:g}, sigma {args.sigma}), mean {sum(pair_tokens) / len(rows):.0f} "
@@ -702,14 +814,15 @@ def main() -> int:
     for name, r in results.items():
         if r is not None and r["losses"] and abs(r["losses"][0] - ln2) > 1e-3:
             print(f"\nwarning: {name}'s first loss {r['losses'][0]:.4f} is not ln 2 = {ln2:.4f}")
-    target = LORA_TARGET if args.lora else TARGETS[args.data]
+    first_ok = first_step_check(results, model_dir) if args.moe else True
+    target = MOE_TARGET if args.moe else LORA_TARGET if args.lora else TARGETS[args.data]
     ours = {n: r for n, r in results.items() if n.startswith("dpo_ds") and r is not None}
     if trl is not None and ours:
         best = max(ours, key=lambda n: ours[n]["tokens_per_s"])
         ratio = ours[best]["tokens_per_s"] / trl["tokens_per_s"]
         verdict = "PASS" if ratio >= target else "MISS"
         print(
-            f"\ntarget ({args.data} set{', LoRA r=' + str(args.lora) if args.lora else ''}): dpo_ds (best layout) "
+            f"\ntarget ({args.data} set{', LoRA r=' + str(args.lora) if args.lora else ''}{', MoE' if args.moe else ''}): dpo_ds (best layout) "
             f">= {target}x TRL real tokens/s: {verdict} "
             f"({ratio:.2f}x, {best}: {ours[best]['tokens_per_s']:,.0f} vs {trl['tokens_per_s']:,.0f} tokens/s, best rounds)"
         )
@@ -719,7 +832,7 @@ def main() -> int:
         )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if not errors else 1
+    return 0 if not errors and first_ok else 1
 
 
 if __name__ == "__main__":

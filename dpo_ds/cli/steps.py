@@ -52,6 +52,9 @@ class Inputs:
     planned_gib: float | None = (
         None  # dpo_ds.plan's peak per rank for this run (the end of run says the measured)
     )
+    router_aux_coef: float | None = (
+        None  # an MoE's router loss coefficient (model/router.py); None: no router
+    )
 
 
 @dataclass
@@ -189,11 +192,12 @@ def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:
     from dpo_ds.data.prepare import prepare_data
     from dpo_ds.engine import sequence_parallel as engine_sp
     from dpo_ds.model.adapters import check_targets
-    from dpo_ds.model.files import load_tokenizer, resolve_model_dir
+    from dpo_ds.model.files import check_not_quantized, load_tokenizer, resolve_model_dir
     from dpo_ds.run.start import starting_point
     from dpo_ds.training.guards import load_checker
 
     model_dir = resolve_model_dir(cfg.model.name_or_path)
+    check_not_quantized(model_dir)  # gpt-oss's mxfp4 and other quantized checkpoints: refused by name
     # the weights both models start from (start.py): no weights where there must be some is an error here
     start = starting_point(model_dir, cfg.model.init, cfg.model.archive, cfg.seed)
     log.info(f"starting weights: {start.describe()}")
@@ -203,6 +207,7 @@ def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:
         wrapped = check_targets(cfg.model.lora, model_dir)
         log.info(f"LoRA r={cfg.model.lora.r} on {len(wrapped)} modules ({', '.join(wrapped[:4])}, ...)")
     engine_sp.check_sequence_parallel(place.sp_size, model_dir)  # heads the group can split
+    router_aux_coef = moe_settings(cfg, model_dir, place.rank)  # loss.router_aux_coef, model.freeze_router
     tokenizer = load_tokenizer(model_dir)
     checker = load_checker(cfg.eval.checker) if cfg.eval.checker else None  # fails here, on every rank
     # the data phase (data/prepare.py): every row tokenized into the token cache (or mapped from it), by
@@ -215,7 +220,38 @@ def check_inputs(cfg, place: Place, objective, run_dir) -> Inputs:
     digest = data_digest([train_data])  # the cache's: each shard hashed as it was written
     # the planner's peak per rank, at the micro-batches this data makes (its token cache, sampled)
     planned_gib = log_memory_estimate(cfg, place, model_dir, train_data)
-    return Inputs(model_dir, start, tokenizer, checker, train_data, eval_data, digest, planned_gib)
+    return Inputs(
+        model_dir, start, tokenizer, checker, train_data, eval_data, digest, planned_gib, router_aux_coef
+    )
+
+
+def moe_settings(cfg, model_dir, rank: int) -> float | None:
+    """The MoE keys against the model's config (model.freeze_router, loss.router_aux_coef), before any
+    engine; returns the router loss coefficient (None: no router dpo_ds reproduces), said once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.model.files import load_config
+    from dpo_ds.model.router import check_router_keys, router_aux_coef
+
+    config = load_config(model_dir)
+    if cfg.model.freeze_router:
+        with torch.device("meta"):
+            check_router_keys(cfg, config, AutoModelForCausalLM.from_config(config))
+    coef = router_aux_coef(config, cfg.loss.router_aux_coef)
+    if coef is not None and cfg.parallel.tiled_mlp_tokens:
+        raise ConfigError(
+            f"config key 'parallel.tiled_mlp_tokens': {config.model_type} is a Mixture-of-Experts model whose router "
+            "loss dpo_ds computes per layer from the router logits; tiled MLPs route each tile apart (one set of "
+            f"logits a tile), got {cfg.parallel.tiled_mlp_tokens}"
+        )
+    if coef is not None and rank == 0:
+        own = "the model config's own" if cfg.loss.router_aux_coef is None else "loss.router_aux_coef"
+        log.info(
+            f"router load-balancing loss: coefficient {coef:g} ({own}); logged as aux_loss/train and aux_loss/eval"
+            + ("" if coef else ", not added to the objective")
+        )
+    return coef
 
 
 def _batches(cfg, place: Place, tokenization, prepared):
@@ -357,7 +393,8 @@ def build_models(cfg, place: Place, objective, inputs: Inputs, run_dir, resume: 
     policy_lm = engine_build.build_base(
         inputs.model_dir, place.ds_config, cfg.model.policy_dtype, inputs.start, attn=place.layout.attn
     )
-    policy = engine_build.build_policy(policy_lm, place.ds_config, cfg, sp)
+    total = inputs.train_data.n_steps(cfg.n_epochs, cfg.n_examples)  # where a decaying lr_schedule reaches 0
+    policy = engine_build.build_policy(policy_lm, place.ds_config, cfg, sp, total_steps=total)
     inputs.start.release()
     if reference is None:
         reference = build_reference_source(cfg, objective, policy=policy, **reference_args)
@@ -388,6 +425,7 @@ def trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, m
     from dpo_ds.data.cache import DATA_FORMAT_VERSION
     from dpo_ds.run.save import Checkpointer
     from dpo_ds.training.generation import Generation
+    from dpo_ds.training.objectives import with_router_loss
     from dpo_ds.training.reference import PrecomputedReference
     from dpo_ds.training.trainer import MetricsSink, Trainer
 
@@ -416,7 +454,7 @@ def trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, m
     return Trainer(
         cfg,
         policy=policy,
-        objective=objective,
+        objective=with_router_loss(objective, inputs.router_aux_coef),
         reference=reference,
         train_data=inputs.train_data,
         eval_data=inputs.eval_data,

@@ -15,8 +15,10 @@ from dataclasses import MISSING, dataclass, field
 
 SFT_NORMALIZE = ("sequence", "token")
 IPO_NORMALIZE = ("sum", "length")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # training/losses.f_scores
 TRUNCATION_MODES = ("auto", "keep_start", "keep_end", "original")
 ADD_BOS = ("auto", "true", "false")
+LR_SCHEDULES = ("constant", "linear", "cosine")  # after the warmup (engine/build.py lr_factor)
 DTYPES = ("float32", "bfloat16", "float16")
 LOGPROB_IMPLS = ("naive", "chunked", "triton", "fused_linear")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "dpo_ds_blocks")
@@ -38,7 +40,8 @@ def opt(default=MISSING, help: str = "", *, factory=MISSING, choices: tuple[str,
 class LossConfig:
     name: str = opt(
         "dpo",
-        "The loss: sft, dpo, ipo, hinge, robust, apo_zero, apo_down, simpo or orpo (`loss=ipo` on the "
+        "The loss: sft, dpo, dpo_norm (alias sigmoid_norm), ipo, hinge, robust, apo_zero, apo_down, exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, discopop, simpo or orpo (`loss=ipo` on the "
         "command line sets it). A weighted sum is written as a list, `loss=[dpo,sft]` (YAML "
         "`loss: [dpo, sft]`), and stored as `dpo+sft`, which parses too.",
     )
@@ -61,6 +64,25 @@ class LossConfig:
     gamma: float = opt(
         0.5, "SimPO's target reward margin (Eq. 6 of the SimPO paper; TRL's simpo_gamma default)."
     )
+    ld_alpha: float | None = opt(
+        None,
+        "LD-DPO (Liu et al. 2024): the weight, in [0, 1], of each response's tokens past the pair's shorter "
+        "response, in both models' log-probs; null: off (every token weighs 1, as 1 does).",
+    )
+    discopop_tau: float = opt(
+        0.05,
+        "DiscoPOP's temperature tau (Eq. 5 of the DiscoPOP paper; its recommended value, TRL's default).",
+    )
+    f_divergence: str = opt(
+        "reverse_kl",
+        "f-DPO's regulariser between policy and reference: reverse_kl (DPO), forward_kl, js_divergence or "
+        "alpha_divergence; for the losses built on a log-ratio margin (dpo, dpo_norm, ipo, hinge, robust, "
+        "exo_pair, discopop).",
+        choices=F_DIVERGENCES,
+    )
+    f_alpha: float = opt(
+        0.5, "The alpha of loss.f_divergence=alpha_divergence (TRL's f_alpha_divergence_coef)."
+    )
     orpo_lambda: float = opt(
         0.1, "ORPO's lambda: the weight of its odds-ratio term (Eq. 6 of the ORPO paper; TRL's default too)."
     )
@@ -69,6 +91,12 @@ class LossConfig:
         "How IPO forms h: `sum` from summed log-probs (the IPO paper), `length` from per-token means "
         "(TRL's DPOTrainer). loss=ipo only.",
         choices=IPO_NORMALIZE,
+    )
+    router_aux_coef: float | None = opt(
+        None,
+        "Mixture-of-Experts: the weight of the router's load-balancing loss added to the policy's objective "
+        "(logged as aux_loss/train and aux_loss/eval). null: the model config's own router_aux_loss_coef; "
+        "0: off. Refused for a dense model.",
     )
     sft_normalize: str = opt(
         "sequence",
@@ -97,8 +125,16 @@ class LoraSettings:
         "log-probs).",
     )
     target_modules: list[str] = opt(
-        help="The modules wrapped: `all-linear` (every linear layer of the decoder but the lm_head), or module names.",
+        help="The modules wrapped: `all-linear` (every linear layer of the decoder but the lm_head), or module names. "
+        "On a Mixture-of-Experts model all-linear reaches the attention (and any dense MLP) but not the fused "
+        "experts, whose weights are 3-D parameters, not linear layers: name those in model.lora.target_parameters.",
         factory=lambda: ["all-linear"],
+    )
+    target_parameters: list[str] = opt(
+        help="Parameters wrapped directly (peft's target_parameters): a Mixture-of-Experts model's fused expert "
+        "weights, e.g. `[mlp.experts.gate_up_proj,mlp.experts.down_proj]`, or `[experts]` for every 3-D expert "
+        "parameter of the model. Needs model.lora.dropout=0. Empty: none.",
+        factory=list,
     )
     adapter_dtype: str = opt(
         "policy",
@@ -112,7 +148,7 @@ class LoraSettings:
 class ModelConfig:
     name_or_path: str = opt(
         "demo",
-        "The model: a local Hugging Face causal-LM directory, or `demo` / `tiny` (configs dpo_ds ships).",
+        "The model: a local Hugging Face causal-LM directory, or `demo` / `tiny` / `tiny_moe` (configs dpo_ds ships; tiny_moe is a Qwen3-MoE).",
     )
     init: str = opt(
         "auto",
@@ -158,6 +194,11 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = opt(
         False, "Recompute the policy's activations in backward (transformers' gradient checkpointing)."
+    )
+    freeze_router: bool = opt(
+        False,
+        "Mixture-of-Experts: keep the routers' weights fixed (they get no gradient), as several MoE DPO recipes "
+        "do; the router loss then reaches only the layers below each router. Refused for a dense model.",
     )
     lora: LoraSettings = opt(
         help="LoRA adapters through peft: off unless model.lora.r > 0.", factory=LoraSettings
@@ -341,6 +382,12 @@ class Config:
     )
     lr: float = opt(5e-7, "Learning rate, reached after the warmup and then held constant.")
     warmup_steps: int = opt(150, "Optimizer steps of linear warmup up to lr.")
+    lr_schedule: str = opt(
+        "constant",
+        "After the warmup: `constant` holds lr (the original DPO code); `linear` decays it linearly to 0 at the "
+        "run's last step (TRL's and open-instruct's default); `cosine` to 0 along a half cosine.",
+        choices=LR_SCHEDULES,
+    )
     max_grad_norm: float = opt(10.0, "Gradient clipping (DeepSpeed's gradient_clipping). 0: off.")
     max_length: int = opt(512, "Most tokens of a sequence, prompt and response together.")
     max_prompt_length: int = opt(256, "Most tokens of a prompt; must be < max_length.")

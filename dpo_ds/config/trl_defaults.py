@@ -27,6 +27,7 @@ class DefaultNote:
 DEFAULT_NOTES = (
     DefaultNote("lr", "learning_rate", 1e-6, ORIGINAL),
     DefaultNote("warmup_steps", "warmup_steps", 0, f"{ORIGINAL}: linear warmup, then lr held"),
+    DefaultNote("lr_schedule", "lr_scheduler_type", "linear", f"{ORIGINAL}: lr held after the warmup"),
     DefaultNote("max_grad_norm", "max_grad_norm", 1.0, ORIGINAL),
     DefaultNote("n_epochs", "num_train_epochs", 3.0, ORIGINAL),
     DefaultNote("max_length", "max_length", 1024, f"{ORIGINAL}, with max_prompt_length 256"),

@@ -94,15 +94,15 @@ LOSS_TYPES: dict[str, tuple[str, str] | None] = {
     "apo_down": ("apo_down", ""),
     # in a list with a preference loss: the chosen response's per-token NLL (RPO's term)
     "sft": ("sft", ""),
-    "exo_pair": None,
-    "nca_pair": None,
-    "bco_pair": None,
-    "sppo_hard": None,
-    "aot": None,
-    "aot_unpaired": None,
-    "aot_pair": None,  # an older TRL's name of aot_unpaired
-    "discopop": None,
-    "sigmoid_norm": None,
+    "exo_pair": ("exo_pair", ""),  # TRL's label_smoothing is its eps here, as in dpo_ds
+    "nca_pair": ("nca_pair", ""),
+    "bco_pair": ("bco_pair", ""),
+    "sppo_hard": ("sppo_hard", ""),
+    "aot": ("aot", ""),
+    "aot_unpaired": ("aot_unpaired", ""),
+    "aot_pair": ("aot_unpaired", ""),  # an older TRL's name of aot_unpaired
+    "discopop": ("discopop", ""),
+    "sigmoid_norm": ("dpo_norm", ""),  # loss=sigmoid_norm is accepted too
 }
 
 
@@ -220,6 +220,20 @@ MAPPED_NAMES = [
             "(cDPO), loss=robust takes it as its epsilon; TRL applies it to robust, exo_pair and aot, not to sigmoid",
             "loss.label_smoothing={value}"),
     _mapped("beta", DPO, "loss.beta", "same meaning (tau for IPO); default 0.1, as TRL's", "loss.beta={value}"),
+    _mapped("lr_scheduler_type", TRAINER, "lr_schedule", "linear, cosine and constant_with_warmup after "
+            "warmup_steps; TRL's default is linear, dpo_ds's constant (the original DPO code)",
+            {"linear": "lr_schedule=linear", "cosine": "lr_schedule=cosine", "constant_with_warmup": "lr_schedule=constant",
+             "constant": "lr_schedule=constant warmup_steps=0"}),
+    _mapped("f_divergence_type", DPO, "loss.f_divergence", "the same four divergences (reverse_kl, forward_kl, "
+            "js_divergence, alpha_divergence) for the same losses (dpo, dpo_norm, ipo, hinge, robust, exo_pair, "
+            "discopop)", "loss.f_divergence={value}"),
+    _mapped("f_alpha_divergence_coef", DPO, "loss.f_alpha", "same meaning and default (0.5)", "loss.f_alpha={value}"),
+    _mapped("ld_alpha", DPO, "loss.ld_alpha", "the same weight of the tokens past the shorter response, in the "
+            "policy's and the reference's log-probs alike, in every layout", "loss.ld_alpha={value}"),
+    _mapped("discopop_tau", DPO, "loss.discopop_tau", "same meaning and default (0.05)", "loss.discopop_tau={value}"),
+    _mapped("router_aux_loss_coef", DPO, "loss.router_aux_coef", "the same default (null: the model config's own "
+            "coefficient) and the same load-balancing formula, added to the policy's objective and logged as "
+            "aux_loss/train; refused for a dense model, where TRL raises too", "loss.router_aux_coef={value}"),
     _mapped("rpo_alpha", OLDER, "loss.chosen_nll_weight", "the weight of the chosen response's per-token NLL "
             "added to the loss (RPO, Pang et al. 2024), as rpo_alpha was; loss=[dpo,sft] loss.weights=[1,alpha] "
             "is the same", "loss.chosen_nll_weight={value}"),
@@ -298,8 +312,8 @@ NOT_APPLICABLE_NAMES = [
 ]  # fmt: skip
 
 NOT_SUPPORTED_NAMES = [
-    *_group(NOT_SUPPORTED, TRAINER, "lr_scheduler_type lr_scheduler_kwargs", "other schedules: dpo_ds warms up "
-            "linearly over warmup_steps, then holds lr (the original DPO code); TRL's default decays linearly to 0"),
+    *_group(NOT_SUPPORTED, TRAINER, "lr_scheduler_kwargs", "a schedule's own arguments: lr_schedule's linear and "
+            "cosine decay to 0 at the run's last step"),
     *_group(NOT_SUPPORTED, TRAINER, "optim_target_modules", "the GaLore and APOLLO optimizers"),
     *_group(NOT_SUPPORTED, TRAINER, "tf32", "switching TF32 on or off: dpo_ds leaves torch's setting as it is"),
     *_group(NOT_SUPPORTED, TRAINER, "activation_checkpointing_kwargs gradient_checkpointing_kwargs", "checkpointing "
@@ -330,13 +344,8 @@ NOT_SUPPORTED_NAMES = [
             "model.name_or_path in model.policy_dtype, with model.attn_implementation"),
     *_group(NOT_SUPPORTED, DPO, "trust_remote_code", "models whose code comes with their weights; dpo_ds loads "
             "the architectures transformers has"),
-    *_group(NOT_SUPPORTED, DPO, "router_aux_loss_coef", "Mixture-of-Experts load-balancing loss"),
     *_group(NOT_SUPPORTED, DPO, "pad_to_multiple_of", "padding lengths to a multiple"),
-    *_group(NOT_SUPPORTED, DPO, "ld_alpha", "LD-DPO's length weighting"),
-    *_group(NOT_SUPPORTED, DPO, "f_divergence_type f_alpha_divergence_coef", "f-DPO's other divergences; "
-            "dpo_ds's DPO is the reverse-KL one"),
     *_group(NOT_SUPPORTED, DPO, "use_weighting", "WPO's weighting of pairs"),
-    *_group(NOT_SUPPORTED, DPO, "discopop_tau", "the DiscoPOP loss"),
     *_group(NOT_SUPPORTED, DPO, "activation_offloading", "offloading activations to the CPU (--ds zero3_offload "
             "offloads parameters and optimizer states)"),
     *_group(NOT_SUPPORTED, DPO, "sync_ref_model ref_model_mixup_alpha ref_model_sync_steps", "TR-DPO's reference "

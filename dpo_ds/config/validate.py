@@ -20,10 +20,12 @@ from .schema import (
     ADD_BOS,
     ATTN_IMPLEMENTATIONS,
     DTYPES,
+    F_DIVERGENCES,
     GATHER_MODES,
     GUARD_ACTIONS,
     IPO_NORMALIZE,
     LOGPROB_IMPLS,
+    LR_SCHEDULES,
     MODEL_INITS,
     OPTIMIZERS,
     SFT_NORMALIZE,
@@ -115,11 +117,32 @@ def _check_loss(cfg: Config) -> None:
     _need(cfg, loss.beta > 0, "loss.beta", "must be > 0")
     _need(cfg, loss.gamma >= 0, "loss.gamma", "must be >= 0")
     _need(cfg, loss.orpo_lambda >= 0, "loss.orpo_lambda", "must be >= 0")
+    _need(cfg, loss.discopop_tau > 0, "loss.discopop_tau", "must be > 0")
+    if loss.ld_alpha is not None:
+        _need(cfg, 0.0 <= loss.ld_alpha <= 1.0, "loss.ld_alpha", "must be in [0, 1] or null")
+        _need(
+            cfg, names != ["sft"], "loss.ld_alpha", "weighs the tokens of preference pairs; loss=sft has none"
+        )
+    _need(cfg, loss.f_divergence in F_DIVERGENCES, "loss.f_divergence", f"must be one of {F_DIVERGENCES}")
+    _need(cfg, loss.f_alpha > 0, "loss.f_alpha", "must be > 0")
+    if loss.f_alpha != 0.5:
+        _need(
+            cfg,
+            loss.f_divergence == "alpha_divergence",
+            "loss.f_alpha",
+            "applies to loss.f_divergence=alpha_divergence only",
+        )
     _need(cfg, loss.ipo_normalize in IPO_NORMALIZE, "loss.ipo_normalize", f"must be one of {IPO_NORMALIZE}")
     if loss.ipo_normalize != "sum":
         _need(cfg, "ipo" in names, "loss.ipo_normalize", "applies to loss=ipo only")
     _need(cfg, 0.0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
     _need(cfg, loss.chosen_nll_weight >= 0, "loss.chosen_nll_weight", "must be >= 0")
+    _need(
+        cfg,
+        loss.router_aux_coef is None or loss.router_aux_coef >= 0,
+        "loss.router_aux_coef",
+        "must be >= 0 or null",
+    )
     _need(cfg, loss.sft_normalize in SFT_NORMALIZE, "loss.sft_normalize", f"must be one of {SFT_NORMALIZE}")
     if loss.sft_normalize != "sequence":
         _need(cfg, loss.name == "sft", "loss.sft_normalize", "applies to loss=sft only")
@@ -169,6 +192,14 @@ def _check_lora(cfg: Config) -> None:
     _need(cfg, lora.r >= 0, "model.lora.r", "must be >= 0 (0: no LoRA, every parameter trained)")
     _need(cfg, lora.alpha is None or lora.alpha > 0, "model.lora.alpha", "must be > 0 or null (2 x r)")
     _need(cfg, 0.0 <= lora.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+    if lora.target_parameters:
+        _need(cfg, lora.r > 0, "model.lora.target_parameters", "needs LoRA (model.lora.r > 0)")
+        _need(
+            cfg,
+            lora.dropout == 0,
+            "model.lora.dropout",
+            "must be 0 with model.lora.target_parameters (peft applies no dropout to a targeted parameter)",
+        )
     _need(
         cfg,
         bool(lora.target_modules),
@@ -206,6 +237,7 @@ def _check_model_weights(cfg: Config) -> None:
 
 
 def _check_batches_and_optimizer(cfg: Config) -> None:
+    _need(cfg, cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
     _need(cfg, len(cfg.datasets) > 0, "datasets", "must list at least one dataset")
     _need(cfg, cfg.batch_size > 0, "batch_size", "must be > 0")
     _need(cfg, cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")

@@ -23,7 +23,9 @@ from dpo_ds.data.microbatch import MicroBatch  # also imported from here (traini
 from dpo_ds.data.packing import collate_packed
 from dpo_ds.data.shared_prompt import block_length, collate_shared
 from dpo_ds.data.tokenize import TokenizedSeq
+from dpo_ds.model.arch import model_attention_features
 from dpo_ds.model.attention import DENSE_MASK_MAX_TOKENS
+from dpo_ds.model.attention import NAME as NAME_BLOCKS
 
 log = logging.getLogger("dpo_ds.data")
 
@@ -192,7 +194,31 @@ def choose(
 
 def for_config(cfg, on_cpu: bool, sequence_parallel: tuple = (0, 1)) -> Layout:
     """choose() with a run's config keys (data.layout, max_length, data.row_tokens,
-    data.max_tokens_per_micro_batch, model.attn_implementation): what the run and its plan collate with."""
-    return choose(cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
-                  max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
-                  attn=cfg.model.attn_implementation, on_cpu=on_cpu, sequence_parallel=sequence_parallel)  # fmt: skip
+    data.max_tokens_per_micro_batch, model.attn_implementation): what the run and its plan collate with.
+    The model's own attention (its sliding window, its sinks: model/arch.py) must survive the layout and
+    the attention implementation chosen, or the run is refused here, before any engine."""
+
+    def pick(attn):
+        return choose(cfg.data.layout, max_length=cfg.max_length, row_tokens=cfg.data.row_tokens,
+                      max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, attn=attn, on_cpu=on_cpu,
+                      sequence_parallel=sequence_parallel)  # fmt: skip
+
+    layout = pick(cfg.model.attn_implementation)
+    features = model_attention_features(cfg.model.name_or_path)
+    if features is None:
+        return layout
+    if (
+        cfg.model.attn_implementation == "auto"
+        and features.refusal(layout, cfg.max_length, on_cpu) is not None
+    ):
+        # auto's device-and-layout pick would lose the model's window or sinks (or the model cannot be built
+        # with it): dpo_ds_blocks applies both itself, in every layout, on any device
+        blocks = pick(NAME_BLOCKS)
+        if features.refusal(blocks, cfg.max_length, on_cpu) is None:
+            log.info(
+                f"model.attn_implementation=auto: {NAME_BLOCKS} for {cfg.data.layout} rows, where "
+                f"{layout.attn or 'the default'} would not keep {features.model_type}'s own attention (model/arch.py)"
+            )
+            return blocks
+    features.check(layout, cfg.max_length, on_cpu)
+    return layout

@@ -32,6 +32,7 @@ class MicroBatch:
     branch_ids      or None: 0 on a block's prompt, k on its k-th response (shared_prompt)
     spans           per row, (start, prompt_len, [(response_start, length), ...]) per block (a packed
                     segment: (start, length, [])), or None: what block attention computes (attention.py)
+    token_weights   or None: set by shard() of a shared-prompt row, its whole row's routing_weights() sliced
     Set by Batches (data/batches.py) for the step that runs it:
     example_ids     (pairs,) its examples' indices in the split, in the order of its pairs
     split           the split they come from (a precomputed reference looks them up by both)
@@ -52,6 +53,7 @@ class MicroBatch:
     block_ids: torch.Tensor | None = None
     branch_ids: torch.Tensor | None = None
     spans: list | None = None
+    token_weights: torch.Tensor | None = None
     example_ids: torch.Tensor | None = None
     split: str = "train"
     global_examples: int = 0
@@ -62,9 +64,27 @@ class MicroBatch:
         "target_pos", "target_ids", "target_seq", "n_seqs",
     )  # fmt: skip
 
-    def model_inputs(self) -> dict:
-        """The keyword arguments of model.LogprobLM.forward."""
-        return {k: getattr(self, k) for k in self.MODEL_INPUTS}
+    def model_inputs(self, routing: bool = False) -> dict:
+        """The keyword arguments of model.LogprobLM.forward; with the tokens' routing weights for a model that
+        computes a router loss (they are built only then: a dense model's forward never reads them)."""
+        inputs = {k: getattr(self, k) for k in self.MODEL_INPUTS}
+        return {**inputs, "token_weights": self.routing_weights()} if routing else inputs
+
+    def routing_weights(self) -> torch.Tensor:
+        """(rows, T) float: how many sequences each token belongs to, as a padded batch of whole sequences
+        counts it: 1 on a sequence's token, 0 on padding, and on a shared-prompt block's prompt the number of
+        its responses. The router's load-balancing loss weighs tokens by it (model/router.py)."""
+        if self.token_weights is not None:
+            return self.token_weights
+        weights = (self.seq_ids >= 0).float()
+        if (
+            self.branch_ids is not None and self.spans is not None
+        ):  # shared_prompt: a prompt serves k responses
+            for r, blocks in enumerate(self.spans):
+                for start, prompt_len, responses in blocks:
+                    if responses:
+                        weights[r, start : start + prompt_len] = len(responses)
+        return weights
 
     def to(self, device) -> MicroBatch:
         moved = {
@@ -113,6 +133,9 @@ class MicroBatch:
             attention_mask=None,
             block_ids=None,
             branch_ids=None,
+            # a shared prompt's weight comes from its block, which the piece no longer knows; elsewhere the
+            # piece's own seq_ids give it (routing_weights)
+            token_weights=pad(self.routing_weights(), 0.0)[:, lo:hi] if self.branch_ids is not None else None,
             target_pos=row[mine] * local + (col[mine] - lo),
             target_ids=self.target_ids[mine],
             target_seq=self.target_seq[mine],

@@ -91,17 +91,35 @@ def char_model_dir(out: Path, *, vocab: int | None = None, **shape):
     return cfg
 
 
+def tiny_moe_config(*, vocab: int, bos: int | None, eos: int | None, pad: int | None):
+    """The shipped tiny_moe: a Qwen3-MoE of 8 experts, top-2, with tiny's width (docs/training/moe.md)."""
+    from transformers import Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=1024, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        tie_word_embeddings=False, rms_norm_eps=1e-6,
+    )  # fmt: skip
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    return cfg
+
+
 def main() -> None:
     tok = build_tokenizer()
-    specs = {"model": (128, 2, 4, 512), "tiny": (64, 2, 4, 128)}
-    for name, (hidden, layers, heads, inter) in specs.items():
+    specs = {"model": (128, 2, 4, 512), "tiny": (64, 2, 4, 128), "tiny_moe": None}
+    for name, shape in specs.items():
         out = HERE / name
         out.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out))
         ids = dict(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
-        cfg = llama_config(
-            vocab=len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=inter, **ids
-        )
+        if shape is None:
+            cfg = tiny_moe_config(vocab=len(tok), **ids)
+        else:
+            hidden, layers, heads, inter = shape
+            cfg = llama_config(
+                vocab=len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=inter, **ids
+            )
         cfg.save_pretrained(str(out))
         # keep the directory byte-stable across runs: drop the version stamp transformers writes
         cfg_path = out / "config.json"

@@ -4,6 +4,7 @@ adapter merged in, then DeepSpeed's policy engine (with its optimizer) or infere
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -202,10 +203,39 @@ def tile_mlps(lm, tokens: int) -> int:
     return len(mlps)
 
 
-def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
+def set_leaf_modules(lm, ds: dict) -> None:
+    """ZeRO-3 and an MoE block that runs its experts one module each (model/moe.py PER_EXPERT_BLOCKS): the
+    block becomes a DeepSpeed leaf, its parameters gathered at its entry on every rank, whichever experts
+    this rank's tokens pick, so no rank waits on a gather the others never make."""
+    from dpo_ds.model import moe
+
+    if ds.get("zero_optimization", {}).get("stage", 0) != 3:
+        return
+    classes, _ = moe.per_expert_blocks(lm)
+    if classes:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(lm, classes)
+        log.info(f"ZeRO-3 leaf modules: {', '.join(c.__name__ for c in classes)} (each gathered whole)")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The multiple of lr the optimizer step `step` (0-based) uses: (step + 1) / (warmup + 1) while warming up,
+    then 1 (`constant`, the original DPO code's), or down to 0 at the last of `total` steps, linearly
+    (`linear`) or along a half cosine (`cosine`)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    left = max(total - warmup, 1)
+    done = min(max(step - warmup, 0) / left, 1.0)
+    return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None, total_steps: int = 0):
     import deepspeed
 
-    from dpo_ds.model import adapters, moe
+    from dpo_ds.model import adapters, moe, router
 
     _without_muon_compile(ds)
 
@@ -216,6 +246,11 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
         log.info(
             f"parallel.tiled_mlp_tokens: {n} MLPs run in tiles of {cfg.parallel.tiled_mlp_tokens} tokens (DeepSpeed's TiledMLP)"
         )
+    if (
+        cfg.model.freeze_router
+    ):  # the routers fixed (checked at launch: an MoE whose routers transformers names)
+        n = router.freeze_routers(lm)
+        log.info(f"model.freeze_router: {n} router parameters frozen")
     if cfg.model.lora.r:  # the base frozen; only the adapters train (adapters.py)
         base = resolve_model_dir(cfg.model.name_or_path)
         lm = adapters.wrap(lm, cfg.model.lora, cfg.seed, cfg.model.gradient_checkpointing, base)
@@ -228,16 +263,19 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None):
     first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     for note in moe.launch_notes(lm, lora=bool(cfg.model.lora.r)) if first else []:
         log.warning(note)  # an MoE model: what dpo_ds does not do for it, said once
-    model = LogprobLM(lm, cfg.model.logprob_impl, sp)
+    set_leaf_modules(lm, ds)
+    # an MoE's router loss (router.ROUTERS); LD-DPO's token weights (loss.ld_alpha)
+    model = LogprobLM(lm, cfg.model.logprob_impl, sp, router=True, ld_alpha=cfg.loss.ld_alpha)
     optimizer = None
     if cfg.optimizer == "RMSprop" and "optimizer" not in ds:
         # the original DPO code's default; the trainable parameters only (LoRA: the adapters)
         optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    warmup = cfg.warmup_steps
 
     def schedule(opt):
-        # linear warmup to lr over warmup_steps optimizer steps, then constant (as in the original)
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        # linear warmup to lr over warmup_steps optimizer steps, then cfg.lr_schedule (lr_factor)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.lr_schedule)
+        )
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -256,7 +294,9 @@ def build_reference(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = Non
     import deepspeed
 
     lm.requires_grad_(False)
-    model = LogprobLM(lm, cfg.model.logprob_impl, sp)
+    set_leaf_modules(lm, ds)
+    # an MoE's expert load at eval; LD-DPO weighs the reference's tokens as the policy's
+    model = LogprobLM(lm, cfg.model.logprob_impl, sp, router=True, ld_alpha=cfg.loss.ld_alpha)
     engine, _, _, _ = deepspeed.initialize(
         model=model, config=ds, **({"mpu": sp.mpu} if sp is not None else {})
     )

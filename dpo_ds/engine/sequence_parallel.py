@@ -90,6 +90,13 @@ def start_sequence_parallel(size: int, attn: str, model_dir: Path, stage: int) -
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if not _SP_ACTIVE[0]:
             return core(module, query, key, value, attention_mask, *args, **kwargs)
+        if kwargs.get("s_aux") is not None:  # a sink model arch.SINK_MODEL_TYPES does not know yet
+            raise ConfigError(
+                f"config key 'parallel.sequence_parallel_size': {getattr(module.config, 'model_type', '?')} with "
+                f"model.attn_implementation={attn}: its attention sinks (s_aux) cannot run under sequence "
+                f"parallelism ({size}): each rank attends with a slice of the heads and dpo_ds does not slice "
+                f"the sinks with them; use parallel.sequence_parallel_size=1"
+            )
         rows = query.shape[0]
         if rows not in by_rows:
             ulysses = UlyssesSPAttentionHF(

@@ -54,6 +54,11 @@ def unwrap_lm(engine):
     return engine.module.lm
 
 
+def routing(engine):
+    """The MoE routing the engine's LogprobLM computes a router loss for (model/router.py), or None."""
+    return getattr(getattr(engine, "module", None), "routing", None)
+
+
 def is_partitioned(module: torch.nn.Module) -> bool:
     """Whether the module's parameters are ZeRO-3 partitions (a forward gathers them collectively)."""
     return any(hasattr(p, "ds_id") for p in module.parameters())

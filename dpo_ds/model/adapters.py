@@ -45,23 +45,70 @@ def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def _targets(settings) -> str | list[str]:
-    return ALL_LINEAR if list(settings.target_modules) == [ALL_LINEAR] else list(settings.target_modules)
+EXPERTS = "experts"  # model.lora.target_parameters=[experts]: every fused expert weight of the model
 
 
-def lora_config(settings):
-    """peft's LoraConfig for model.lora.*: alpha defaults to 2 x r, no bias, no dropout by default."""
+def _targets(settings, model=None) -> str | list[str]:
+    """peft's target_modules. all-linear on a Mixture-of-Experts model is spelled out as the names of its
+    linear layers: peft 0.21 turns the string into fused-expert and router parameters for some MoE
+    architectures on its own, and dpo_ds lets model.lora.target_parameters alone decide those."""
+    if list(settings.target_modules) != [ALL_LINEAR]:
+        return list(settings.target_modules)
+    if model is None or not _is_moe(model):
+        return ALL_LINEAR
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_names(model)})
+
+
+def _is_moe(model) -> bool:
+    from dpo_ds.model.router import expert_count
+
+    return bool(expert_count(model.config))
+
+
+def _linear_names(model) -> list[str]:
+    import torch
+
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def expert_parameters(model) -> list[str]:
+    """The fused expert weights of a model, named as target_parameters takes them (`mlp.experts.gate_up_proj`):
+    its 3-D parameters inside a module named experts, without the layer prefix."""
+    names = set()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if len(getattr(p, "ds_shape", p.shape)) == 3 and EXPERTS in parts:  # ZeRO-3 partitions keep ds_shape
+            tail = parts[parts.index("layers") + 2 :] if "layers" in parts else parts
+            names.add(".".join(tail))
+    return sorted(names)
+
+
+def _parameter_targets(settings, model=None) -> list[str]:
+    targets = list(getattr(settings, "target_parameters", []) or [])
+    if EXPERTS in targets:
+        if model is None:
+            raise AdapterError("model.lora.target_parameters=[experts] is resolved against a model")
+        targets = sorted({*(t for t in targets if t != EXPERTS), *expert_parameters(model)})
+    return targets
+
+
+def lora_config(settings, model=None):
+    """peft's LoraConfig for model.lora.*: alpha defaults to 2 x r, no bias, no dropout by default; `model`
+    (the one it will wrap, or its meta-device twin) resolves all-linear on an MoE and target_parameters."""
     try:
         from peft import LoraConfig
     except ImportError:
         raise AdapterError(
             "model.lora.r > 0 needs peft: pip install 'dpo_ds[lora]' (or pip install peft)"
         ) from None
+    parameters = _parameter_targets(settings, model)
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha if settings.alpha is not None else 2 * settings.r,
         lora_dropout=settings.dropout,
-        target_modules=_targets(settings),
+        target_modules=_targets(settings, model),
+        target_parameters=parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -76,13 +123,14 @@ def check_targets(settings, model_dir: Path) -> list[str]:
 
     from dpo_ds.model.files import load_config
 
-    config = lora_config(settings)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(model_dir))
     head = model.get_output_embeddings()
-    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    if config.target_modules == ALL_LINEAR:
-        return sorted(linear)
+    linear = set(_linear_names(model))
+    params = _check_parameter_targets(settings, model, model_dir)
+    config = lora_config(settings, model)
+    if list(settings.target_modules) == [ALL_LINEAR]:
+        return sorted(linear) + params
     matched = {name for name, _ in model.named_modules() if check_target_module_exists(config, name)}
     for target in settings.target_modules:
         if not any(name == target or name.endswith(f".{target}") for name in matched):
@@ -96,7 +144,32 @@ def check_targets(settings, model_dir: Path) -> list[str]:
             "config key 'model.lora.target_modules': the lm_head cannot take an adapter (the log-prob "
             "paths compute from its weight directly); leave it out"
         )
-    return sorted(matched)
+    return sorted(matched) + params
+
+
+def _check_parameter_targets(settings, model, model_dir) -> list[str]:
+    """The parameters model.lora.target_parameters wraps, or an AdapterError naming the key when one matches
+    nothing (or `experts` finds no fused expert weight: a dense model)."""
+    asked = list(getattr(settings, "target_parameters", []) or [])
+    if not asked:
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    experts = expert_parameters(model)
+    if EXPERTS in asked and not experts:
+        raise AdapterError(
+            f"config key 'model.lora.target_parameters': {model_dir} has no fused expert weights for [experts] "
+            "(not a Mixture-of-Experts model in transformers' fused form)"
+        )
+    found = []
+    for target in _parameter_targets(settings, model):
+        hits = [n for n in names if n == target or n.endswith(f".{target}")]
+        if not hits:
+            raise AdapterError(
+                f"config key 'model.lora.target_parameters': {target!r} matches no parameter of {model_dir} "
+                f"(its fused expert weights: {', '.join(experts) or 'none'})"
+            )
+        found += hits
+    return sorted(found)
 
 
 def wrap(lm, settings, seed: int, gradient_checkpointing: bool, base: Path):
@@ -108,7 +181,7 @@ def wrap(lm, settings, seed: int, gradient_checkpointing: bool, base: Path):
 
     torch.manual_seed(seed)
     fp32 = settings.adapter_dtype == "float32"
-    model = get_peft_model(lm, lora_config(settings), autocast_adapter_dtype=fp32)
+    model = get_peft_model(lm, lora_config(settings, lm), autocast_adapter_dtype=fp32)
     model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
     if gradient_checkpointing:
         # peft's trick for checkpointing with a frozen embedding: its output must require grad, or a

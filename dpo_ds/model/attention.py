@@ -16,6 +16,13 @@ transformers' usual mask. On a GPU FlexAttention does what it does with a block 
 
 Spans, per row: a list of (start, prompt_len, [(response_start, response_len), ...]); a packed
 segment is (start, length, []). Tokens no span covers (tail padding) get a zero output.
+
+The model's own attention features (model/arch.py) arrive per layer as keyword arguments and are applied
+here in every case: a sliding window (sliding_window: Mixtral, Qwen3-MoE, gpt-oss's sliding layers) counts
+in each sequence's own positions (a shared-prompt response's continue from its prompt's end); gpt-oss's
+sinks (s_aux) join every softmax's denominator, so a segment's attention is then computed from explicit
+scores. The dense and FlexAttention masks below carry no window: arch.py refuses them for a model whose
+window can bind.
 """
 
 from __future__ import annotations
@@ -32,53 +39,126 @@ SPANS_KWARG = "dpo_spans"
 
 
 def block_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None), as transformers expects."""
-    spans = kwargs.pop(SPANS_KWARG, None)
-    if spans is None:
-        # no layout (generation with left-padded prompts and a cache): plain SDPA on transformers' own
-        # mask, which it builds for this implementation as for sdpa (register)
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None), as transformers expects.
 
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    b, h, t, d = query.shape
-    rep = h // key.shape[1]
-    if rep > 1:  # grouped-query attention: every query head needs its key/value head
-        key = key.repeat_interleave(rep, dim=1)
-        value = value.repeat_interleave(rep, dim=1)
-    rows = []
-    for r in range(b):
-        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]  # (1, H, T, D)
-        pieces, at = [], 0
-        for start, p, responses in spans[r]:
-            if start > at:
-                pieces.append(q.new_zeros(1, h, start - at, d))
-            first = responses[0][1] if responses else 0
-            end = start + p + first
-            # the prompt and the response that follows it: plain causal attention
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True, scale=scaling
-                )
+    The model's own attention features come per layer as keyword arguments (model/arch.py): sliding_window
+    (a query sees the keys of its sequence at most W - 1 positions back) and s_aux (gpt-oss's sinks: a
+    logit per head in every softmax's denominator); both are applied here, in a segment's own positions."""
+    spans = kwargs.pop(SPANS_KWARG, None)
+    window, sinks = kwargs.get("sliding_window"), kwargs.get("s_aux")
+    if spans is None:
+        if sinks is None and (window is None or attention_mask is not None):
+            # no layout (generation with left-padded prompts and a cache; padded rows): plain SDPA on
+            # transformers' own mask, which it builds for this implementation as for sdpa (register), window
+            # included
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
-            for rs, rl in responses[1:]:
-                # a further response: every prompt key, and its own keys causally (L x (P + L))
-                keys = torch.cat([k[:, :, start : start + p], k[:, :, rs : rs + rl]], dim=2)
-                vals = torch.cat([v[:, :, start : start + p], v[:, :, rs : rs + rl]], dim=2)
-                own = torch.ones(rl, rl, dtype=torch.bool, device=q.device).tril()
-                allowed = torch.cat([torch.ones(rl, p, dtype=torch.bool, device=q.device), own], dim=1)
-                pieces.append(
-                    F.scaled_dot_product_attention(
-                        q[:, :, rs : rs + rl], keys, vals, attn_mask=allowed, scale=scaling
-                    )
-                )
-            at = (responses[-1][0] + responses[-1][1]) if len(responses) > 1 else end
-        if at < t:
-            pieces.append(q.new_zeros(1, h, t - at, d))
-        rows.append(torch.cat(pieces, dim=2))
+        _refuse_unapplied(module, kwargs)
+        return _unsegmented(query, key, value, attention_mask, scaling, window, sinks), None
+    _refuse_unapplied(module, kwargs)
+    b, h = query.shape[:2]
+    key, value = _repeat_kv(key, value, h)
+    rows = [
+        _row(query[r : r + 1], key[r : r + 1], value[r : r + 1], spans[r], scaling, window, sinks)
+        for r in range(b)
+    ]
     out = torch.cat(rows, dim=0)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _row(q, k, v, spans, scaling, window, sinks) -> torch.Tensor:
+    """One row's attention (1, H, T, D), segment by segment; tokens no span covers get zeros."""
+    _, h, t, d = q.shape
+    pieces, at = [], 0
+    for start, p, responses in spans:
+        if start > at:
+            pieces.append(q.new_zeros(1, h, start - at, d))
+        first = responses[0][1] if responses else 0
+        end = start + p + first
+        # the prompt and the response that follows it (or a packed segment): causal, positions 0..
+        pos = torch.arange(end - start, device=q.device)
+        part = slice(start, end)
+        pieces.append(_attend(q[:, :, part], k[:, :, part], v[:, :, part], pos, pos, scaling, window, sinks))
+        for rs, rl in responses[1:]:
+            # a further response: every prompt key, and its own keys causally (L x (P + L)); its positions
+            # continue from the prompt's end, as if it followed the prompt alone
+            keys = torch.cat([k[:, :, start : start + p], k[:, :, rs : rs + rl]], dim=2)
+            vals = torch.cat([v[:, :, start : start + p], v[:, :, rs : rs + rl]], dim=2)
+            q_pos = torch.arange(p, p + rl, device=q.device)
+            k_pos = torch.cat([torch.arange(p, device=q.device), q_pos])
+            pieces.append(_attend(q[:, :, rs : rs + rl], keys, vals, q_pos, k_pos, scaling, window, sinks))
+        at = (responses[-1][0] + responses[-1][1]) if len(responses) > 1 else end
+    if at < t:
+        pieces.append(q.new_zeros(1, h, t - at, d))
+    return torch.cat(pieces, dim=2)
+
+
+def _attend(q, k, v, q_pos, k_pos, scaling, window, sinks) -> torch.Tensor:
+    """Queries (1, H, L, D) at positions q_pos (L,) over keys (1, H, S, D) at k_pos (S,): causal in those
+    positions, and within the window when the layer has one (i - W < j <= i: transformers'
+    sliding_window_overlay)."""
+    if sinks is None and q_pos is k_pos and (window is None or len(q_pos) <= window):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scaling
+        )  # the window never binds
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (L, S)
+    if window is not None:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+    return _softmax_attention(q, k, v, allowed, scaling, sinks)
+
+
+def _unsegmented(query, key, value, attention_mask, scaling, window, sinks) -> torch.Tensor:
+    """Whole rows (B, H, Q, D) with transformers' mask (padded rows), or with none: transformers skipped a
+    plain causal one, or DeepSpeed's Ulysses dropped it (sequence parallelism: whole right-padded rows, where
+    the window is applied here). Returns (B, Q, H, D)."""
+    key, value = _repeat_kv(key, value, query.shape[1])
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :k_len]
+        allowed = mask if mask.dtype == torch.bool else mask == 0  # (B, 1, Q, K), or additive
+    else:  # sdpa's is_causal (top-left) where Q > 1, every key for one query
+        q_pos = torch.arange(q_len, device=query.device)
+        k_pos = torch.arange(k_len, device=query.device)
+        allowed = k_pos[None, :] <= (q_pos[:, None] if q_len > 1 else k_len)
+        if window is not None and q_len == k_len:
+            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+    return _softmax_attention(query, key, value, allowed, scaling, sinks).transpose(1, 2).contiguous()
+
+
+def _softmax_attention(q, k, v, allowed, scaling, sinks) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the allowed keys; with sinks (H,), each head's sink logit joins every
+    softmax's denominator and brings no value (gpt-oss's eager_attention_forward)."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, L, S)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # (B, H, L, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # the sink's share dropped
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def _repeat_kv(key, value, heads: int):
+    """Grouped-query attention: every query head gets its key/value head."""
+    rep = heads // key.shape[1]
+    if rep > 1:
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    return key, value
+
+
+def _refuse_unapplied(module, kwargs) -> None:
+    """Attention features this implementation does not apply: an error, never a silent difference."""
+    for name in ("softcap", "position_bias"):
+        if kwargs.get(name) is not None:
+            model = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+            raise ValueError(
+                f"{model}: its attention passes {name}, which model.attn_implementation={NAME} does not apply; "
+                f"use eager or sdpa"
+            )
 
 
 def allowed(block_q, branch_q, pos_q, block_k, branch_k, pos_k):

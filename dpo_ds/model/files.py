@@ -13,7 +13,11 @@ from torch import nn
 PACKAGE = Path(__file__).resolve().parent.parent  # dpo_ds/
 # Model directories that ship with the package: standard HF directories (config.json + tokenizer
 # files) without weights; weights are initialised from the config with the run's seed.
-SHIPPED_MODELS = {"demo": PACKAGE / "demo" / "model", "tiny": PACKAGE / "demo" / "tiny"}
+SHIPPED_MODELS = {
+    "demo": PACKAGE / "demo" / "model",
+    "tiny": PACKAGE / "demo" / "tiny",
+    "tiny_moe": PACKAGE / "demo" / "tiny_moe",  # a Qwen3-MoE of 8 experts, top-2 (docs/training/moe.md)
+}
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -158,3 +162,21 @@ def random_init_state(model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(load_config(model_dir), dtype=torch.float32)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def check_not_quantized(model_dir: Path) -> None:
+    """A checkpoint whose config.json declares a quantization (gpt-oss's released MXFP4 weights, a GPTQ/AWQ
+    export, bitsandbytes) is refused by name: dpo_ds trains and compares full-precision weights, and
+    DeepSpeed's ZeRO partitions no quantized tensor."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    quant = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ModelError(
+            f"model.name_or_path={model_dir}: its weights are quantized ({method}, quantization_config in "
+            f"config.json); dpo_ds trains full-precision weights: dequantize them once and point at that directory "
+            f"(for gpt-oss's mxfp4: from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True), "
+            f"dtype=torch.bfloat16).save_pretrained(DIR))"
+        )

@@ -13,6 +13,7 @@ from torch import nn
 from dpo_ds.model.attention import attention_inputs
 from dpo_ds.model.files import ModelError
 from dpo_ds.model.logprobs import token_logprobs
+from dpo_ds.model.router import Routing, balance_loss, balance_sums
 
 
 def _restricted_head_ok(config) -> bool:
@@ -30,6 +31,8 @@ class SequenceLogps:
 
     logps: torch.Tensor
     counts: torch.Tensor
+    aux: torch.Tensor | None = None  # an MoE model's router load-balancing loss (model/router.py), ()
+    load: torch.Tensor | None = None  # its routed token assignments per (layer, expert), no gradient
 
     @property
     def chosen(self) -> torch.Tensor:
@@ -78,9 +81,42 @@ def reduce_sequences(
     return logps, counts.index_add(0, target_seq, torch.ones_like(target_seq))
 
 
+def length_weights(
+    target_seq: torch.Tensor,
+    target_pos: torch.Tensor,
+    n_seqs: int,
+    ld_alpha: float,
+    group=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization"): each scored
+    token's weight, 1 within the first min(|y_w|, |y_l|) tokens of its pair's responses and ld_alpha past them,
+    so that the longer response's surplus counts alpha times. (M,) for target_seq's tokens; sequences [0, n) are
+    the chosen responses and [n, 2n) the rejected ones (split_pairs). A token's place in its response is its
+    rank by position among its sequence's tokens (a shared-prompt response's first token is predicted from the
+    prompt's last position, before its others); under sequence parallelism (`group`) the tokens of the group's
+    lower ranks come first, and the lengths are the group's."""
+    counts = torch.bincount(target_seq, minlength=n_seqs)  # this piece's tokens per sequence
+    before, total = torch.zeros_like(counts), counts
+    if group is not None:
+        pieces = [torch.zeros_like(counts) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(pieces, counts, group=group)
+        mine = torch.distributed.get_rank(group)
+        before, total = sum(pieces[:mine], torch.zeros_like(counts)), sum(pieces, torch.zeros_like(counts))
+    order = torch.argsort(target_seq * (int(target_pos.max()) + 1 if target_pos.numel() else 1) + target_pos)
+    starts = torch.cumsum(counts, 0) - counts  # where each sequence's tokens begin in `order`
+    place = torch.empty_like(target_seq)
+    place[order] = torch.arange(target_seq.numel(), device=target_seq.device) - starts[target_seq[order]]
+    shared = torch.minimum(*split_pairs(total)).repeat(2)  # (n_seqs,) the pair's shorter length
+    inside = (place + before[target_seq]) < shared[target_seq]
+    one = torch.ones((), dtype=dtype, device=target_seq.device)
+    return torch.where(inside, one, one * ld_alpha)
+
+
 def sequence_logps(engine, batch) -> SequenceLogps:
     """Run a LogprobLM (or the DeepSpeed engine around one) on a micro-batch (data.layout.MicroBatch)."""
-    return SequenceLogps(*engine(**batch.model_inputs()))
+    routing = getattr(getattr(engine, "module", engine), "routing", None) is not None  # an MoE's router loss
+    return SequenceLogps(*engine(**batch.model_inputs(routing)))
 
 
 def _fuse_head(head: nn.Module) -> None:
@@ -114,10 +150,21 @@ class LogprobLM(nn.Module):
     A shared-prompt micro-batch carries block_ids/branch_ids and spans instead of a mask; attention is
     computed per segment from the spans (attn_implementation=dpo_ds_blocks, attention.py), or with a mask
     built here, a FlexAttention BlockMask (flex_attention) or dense (eager/sdpa).
+
+    An MoE model's wrapper built with router=True also returns the router's load-balancing loss and the
+    expert load of the micro-batch (model/router.py): (logps, counts, aux, load).
     """
 
-    def __init__(self, lm: nn.Module, logprob_impl: str = "chunked", sequence_parallel=None):
+    def __init__(
+        self,
+        lm: nn.Module,
+        logprob_impl: str = "chunked",
+        sequence_parallel=None,
+        router=False,
+        ld_alpha=None,
+    ):
         super().__init__()
+        self.ld_alpha = ld_alpha  # LD-DPO (length_weights): None, every token counts once
         self.lm = lm
         self.logprob_impl = logprob_impl
         # engine.sequence_parallel.SequenceParallel (its group and gradient scale), or None: under sequence parallelism
@@ -125,6 +172,12 @@ class LogprobLM(nn.Module):
         self.sp = sequence_parallel
         self.restricted_head = _restricted_head_ok(lm.config)
         self.attn = getattr(lm.config, "_attn_implementation", None)  # the layout's rule: attention.py
+        self.routing = Routing.of(lm.config) if router else None
+        if self.routing is not None and not self.restricted_head:
+            raise ModelError(
+                f"{type(lm.config).__name__}: an MoE model that post-processes its logits; dpo_ds cannot take "
+                "its router logits from the full forward: set loss.router_aux_coef=0"
+            )
         if logprob_impl == "fused_linear":
             if not self.restricted_head:
                 raise ModelError(
@@ -145,19 +198,39 @@ class LogprobLM(nn.Module):
         target_ids,
         target_seq,
         n_seqs,
+        token_weights=None,
     ):
         attention_mask, extra = attention_inputs(
             self.attn, attention_mask, block_ids, branch_ids, spans, self.dtype, input_ids.device
         )
-        per_token = self.scored_logps(
+        if self.routing is not None:
+            extra["output_router_logits"] = True
+        per_token, router_logits = self.scored_logps(
             input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
         )
+        if self.ld_alpha is not None:  # LD-DPO: the longer response's surplus tokens weigh ld_alpha
+            group = self.sp.group if self.sp is not None else None
+            weights = length_weights(target_seq, target_pos, n_seqs, self.ld_alpha, group, per_token.dtype)
+            per_token = per_token * weights
         logps, counts = reduce_sequences(per_token, target_seq, n_seqs)  # per_token: (M,)
         if self.sp is not None:
             logps = SumOverGroup.apply(logps, self.sp.group, self.sp.grad_scale)
             counts = counts.clone()
             torch.distributed.all_reduce(counts, group=self.sp.group)
-        return logps, counts
+        if self.routing is None:
+            return logps, counts
+        return (logps, counts, *self.router_loss(router_logits, token_weights))
+
+    def router_loss(self, router_logits, token_weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux, load): the load-balancing loss of the micro-batch and its expert load (model/router.py);
+        under sequence parallelism the sums are the group's, so every rank of it holds the same loss."""
+        load, probs, total = balance_sums(router_logits, token_weights, self.routing)
+        if self.sp is not None:
+            probs = SumOverGroup.apply(probs, self.sp.group, self.sp.grad_scale)
+            load, total = load.clone(), total.detach().clone()
+            torch.distributed.all_reduce(load, group=self.sp.group)
+            torch.distributed.all_reduce(total, group=self.sp.group)
+        return balance_loss(load, probs, total, self.routing), load
 
     @property
     def dtype(self) -> torch.dtype:
@@ -165,8 +238,9 @@ class LogprobLM(nn.Module):
 
     def scored_logps(
         self, input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
-    ) -> torch.Tensor:
-        """log p(target_ids) (M,) in fp32, each from the hidden state at its target_pos."""
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """log p(target_ids) (M,) in fp32, each from the hidden state at its target_pos; and the router
+        logits per MoE layer when extra asks for them (output_router_logits), else None."""
         # use_cache=False: with packed rows (restarting position_ids, no mask) a cache makes the model
         # attend across segments silently.
         kwargs = dict(
@@ -178,13 +252,17 @@ class LogprobLM(nn.Module):
         )
         if self.restricted_head:
             decoder = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
-            hidden = decoder(**kwargs).last_hidden_state  # (rows, T, H)
+            out = decoder(**kwargs)
+            hidden = out.last_hidden_state  # (rows, T, H)
+            router_logits = getattr(out, "router_logits", None)
             hidden = hidden.reshape(-1, hidden.shape[-1])[target_pos]  # (M, H) only where a token is scored
             head = self.lm.get_output_embeddings()
             if self.logprob_impl == "fused_linear":
-                return head(hidden, target_ids).float()  # (M,) the fused head: no (M, V) logits
+                return head(
+                    hidden, target_ids
+                ).float(), router_logits  # (M,) the fused head: no (M, V) logits
             logits = head(hidden)  # (M, V)
         else:
-            logits = self.lm(**kwargs).logits  # (rows, T, V)
+            logits, router_logits = self.lm(**kwargs).logits, None  # (rows, T, V)
             logits = logits.reshape(-1, logits.shape[-1])[target_pos]
-        return token_logprobs(logits, target_ids, impl=self.logprob_impl).float()  # (M,)
+        return token_logprobs(logits, target_ids, impl=self.logprob_impl).float(), router_logits  # (M,)

@@ -1,31 +1,49 @@
 """Mixture-of-Experts models: how dpo_ds recognises one, and what it says at launch about what it does not
-do for them yet, so that nothing about an MoE run is silent.
+do for it, so that nothing about an MoE run is silent.
 
 transformers builds MoE causal LMs (Qwen3-MoE, Mixtral, OLMoE, gpt-oss, ...) with a router and one
 fused experts module per layer, whose weights are 3-D parameters (`mlp.experts.gate_up_proj`,
 `mlp.experts.down_proj`); the config names the expert count and the router's load-balancing coefficient
-(`router_aux_loss_coef`). dpo_ds trains such a model like a dense one: the router's auxiliary loss is not
-added; LoRA adapters reach the experts only when peft wraps them (its `all-linear` does for Qwen3-MoE's
-fused experts in peft 0.21; a list of module names may leave them out), and the launch says when none do.
+(`router_aux_loss_coef`). dpo_ds adds that loss for the routers it reproduces (router.py) and watches the
+expert load at eval (training/experts.py); LoRA adapters reach the experts only when peft wraps them, and
+the launch says when none do.
 """
 
 from __future__ import annotations
 
 from .adapters import full_numel
+from .router import EXPERT_COUNT_KEYS, ROUTERS, expert_count  # noqa: F401 (expert_count: the planner's)
 
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+# MoE blocks that run each expert as its own module (an nn.ModuleList of experts) and skip the experts no
+# token picked: transformers 4.x's blocks of these architectures, and remote-code DeepSeek models. Under
+# ZeRO-3 each expert's weights are gathered when it runs, so ranks whose tokens pick different experts wait
+# on different gathers and hang; DeepSpeed's leaf-module setting (deepspeed.utils.set_z3_leaf_modules: the
+# engine layer applies it) gathers a whole block at its entry instead, on every rank alike. transformers
+# 5.x's fused experts (3-D parameters in one module) are gathered whole and need nothing.
+PER_EXPERT_BLOCKS = [
+    "MixtralSparseMoeBlock",
+    "Qwen2MoeSparseMoeBlock",
+    "Qwen3MoeSparseMoeBlock",
+    "OlmoeSparseMoeBlock",
+    "DeepseekV2MoE",
+    "DeepseekV3MoE",
+]
 
 
-def expert_count(config) -> int:
-    """The number of experts a model config declares (0 for a dense model): a transformers config, or
-    config.json read as a dict (its text_config for a multimodal one)."""
-    if isinstance(config, dict):
-        config = config.get("text_config", config)
-    for key in EXPERT_COUNT_KEYS:
-        n = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-        if isinstance(n, int) and n > 1:
-            return n
-    return 0
+def per_expert_blocks(lm) -> tuple[list[type], list[str]]:
+    """(classes of PER_EXPERT_BLOCKS this model has, names of other per-expert MoE block classes): a block
+    is per-expert when its `experts` is an nn.ModuleList."""
+    import torch
+
+    known, unknown = {}, set()
+    for module in lm.modules():
+        if isinstance(getattr(module, "experts", None), torch.nn.ModuleList):
+            name = type(module).__name__
+            if name in PER_EXPERT_BLOCKS:
+                known[name] = type(module)
+            else:
+                unknown.add(name)
+    return list(known.values()), sorted(unknown)
 
 
 def _is_expert(name: str) -> bool:
@@ -51,12 +69,22 @@ def launch_notes(lm, lora: bool) -> list[str]:
     n = expert_count(config)
     if not n:
         return []
-    coef = getattr(config, "router_aux_loss_coef", None)
-    notes = [
-        f"{type(config).__name__}: a Mixture-of-Experts model ({n} experts); its router's load-balancing loss"
-        f"{f' (router_aux_loss_coef={coef} in its config)' if coef is not None else ''} is not added to the "
-        f"objective: dpo_ds does not compute it yet, so routing trains on the DPO loss alone"
-    ]
+    notes = []
+    if getattr(config, "model_type", None) not in ROUTERS:
+        notes.append(
+            f"{type(config).__name__}: a Mixture-of-Experts model ({n} experts) whose router dpo_ds does not "
+            f"reproduce (it does for {', '.join(ROUTERS)}): no router load-balancing loss is added and no expert "
+            f"load is reported; routing trains on the DPO loss alone"
+        )
+    _, unknown = per_expert_blocks(lm)
+    if unknown:
+        notes.append(
+            f"{', '.join(unknown)}: an MoE block that runs each expert as its own module and is not in dpo_ds's "
+            f"table of them (model/moe.py PER_EXPERT_BLOCKS): under ZeRO-3, ranks whose tokens pick different "
+            f"experts wait on different gathers: NCCL hangs (the watchdog names the step), gloo aborts on the "
+            f"mismatched collective; use ZeRO-2, or add "
+            f"the class to the table"
+        )
     experts, total, adapted = expert_share(lm)
     if lora and experts and not adapted:
         notes.append(

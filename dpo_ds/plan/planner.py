@@ -12,7 +12,8 @@ offload), each alone and then together until it fits, by the peak (the larger of
 verdict), leaving out a change that does not lower the peak of the ones above it; --write-ds PATH writes
 the DeepSpeed JSON of the first set that fits. Under offload the GPU's terms leave out what the JSON (and
 model.reference_offload) keep in CPU memory; the plan names it below the table. Estimates, not
-measurements: bench/plan_check.py compares them with bench/memory.py.
+measurements: bench/plan_check.py compares them with bench/memory.py. A Mixture-of-Experts model is counted
+with its experts (plan/experts.py) and its plan says which of its figures rest on what.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from dpo_ds.plan.estimate import (
     CPU_RUNTIME_EXTRA_GIB,
     DTYPE_BYTES,
     GIB,
+    LORA_WEIGHTS,
+    PINNED_EXPERTS,
+    ROUTER,
     Run,
     Shape,
     estimate,
@@ -101,6 +105,8 @@ def describe(
         reference_stage_pinned=cfg.model.reference_zero_stage is not None,
         lora_r=cfg.model.lora.r,
         lora_targets=tuple(cfg.model.lora.target_modules),
+        # fused expert parameters peft wraps by name (an optional key: configs without it name none)
+        lora_parameters=tuple(getattr(cfg.model.lora, "target_parameters", None) or ()),
         adapter_bytes=DTYPE_BYTES["float32"] if cfg.model.lora.adapter_dtype == "float32" else 0,
         tokens_per_micro=tokens,
         scored_per_micro=scored,
@@ -206,7 +212,8 @@ FIXES = [
 
 
 SAVE = "save peak (rank 0)"  # estimate's term for what rank 0 adds while it writes a checkpoint
-NOT_WHILE_SAVING = ("activations", "logits")  # a step's, freed before the save
+# a step's, freed before the save
+NOT_WHILE_SAVING = ("activations", ROUTER, LORA_WEIGHTS, PINNED_EXPERTS, "logits")
 
 
 def device_total(run: Run) -> float:
@@ -252,8 +259,11 @@ def _header(run: Run) -> str:
     zero = f"ZeRO-{run.stage}" + (f" (offload: {', '.join(policy)})" if policy else "")
     reference = f"reference {run.reference_mode}" + (" (offloaded)" if "reference" in moved else "")
     where = "CPU (resident set per rank)" if run.on_cpu else "GPU (device memory per rank)"
+    ex = run.shape.experts
+    moe = (f", {params_text(run.shape.active_params)} active a token: {ex.count} experts, top-{ex.top_k}, in "
+           f"{ex.layers} of the layers" if ex else "")  # fmt: skip
     return (
-        f"dpo_ds plan: {params_text(run.shape.params)} parameters ({run.shape.layers} layers, hidden {run.shape.hidden}, "
+        f"dpo_ds plan: {params_text(run.shape.params)} parameters{moe} ({run.shape.layers} layers, hidden {run.shape.hidden}, "
         f"vocab {run.shape.vocab}), {plural(run.ranks, 'rank')}, {zero}, {reference}, "
         f"{run.tokens_per_micro} tokens a micro-batch{f' over {run.sequence_parallel} ranks' if run.sequence_parallel > 1 else ''}, "
         f"{run.logprob_impl}{', checkpointing' if run.checkpointing else ''}{f', LoRA r={run.lora_r}' if run.lora_r else ''}; {where}"
@@ -317,6 +327,7 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
     lines = [
         _header(run),
         *([f"assumed: {run.assumed}"] if run.assumed else []),
+        *moe_notes(run),
         *(f"warning: {note}" for note in run.notes),
         "",
         *_table(run, t),
@@ -332,6 +343,30 @@ def plan(run: Run, budget_gib: float) -> tuple[str, list[tuple[str, float]], Run
         more, fixes, fitting = _changes(run, budget_gib)
         lines += more
     return "\n".join(lines), fixes, fitting
+
+
+def moe_notes(run: Run) -> list[str]:
+    """What an MoE plan rests on (plan/estimate.py's docstring, Mixture-of-Experts); [] for a dense model."""
+    ex = run.shape.experts
+    if ex is None:
+        return []
+    return [
+        f"MoE ({ex.model_type}): these figures are estimates: model states count all {ex.count} experts, the "
+        f"activations the top-{ex.top_k} a token takes, the router's fp32 probabilities and, under ZeRO-3, one "
+        f"layer's experts gathered whole ({params_text(run.shape.gathered)} values); checked against the tensors "
+        "autograd saves on tiny models, not measured on a GPU",
+        f"MoE: dpo_ds has no expert parallelism: every rank holds all {ex.count} experts of a layer it computes "
+        "while they are gathered (ZeRO shards them at rest, never by expert)",
+    ] + (
+        [f"MoE: LoRA adapters reach the fused experts; peft makes W + BA of each wrapped parameter, its full size, "
+         f"on every forward and autograd keeps it for the backward (the '{LORA_WEIGHTS}' term)"]
+        if estimate(run)[LORA_WEIGHTS] else []
+    ) + (
+        [f"MoE: under ZeRO-3 autograd keeps views of each sparse layer's gathered expert weights until that "
+         f"layer's backward, every layer's at once as the backward begins (the '{PINNED_EXPERTS}' term; gradient "
+         "checkpointing keeps one layer's)"]
+        if estimate(run)[PINNED_EXPERTS] else []
+    )  # fmt: skip
 
 
 def one_line(run: Run, budget_gib: float | None) -> str:

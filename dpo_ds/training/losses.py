@@ -22,7 +22,43 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dpo_ds.config.schema import F_DIVERGENCES
+
 Tensor = torch.Tensor
+
+
+def f_scores(logratio: Tensor, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
+    """f-DPO (Wang et al. 2024, "Beyond Reverse KL", Thm. 1): DPO under an f-divergence regulariser compares
+    f'(pi / pi_ref) of the two responses instead of log(pi / pi_ref). With u = log(pi / pi_ref):
+
+        reverse_kl        f'(t) = log t + 1           -> u (the constant cancels in a difference: DPO)
+        forward_kl        f'(t) = 1 - 1 / t           -> 1 - exp(-u)
+        js_divergence     f'(t) = log(2 t / (1 + t))  -> log 2 + log sigma(u)
+        alpha_divergence  f'(t) = (t^(a-1) - 1)/(a-1) -> (exp((a - 1) u) - 1) / (a - 1); a -> 1 is reverse KL
+
+    The exponent is clamped at 80 (exp(80) ~ 5.5e34, finite in float32), as TRL 1.16 does in float32."""
+    if f_divergence == "reverse_kl":
+        return logratio
+    if f_divergence == "forward_kl":
+        return 1 - torch.exp(-logratio)
+    if f_divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratio)
+    if f_divergence == "alpha_divergence":
+        if abs(f_alpha - 1.0) < 1e-6:
+            return logratio
+        return (torch.exp(((f_alpha - 1.0) * logratio).clamp(max=80.0)) - 1.0) / (f_alpha - 1.0)
+    raise ValueError(f"unknown f-divergence {f_divergence!r}: one of {F_DIVERGENCES}")
+
+
+def _margin(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, f_divergence: str, f_alpha: float) -> Tensor:
+    """h = f'(chosen ratio) - f'(rejected ratio): DPO's log-ratio margin under reverse KL, (pairs,)."""
+    return f_scores(pc - rc, f_divergence, f_alpha) - f_scores(pr - rr, f_divergence, f_alpha)
+
+
+def _mean_margin(pc, pr, rc, rr, chosen_tokens, rejected_tokens, f_divergence, f_alpha) -> Tensor:
+    """Per-token mean log-ratio margin: f'(ratio(y_w)) / |y_w| - f'(ratio(y_l)) / |y_l|, (pairs,)."""
+    chosen = f_scores(pc - rc, f_divergence, f_alpha) / chosen_tokens.clamp(min=1)
+    return chosen - f_scores(pr - rr, f_divergence, f_alpha) / rejected_tokens.clamp(min=1)
 
 
 def _rewards(beta: float, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,13 +74,16 @@ def dpo_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """DPO (Rafailov et al. 2023, Eq. 7); with label_smoothing > 0 it is conservative DPO (cDPO).
+    """DPO (Rafailov et al. 2023, Eq. 7); with label_smoothing > 0 it is conservative DPO (cDPO); under
+    another f-divergence, f-DPO (f_scores).
 
     h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l))
     loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
     """
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (pairs,)
+    h = _margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, f_divergence, f_alpha)  # (pairs,)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
@@ -57,11 +96,13 @@ def ipo_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """IPO (Azar et al. 2023, Eq. 17): loss = (h - 1 / (2 tau))^2 with tau = beta."""
     if label_smoothing:
         raise ValueError("IPO has no label smoothing; pass label_smoothing=0")
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (pairs,)
+    h = _margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, f_divergence, f_alpha)  # (pairs,)
     losses = (h - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
@@ -75,6 +116,8 @@ def ipo_length_normalized_loss(
     beta: float,
     chosen_tokens: Tensor,
     rejected_tokens: Tensor,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """IPO with per-token mean log-ratios (`loss.ipo_normalize=length`), TRL's DPOTrainer convention.
 
@@ -83,9 +126,8 @@ def ipo_length_normalized_loss(
     h = (log pi(y_w) - log pi_ref(y_w)) / |y_w| - (log pi(y_l) - log pi_ref(y_l)) / |y_l|.
     Rewards stay DPO's (summed), as TRL logs them.
     """
-    h = (policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1) - (policy_rejected - ref_rejected) / (
-        rejected_tokens.clamp(min=1)
-    )  # (pairs,)
+    h = _mean_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
+                     f_divergence, f_alpha)  # fmt: skip
     losses = (h - 1 / (2 * beta)) ** 2  # IPO (Azar et al. 2023, Eq. 17) on the length-normalised h
     return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
@@ -97,13 +139,15 @@ def hinge_loss(
     ref_rejected: Tensor,
     *,
     beta: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hinge loss on the log-ratio margin: SLiC-HF's calibration loss (Zhao et al. 2023) with the reference
     log-ratio subtracted, i.e. RSO's "hinge-norm" (Liu et al. 2024, Sec. 3); 1 / beta is the margin.
 
     h as in DPO; loss = max(0, 1 - beta h). Pairs already past the margin give no gradient.
     """
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (pairs,)
+    h = _margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, f_divergence, f_alpha)  # (pairs,)
     losses = torch.relu(1 - beta * h)  # RSO hinge-norm / SLiC-HF calibration: max(0, 1 - beta h)
     return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
@@ -116,6 +160,8 @@ def robust_loss(
     *,
     beta: float,
     label_smoothing: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Robust DPO, rDPO (Chowdhury, Kini and Natarajan 2024, "Provably Robust DPO", Sec. 3).
 
@@ -130,7 +176,7 @@ def robust_loss(
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     eps = label_smoothing
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (pairs,)
+    h = _margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, f_divergence, f_alpha)  # (pairs,)
     # rDPO (Chowdhury et al. 2024): ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps), l(h) = -log sigma(beta h)
     losses = ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
@@ -233,6 +279,152 @@ def orpo_loss(
     log_odds_ratio = (mean_chosen - _log1mexp(mean_chosen)) - (mean_rejected - _log1mexp(mean_rejected))
     losses = chosen_nll(policy_chosen, chosen_tokens) - orpo_lambda * F.logsigmoid(log_odds_ratio)  # Eq. 6, 7
     return losses, (orpo_lambda * mean_chosen).detach(), (orpo_lambda * mean_rejected).detach()
+
+
+def dpo_norm_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Length-normalised DPO: DPO's Eq. 7 on per-token mean log-ratios (Tulu 3, Lambert et al. 2024, Sec. 5.4:
+    open-instruct's dpo_norm; TRL's sigmoid_norm), so that a long response is not rewarded for its length.
+
+    h = (log pi(y_w) - log pi_ref(y_w)) / |y_w| - (log pi(y_l) - log pi_ref(y_l)) / |y_l|
+    loss = -log sigma(beta h). The per-token h is small, so beta is large (Tulu 3 uses 5). Rewards stay
+    DPO's summed beta log-ratios, as TRL logs them."""
+    h = _mean_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
+                     f_divergence, f_alpha)  # fmt: skip
+    return (
+        -F.logsigmoid(beta * h),
+        *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected),
+    )
+
+
+def exo_pair_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EXO-pref (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment", Eq. 16,
+    K = 2): the reverse KL from the model's preference distribution q = softmax(beta r) over the pair to the
+    labels' p = (1 - eps, eps), eps = label_smoothing > 0 (it is log eps):
+
+    loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps),  q_w = sigma(beta h), q_l = sigma(-beta h)."""
+    if not 0.0 < label_smoothing < 0.5:
+        raise ValueError(f"EXO needs 0 < label_smoothing < 0.5 (log eps is taken), got {label_smoothing}")
+    z = beta * _margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, f_divergence, f_alpha)
+    eps = label_smoothing
+    losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def nca_pair_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment", Eq. 12 for a pair): each response's reward on
+    its own scale, so the chosen likelihood is pushed up, not only the margin:
+
+    loss = -log sigma(r_w) - 1/2 log sigma(-r_w) - 1/2 log sigma(-r_l),  r = beta (log pi - log pi_ref)."""
+    win, lose = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(win) - 0.5 * F.logsigmoid(-win) - 0.5 * F.logsigmoid(-lose)
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def bco_pair_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization", Eq. 7 without its running-mean shift
+    delta, as TRL 1.16's bco_pair): each response classified on its own reward,
+    loss = -log sigma(r_w) - log sigma(-r_l)."""
+    win, lose = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(win) - F.logsigmoid(-lose)
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def sppo_hard_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization", Eq. 4.7 with P = 1 for the
+    winner and 0 for the loser): each log-ratio regressed to +-1 / (2 beta),
+    loss = (log pi/pi_ref(y_w) - 1/(2 beta))^2 + (log pi/pi_ref(y_l) + 1/(2 beta))^2."""
+    win, lose = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    losses = (win - 0.5 / beta) ** 2 + (lose + 0.5 / beta) ** 2
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def aot_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AOT (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport", paired
+    form): the policy's log-ratio margins pi(y_w)/pi(y_l) and the reference's, each SORTED over the micro-batch,
+    compared quantile by quantile: a constraint of first-order stochastic dominance, not a per-pair one.
+    Depends on the whole micro-batch (this rank's: TRL's batch is one device's micro-batch too).
+    loss_i = smoothed -log sigma(beta (sort(pc - pr)_i - sort(rc - rr)_i)), i the i-th quantile."""
+    delta = torch.sort(policy_chosen - policy_rejected).values - torch.sort(ref_chosen - ref_rejected).values
+    losses = _smoothed_sigmoid(beta * delta, label_smoothing)
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def aot_unpaired_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AOT unpaired (Melnyk et al. 2024): the chosen log-ratios' distribution over the micro-batch must dominate
+    the rejected ones': sorted chosen log-ratios against sorted rejected ones, quantile by quantile (the pairs
+    need not match). loss_i = smoothed -log sigma(beta (sort(pc - rc)_i - sort(pr - rr)_i))."""
+    delta = torch.sort(policy_chosen - ref_chosen).values - torch.sort(policy_rejected - ref_rejected).values
+    losses = _smoothed_sigmoid(beta * delta, label_smoothing)
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def discopop_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float,
+    discopop_tau: float,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DiscoPOP (Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for LLMs", Eq. 5,
+    the log-ratio modulated loss): a blend of DPO's logistic loss and an exponential one, mixed by
+    sigma(beta h / tau): loss = (1 - s) (-log sigma(beta h)) + s exp(-beta h), s = sigma(beta h / tau)."""
+    z = beta * _margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, f_divergence, f_alpha)
+    s = torch.sigmoid(z / discopop_tau)
+    losses = -F.logsigmoid(z) * (1 - s) + torch.exp(-z) * s
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
 
 def sft_loss(policy_logps: Tensor) -> Tensor:

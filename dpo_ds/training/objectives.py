@@ -23,17 +23,25 @@ import torch
 from dpo_ds.config import ConfigError
 from dpo_ds.model.lm import SequenceLogps, split_pairs
 from dpo_ds.training.losses import (
+    aot_loss,
+    aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
+    bco_pair_loss,
     chosen_nll,
+    discopop_loss,
     dpo_loss,
+    dpo_norm_loss,
+    exo_pair_loss,
     hinge_loss,
     ipo_length_normalized_loss,
     ipo_loss,
+    nca_pair_loss,
     orpo_loss,
     robust_loss,
     sft_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +64,7 @@ class LossSpec:
     reference: bool = True
     counts: bool = False
     hparams: tuple[str, ...] = ("beta",)
+    needs_smoothing: bool = False  # label_smoothing must be > 0 (EXO takes its log)
 
     def check(self, name: str, loss: LossConfig) -> None:
         """A hyperparameter that is off unless set (OFF_UNLESS_SET) and that this loss does not define
@@ -65,22 +74,46 @@ class LossSpec:
                 raise ConfigError(
                     f"config key 'loss.{key}': is not defined for loss={name}; must be {off}, got {getattr(loss, key)!r}"
                 )
+        if self.needs_smoothing and not loss.label_smoothing > 0:
+            raise ConfigError(
+                f"config key 'loss.label_smoothing': loss={name} needs it in (0, 0.5) (its labels' probability "
+                f"of a flip, whose log it takes; TRL's docs use 1e-3), got {loss.label_smoothing!r}"
+            )
 
 
-HPARAMS = ("beta", "label_smoothing", "gamma", "orpo_lambda")  # loss.* keys a LossSpec may name
-OFF_UNLESS_SET = {"label_smoothing": 0.0}  # their value when not set turns them off
+# loss.* keys a LossSpec may name
+HPARAMS = ("beta", "label_smoothing", "gamma", "orpo_lambda", "discopop_tau", "f_divergence", "f_alpha")
+# their value when not set, which leaves them out: a loss that does not define one must keep it so
+OFF_UNLESS_SET = {"label_smoothing": 0.0, "f_divergence": "reverse_kl", "discopop_tau": 0.05}
+F_DIV = ("f_divergence", "f_alpha")  # f-DPO's regulariser (losses.f_scores), for the losses of a margin h
 PREFERENCE_LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo_loss, hparams=("beta", "label_smoothing")),  # label_smoothing > 0: conservative DPO
-    "ipo": LossSpec(ipo_loss),  # summed log-probs as the paper; loss.ipo_normalize=length: TRL's form
-    "hinge": LossSpec(hinge_loss),
-    "robust": LossSpec(robust_loss, hparams=("beta", "label_smoothing")),  # label_smoothing is its eps
+    # label_smoothing > 0: conservative DPO
+    "dpo": LossSpec(dpo_loss, hparams=("beta", "label_smoothing", *F_DIV)),
+    # summed log-probs as the paper; loss.ipo_normalize=length: TRL's form
+    "ipo": LossSpec(ipo_loss, hparams=("beta", *F_DIV)),
+    "hinge": LossSpec(hinge_loss, hparams=("beta", *F_DIV)),
+    "robust": LossSpec(
+        robust_loss, hparams=("beta", "label_smoothing", *F_DIV)
+    ),  # label_smoothing is its eps
     "apo_zero": LossSpec(apo_zero_loss),
     "apo_down": LossSpec(apo_down_loss),
     "simpo": LossSpec(simpo_loss, reference=False, counts=True, hparams=("beta", "gamma")),
     "orpo": LossSpec(orpo_loss, reference=False, counts=True, hparams=("orpo_lambda",)),
+    # per-token mean log-ratios (Tulu 3's default); sigmoid_norm is TRL's name for it
+    "dpo_norm": LossSpec(dpo_norm_loss, counts=True, hparams=("beta", *F_DIV)),
+    "exo_pair": LossSpec(exo_pair_loss, hparams=("beta", "label_smoothing", *F_DIV), needs_smoothing=True),
+    "nca_pair": LossSpec(nca_pair_loss),
+    "bco_pair": LossSpec(bco_pair_loss),
+    "sppo_hard": LossSpec(sppo_hard_loss),
+    # sorted over the micro-batch: each depends on the whole micro-batch of its rank
+    "aot": LossSpec(aot_loss, hparams=("beta", "label_smoothing")),
+    "aot_unpaired": LossSpec(aot_unpaired_loss, hparams=("beta", "label_smoothing")),
+    "discopop": LossSpec(discopop_loss, hparams=("beta", "discopop_tau", *F_DIV)),
 }
+LOSS_ALIASES = {"sigmoid_norm": "dpo_norm"}  # another framework's name, accepted as ours
+PREFERENCE_LOSSES.update({alias: PREFERENCE_LOSSES[name] for alias, name in LOSS_ALIASES.items()})
 # "ipo" under loss.ipo_normalize=length: per-token mean log-ratios, as TRL's DPOTrainer computes IPO
-IPO_LENGTH_NORMALIZED = LossSpec(ipo_length_normalized_loss, counts=True)
+IPO_LENGTH_NORMALIZED = LossSpec(ipo_length_normalized_loss, counts=True, hparams=("beta", *F_DIV))
 OBJECTIVES = ("sft", *PREFERENCE_LOSSES)
 
 
@@ -165,6 +198,36 @@ class SFTObjective:
             # examples, so examples / tokens turns that mean into a per-token mean
             losses = losses * (batch.global_examples / max(batch.global_tokens, 1))
         return losses, {"logps/chosen": policy.logps.detach()}
+
+
+class WithRouterLoss:
+    """A Mixture-of-Experts policy's objective: the inner objective plus coef x the router's load-balancing
+    loss of each micro-batch (model/router.py; the reference's router is never asked). Each example of a
+    micro-batch carries coef x aux, so the step's mean over examples weighs a micro-batch's aux by its share of
+    the step's examples: with equal micro-batches, the mean of their aux as TRL's gradient accumulation takes
+    it. The logged loss stays the inner objective's (ln 2 at step 0 for DPO); aux_loss is logged beside it
+    whatever coef is, 0 included."""
+
+    def __init__(self, inner, coef: float):
+        self.inner, self.coef = inner, coef
+        self.needs_reference, self.pairs = inner.needs_reference, inner.pairs
+
+    def __call__(
+        self, policy: SequenceLogps, reference: Tensor | None, batch: MicroBatch
+    ) -> tuple[Tensor, dict]:
+        losses, stats = self.inner(policy, reference, batch)
+        if policy.aux is None:
+            raise ValueError(
+                "an MoE objective needs the policy's router loss: build its LogprobLM with router=True"
+            )
+        stats = {"loss": losses.detach(), **stats, "aux_loss": policy.aux.detach().expand_as(losses)}
+        return (losses + self.coef * policy.aux if self.coef else losses), stats
+
+
+def with_router_loss(objective, coef: float | None):
+    """The objective a run trains: with the router loss when the model has a router dpo_ds reproduces
+    (coef from model.router.router_aux_coef: None for a dense model)."""
+    return objective if coef is None else WithRouterLoss(objective, coef)
 
 
 def build_objective(cfg: Config):

@@ -56,6 +56,8 @@ class ReferenceMode:
 
 
 class NoReference:
+    last_load = None  # an MoE reference's expert load of its latest micro-batch (training/experts.py)
+
     def logps(self, batch: dict) -> torch.Tensor | None:
         return None
 
@@ -91,10 +93,13 @@ class LiveReference(ReferenceMode):
 
     def __init__(self, engine):
         self.engine = engine
+        self.last_load = None  # an MoE's expert load of the latest micro-batch (training/experts.py)
 
     def logps(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
-            return sequence_logps(self.engine, batch).logps.float()
+            seqs = sequence_logps(self.engine, batch)
+        self.last_load = seqs.load
+        return seqs.logps.float()
 
     def sampler(self):
         return nullcontext(self.engine)
@@ -123,12 +128,15 @@ class AdaptersOffReference(ReferenceMode):
 
     def __init__(self, engine):
         self.engine = engine
+        self.last_load = None  # an MoE's expert load of the latest micro-batch (training/experts.py)
 
     def logps(self, batch: dict) -> torch.Tensor:
         from dpo_ds.engine.step import unwrap_lm
 
         with torch.no_grad(), unwrap_lm(self.engine).disable_adapter():
-            return sequence_logps(self.engine, batch).logps.float()
+            seqs = sequence_logps(self.engine, batch)
+        self.last_load = seqs.load
+        return seqs.logps.float()
 
     @contextmanager
     def sampler(self):
@@ -191,6 +199,8 @@ def fingerprint(cfg, model_dir: Path, splits, start, layout, by_policy: bool = F
         dtype: cfg.model.policy_dtype if by_policy else cfg.model.reference_dtype,
         "model.logprob_impl": cfg.model.logprob_impl,
         "data.layout": layout.describe(),
+        # LD-DPO weighs the reference's tokens too: a table of one ld_alpha is no table of another
+        **({"loss.ld_alpha": str(cfg.loss.ld_alpha)} if cfg.loss.ld_alpha is not None else {}),
     }
 
 

@@ -27,6 +27,7 @@ from dpo_ds.model.lm import sequence_logps
 from dpo_ds.run.dir import RunDir
 from dpo_ds.run.save import Checkpointer
 from dpo_ds.training import metrics as metric_names
+from dpo_ds.training.experts import ExpertLoad
 from dpo_ds.training.generation import Generation
 from dpo_ds.training.guards import DisplacementGuard, NonFiniteGuard, TrainingStopped
 
@@ -105,14 +106,24 @@ class Trainer:
         self.preempted = False
         self.stop_reason = ""  # guard.action=stop: why the run ended early
         self._eval_batches = None
+        routing = engine_step.routing(
+            policy
+        )  # an MoE's (model/router.py): its expert load is watched at eval
+        self.top_k = routing.top_k if routing is not None else None
 
     # ------------------------------------------------------------------ one micro-batch
 
-    def micro_batch(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-example losses (examples,) and per-example statistics for one micro-batch."""
+    def micro_batch(
+        self, batch: dict, load: ExpertLoad | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example losses (examples,) and per-example statistics for one micro-batch; an MoE's expert
+        load of both models added to `load` when given (at eval)."""
         b = batch.to(self.device)
         policy = sequence_logps(self.policy, b)  # per sequence: summed log-probs and token counts
-        return self.objective(policy, self.reference.logps(b), b)
+        reference = self.reference.logps(b)
+        if load is not None:
+            load.add(policy.load, getattr(self.reference, "last_load", None))
+        return self.objective(policy, reference, b)
 
     def _reduce(self, sums: dict[str, torch.Tensor], count: int, split: str) -> dict[str, float]:
         """Means over all examples of all ranks, named as in the original: rewards_train/chosen..."""
@@ -127,7 +138,8 @@ class Trainer:
 
     @staticmethod
     def _accumulate(sums: dict, losses: torch.Tensor, stats: dict) -> None:
-        for k, v in [("loss", losses.detach())] + list(stats.items()):
+        # the objective may name the loss it reports ("loss" in stats) apart from the one it optimises
+        for k, v in {"loss": losses.detach(), **stats}.items():
             sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.double().sum().cpu()
 
     # ------------------------------------------------------------------ loop
@@ -290,12 +302,14 @@ class Trainer:
             self._eval_batches = self.eval_data.eval_batches(self.cfg.n_eval_examples)
         sums: dict[str, torch.Tensor] = {}
         count = 0
+        load = ExpertLoad(self.top_k)
         for micro_batches, n_local in self._eval_batches:
             for micro in micro_batches:
-                losses, stats = self.micro_batch(micro)
+                losses, stats = self.micro_batch(micro, load)
                 self._accumulate(sums, losses, stats)
             count += n_local
         metrics = self._reduce(sums, count, "eval") if count else {}
+        metrics.update(load.metrics(step, self.rank))  # an MoE's routing against the reference's
         metrics[metric_names.EXAMPLES] = examples
         metrics.update(self.generation.evaluate(step, self.policy, self.reference))  # checker, samples
         stop_reason = self.displacement.should_stop(metrics, "eval", step)

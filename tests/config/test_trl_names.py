@@ -195,8 +195,10 @@ def test_trl_name_as_key_names_the_dpo_ds_setting(override, says):
     "override, says",
     [
         ("push_to_hub=true", "does not support"),
-        ("lr_scheduler_type=cosine", "does not support"),
-        ("loss_type=exo_pair", "no loss exo_pair"),
+        ("lr_scheduler_kwargs={}", "does not support"),
+        ("lr_scheduler_type=cosine", "write lr_schedule=cosine"),
+        ("loss_type=kto_pair", "no loss kto_pair"),  # an older TRL's loss, now its KTOTrainer
+        ("loss_type=[sigmoid_norm,exo_pair]", "write loss=\\[dpo_norm,exo_pair\\]"),
         ("disable_dropout=false", "does not apply"),
         ("fsdp=full_shard", "does not apply"),
     ],

@@ -203,9 +203,19 @@ def test_losses_chosen_by_name():
         "apo_down": "apo_down_loss",
         "simpo": "simpo_loss",
         "orpo": "orpo_loss",
+        "dpo_norm": "dpo_norm_loss",
+        "sigmoid_norm": "dpo_norm_loss",  # TRL's name, an alias
+        "exo_pair": "exo_pair_loss",
+        "nca_pair": "nca_pair_loss",
+        "bco_pair": "bco_pair_loss",
+        "sppo_hard": "sppo_hard_loss",
+        "aot": "aot_loss",
+        "aot_unpaired": "aot_unpaired_loss",
+        "discopop": "discopop_loss",
     }
     assert [n for n, spec in PREFERENCE_LOSSES.items() if not spec.reference] == ["simpo", "orpo"]
-    assert [n for n, spec in PREFERENCE_LOSSES.items() if spec.counts] == ["simpo", "orpo"]
+    counted = [n for n, spec in PREFERENCE_LOSSES.items() if spec.counts]
+    assert counted == ["simpo", "orpo", "dpo_norm", "sigmoid_norm"]
 
 
 # --- the objective: what a loss needs, weighted sums -------------------------------------------------------

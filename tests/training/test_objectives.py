@@ -102,3 +102,46 @@ def test_reference_cache_reuse_and_refusal(tmp_path):
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ConfigError, match="cannot be read"):
         read_cache(path, want)
+
+
+def test_the_router_loss_is_added_per_example_and_logged_apart():
+    """coef x aux on each example of the micro-batch: the step's mean over examples then weighs each
+    micro-batch's aux by its pairs; the reported loss stays the preference loss, aux_loss beside it."""
+    from dpo_ds.training.objectives import with_router_loss
+    from dpo_ds.training.trainer import Trainer
+
+    inner = build_objective(load_config(None, ["loss=dpo", "loss.beta=0.5"]))
+    assert with_router_loss(inner, None) is inner  # a dense model: the objective unchanged
+    objective = with_router_loss(inner, 0.25)
+    assert objective.needs_reference and objective.pairs
+    aux = torch.tensor(1.6, requires_grad=True)
+    policy = SequenceLogps(torch.tensor([-3.0, -5.0, -4.0, -4.5]), torch.tensor([3, 4, 2, 2]), aux=aux)
+    reference = torch.tensor([-3.5, -4.5, -4.0, -4.0])
+    plain, _ = inner(SequenceLogps(policy.logps, policy.counts), reference, None)
+    losses, stats = objective(policy, reference, None)
+    torch.testing.assert_close(losses, plain + 0.25 * 1.6)
+    torch.testing.assert_close(stats["loss"], plain)
+    torch.testing.assert_close(stats["aux_loss"], torch.full((2,), 1.6))
+    losses.sum().backward()
+    assert aux.grad.item() == pytest.approx(2 * 0.25)  # two examples, each carrying coef x aux
+    sums = {}
+    Trainer._accumulate(sums, losses, stats)  # what the metrics report: the preference loss
+    assert sums["loss"].item() == pytest.approx(plain.sum().item()) and sums[
+        "aux_loss"
+    ].item() == pytest.approx(3.2)
+    off = with_router_loss(inner, 0.0)(policy, reference, None)[0]  # 0: logged, not added
+    torch.testing.assert_close(off, plain)
+    with pytest.raises(ValueError, match="needs the policy's router loss"):
+        objective(SequenceLogps(policy.logps, policy.counts), reference, None)
+
+
+def test_lr_schedules_by_hand():
+    """Warmup (step + 1) / (warmup + 1), then held, or down to 0 at the last step linearly or on a half cosine."""
+    from dpo_ds.engine.build import lr_factor
+
+    assert [lr_factor(s, 3, 10, "constant") for s in (0, 2, 3, 9)] == [0.25, 0.75, 1.0, 1.0]
+    assert [lr_factor(s, 3, 11, "linear") for s in (0, 3, 7, 11, 20)] == pytest.approx(
+        [0.25, 1.0, 0.5, 0.0, 0.0]
+    )
+    assert [lr_factor(s, 0, 8, "cosine") for s in (0, 4, 8)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor(2, 0, 8, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
