@@ -14,6 +14,8 @@ Table 3: lm_head + log-probs together, from hidden states and the lm_head weight
 "extra" there is peak memory above the hidden and weight gradients, which every path has to hold, as a
 fraction of the fp32 (tokens, V) logits. For fused_linear the peak comes while both gradients exist, so
 that is exactly what it adds; the materialised paths peak before dL/dW exists, so theirs is a lower bound.
+Table 4 (--wpo): what WPO's per-token log sum_v p_v^2 (with_sq=True, loss.wpo) adds to each path, from hidden
+states and the lm_head weight as in table 3: fwd+bwd time and peak memory without and with it.
 
 CPU has no max_memory_allocated, so peak memory there is tracked with a TorchDispatchMode that adds each
 new tensor storage's bytes when an op creates it and subtracts them when the storage is freed.
@@ -193,6 +195,45 @@ def linear_logprobs_step(fn, hidden, weight, labels) -> torch.Tensor:
     return out.detach()
 
 
+def wpo_step(impl, hidden, weight, labels, with_sq: bool) -> torch.Tensor:
+    if impl == "fused_linear":
+        out = fused_linear_logprobs(hidden, weight, labels, ignore_index=IGNORE, with_sq=with_sq)
+    else:
+        out = token_logprobs(hidden @ weight.T, labels, IGNORE, impl=impl, with_sq=with_sq)
+    logp = out[0] if with_sq else out
+    logp.sum().backward()
+    hidden.grad = weight.grad = None
+    return logp.detach()
+
+
+def bench_wpo(args, device, dtype, impls) -> list[dict]:
+    """Per path: (ms, peak) of fwd+bwd without and with WPO's log sum p^2, from hidden states (table 4)."""
+    weight = (
+        (torch.randn(args.vocab, args.hidden, device=device) / args.hidden**0.5).to(dtype).requires_grad_()
+    )
+    hidden = torch.randn(args.wpo, args.hidden, device=device).to(dtype).requires_grad_()
+    labels = make_labels(args.wpo, args.vocab, args.response_frac, device)
+    rows = []
+    for impl in [*impls, "fused_linear"]:
+        r = dict(impl=impl)
+        for with_sq in (False, True):
+            step = functools.partial(wpo_step, impl, hidden, weight, labels, with_sq)
+            r[with_sq] = (median_ms(step, device, args.reps), peak_bytes(step, device)[0])
+        rows.append(r)
+    return rows
+
+
+def print_wpo(args, device, dtype, impls) -> None:
+    print(f"\nWPO's log sum p^2 (loss.wpo): tokens {args.wpo}, hidden {args.hidden}, vocab {args.vocab}\n")
+    print("| path | fwd+bwd ms | with log sum p^2 | time | peak MiB | with log sum p^2 | peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in bench_wpo(args, device, dtype, impls):
+        (t0, m0), (t1, m1) = r[False], r[True]
+        print(
+            f"| {r['impl']} | {t0:.1f} | {t1:.1f} | {t1 / t0:.2f}x | {m0 / MIB:.1f} | {m1 / MIB:.1f} | {m1 / m0:.2f}x |"
+        )
+
+
 def bench_fused_linear(args, device, dtype) -> list[dict]:
     rows = []
     hidden_size, vocab = args.hidden, args.vocab
@@ -243,6 +284,7 @@ def main() -> None:
     )
     p.add_argument("--response-frac", type=float, default=0.5, help="fraction of positions with a label")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--wpo", type=int, default=0, help="WPO's cost table at this many tokens (0 skips it)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -267,6 +309,9 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; dtype {str(dtype)[6:]}; vocab {args.vocab}")
     print(f"label fraction {args.response_frac}; median of {args.reps} fwd+bwd runs after one warm-up\n")
 
+    if args.wpo:
+        print_wpo(args, device, dtype, impls)
+        return
     rows = bench_logprobs(args, device, dtype, impls)
     print("| impl | tokens | fwd+bwd ms | extra peak MiB | extra / logits | max abs diff vs naive |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_ds.model.lm import length_weights  # noqa: E402
+from dpo_ds.model.lm import length_weights, reduce_sequences  # noqa: E402
+from dpo_ds.model.logprobs import token_logprobs  # noqa: E402
 from dpo_ds.training.losses import (
     aot_loss,
     aot_unpaired_loss,
@@ -49,6 +50,7 @@ from dpo_ds.training.losses import (
     robust_loss,
     simpo_loss,
     sppo_hard_loss,
+    wpo_weights,
 )
 
 BETA, EPS, GAMMA, SIMPO_BETA, LAMBDA, ALPHA = 0.1, 0.1, 0.5, 2.0, 0.1, 0.2
@@ -72,7 +74,9 @@ def trl_dpo(
     f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05,
     ld_alpha: float | None = None,
 ):  # fmt: skip
-    """TRL DPOTrainer._compute_loss on one batch: (mean loss, mean chosen reward, mean rejected reward)."""
+    """TRL DPOTrainer._compute_loss on one batch: (mean loss, mean chosen reward, mean rejected reward). With
+    per-token values in d (WPO's rows: "lp_c", "lp_r" log p and "sq_c", "sq_r" log sum p^2, (pairs, width - 1)
+    each), its model stub returns those and TRL weighs the pairs (use_weighting=True)."""
     from trl import DPOTrainer
 
     b = d["pc"].shape[0]
@@ -82,7 +86,11 @@ def trl_dpo(
     completion_mask = (torch.arange(width)[None, :] >= 1) & (torch.arange(width)[None, :] <= counts[:, None])
     shift = completion_mask[:, 1:].to(logps.dtype)  # (2b, width - 1): position t scores token t + 1
     per_token = shift * (logps / counts)[:, None]  # sums to logps over the response, 0 elsewhere
+    wpo = "lp_c" in d
+    if wpo:  # the given per-token values; TRL zeroes log p outside the completion itself (labels -100)
+        per_token = shift * torch.cat([d["lp_c"], d["lp_r"]])[:, : width - 1]
     outputs = SimpleNamespace(
+        log_sum_sq_probs=torch.cat([d["sq_c"], d["sq_r"]])[:, : width - 1] if wpo else None,
         log_probs=per_token,
         entropy=torch.zeros_like(per_token),
         mean_logits=torch.zeros_like(per_token),
@@ -104,7 +112,7 @@ def trl_dpo(
         loss_weights=weights or [1.0] * len(loss_types),
         beta=beta,
         label_smoothing=label_smoothing,
-        use_weighting=False,
+        use_weighting=wpo,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
         _tp_size=1,
@@ -211,6 +219,46 @@ def new_losses(d: dict, rows: list, dpo_family, counts: dict) -> None:
                      "same; both sort over the batch they are given: dpo_ds's is one rank's micro-batch"))  # fmt: skip
 
 
+def wpo_rows(rows: list, pairs: int, seed: int) -> None:
+    """WPO: random logits (fp64), their per-token log p and log sum_v p_v^2 by plain torch, given to TRL's loss code
+    (use_weighting=True) and to dpo_ds's (the model wrapper's per-sequence sums, losses.wpo_weights); and the same
+    with dpo_ds's per-token values from its own fp32 log-prob paths on those logits."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, width = 512, 41  # one prompt token, responses of 1-40 tokens
+    counts = torch.randint(1, width, (2, pairs), generator=g)
+    logits = 3 * torch.randn(2, pairs, width - 1, vocab, generator=g, dtype=torch.float64)
+    # responses drawn from the logits themselves, as near on-policy as WPO assumes: weights of order 0.1-1
+    labels = torch.multinomial(torch.softmax(logits, -1).reshape(-1, vocab), 1, generator=g).reshape(
+        2, pairs, -1
+    )
+    mask = (
+        torch.arange(width - 1)[None, None, :] < counts[:, :, None]
+    )  # position t scores response token t + 1
+    lp = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    sq = torch.logsumexp(2 * torch.log_softmax(logits, -1), -1)  # log sum_v p_v^2, TRL's older formula
+    ref = (lp * mask).sum(-1) + 3 * torch.randn(2, pairs, generator=g, dtype=torch.float64)
+    d = {"pc": (lp[0] * mask[0]).sum(-1), "pr": (lp[1] * mask[1]).sum(-1), "rc": ref[0], "rr": ref[1],
+         "nc": counts[0], "nr": counts[1], "lp_c": lp[0], "lp_r": lp[1], "sq_c": sq[0], "sq_r": sq[1]}  # fmt: skip
+    theirs = per_pair(lambda x: trl_dpo(["sigmoid"], x, beta=BETA), d)
+    seq = torch.arange(2 * pairs)[:, None].expand(2 * pairs, width - 1)[mask.reshape(2 * pairs, -1)]
+    for name, (tok_lp, tok_sq) in (
+        ("dpo loss.wpo=true", (lp, sq)),
+        ("dpo loss.wpo=true, per-token values from model.logprob_impl=chunked (float32)",
+         token_logprobs(logits.float(), labels, impl="chunked", with_sq=True)),
+    ):  # fmt: skip
+        flat = mask.reshape(2 * pairs, -1)
+        logps, n = reduce_sequences(tok_lp.reshape(2 * pairs, -1)[flat].double(), seq, 2 * pairs)
+        aligned = reduce_sequences((tok_lp - tok_sq).reshape(2 * pairs, -1)[flat].double(), seq, 2 * pairs)[0]
+        pc, pr = logps[:pairs], logps[pairs:]
+        weights = wpo_weights(aligned[:pairs], aligned[pairs:], n[:pairs], n[pairs:])
+        losses, cr, rj = dpo_loss(pc, pr, d["rc"], d["rr"], beta=BETA)
+        spread = f"; weights {float(weights.min()):.2f}-{float(weights.max()):.2f}"
+        rows.append((name + spread, "DPOTrainer sigmoid use_weighting=True", maxdiff(losses * weights, theirs[0]),
+                     max(maxdiff(cr, theirs[1]), maxdiff(rj, theirs[2])),
+                     "same (TRL's weights, given the same per-token values)" if "float32" not in name else
+                     "same, up to dpo_ds's float32 per-token log p and log sum p^2"))  # fmt: skip
+
+
 def maxdiff(a, b) -> float:
     return float(
         (torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)).abs().max()
@@ -262,6 +310,7 @@ def main() -> int:
     dpo_family(apo_down_loss(pc, pr, rc, rr, beta=BETA), "apo_down", "apo_down", "same", beta=BETA)
 
     new_losses(d, rows, dpo_family, counts)
+    wpo_rows(rows, args.pairs, args.seed)
 
     # cDPO: TRL 1.16's DPOTrainer "sigmoid" has no label smoothing; CPOTrainer's "sigmoid" is the same
     # equation on whatever it is given, so feed it the log-ratios

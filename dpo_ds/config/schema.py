@@ -69,6 +69,12 @@ class LossConfig:
         "LD-DPO (Liu et al. 2024): the weight, in [0, 1], of each response's tokens past the pair's shorter "
         "response, in both models' log-probs; null: off (every token weighs 1, as 1 does).",
     )
+    wpo: bool = opt(
+        False,
+        "WPO (Zhou et al. 2024; TRL's use_weighting): multiply each pair's loss by the exp of its responses' "
+        "mean per-token log p - log sum_v p_v^2 under the policy, chosen times rejected, without gradient. "
+        "Not with aot or aot_unpaired, which sort the batch.",
+    )
     discopop_tau: float = opt(
         0.05,
         "DiscoPOP's temperature tau (Eq. 5 of the DiscoPOP paper; its recommended value, TRL's default).",

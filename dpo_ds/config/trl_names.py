@@ -230,6 +230,9 @@ MAPPED_NAMES = [
     _mapped("f_alpha_divergence_coef", DPO, "loss.f_alpha", "same meaning and default (0.5)", "loss.f_alpha={value}"),
     _mapped("ld_alpha", DPO, "loss.ld_alpha", "the same weight of the tokens past the shorter response, in the "
             "policy's and the reference's log-probs alike, in every layout", "loss.ld_alpha={value}"),
+    _mapped("use_weighting", DPO, "loss.wpo", "the same weights (exp of each response's mean per-token log p - "
+            "log sum_v p_v^2, chosen times rejected, no gradient) on every loss term; refused with aot and "
+            "aot_unpaired, as TRL refuses them", "loss.wpo={value}"),
     _mapped("discopop_tau", DPO, "loss.discopop_tau", "same meaning and default (0.05)", "loss.discopop_tau={value}"),
     _mapped("router_aux_loss_coef", DPO, "loss.router_aux_coef", "the same default (null: the model config's own "
             "coefficient) and the same load-balancing formula, added to the policy's objective and logged as "
@@ -345,7 +348,6 @@ NOT_SUPPORTED_NAMES = [
     *_group(NOT_SUPPORTED, DPO, "trust_remote_code", "models whose code comes with their weights; dpo_ds loads "
             "the architectures transformers has"),
     *_group(NOT_SUPPORTED, DPO, "pad_to_multiple_of", "padding lengths to a multiple"),
-    *_group(NOT_SUPPORTED, DPO, "use_weighting", "WPO's weighting of pairs"),
     *_group(NOT_SUPPORTED, DPO, "activation_offloading", "offloading activations to the CPU (--ds zero3_offload "
             "offloads parameters and optimizer states)"),
     *_group(NOT_SUPPORTED, DPO, "sync_ref_model ref_model_mixup_alpha ref_model_sync_steps", "TR-DPO's reference "

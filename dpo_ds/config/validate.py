@@ -123,6 +123,16 @@ def _check_loss(cfg: Config) -> None:
         _need(
             cfg, names != ["sft"], "loss.ld_alpha", "weighs the tokens of preference pairs; loss=sft has none"
         )
+    if loss.wpo:
+        _need(cfg, names != ["sft"], "loss.wpo", "weighs preference pairs; loss=sft has none")
+        sorted_ = sorted({"aot", "aot_unpaired"} & set(names))
+        _need(
+            cfg,
+            not sorted_,
+            "loss.wpo",
+            f"cannot weigh loss={sorted_[0] if sorted_ else ''}: it sorts the micro-batch's margins, so a "
+            "pair's loss is no longer the pair's own (TRL refuses it too)",
+        )
     _need(cfg, loss.f_divergence in F_DIVERGENCES, "loss.f_divergence", f"must be one of {F_DIVERGENCES}")
     _need(cfg, loss.f_alpha > 0, "loss.f_alpha", "must be > 0")
     if loss.f_alpha != 0.5:

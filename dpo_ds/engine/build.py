@@ -264,8 +264,10 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None, 
     for note in moe.launch_notes(lm, lora=bool(cfg.model.lora.r)) if first else []:
         log.warning(note)  # an MoE model: what dpo_ds does not do for it, said once
     set_leaf_modules(lm, ds)
-    # an MoE's router loss (router.ROUTERS); LD-DPO's token weights (loss.ld_alpha)
-    model = LogprobLM(lm, cfg.model.logprob_impl, sp, router=True, ld_alpha=cfg.loss.ld_alpha)
+    # an MoE's router loss (router.ROUTERS); LD-DPO's token weights (loss.ld_alpha); WPO's log sum p^2 (loss.wpo)
+    model = LogprobLM(
+        lm, cfg.model.logprob_impl, sp, router=True, ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo
+    )
     optimizer = None
     if cfg.optimizer == "RMSprop" and "optimizer" not in ds:
         # the original DPO code's default; the trainable parameters only (LoRA: the adapters)

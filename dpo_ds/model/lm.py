@@ -33,6 +33,9 @@ class SequenceLogps:
     counts: torch.Tensor
     aux: torch.Tensor | None = None  # an MoE model's router load-balancing loss (model/router.py), ()
     load: torch.Tensor | None = None  # its routed token assignments per (layer, expert), no gradient
+    # WPO: per sequence, the sum over its response tokens of log p - log sum_v p_v^2 (unweighted by LD-DPO), no
+    # gradient; training.losses.wpo_weights turns it into the pair's weight
+    aligned: torch.Tensor | None = None
 
     @property
     def chosen(self) -> torch.Tensor:
@@ -115,8 +118,9 @@ def length_weights(
 
 def sequence_logps(engine, batch) -> SequenceLogps:
     """Run a LogprobLM (or the DeepSpeed engine around one) on a micro-batch (data.layout.MicroBatch)."""
-    routing = getattr(getattr(engine, "module", engine), "routing", None) is not None  # an MoE's router loss
-    return SequenceLogps(*engine(**batch.model_inputs(routing)))
+    module = getattr(engine, "module", engine)
+    outputs = engine(**batch.model_inputs(module.routing is not None))  # an MoE's router loss needs weights
+    return SequenceLogps(**dict(zip(module.fields, outputs, strict=True)))
 
 
 def _fuse_head(head: nn.Module) -> None:
@@ -130,10 +134,12 @@ def _fuse_head(head: nn.Module) -> None:
 
     plain = head.forward
 
-    def forward(hidden, labels=None):
+    def forward(hidden, labels=None, with_sq=False):
         if labels is None:
             return plain(hidden)
-        return fused_linear_logprobs(hidden, head.weight, labels, bias=getattr(head, "bias", None))
+        return fused_linear_logprobs(
+            hidden, head.weight, labels, bias=getattr(head, "bias", None), with_sq=with_sq
+        )
 
     head.forward = forward
 
@@ -152,7 +158,9 @@ class LogprobLM(nn.Module):
     built here, a FlexAttention BlockMask (flex_attention) or dense (eager/sdpa).
 
     An MoE model's wrapper built with router=True also returns the router's load-balancing loss and the
-    expert load of the micro-batch (model/router.py): (logps, counts, aux, load).
+    expert load of the micro-batch (model/router.py): (logps, counts, aux, load). With wpo=True it returns
+    WPO's per-sequence sums of log p - log sum_v p_v^2 last (SequenceLogps.aligned). `fields` names the
+    outputs in order.
     """
 
     def __init__(
@@ -162,9 +170,11 @@ class LogprobLM(nn.Module):
         sequence_parallel=None,
         router=False,
         ld_alpha=None,
+        wpo=False,
     ):
         super().__init__()
         self.ld_alpha = ld_alpha  # LD-DPO (length_weights): None, every token counts once
+        self.wpo = wpo  # WPO: the policy's per-token log sum_v p_v^2 too (logprobs.token_logprobs with_sq)
         self.lm = lm
         self.logprob_impl = logprob_impl
         # engine.sequence_parallel.SequenceParallel (its group and gradient scale), or None: under sequence parallelism
@@ -173,6 +183,9 @@ class LogprobLM(nn.Module):
         self.restricted_head = _restricted_head_ok(lm.config)
         self.attn = getattr(lm.config, "_attn_implementation", None)  # the layout's rule: attention.py
         self.routing = Routing.of(lm.config) if router else None
+        self.fields = (
+            ("logps", "counts") + (("aux", "load") if self.routing else ()) + (("aligned",) if wpo else ())
+        )
         if self.routing is not None and not self.restricted_head:
             raise ModelError(
                 f"{type(lm.config).__name__}: an MoE model that post-processes its logits; dpo_ds cannot take "
@@ -205,9 +218,15 @@ class LogprobLM(nn.Module):
         )
         if self.routing is not None:
             extra["output_router_logits"] = True
-        per_token, router_logits = self.scored_logps(
+        per_token, sq, router_logits = self.scored_logps(
             input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
         )
+        outputs = ()
+        if sq is not None:  # WPO (Zhou et al. 2024, Eq. 2): log p - log sum_v p_v^2 summed per sequence
+            aligned = per_token.new_zeros(n_seqs).index_add(0, target_seq, per_token.detach() - sq)
+            if self.sp is not None:
+                torch.distributed.all_reduce(aligned, group=self.sp.group)
+            outputs = (aligned,)
         if self.ld_alpha is not None:  # LD-DPO: the longer response's surplus tokens weigh ld_alpha
             group = self.sp.group if self.sp is not None else None
             weights = length_weights(target_seq, target_pos, n_seqs, self.ld_alpha, group, per_token.dtype)
@@ -217,9 +236,9 @@ class LogprobLM(nn.Module):
             logps = SumOverGroup.apply(logps, self.sp.group, self.sp.grad_scale)
             counts = counts.clone()
             torch.distributed.all_reduce(counts, group=self.sp.group)
-        if self.routing is None:
-            return logps, counts
-        return (logps, counts, *self.router_loss(router_logits, token_weights))
+        if self.routing is not None:
+            return (logps, counts, *self.router_loss(router_logits, token_weights), *outputs)
+        return (logps, counts, *outputs)
 
     def router_loss(self, router_logits, token_weights) -> tuple[torch.Tensor, torch.Tensor]:
         """(aux, load): the load-balancing loss of the micro-batch and its expert load (model/router.py);
@@ -238,9 +257,10 @@ class LogprobLM(nn.Module):
 
     def scored_logps(
         self, input_ids, attention_mask, position_ids, target_pos, target_ids, **extra
-    ) -> tuple[torch.Tensor, tuple | None]:
-        """log p(target_ids) (M,) in fp32, each from the hidden state at its target_pos; and the router
-        logits per MoE layer when extra asks for them (output_router_logits), else None."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+        """log p(target_ids) (M,) in fp32, each from the hidden state at its target_pos; log sum_v p_v^2 (M,)
+        when self.wpo, else None; and the router logits per MoE layer when extra asks for them
+        (output_router_logits), else None."""
         # use_cache=False: with packed rows (restarting position_ids, no mask) a cache makes the model
         # attend across segments silently.
         kwargs = dict(
@@ -257,12 +277,17 @@ class LogprobLM(nn.Module):
             router_logits = getattr(out, "router_logits", None)
             hidden = hidden.reshape(-1, hidden.shape[-1])[target_pos]  # (M, H) only where a token is scored
             head = self.lm.get_output_embeddings()
-            if self.logprob_impl == "fused_linear":
-                return head(
-                    hidden, target_ids
-                ).float(), router_logits  # (M,) the fused head: no (M, V) logits
+            if self.logprob_impl == "fused_linear":  # the fused head: no (M, V) logits
+                return (*_pair(head(hidden, target_ids, with_sq=self.wpo)), router_logits)
             logits = head(hidden)  # (M, V)
         else:
             logits, router_logits = self.lm(**kwargs).logits, None  # (rows, T, V)
             logits = logits.reshape(-1, logits.shape[-1])[target_pos]
-        return token_logprobs(logits, target_ids, impl=self.logprob_impl).float(), router_logits  # (M,)
+        out = token_logprobs(logits, target_ids, impl=self.logprob_impl, with_sq=self.wpo)
+        return (*_pair(out), router_logits)
+
+
+def _pair(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p, log sum p^2 or None) in fp32 from a log-prob call with or without with_sq."""
+    logp, sq = out if isinstance(out, tuple) else (out, None)
+    return logp.float(), sq

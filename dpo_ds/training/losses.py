@@ -439,3 +439,18 @@ def chosen_nll(policy_chosen: Tensor, chosen_tokens: Tensor) -> Tensor:
     """Per-token NLL of the chosen response, shape (pairs,): the extra term of RPO (Pang et al. 2024,
     Eq. 3 uses -log pi(y_w|x) / |y_w|), added to a preference loss with weight loss.chosen_nll_weight."""
     return -policy_chosen / chosen_tokens.clamp(min=1)
+
+
+def wpo_weights(
+    chosen_aligned: Tensor, rejected_aligned: Tensor, chosen_tokens: Tensor, rejected_tokens: Tensor
+) -> Tensor:
+    """WPO (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2 with TRL's
+    use_weighting normalisation): each pair's weight, the product of its two responses' weights,
+    w(y) = exp(mean over y's tokens of log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2),
+    a per-token probability relative to the policy's own sampling distribution: near-on-policy pairs weigh
+    more. `*_aligned`: per response, the sum over its tokens of log p - log sum_v p_v^2 (model.lm's
+    SequenceLogps.aligned). No gradient flows through the weights. (pairs,)"""
+    with torch.no_grad():
+        chosen = torch.exp(chosen_aligned / chosen_tokens.clamp(min=1))
+        rejected = torch.exp(rejected_aligned / rejected_tokens.clamp(min=1))
+        return chosen * rejected

@@ -42,6 +42,7 @@ from dpo_ds.training.losses import (
     sft_loss,
     simpo_loss,
     sppo_hard_loss,
+    wpo_weights,
 )
 
 if TYPE_CHECKING:
@@ -120,7 +121,9 @@ OBJECTIVES = ("sft", *PREFERENCE_LOSSES)
 class PreferenceObjective:
     """A weighted sum of preference losses over (chosen, rejected) pairs, sum_i w_i loss_i, plus the
     optional RPO term nll_weight * NLL(chosen) / |y_w|. One term of weight 1 is a plain loss. `hparams`
-    holds every HPARAMS value; each term gets the ones its LossSpec names (all terms share beta)."""
+    holds every HPARAMS value; each term gets the ones its LossSpec names (all terms share beta). wpo: the
+    whole per-pair sum is multiplied by the pair's WPO weight (losses.wpo_weights), as TRL's use_weighting
+    weighs every loss type; the policy's SequenceLogps must carry `aligned`."""
 
     pairs = True  # trains on preference pairs (SFT: on single targets)
 
@@ -131,12 +134,14 @@ class PreferenceObjective:
         hparams: dict[str, float],
         reference_free: bool,
         nll_weight: float,
+        wpo: bool = False,
     ):
         if not terms:
             raise ValueError("a preference objective needs at least one preference loss")
         self.terms = list(terms)
         self.hparams = hparams
         self.nll_weight = nll_weight
+        self.wpo = wpo
         # a sum needs a reference iff one of its terms does. Reference-free DPO: the implicit reference
         # is uniform over responses, so log pi_ref is one constant for every response and cancels;
         # zeros stand in for it and no model is built
@@ -172,6 +177,12 @@ class PreferenceObjective:
             "logps/ref_chosen": rc,
             "logps/ref_rejected": rr,
         }
+        if self.wpo:  # WPO (losses.wpo_weights): near-on-policy pairs weigh more
+            if policy.aligned is None:
+                raise ValueError("loss.wpo needs the policy's log sum p^2: build its LogprobLM with wpo=True")
+            weights = wpo_weights(*split_pairs(policy.aligned), chosen_tokens, rejected_tokens)
+            losses = losses * weights
+            stats["wpo_weights"] = weights
         if reference is not None:
             # likelihood displacement (guards.py): how far each response's per-token log-prob moved
             # from the reference's; DPO can push the chosen down while the margin grows
@@ -255,6 +266,7 @@ def build_objective(cfg: Config):
         hparams={name: getattr(loss, name) for name in HPARAMS},
         reference_free=loss.reference_free,
         nll_weight=nll_weight,
+        wpo=loss.wpo,
     )
 
 

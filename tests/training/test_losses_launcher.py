@@ -1,6 +1,6 @@
 """Each preference loss added for 2026 through the real launcher, 2 CPU ranks under ZeRO-3, in the layout it is
 most used with: the first step's loss is the loss's own value at policy = reference (ln 2 for the logistic
-ones), and the run trains from there."""
+ones; times the mean WPO weight with loss.wpo), and the run trains from there."""
 
 from __future__ import annotations
 
@@ -35,10 +35,22 @@ RUNS = {
         LN2,
     ),
     "MPO mix": (["loss=[dpo_norm,bco_pair,sft]", "loss.weights=[0.8,0.2,1.0]", "loss.beta=2"], None),
-    # LD-DPO: one rank's whole rows, then 2 ranks on each row (the token's place in its response is the group's)
-    "ld_alpha one rank": (["loss=dpo", "loss.ld_alpha=0.3", "data.layout=packed"], LN2),
-    "ld_alpha sp2": (
-        ["loss=dpo", "loss.ld_alpha=0.3", "data.layout=packed", "parallel.sequence_parallel_size=2"],
+    # WPO on the fused head, where no logits exist to take sum p^2 from
+    "wpo": (
+        ["loss=dpo", "loss.wpo=true", "data.layout=shared_prompt", "model.logprob_impl=fused_linear"],
+        LN2,
+    ),
+    # LD-DPO and WPO: one rank's whole rows, then 2 ranks on each row (a token's place in its response and WPO's
+    # per-sequence sums are the group's)
+    "ld_alpha wpo one rank": (["loss=dpo", "loss.ld_alpha=0.3", "loss.wpo=true", "data.layout=packed"], LN2),
+    "ld_alpha wpo sp2": (
+        [
+            "loss=dpo",
+            "loss.ld_alpha=0.3",
+            "loss.wpo=true",
+            "data.layout=packed",
+            "parallel.sequence_parallel_size=2",
+        ],
         LN2,
     ),
 }
@@ -65,7 +77,7 @@ def runs(tmp_path_factory):
         ]  # fmt: skip
         for i, (name, (extra, _)) in enumerate(RUNS.items())
     }
-    logs = run_many(root / "logs", todo, timeout=1200, one_rank=["ld_alpha one rank"])
+    logs = run_many(root / "logs", todo, timeout=1200, one_rank=["ld_alpha wpo one rank"])
     return {name: (root / str(i), logs[name]) for i, name in enumerate(RUNS)}
 
 
@@ -75,14 +87,17 @@ def test_each_loss_starts_at_its_value_at_the_reference_and_trains(runs, name):
     train, _ = metrics(run_dir)
     start = RUNS[name][1]
     assert len(train) == 3 and all(math.isfinite(r["loss/train"]) for r in train), name
-    if start is not None:
+    if start is not None:  # WPO weighs each pair's loss: the mean of ln 2 x w is ln 2 x the mean w
+        start *= train[0].get("wpo_weights/train", 1.0)
         assert train[0]["loss/train"] == pytest.approx(start, abs=1e-6), name
+    if "loss.wpo=true" in RUNS[name][0]:
+        assert abs(train[0]["wpo_weights/train"] - 1) > 1e-3, name  # a real weight, not 1 by construction
     assert train[0]["grad_norm"] > 0 and abs(train[-1]["loss/train"] - train[0]["loss/train"]) > 1e-6, name
 
 
-def test_ld_dpo_under_sequence_parallelism_is_one_ranks(runs):
-    base, _ = metrics(runs["ld_alpha one rank"][0])
-    train, _ = metrics(runs["ld_alpha sp2"][0])
+def test_ld_dpo_and_wpo_under_sequence_parallelism_are_one_ranks(runs):
+    base, _ = metrics(runs["ld_alpha wpo one rank"][0])
+    train, _ = metrics(runs["ld_alpha wpo sp2"][0])
     for x, y in zip(base, train, strict=True):
-        for key in ("loss/train", "grad_norm", "logps_train/chosen"):
+        for key in ("loss/train", "grad_norm", "logps_train/chosen", "wpo_weights/train"):
             assert abs(x[key] - y[key]) <= 1e-5, (key, x[key], y[key])

@@ -9,6 +9,9 @@ Triton is imported only when impl="triton" is asked for, so this package imports
 A fourth path never has the logits at all: fused_linear.fused_linear_logprobs takes the final hidden
 states and the lm_head weight and computes the log-probs in chunks of tokens, forward and backward
 (model.logprob_impl=fused_linear; model.LogprobLM runs it inside the lm_head module's call).
+
+Each path can also return, per token, log sum_j p_j^2 over the vocabulary (with_sq=True, WPO's weights,
+reference.py has the formula) from the pass it already makes, without keeping the logits.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def token_logprobs(
     chunk_rows: int | None = None,
     block_v: int | None = None,
     inplace_backward: bool = False,
-) -> torch.Tensor:
+    with_sq: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(labels) under softmax(logits), fp32, 0.0 (and zero gradient) where labels == ignore_index.
 
     logits: (..., V) any float dtype; labels: (...) int64, already aligned with logits (no shift here).
@@ -84,6 +88,7 @@ def token_logprobs(
     block_v: vocabulary block for impl="triton" (power of two).
     inplace_backward: impl="triton" only; writes the gradient over the logits buffer (see
     triton_kernel.triton_token_logprobs for when that is safe).
+    with_sq: return (log p, log sum_j p_j^2), the second (...) fp32 without a gradient, 0.0 where ignored.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -108,9 +113,9 @@ def token_logprobs(
     logits2d = logits.reshape(-1, vocab)  # (N, V); copies only when the layout can't be viewed as 2D
     labels1d = labels.reshape(-1)  # (N,)
     if impl == "naive":
-        out = naive_token_logprobs(logits2d, labels1d, ignore_index)
+        out = naive_token_logprobs(logits2d, labels1d, ignore_index, with_sq=with_sq)
     elif impl == "chunked":
-        out = chunked_token_logprobs(logits2d, labels1d, ignore_index, chunk_rows=chunk_rows)
+        out = chunked_token_logprobs(logits2d, labels1d, ignore_index, chunk_rows=chunk_rows, with_sq=with_sq)
     else:
         reason = triton_unavailable_reason()
         if reason is not None:
@@ -123,5 +128,8 @@ def token_logprobs(
             ignore_index,
             block_v=block_v or DEFAULT_BLOCK_V,
             inplace_backward=inplace_backward,
+            with_sq=with_sq,
         )
+    if with_sq:
+        return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)

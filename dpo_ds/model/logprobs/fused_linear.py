@@ -68,7 +68,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
     """log p(y) from (hidden, weight, bias) in row chunks; saves the inputs and two (M,) row stats."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_rows: int):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_rows: int, with_sq: bool = False):
         m, _ = hidden.shape
         dev = hidden.device
         valid = labels != ignore_index  # (M,)
@@ -77,6 +77,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         row_max = torch.empty(m, dtype=acc, device=dev)  # (M,) m
         log_sum = torch.empty(m, dtype=acc, device=dev)  # (M,) log s
         picked = torch.empty(m, dtype=acc, device=dev)  # (M,) x_y - m
+        sq = torch.zeros(m, dtype=acc, device=dev) if with_sq else None  # (M,) log s2 (WPO, reference.py)
         # Autocast would run the matmul in another dtype than the one backward sees; compute in the
         # inputs' dtype, always (fused_linear_logprobs checks they share one).
         with torch.autocast(dev.type, enabled=False):
@@ -87,15 +88,22 @@ class FusedLinearLogprobs(torch.autograd.Function):
                 x.sub_(row_max[s:e, None])  # x - m <= 0
                 picked[s:e] = x.gather(-1, safe[s:e, None]).squeeze(-1)  # x_y - m, exact
                 log_sum[s:e] = x.exp_().sum(dim=-1).log_()  # log s = log sum_j exp(x_j - m)
+                if sq is not None:  # log s2 = 2 log ||exp(x - m)||_2, read from the same buffer
+                    sq[s:e] = 2 * torch.linalg.vector_norm(x, dim=-1).log_()
                 del x  # free it before the next chunk is allocated, or two chunks are live at the peak
         # The weight object itself, not a copy: under ZeRO-3 its storage is swapped out and back in.
         ctx.save_for_backward(hidden, weight, bias, safe, valid, row_max, log_sum)
         ctx.chunk_rows = chunk_rows
-        return torch.where(valid, picked - log_sum, 0.0)  # (M,) log p = (x_y - m) - log s
+        logp = torch.where(valid, picked - log_sum, 0.0)  # (M,) log p = (x_y - m) - log s
+        if sq is None:
+            return logp
+        sq = torch.where(valid, sq - 2 * log_sum, 0.0)  # (M,) log sum_j p_j^2 = log s2 - 2 log s
+        ctx.mark_non_differentiable(sq)
+        return logp, sq
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):  # a with_sq call's second output has no gradient
         hidden, weight, bias, safe, valid, row_max, log_sum = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         m, _ = hidden.shape
@@ -138,7 +146,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
                 del dl  # one chunk buffer at a time, as in forward
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def fused_linear_logprobs(
@@ -148,7 +156,8 @@ def fused_linear_logprobs(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_tokens: int | None = None,
-) -> torch.Tensor:
+    with_sq: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(labels) under softmax(hidden @ weight.T + bias), fp32, without materialising the logits.
 
     hidden: (M, H) float (fp32, bf16, fp16), the final hidden states at the positions to score (already
@@ -159,6 +168,7 @@ def fused_linear_logprobs(
     bias; each gradient has its input's dtype. Works with tied embeddings (autograd sums this gradient
     with the embedding's).
     chunk_tokens: rows of logits per chunk; by default one fp32 (chunk, V) buffer is about 16 MiB.
+    with_sq: also return log sum_j p_j^2 per row (M,), no gradient (WPO's weights; one more (M,) row stat).
     """
     if not hidden.is_floating_point() or hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2D (M, H) float tensor, got {hidden.dtype} {tuple(hidden.shape)}")
@@ -193,4 +203,4 @@ def fused_linear_logprobs(
         chunk_tokens = default_chunk_rows(vocab)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return FusedLinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, chunk_tokens)
+    return FusedLinearLogprobs.apply(hidden, weight, bias, labels, ignore_index, chunk_tokens, with_sq)

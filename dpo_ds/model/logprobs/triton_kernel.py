@@ -4,6 +4,9 @@ One program per row. Forward: an online logsumexp over vocabulary blocks in fp32
     m_k = max(m_{k-1}, max_j x_j),  s_k = s_{k-1} * exp(m_{k-1} - m_k) + sum_j exp(x_j - m_k),
     log p = (x_y - m) - log s.
 m and log s are kept apart (not summed into lse): x_y - m is exact, x_y - lse would lose |x| * eps_fp32.
+The same pass keeps s2 = sum_j exp(x_j - m)^2 (rescaled by exp(m_old - m_new)^2) and stores WPO's
+log sum_j p_j^2 = log s2 - 2 log s per row: one multiply-add per element and one (N,) fp32 store, so it is
+always computed and handed out only when asked for (reference.py has the formula).
 Backward: d log p / d x_j = onehot(y)_j - exp(x_j - m - log s), times the incoming gradient.
 
 On CPU this runs under the Triton interpreter, which needs TRITON_INTERPRET=1 in the environment
@@ -44,6 +47,7 @@ def _logprobs_fwd_kernel(
     out_ptr,  # (N,) fp32 log p
     row_max_ptr,  # (N,) fp32 m, saved for backward
     log_sum_ptr,  # (N,) fp32 log s, saved for backward
+    sq_ptr,  # (N,) fp32 log sum_j p_j^2 (WPO), no gradient
     row_stride,
     V,
     ignore_index,
@@ -57,13 +61,17 @@ def _logprobs_fwd_kernel(
     # exp(-inf - -inf) = NaN whenever a block is all -inf (a masked vocabulary); a finite floor gives 0.
     m = tl.full((), -3.0e38, tl.float32)
     s = tl.zeros((), tl.float32)
+    s2 = tl.zeros((), tl.float32)
     # Ignored rows are reduced too (zeroed at the end): no data-dependent branch around the loop.
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         # Lanes past V read -inf, so exp(x - m) = 0 there.
         x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)  # (BLOCK_V,)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        scale = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)  # (BLOCK_V,)
+        s = s * scale + tl.sum(e, axis=0)
+        s2 = s2 * scale * scale + tl.sum(e * e, axis=0)
         m = m_new
     log_s = tl.log(s)
     valid = label != ignore_index
@@ -72,9 +80,10 @@ def _logprobs_fwd_kernel(
     tl.store(out_ptr + row, tl.where(valid, (x_label - m) - log_s, 0.0))
     tl.store(row_max_ptr + row, m)
     tl.store(log_sum_ptr + row, log_s)
+    tl.store(sq_ptr + row, tl.where(valid, tl.log(s2) - 2.0 * log_s, 0.0))
 
 
-_FWD_POINTERS = ("logits_ptr", "labels_ptr", "out_ptr", "row_max_ptr", "log_sum_ptr")
+_FWD_POINTERS = ("logits_ptr", "labels_ptr", "out_ptr", "row_max_ptr", "log_sum_ptr", "sq_ptr")
 COMPILE_SPECS["_logprobs_fwd_kernel"] = {
     "signature": {
         "logits_ptr": "*{logits}",
@@ -82,6 +91,7 @@ COMPILE_SPECS["_logprobs_fwd_kernel"] = {
         "out_ptr": "*fp32",
         "row_max_ptr": "*fp32",
         "log_sum_ptr": "*fp32",
+        "sq_ptr": "*fp32",
         "row_stride": "i32",
         "V": "i32",
         "ignore_index": "i32",  # -100 by default: neither 1 (a constexpr then) nor a multiple of 16
@@ -172,20 +182,21 @@ def _on_device(device: torch.device):
 
 def triton_logprobs_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (N, V) with unit stride on V, labels (N,) int64 -> log p, m, log s: each (N,) fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, V) with unit stride on V, labels (N,) int64 -> log p, m, log s, log sum_j p_j^2: each
+    (N,) fp32."""
     _check_runnable(_logprobs_fwd_kernel, logits.device)
     n, v = logits.shape
-    # Three separate tensors, not views of one: views share a version counter, so an in-place op by the
+    # Separate tensors, not views of one: views share a version counter, so an in-place op by the
     # caller on `out` would make autograd reject the saved row stats.
-    out, row_max, log_sum = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
+    out, row_max, log_sum, sq = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4))
     if n == 0:
-        return out, row_max, log_sum
+        return out, row_max, log_sum, sq
     with _on_device(logits.device):
         _logprobs_fwd_kernel[(n,)](
-            logits, labels, out, row_max, log_sum, logits.stride(0), v, ignore_index, BLOCK_V=block_v
+            logits, labels, out, row_max, log_sum, sq, logits.stride(0), v, ignore_index, BLOCK_V=block_v
         )
-    return out, row_max, log_sum
+    return out, row_max, log_sum, sq
 
 
 def triton_logprobs_backward(
@@ -224,16 +235,19 @@ def triton_logprobs_backward(
 
 class TritonTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index: int, block_v: int, inplace_backward: bool):
-        out, row_max, log_sum = triton_logprobs_forward(logits, labels, ignore_index, block_v)
+    def forward(ctx, logits, labels, ignore_index: int, block_v: int, inplace_backward: bool, with_sq: bool):
+        out, row_max, log_sum, sq = triton_logprobs_forward(logits, labels, ignore_index, block_v)
         ctx.save_for_backward(logits, labels, row_max, log_sum)
         ctx.ignore_index = ignore_index
         ctx.block_v = block_v
         ctx.inplace_backward = inplace_backward
-        return out
+        if not with_sq:
+            return out
+        ctx.mark_non_differentiable(sq)
+        return out, sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):  # a with_sq call's second output has no gradient
         logits, labels, row_max, log_sum = ctx.saved_tensors
         grad = triton_logprobs_backward(
             logits,
@@ -245,7 +259,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
             ctx.block_v,
             inplace=ctx.inplace_backward,
         )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def triton_token_logprobs(
@@ -254,8 +268,9 @@ def triton_token_logprobs(
     ignore_index: int = -100,
     block_v: int = DEFAULT_BLOCK_V,
     inplace_backward: bool = False,
-) -> torch.Tensor:
-    """logits (N, V), labels (N,) -> fp32 (N,).
+    with_sq: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V), labels (N,) -> fp32 (N,); with_sq: and log sum_j p_j^2, (N,) fp32 without a gradient.
 
     inplace_backward=True overwrites the logits buffer with its gradient during backward, saving one
     (N, V) tensor. Use it only when nothing else reads those logits after this call (e.g. logits that
@@ -265,4 +280,6 @@ def triton_token_logprobs(
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    return TritonTokenLogprobs.apply(logits, labels.contiguous(), ignore_index, block_v, inplace_backward)
+    return TritonTokenLogprobs.apply(
+        logits, labels.contiguous(), ignore_index, block_v, inplace_backward, with_sq
+    )
