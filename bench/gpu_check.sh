@@ -33,7 +33,8 @@
 #
 # Stages, each under `timeout` (the whole script gives up new work after GPU_CHECK_BUDGET_S, 590 s):
 #   (env) `dpo-ds env` (python -m dpo_ds.cli.main env): the product's bug-report page on the card
-#   (a) tests/model/test_logprobs.py on CUDA with TRITON_INTERPRET=0: the compiled Triton kernel against fp64
+#   (a) tests/model/test_logprobs.py and test_log_sum_sq.py (WPO's log sum p^2) on CUDA with TRITON_INTERPRET=0:
+#       the compiled Triton kernel against fp64
 #   (b) naive / chunked / triton log-probs fwd+bwd at 16384 tokens x vocab 32000 and 128256, bf16, as GB/s of
 #       the nominal 3 x N x V elements and as a fraction of a measured device-to-device copy, + extra memory
 #   (c) DPO steps of a ~1B random Llama, ZeRO-3, bf16 policy and reference, in each layout: shared_prompt
@@ -118,8 +119,9 @@ grep -E "^\| (torch|deepspeed|GPU|GPUs|bf16 supported|DeepSpeed accelerator|NCCL
 INTERP=0
 [ ${#SMOKE[@]} -eq 0 ] || INTERP=1
 echo $INTERP >"$RES/a_triton_interpret"
-echo "== (a) tests/model/test_logprobs.py, TRITON_INTERPRET=$INTERP"
+echo "== (a) tests/model/test_logprobs.py tests/model/test_log_sum_sq.py, TRITON_INTERPRET=$INTERP"
 TRITON_INTERPRET=$INTERP timeout -k 5 "$(cap 100)" "$PY" -m pytest -q -p no:cacheprovider tests/model/test_logprobs.py \
+    tests/model/test_log_sum_sq.py \
     >"$RES/a_pytest.log" 2>&1
 echo $? >"$RES/a_pytest.rc"
 tail -n 15 "$RES/a_pytest.log"
