@@ -92,6 +92,11 @@ def start_distributed(cfg, ds_path: str, objective, set_keys=None) -> Place:
     # the layout, decided once (data/layout.py): its rows, collator and the attention it needs
     layout = layout_for(cfg, on_cpu, sequence_parallel=(sp_rank, sp_size))
     ref_config = engine_config.reference_ds_config(ds_config, cfg) if objective.needs_reference else None
+    if cfg.model.reference_sync_steps and ref_config is None:  # TR-DPO moves a reference: one must exist
+        raise ConfigError(
+            f"config key 'model.reference_sync_steps': moves the reference model, and loss={cfg.loss.name} uses "
+            "none; set it to 0"
+        )
     stage = ds_config["zero_optimization"].get("stage", 0)
     log.info(
         f"world {world} on {device.type}, ZeRO stage {stage}, loss {cfg.loss.name}, run dir {cfg.run_dir}"
@@ -404,14 +409,24 @@ def build_models(cfg, place: Place, objective, inputs: Inputs, run_dir, resume: 
     return policy, reference, memory
 
 
-def resume_policy(cfg, policy, resume: Resume) -> int:
-    """The step to start from: 0, or the checkpoint's, its DeepSpeed state loaded into the policy."""
+def resume_policy(cfg, policy, resume: Resume, reference=None) -> int:
+    """The step to start from: 0, or the checkpoint's, its DeepSpeed state loaded into the policy (and, under
+    TR-DPO, the moved reference's state into the reference)."""
+    from dpo_ds.dist.comm import by_rank, fail_alike
     from dpo_ds.engine import step as engine_step
     from dpo_ds.run import resume as run_resume
+    from dpo_ds.run.dir import ArchiveError
 
     if resume.start_dir is None:
         return 0
     client = run_resume.load_engine(policy, resume.start_dir)
+    if cfg.model.reference_sync_steps:
+        error = None
+        try:
+            reference.load_state(resume.start_dir)
+        except (OSError, ValueError, RuntimeError) as e:  # ModelError is a ValueError
+            error = f"{type(e).__name__}: {e}"
+        fail_alike(error, lambda failed: ArchiveError(f"resume_from: {resume.start_dir}: {by_rank(failed)}"))
     start_step = int(client["step"])
     if any(c.startswith(("lr:", "warmup_steps:")) for c in resume.allowed):
         engine_step.apply_lr(policy, cfg.lr)  # the checkpoint restored the old schedule
@@ -450,7 +465,9 @@ def trainer(cfg, place, objective, inputs, run_dir, resume, policy, reference, m
         "data": inputs.digest,
         "data_format": DATA_FORMAT_VERSION,
     }
-    checkpoints = Checkpointer(run_dir, cfg.checkpoint, state, place.rank, watchdog)
+    # TR-DPO's moved reference is part of what a resume needs
+    extra = reference.save_state if cfg.model.reference_sync_steps else None
+    checkpoints = Checkpointer(run_dir, cfg.checkpoint, state, place.rank, watchdog, extra_state=extra)
     return Trainer(
         cfg,
         policy=policy,

@@ -113,7 +113,7 @@ def run(argv=None) -> dict:
 
         # 4. build: both models start from the same weights; the policy resumed from its checkpoint
         policy, reference, memory = steps.build_models(cfg, place, objective, inputs, run_dir, resume)
-        start_step = steps.resume_policy(cfg, policy, resume)
+        start_step = steps.resume_policy(cfg, policy, resume, reference)
     except USER_ERRORS:  # a start that failed leaves no empty run dir behind (only one this launch made)
         steps.drop_unused_run_dir(run_dir, lock, created, place.rank)
         raise

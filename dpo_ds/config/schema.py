@@ -184,6 +184,16 @@ class ModelConfig:
     reference_zero_stage: int | None = opt(
         None, "ZeRO stage of the reference engine: 0 or 3. null: 3 when the policy is ZeRO-3, else 0."
     )
+    reference_sync_steps: int = opt(
+        0,
+        "TR-DPO (Gorbatovski et al. 2024; TRL's ref_model_sync_steps): every N optimizer steps, after the update, "
+        "move the reference toward the policy, ref = a * policy + (1 - a) * ref, each shard where it lives. 0: "
+        "off (a frozen reference).",
+    )
+    reference_mixup_alpha: float = opt(
+        0.6,
+        "TR-DPO's a (TRL's ref_model_mixup_alpha and default), in [0, 1]: 1 copies the policy (the hard update).",
+    )
     logprob_impl: str = opt(
         "chunked",
         "How per-token log-probs are computed (model/logprobs/): `naive` (an fp32 log-softmax of all "

@@ -230,6 +230,15 @@ MAPPED_NAMES = [
     _mapped("f_alpha_divergence_coef", DPO, "loss.f_alpha", "same meaning and default (0.5)", "loss.f_alpha={value}"),
     _mapped("ld_alpha", DPO, "loss.ld_alpha", "the same weight of the tokens past the shorter response, in the "
             "policy's and the reference's log-probs alike, in every layout", "loss.ld_alpha={value}"),
+    _mapped("sync_ref_model", DPO, "model.reference_sync_steps", "TR-DPO is on when model.reference_sync_steps > 0 "
+            "(one key, not a switch beside a count); true writes TRL's default count, 512", {"true":
+            "model.reference_sync_steps=512", "false": "model.reference_sync_steps=0"}),
+    _mapped("ref_model_sync_steps", DPO, "model.reference_sync_steps", "the same count of optimizer steps between "
+            "updates, after the step; 0 (the default) is off, where TRL's default is 512 behind sync_ref_model",
+            "model.reference_sync_steps={value}"),
+    _mapped("ref_model_mixup_alpha", DPO, "model.reference_mixup_alpha", "same meaning and default (0.6); the update "
+            "is made on each shard where it lives, in fp32, rounded once to the reference's dtype",
+            "model.reference_mixup_alpha={value}"),
     _mapped("use_weighting", DPO, "loss.wpo", "the same weights (exp of each response's mean per-token log p - "
             "log sum_v p_v^2, chosen times rejected, no gradient) on every loss term; refused with aot and "
             "aot_unpaired, as TRL refuses them", "loss.wpo={value}"),
@@ -350,8 +359,6 @@ NOT_SUPPORTED_NAMES = [
     *_group(NOT_SUPPORTED, DPO, "pad_to_multiple_of", "padding lengths to a multiple"),
     *_group(NOT_SUPPORTED, DPO, "activation_offloading", "offloading activations to the CPU (--ds zero3_offload "
             "offloads parameters and optimizer states)"),
-    *_group(NOT_SUPPORTED, DPO, "sync_ref_model ref_model_mixup_alpha ref_model_sync_steps", "TR-DPO's reference "
-            "updates: the reference stays frozen"),
     *_group(NOT_SUPPORTED, OLDER, "ref_model_init_kwargs", "extra from_pretrained arguments for the reference: it "
             "loads from the policy's weights, in model.reference_dtype"),
 ]  # fmt: skip

@@ -43,6 +43,7 @@ def validate(cfg: Config) -> None:
     _check_model(cfg)
     _check_lora(cfg)
     _check_reference_mode(cfg)
+    _check_reference_sync(cfg)
     _check_model_weights(cfg)
     _check_batches_and_optimizer(cfg)
     _check_run_lengths(cfg)
@@ -221,6 +222,40 @@ def _check_lora(cfg: Config) -> None:
         lora.adapter_dtype in ADAPTER_DTYPES,
         "model.lora.adapter_dtype",
         "must be policy or float32",
+    )
+
+
+def _check_reference_sync(cfg: Config) -> None:
+    """TR-DPO (model.reference_sync_steps): a reference model that can move, alpha in [0, 1]."""
+    model = cfg.model
+    _need(cfg, model.reference_sync_steps >= 0, "model.reference_sync_steps", "must be >= 0 (0: off)")
+    _need(cfg, 0.0 <= model.reference_mixup_alpha <= 1.0, "model.reference_mixup_alpha", "must be in [0, 1]")
+    if not model.reference_sync_steps:
+        _need(
+            cfg,
+            model.reference_mixup_alpha == 0.6,
+            "model.reference_mixup_alpha",
+            "applies with model.reference_sync_steps > 0 only",
+        )
+        return
+    mode = reference_mode(cfg)
+    _need(
+        cfg,
+        mode != "precomputed",
+        "model.reference_sync_steps",
+        "moves the reference, but model.reference_mode=precomputed computed its log-probs once, before training",
+    )
+    _need(
+        cfg,
+        mode != "adapters_off",
+        "model.reference_sync_steps",
+        "is not available with LoRA's adapters-off reference yet; train the full model for TR-DPO",
+    )
+    _need(
+        cfg,
+        not cfg.loss.reference_free,
+        "model.reference_sync_steps",
+        "moves a reference model, and loss.reference_free=true has none",
     )
 
 

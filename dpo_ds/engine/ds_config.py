@@ -111,6 +111,15 @@ def resolve_ds_config(path: str, cfg: Config, world: int, on_cpu: bool) -> dict:
         # A torch RMSprop on offloaded states is slow but correct; DeepSpeed refuses it unless told.
         ds["zero_force_ds_cpu_optimizer"] = False
     ds.setdefault("steps_per_print", 10**9)  # dpo_ds logs itself
+    if (
+        cfg.model.reference_sync_steps
+    ):  # TR-DPO updates the reference's shards from the policy's matching ones
+        for key, off in (("zero_hpz_partition_size", 1), ("mics_shard_size", -1)):
+            if (zero.get(key) or off) > max(off, 0):  # hpZ's secondary groups, MiCS's shard groups
+                raise ConfigError(
+                    f"{path}: zero_optimization.{key}={zero[key]} partitions the policy's parameters otherwise than "
+                    "the reference's, which model.reference_sync_steps (TR-DPO) updates shard by shard; remove it"
+                )
     return ds
 
 

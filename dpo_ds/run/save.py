@@ -143,6 +143,18 @@ def save_engine(engine, directory: Path, client_state: dict) -> list[tuple[str, 
     return [(p, os.path.getsize(p)) for p in written if os.path.exists(p)]
 
 
+def save_extra(directory: Path, write) -> list[tuple[str, int]]:
+    """write(directory) on every rank (a resume's state beside DeepSpeed's); (path, bytes) of what this rank
+    wrote; SaveError on every rank alike when a write failed on any."""
+    error, written = None, []
+    try:
+        written = write(directory)
+    except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
+        error = f"{type(e).__name__}: {e}"
+    fail_alike(error, lambda failed: SaveError(f"{directory}: {by_rank(failed)}"))
+    return [(p, os.path.getsize(p)) for p in written if os.path.exists(p)]
+
+
 class Checkpointer:
     """The save protocol, which every rank runs alike: step-{examples}/ gets policy.pt (streamed while
     gathering: rank 0 never holds the whole model), the DeepSpeed checkpoint, run_state.json, then
@@ -150,8 +162,13 @@ class Checkpointer:
     the outcome. A failed save is logged and training goes on with the previous LATEST, until
     checkpoint.max_failed_saves fail in a row (or the final one fails): then TrainingStopped."""
 
-    def __init__(self, run_dir: RunDir, settings, run_state: dict, rank: int, watchdog=None):
+    def __init__(
+        self, run_dir: RunDir, settings, run_state: dict, rank: int, watchdog=None, extra_state=None
+    ):
         self.run_dir = run_dir
+        # what else a resume needs, beside DeepSpeed's checkpoint: step_dir -> the paths this rank wrote there
+        # (TR-DPO's moved reference); None: nothing
+        self.extra_state = extra_state
         self.settings = settings  # config.CheckpointConfig
         self.run_state = run_state  # in every run_state.json besides its step: config, world, data digest
         self.rank = rank
@@ -179,6 +196,8 @@ class Checkpointer:
                 written = []
                 if self.settings.save_optimizer:  # else weights only: policy.pt, nothing to resume from
                     written = save_engine(engine, target, {"step": step, "examples": examples})
+                    if self.extra_state is not None:
+                        written += save_extra(target, self.extra_state)
                 # what every rank wrote through DeepSpeed, for the manifest rank 0 records
                 written = [(os.path.relpath(p, target), n) for p, n in written]
                 files = [f for part in all_gather_objects(written) for f in part]

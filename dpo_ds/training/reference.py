@@ -104,6 +104,42 @@ class LiveReference(ReferenceMode):
     def sampler(self):
         return nullcontext(self.engine)
 
+    # TR-DPO (model.reference_sync_steps): the reference moves toward the policy, and its state is checkpointed
+
+    def sync(self, policy, alpha: float) -> None:
+        """reference <- alpha * policy + (1 - alpha) * reference, each shard where it lives (every rank alike)."""
+        from dpo_ds.engine.reference_sync import mix_into
+
+        mix_into(self.engine.module, policy.module, alpha)
+
+    def save_state(self, step_dir: Path) -> list[str]:
+        """This rank's part of the moved reference, in step_dir/reference/rank{r}.pt; the paths written."""
+        from dpo_ds.engine.reference_sync import local_state
+
+        path = _state_file(step_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(local_state(self.engine.module), path)
+        return [str(path)]
+
+    def load_state(self, step_dir: Path) -> None:
+        """save_state's file for this rank back into the reference; an error naming it when it is missing."""
+        from dpo_ds.engine.reference_sync import load_local_state
+
+        path = _state_file(step_dir)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the moved reference of this checkpoint is missing (model.reference_sync_steps needs it "
+                "to resume; a checkpoint written without TR-DPO has none)"
+            )
+        load_local_state(
+            self.engine.module, torch.load(path, map_location="cpu", weights_only=True), str(path)
+        )
+
+
+def _state_file(step_dir: Path) -> Path:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return Path(step_dir) / "reference" / f"rank{rank}.pt"
+
 
 class AdaptersOffReference(ReferenceMode):
     """The LoRA policy's own base: the same engine, its adapters switched off, under no_grad, on the

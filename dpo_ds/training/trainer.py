@@ -167,6 +167,7 @@ class Trainer:
                 )
             if step.index == start_step:
                 metrics.update(self.memory)
+            self._sync_reference(number, metrics)
             examples = step.examples_after
             bad = bad or not math.isfinite(metrics[metric_names.GRAD_NORM])
             stop = self.nonfinite.check(number, bad, metrics, self._weights_broken)
@@ -267,6 +268,16 @@ class Trainer:
             }
         )
         return metrics
+
+    def _sync_reference(self, number: int, metrics: dict) -> None:
+        """TR-DPO (model.reference_sync_steps=N): after every N-th optimizer step the reference moves toward the
+        policy (training/reference.LiveReference.sync), as TRL's SyncRefModelCallback does at its step's end."""
+        every = self.cfg.model.reference_sync_steps
+        if not every or number % every:
+            return
+        with self.watchdog.phase(f"reference sync after step {number}"):
+            self.reference.sync(self.policy, self.cfg.model.reference_mixup_alpha)
+        metrics["reference/syncs"] = number // every
 
     def _weights_broken(self) -> bool:
         """After a non-finite step: whether a stage-0 optimizer applied it (ZeRO 1-3 discard it)."""

@@ -20,6 +20,7 @@ FLOAT_KEYS = [
     "loss.f_alpha",
     "loss.ld_alpha",
     "loss.router_aux_coef",
+    "model.reference_mixup_alpha",
     "model.lora.alpha",
     "model.lora.dropout",
     "guard.max_chosen_drop_per_token",
