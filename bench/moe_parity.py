@@ -126,11 +126,9 @@ def run_dpo_ds(work: Path, name: str, model_dir: Path, data_dir: Path, args, ext
     }
 
 
-def run_trl(work: Path, model_dir: Path, rows: list[dict], args) -> dict:
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def trl_logs():
+    """A TrainerCallback that keeps TRL's per-step loss, aux_loss, non-pad tokens (cumulative) and log-probs."""
+    from transformers import TrainerCallback
 
     class Logs(TrainerCallback):
         def __init__(self):
@@ -143,6 +141,17 @@ def run_trl(work: Path, model_dir: Path, rows: list[dict], args) -> dict:
                 self.num_tokens.append(int(logs["num_tokens"]))  # cumulative non-pad tokens
                 self.logps.append((float(logs["logps/chosen"]), float(logs["logps/rejected"])))
 
+    return Logs()
+
+
+def trl_trainer(work: Path, model_dir: Path, rows: list[dict], args, logs, **settings):
+    """TRL's DPOTrainer on the benches' common settings (the module docstring's), `settings` added to its
+    DPOConfig; the policy loaded from model_dir in fp32, the reference made by TRL from the same weights."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -153,13 +162,19 @@ def run_trl(work: Path, model_dir: Path, rows: list[dict], args) -> dict:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1e6,
         beta=0.1, loss_type=["sigmoid"], max_length=64, precompute_ref_log_probs=False, logging_steps=1,
         report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        seed=args.seed, train_sampling_strategy="sequential", router_aux_loss_coef=None,
+        seed=args.seed, train_sampling_strategy="sequential", **settings,
     )  # fmt: skip
-    logs = Logs()
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
         callbacks=[logs],
     )  # fmt: skip
+
+
+def run_trl(work: Path, model_dir: Path, rows: list[dict], args) -> dict:
+    import torch
+
+    logs = trl_logs()
+    trainer = trl_trainer(work, model_dir, rows, args, logs, router_aux_loss_coef=None)
     checks = {
         "coef": trainer.router_aux_loss_coef,
         "aux_enabled": trainer.aux_loss_enabled,

@@ -78,9 +78,12 @@ class NonFiniteGuard:
 
 
 class DisplacementGuard:
-    def __init__(self, max_drop: float | None, action: str = "warn"):
+    def __init__(self, max_drop: float | None, action: str = "warn", splits=("train", "eval")):
         self.max_drop = max_drop
         self.action = action  # warn | stop
+        # the splits whose shift is measured against the reference the guard means: under TR-DPO only the
+        # eval's, taken against the initial reference (a moving one would hide the drop it exists to catch)
+        self.splits = splits
         self.fired = False
         self._ema: dict[str, float] = {}
 
@@ -103,7 +106,7 @@ class DisplacementGuard:
 
     def check(self, metrics: dict, split: str) -> str | None:
         """Set guard/displacement in `metrics`; the reason, the first time it fires."""
-        if self.max_drop is None:
+        if self.max_drop is None or split not in self.splits:
             return None
         shift = metrics.get(metric_names.key("logps", split, "chosen_shift_per_token"))
         accuracy = metrics.get(metric_names.key("rewards", split, "accuracies"))

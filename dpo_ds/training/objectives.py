@@ -184,11 +184,19 @@ class PreferenceObjective:
             losses = losses * weights
             stats["wpo_weights"] = weights
         if reference is not None:
-            # likelihood displacement (guards.py): how far each response's per-token log-prob moved
-            # from the reference's; DPO can push the chosen down while the margin grows
-            stats["logps/chosen_shift_per_token"] = (pc.detach() - rc) / chosen_tokens.clamp(min=1)
-            stats["logps/rejected_shift_per_token"] = (pr.detach() - rr) / rejected_tokens.clamp(min=1)
+            stats.update(shift_stats(policy, reference))
         return losses, stats
+
+
+def shift_stats(policy: SequenceLogps, reference: Tensor) -> dict[str, Tensor]:
+    """Likelihood displacement (guards.py): how far each response's per-token log-prob moved from the
+    reference's; DPO can push the chosen down while the margin grows. (pairs,) each."""
+    rc, rr = split_pairs(reference)
+    chosen_tokens, rejected_tokens = split_pairs(policy.counts)
+    return {
+        "logps/chosen_shift_per_token": (policy.chosen.detach() - rc) / chosen_tokens.clamp(min=1),
+        "logps/rejected_shift_per_token": (policy.rejected.detach() - rr) / rejected_tokens.clamp(min=1),
+    }
 
 
 class SFTObjective:

@@ -136,9 +136,41 @@ class LiveReference(ReferenceMode):
         )
 
 
+class InitialEvalLogps:
+    """TR-DPO: the initial reference's log-probs of this rank's eval examples, taken before the first sync and
+    kept in {run_dir}/reference_initial_eval/rank{r}.pt, so that the eval's likelihood-displacement statistics
+    (and the guard that reads them) measure against the reference the run started from, resume included."""
+
+    def __init__(self, table: dict[int, torch.Tensor]):
+        self.table = table  # example id -> (chosen, rejected) fp32
+
+    @classmethod
+    def build_or_load(cls, run_dir: Path, reference, eval_batches, device) -> InitialEvalLogps:
+        path = Path(run_dir) / "reference_initial_eval" / f"rank{_rank()}.pt"
+        if path.is_file():  # a resumed run: the reference has moved since
+            return cls(torch.load(path, weights_only=True))
+        table = {}
+        for micro_batches, _ in eval_batches:
+            for micro in micro_batches:
+                chosen, rejected = reference.logps(micro.to(device)).detach().cpu().chunk(2)
+                for i, example in enumerate(micro.example_ids.tolist()):
+                    table[example] = torch.stack([chosen[i], rejected[i]])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(table, path)
+        return cls(table)
+
+    def logps(self, batch) -> torch.Tensor:
+        """(2 * pairs,) chosen then rejected, as a reference's logps(batch) answers."""
+        rows = torch.stack([self.table[int(i)] for i in batch.example_ids.cpu().tolist()])
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(batch.input_ids.device)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def _state_file(step_dir: Path) -> Path:
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return Path(step_dir) / "reference" / f"rank{rank}.pt"
+    return Path(step_dir) / "reference" / f"rank{_rank()}.pt"
 
 
 class AdaptersOffReference(ReferenceMode):

@@ -30,6 +30,8 @@ from dpo_ds.training import metrics as metric_names
 from dpo_ds.training.experts import ExpertLoad
 from dpo_ds.training.generation import Generation
 from dpo_ds.training.guards import DisplacementGuard, NonFiniteGuard, TrainingStopped
+from dpo_ds.training.objectives import shift_stats
+from dpo_ds.training.reference import InitialEvalLogps
 
 log = logging.getLogger("dpo_ds")
 
@@ -102,7 +104,13 @@ class Trainer:
             memory or {}
         )  # memory before and after the models were built (and max over ranks), at step 1
         self.nonfinite = NonFiniteGuard(cfg.guard.max_bad_steps, checkpoints.run_dir.latest_target)
-        self.displacement = DisplacementGuard(cfg.guard.max_chosen_drop_per_token, cfg.guard.action)
+        moving = bool(
+            cfg.model.reference_sync_steps
+        )  # TR-DPO: the guard reads the eval, against the initial reference
+        self.displacement = DisplacementGuard(
+            cfg.guard.max_chosen_drop_per_token, cfg.guard.action, ("eval",) if moving else ("train", "eval")
+        )
+        self.initial_eval = None  # TR-DPO: reference.InitialEvalLogps, made at the start of train()
         self.preempted = False
         self.stop_reason = ""  # guard.action=stop: why the run ended early
         self._eval_batches = None
@@ -114,7 +122,7 @@ class Trainer:
     # ------------------------------------------------------------------ one micro-batch
 
     def micro_batch(
-        self, batch: dict, load: ExpertLoad | None = None
+        self, batch: dict, load: ExpertLoad | None = None, evaluating: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example losses (examples,) and per-example statistics for one micro-batch; an MoE's expert
         load of both models added to `load` when given (at eval)."""
@@ -123,7 +131,10 @@ class Trainer:
         reference = self.reference.logps(b)
         if load is not None:
             load.add(policy.load, getattr(self.reference, "last_load", None))
-        return self.objective(policy, reference, b)
+        losses, stats = self.objective(policy, reference, b)
+        if evaluating and self.initial_eval is not None:  # TR-DPO's eval: displacement from the start
+            stats.update(shift_stats(policy, self.initial_eval.logps(b)))
+        return losses, stats
 
     def _reduce(self, sums: dict[str, torch.Tensor], count: int, split: str) -> dict[str, float]:
         """Means over all examples of all ranks, named as in the original: rewards_train/chosen..."""
@@ -148,6 +159,11 @@ class Trainer:
         cfg = self.cfg
         n_steps = self.train_data.n_steps(cfg.n_epochs, cfg.n_examples)
         examples = start_step * cfg.batch_size
+        if cfg.model.reference_sync_steps:  # before any sync (or read back on resume)
+            self._eval_batches = self._eval_batches or self.eval_data.eval_batches(cfg.n_eval_examples)
+            self.initial_eval = InitialEvalLogps.build_or_load(
+                cfg.run_dir, self.reference, self._eval_batches, self.device
+            )
         if start_step == 0 and cfg.do_first_eval:
             self.evaluate(step=0, examples=0, save=False)
         last_eval_bucket = examples // cfg.eval_every
@@ -316,7 +332,7 @@ class Trainer:
         load = ExpertLoad(self.top_k)
         for micro_batches, n_local in self._eval_batches:
             for micro in micro_batches:
-                losses, stats = self.micro_batch(micro, load)
+                losses, stats = self.micro_batch(micro, load, evaluating=True)
                 self._accumulate(sums, losses, stats)
             count += n_local
         metrics = self._reduce(sums, count, "eval") if count else {}

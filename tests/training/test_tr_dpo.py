@@ -72,3 +72,16 @@ def test_trl_names_map_to_the_keys():
     load_config(
         None, ["model.reference_sync_steps=64", "model.reference_mixup_alpha=0.9"]
     )  # both valid as written
+
+
+def test_under_tr_dpo_the_guard_reads_the_eval_only():
+    from dpo_ds.training.guards import DisplacementGuard
+
+    dropped = {"logps_train/chosen_shift_per_token": -1.0, "rewards_train/accuracies": 0.9}
+    assert (
+        DisplacementGuard(0.1).check(dict(dropped), "train") is not None
+    )  # a frozen reference: train counts
+    moving = DisplacementGuard(0.1, splits=("eval",))
+    assert moving.check(dict(dropped), "train") is None
+    evals = {"logps_eval/chosen_shift_per_token": -1.0, "rewards_eval/accuracies": 0.9}
+    assert "likelihood displacement (eval)" in moving.check(evals, "eval")

@@ -49,11 +49,15 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_hard_update_makes_every_step_start_at_ln2(runs, placement):
-    train, _ = metrics(runs[f"hard {placement}"][0])
+    train, evals = metrics(runs[f"hard {placement}"][0])
     assert [r["reference/syncs"] for r in train] == [1, 2, 3]
     for r in train:
         assert r["loss/train"] == pytest.approx(LN2, abs=1e-6), (placement, r["step"])
         assert r["logps_train/ref_chosen"] == pytest.approx(r["logps_train/chosen"], abs=1e-5), placement
+    # the final eval: the reference is the final policy, but the displacement is measured from the initial one
+    last = evals[-1]
+    assert last["logps_eval/ref_chosen"] == pytest.approx(last["logps_eval/chosen"], abs=1e-5), placement
+    assert abs(last["logps_eval/chosen_shift_per_token"]) > 1e-3, placement
 
 
 def test_soft_update_moves_the_reference_from_the_first_sync(runs):
@@ -76,3 +80,6 @@ def test_resume_between_syncs_is_the_straight_run(runs):
     for x, y in zip(straight, resumed, strict=True):
         for key in ("loss/train", "grad_norm", "logps_train/ref_chosen"):
             assert x[key] == y[key], (x["step"], key, x[key], y[key])
+    # the final eval's displacement, from the initial reference's log-probs the first half kept
+    last = metrics(runs["soft"][0])[1][-1], metrics(runs["half"][0])[1][-1]
+    assert last[0]["logps_eval/chosen_shift_per_token"] == last[1]["logps_eval/chosen_shift_per_token"]
