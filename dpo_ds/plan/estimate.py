@@ -116,6 +116,7 @@ CUDA_CONTEXT_GIB = 0.5
 ALLOCATOR_RESERVE = "allocator reserve (10% of allocations)"
 ALLOCATOR_RESERVE_FRACTION = 0.10
 GPU_OVERHEAD_TERMS = (CUDA_CONTEXT, ALLOCATOR_RESERVE)
+SYNC_PEAK = "reference sync peak"  # TR-DPO's update between steps (sync_peak_bytes)
 FUSED_CHUNK_ROWS = 1024  # logprobs.reference.default_chunk_rows at these vocabularies (a bound)
 # an MoE model's terms (module docstring, Mixture-of-Experts): step-time, like the activations
 ROUTER = "router (MoE, fp32)"
@@ -479,6 +480,7 @@ class Run:
     token_budget: int = 0
     max_length: int = 0
     adapter_bytes: int = 0  # model.lora.adapter_dtype's bytes a value; 0: the policy's (its default)
+    reference_sync: bool = False  # TR-DPO (model.reference_sync_steps > 0) on a reference engine
     lora_parameters: tuple = ()  # model.lora.target_parameters: fused parameters peft wraps (plan/experts.py)
 
     def offloads(self, what: str) -> bool:
@@ -501,6 +503,19 @@ def save_peak_bytes(run: Run) -> float:
     if run.on_cpu:  # the clones are kept (the whole adapter) and the gathered one is in the same memory
         return lora_params(run.shape, run.lora_r, run.lora_targets, run.lora_parameters) * a + gathered
     return gathered + largest
+
+
+def sync_peak_bytes(run: Run) -> float:
+    """What a rank adds while TR-DPO moves the reference (engine/reference_sync.py), between steps: one
+    parameter's update in fp32 (the reference's values, the policy's and the result: three fp32 buffers at
+    most) for the largest tensor, a shard of it under a ZeRO-3 reference; a ZeRO-0 reference under a ZeRO-3
+    policy also gathers that policy parameter whole."""
+    if not run.reference_sync:
+        return 0.0
+    whole = run.shape.largest_tensor
+    values = whole / run.ranks if run.reference_stage == 3 else whole
+    gathered = whole * run.policy_bytes if run.stage == 3 and run.reference_stage != 3 else 0.0
+    return 3 * 4.0 * values + gathered
 
 
 def policy_states(run: Run) -> dict[str, float]:
@@ -581,4 +596,5 @@ def estimate(run: Run) -> dict[str, float]:
         terms[ALLOCATOR_RESERVE] = ALLOCATOR_RESERVE_FRACTION * model
     terms["total"] = sum(terms.values())
     terms["save peak (rank 0)"] = save_peak_bytes(run) + (CPU_SAVE_EVAL_GIB * GIB if run.on_cpu else 0.0)
+    terms[SYNC_PEAK] = sync_peak_bytes(run)
     return terms

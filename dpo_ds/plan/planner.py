@@ -35,6 +35,7 @@ from dpo_ds.plan.estimate import (
     LORA_WEIGHTS,
     PINNED_EXPERTS,
     ROUTER,
+    SYNC_PEAK,
     Run,
     Shape,
     estimate,
@@ -103,6 +104,7 @@ def describe(
         # policy JSON's offload_param
         reference_offload=cfg.model.reference_offload,
         reference_stage_pinned=cfg.model.reference_zero_stage is not None,
+        reference_sync=bool(cfg.model.reference_sync_steps) and holds_engine(mode),
         lora_r=cfg.model.lora.r,
         lora_targets=tuple(cfg.model.lora.target_modules),
         # fused expert parameters peft wraps by name (an optional key: configs without it name none)
@@ -233,7 +235,7 @@ def plural(n: int, word: str) -> str:
 
 def running_terms(t: dict) -> dict:
     """The terms of estimate(run) that every rank holds during a training step."""
-    return {k: v for k, v in t.items() if k not in ("total", SAVE)}
+    return {k: v for k, v in t.items() if k not in ("total", SAVE, SYNC_PEAK)}
 
 
 def worst_total(run: Run) -> float:
@@ -244,13 +246,14 @@ def worst_total(run: Run) -> float:
 
 def _peak(t: dict) -> float:
     """worst_total of an estimate already made."""
-    return max(t["total"], sum(_saving(t).values()))
+    return max(t["total"], sum(_saving(t).values()), sum(_saving(t, SYNC_PEAK).values()))
 
 
-def _saving(t: dict) -> dict:
-    """The terms rank 0 holds while it saves: no step's activations, the save's own peak instead (what
-    offload keeps in CPU memory is not on the device then either: estimate counts it nothing there)."""
-    return {**{k: v for k, v in running_terms(t).items() if k not in NOT_WHILE_SAVING}, SAVE: t[SAVE]}
+def _saving(t: dict, moment: str = SAVE) -> dict:
+    """The terms rank 0 holds while it saves (or every rank while TR-DPO moves the reference, moment=SYNC_PEAK):
+    no step's activations, that moment's own peak instead (what offload keeps in CPU memory is not on the
+    device then either: estimate counts it nothing there)."""
+    return {**{k: v for k, v in running_terms(t).items() if k not in NOT_WHILE_SAVING}, moment: t[moment]}
 
 
 def _header(run: Run) -> str:
@@ -279,6 +282,12 @@ def _table(run: Run, t: dict) -> list[str]:
             continue  # a term this run does not have (scores of a fused attention, SP's exchange without SP)
         lines.append(f"| {k} | {running.get(k, 0) / GIB:.2f} | {saving.get(k, 0) / GIB:.2f} |")
     lines.append(f"| **total** | **{t['total'] / GIB:.2f}** | **{sum(saving.values()) / GIB:.2f}** |")
+    if t[SYNC_PEAK]:
+        syncing = sum(_saving(t, SYNC_PEAK).values())
+        lines.append(
+            f"(TR-DPO: while the reference moves, between steps, a rank holds {syncing / GIB:.2f} GiB: the saving "
+            f"column's terms with the sync's {t[SYNC_PEAK] / GIB:.2f} GiB instead of the save's; in the peak)"
+        )
     moved = offloaded(run)
     if moved:
         each = ", ".join(f"{k} {v / GIB:.2f}" for k, v in moved.items())
