@@ -247,9 +247,10 @@ def _check_reference_sync(cfg: Config) -> None:
     )
     _need(
         cfg,
-        mode != "adapters_off",
+        not (mode == "adapters_off" and cfg.model.lora.target_parameters),
         "model.reference_sync_steps",
-        "is not available with LoRA's adapters-off reference yet; train the full model for TR-DPO",
+        "moves a LoRA reference through adapters on modules; model.lora.target_parameters (fused expert weights) "
+        "cannot take the reference adapter",
     )
     _need(
         cfg,

@@ -232,6 +232,13 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
+def reference_adapter_rank(cfg: Config, total_steps: int) -> int:
+    """TR-DPO under LoRA: the columns the reference adapter needs (reference_sync.mix_reference_adapter): r for
+    the hard update, else r for each sync the run's total_steps make."""
+    r, every = cfg.model.lora.r, cfg.model.reference_sync_steps
+    return r if cfg.model.reference_mixup_alpha == 1.0 else r * max(1, total_steps // every)
+
+
 def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None, total_steps: int = 0):
     import deepspeed
 
@@ -254,6 +261,12 @@ def build_policy(lm, ds: dict, cfg: Config, sp: SequenceParallel | None = None, 
     if cfg.model.lora.r:  # the base frozen; only the adapters train (adapters.py)
         base = resolve_model_dir(cfg.model.name_or_path)
         lm = adapters.wrap(lm, cfg.model.lora, cfg.seed, cfg.model.gradient_checkpointing, base)
+        if cfg.model.reference_sync_steps:  # TR-DPO: the moved reference's own frozen adapter
+            rank = reference_adapter_rank(cfg, total_steps)
+            adapters.add_reference_adapter(lm, rank, cfg.model.lora.adapter_dtype == "float32")
+            log.info(
+                f"TR-DPO: a reference adapter of rank {rank} beside the policy's (rank {cfg.model.lora.r})"
+            )
         trainable = [p for p in lm.parameters() if p.requires_grad]
         frozen = [p for p in lm.parameters() if not p.requires_grad]
         log.info(

@@ -137,3 +137,87 @@ def load_local_state(reference: torch.nn.Module, state: dict[str, torch.Tensor],
                     "checkpoint of another world size or ZeRO placement cannot be resumed)"
                 )
             target.copy_(saved)
+
+
+@torch.no_grad()
+def mix_reference_adapter(model: torch.nn.Module, alpha: float, used: int) -> int:
+    """TR-DPO under LoRA, exactly: the reference is the base plus a frozen reference delta D, kept as the
+    reference adapter (model.adapters.add_reference_adapter: B_ref A_ref, scaling 1). The policy is the base plus
+    s B A, so the update D <- alpha s B A + (1 - alpha) D is a concatenation, not a lerp of A and B (B A is
+    bilinear): the columns of B_ref in use are scaled by (1 - alpha), and the next r columns / rows take
+    alpha s B and A. The rank in use grows by r a sync; alpha = 1 starts again from the first r. Each LoRA
+    layer's four matrices are gathered together under ZeRO-3 (adapter-sized; the base is never touched) and
+    written on rank 0, which DeepSpeed partitions again. Returns the rank in use after the update."""
+    import deepspeed
+
+    after = used
+    for name, a, b, ra, rb, scale in _reference_layers(model):
+        zero3 = [p for p in (a, b, ra, rb) if _partitioned(p)]
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if zero3 else None):
+            r, capacity = a.shape[0], ra.shape[0]
+            start = 0 if alpha == 1.0 else used
+            if start + r > capacity:
+                raise ModelError(
+                    f"model.reference_sync_steps: {name}'s reference adapter holds rank {capacity}, and this sync "
+                    f"needs {start + r}: more syncs than the run was built for"
+                )
+            if alpha == 1.0:  # the hard update: the policy's delta alone
+                ra.zero_()
+                rb.zero_()
+            else:
+                rb[:, :used].copy_(rb[:, :used].float() * (1.0 - alpha))
+            ra[start : start + r].copy_(a)
+            rb[:, start : start + r].copy_(b.float() * (alpha * scale))
+        after = start + r
+    return after
+
+
+def _reference_layers(model):
+    """(name, A, B, A_ref, B_ref, scale) of each LoRA layer that holds the reference adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    from dpo_ds.model.adapters import REFERENCE_ADAPTER
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and REFERENCE_ADAPTER in module.lora_A:
+            yield (
+                name, module.lora_A["default"].weight, module.lora_B["default"].weight,
+                module.lora_A[REFERENCE_ADAPTER].weight, module.lora_B[REFERENCE_ADAPTER].weight,
+                module.scaling["default"],
+            )  # fmt: skip
+
+
+@torch.no_grad()
+def adapter_state(model: torch.nn.Module, used: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The reference adapter's columns in use, gathered (every rank calls it alike): name -> (A_ref[:used],
+    B_ref[:, :used]) on CPU. Whole and of the rank in use, so a resume may run longer (a larger capacity) or
+    on other ranks."""
+    import deepspeed
+
+    out = {}
+    for name, _, _, ra, rb, _ in _reference_layers(model):
+        with deepspeed.zero.GatheredParameters([p for p in (ra, rb) if _partitioned(p)]):
+            out[name] = (ra[:used].detach().cpu().clone(), rb[:, :used].detach().cpu().clone())
+    return out
+
+
+@torch.no_grad()
+def load_adapter_state(model: torch.nn.Module, state: dict, used: int, source: str) -> None:
+    """adapter_state's dict back into the reference adapter (the rest of its columns zero); an error naming
+    `source` when a layer is missing or its capacity is smaller than the rank in use."""
+    import deepspeed
+
+    for name, _, _, ra, rb, _ in _reference_layers(model):
+        saved = state.get(name)
+        zero3 = [p for p in (ra, rb) if _partitioned(p)]
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if zero3 else None):
+            if saved is None or saved[0].shape[1:] != ra.shape[1:] or used > ra.shape[0]:
+                raise ModelError(
+                    f"{source}: the moved reference adapter of {name} is "
+                    f"{'missing' if saved is None else f'rank {used} of shape {tuple(saved[0].shape)}'}; this run's "
+                    f"holds rank {ra.shape[0]} of shape {tuple(ra.shape)}"
+                )
+            ra.zero_()
+            rb.zero_()
+            ra[:used].copy_(saved[0])
+            rb[:, :used].copy_(saved[1])

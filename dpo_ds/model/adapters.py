@@ -25,6 +25,7 @@ peft is imported inside functions: this module imports in milliseconds without i
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -205,3 +206,44 @@ def adapter_base(step_dir: Path) -> str | None:
         raise AdapterError(
             f"{Path(step_dir) / ADAPTER_CONFIG} cannot be read ({type(e).__name__}: {e})"
         ) from None
+
+
+REFERENCE_ADAPTER = "ref"  # TR-DPO under LoRA: the moved reference's own delta, frozen
+
+
+def add_reference_adapter(model, rank: int, fp32: bool) -> None:
+    """TR-DPO under LoRA (engine/reference_sync.mix_reference_adapter): a second, frozen adapter on the modules
+    the policy's adapter wraps, of `rank` columns (scaling 1), all zero, so that the reference is the base plus
+    it: the base itself until the first sync. The policy's adapter stays the active, trainable one."""
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    default = model.peft_config["default"]
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=default.target_modules,
+                        bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    model.add_adapter(REFERENCE_ADAPTER, config, autocast_adapter_dtype=fp32)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and REFERENCE_ADAPTER in module.lora_A:
+                for layer in (module.lora_A[REFERENCE_ADAPTER], module.lora_B[REFERENCE_ADAPTER]):
+                    layer.weight.zero_()
+                    layer.requires_grad_(False)
+    model.peft_config[REFERENCE_ADAPTER].inference_mode = True
+
+
+@contextmanager
+def reference_adapter_active(model):
+    """The reference adapter in place of the policy's for the duration (each LoRA layer's active adapter
+    swapped; no parameter's requires_grad is touched, as peft's set_adapter would)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = [REFERENCE_ADAPTER]
+    try:
+        yield
+    finally:
+        for m, active in zip(layers, saved, strict=True):
+            m._active_adapter = active

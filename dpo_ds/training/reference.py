@@ -114,26 +114,35 @@ class LiveReference(ReferenceMode):
 
     def save_state(self, step_dir: Path) -> list[str]:
         """This rank's part of the moved reference, in step_dir/reference/rank{r}.pt; the paths written."""
-        from dpo_ds.engine.reference_sync import local_state
-
-        path = _state_file(step_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(local_state(self.engine.module), path)
-        return [str(path)]
+        return _save_moved(self.engine.module, step_dir)
 
     def load_state(self, step_dir: Path) -> None:
         """save_state's file for this rank back into the reference; an error naming it when it is missing."""
-        from dpo_ds.engine.reference_sync import load_local_state
+        _load_moved(self.engine.module, step_dir)
 
-        path = _state_file(step_dir)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: the moved reference of this checkpoint is missing (model.reference_sync_steps needs it "
-                "to resume; a checkpoint written without TR-DPO has none)"
-            )
-        load_local_state(
-            self.engine.module, torch.load(path, map_location="cpu", weights_only=True), str(path)
+
+def _save_moved(module, step_dir: Path) -> list[str]:
+    """TR-DPO: this rank's part of a moved reference engine (engine.reference_sync.local_state) in
+    step_dir/reference/rank{r}.pt; the paths written."""
+    from dpo_ds.engine.reference_sync import local_state
+
+    path = _state_file(step_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(local_state(module), path)
+    return [str(path)]
+
+
+def _load_moved(module, step_dir: Path) -> None:
+    """_save_moved's file for this rank back into `module`; an error naming the file when it is missing."""
+    from dpo_ds.engine.reference_sync import load_local_state
+
+    path = _state_file(step_dir)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the moved reference of this checkpoint is missing (model.reference_sync_steps needs it to "
+            "resume; a checkpoint written without TR-DPO has none)"
         )
+    load_local_state(module, torch.load(path, map_location="cpu", weights_only=True), str(path))
 
 
 class InitialEvalLogps:
@@ -197,22 +206,63 @@ class AdaptersOffReference(ReferenceMode):
     def __init__(self, engine):
         self.engine = engine
         self.last_load = None  # an MoE's expert load of the latest micro-batch (training/experts.py)
+        # TR-DPO: the rank of the reference adapter in use (model.adapters.add_reference_adapter); 0: the base
+        self.used = 0
+
+    def _as_reference(self):
+        """The policy's engine as the reference: its adapters off, or, once TR-DPO has moved the reference,
+        the reference adapter in place of the policy's."""
+        from dpo_ds.engine.step import unwrap_lm
+        from dpo_ds.model.adapters import reference_adapter_active
+
+        lm = unwrap_lm(self.engine)
+        return reference_adapter_active(lm) if self.used else lm.disable_adapter()
 
     def logps(self, batch: dict) -> torch.Tensor:
-        from dpo_ds.engine.step import unwrap_lm
-
-        with torch.no_grad(), unwrap_lm(self.engine).disable_adapter():
+        with torch.no_grad(), self._as_reference():
             seqs = sequence_logps(self.engine, batch)
         self.last_load = seqs.load
         return seqs.logps.float()
 
     @contextmanager
     def sampler(self):
-        """The reference's samples: the policy's engine with its adapters off."""
+        """The reference's samples: the policy's engine as the reference."""
+        with self._as_reference():
+            yield self.engine
+
+    # TR-DPO (model.reference_sync_steps) under LoRA: the reference adapter moves, exactly (reference_sync.py)
+
+    def sync(self, policy, alpha: float) -> None:
+        from dpo_ds.engine.reference_sync import mix_reference_adapter
         from dpo_ds.engine.step import unwrap_lm
 
-        with unwrap_lm(self.engine).disable_adapter():
-            yield self.engine
+        self.used = mix_reference_adapter(unwrap_lm(self.engine), alpha, self.used)
+
+    def save_state(self, step_dir: Path) -> list[str]:
+        """The reference adapter's columns in use, gathered (every rank), written by rank 0 to
+        step_dir/reference/adapter.pt: a resume may then run longer or on other ranks."""
+        from dpo_ds.engine.reference_sync import adapter_state
+        from dpo_ds.engine.step import unwrap_lm
+
+        state = {"used": self.used, "layers": adapter_state(unwrap_lm(self.engine), self.used)}
+        if _rank():
+            return []
+        path = Path(step_dir) / "reference" / "adapter.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        return [str(path)]
+
+    def load_state(self, step_dir: Path) -> None:
+        """save_state's file back into the reference adapter; an error naming it when it is missing."""
+        from dpo_ds.engine.reference_sync import load_adapter_state
+        from dpo_ds.engine.step import unwrap_lm
+
+        path = Path(step_dir) / "reference" / "adapter.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the moved reference adapter of this checkpoint is missing")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.used = int(state["used"])
+        load_adapter_state(unwrap_lm(self.engine), state["layers"], self.used, str(path))
 
 
 class PrecomputedReference(NoReference, ReferenceMode):

@@ -28,7 +28,10 @@ SYNC = ["model.reference_sync_steps=2"]
             [*SYNC, "model.reference_mode=precomputed"],
             r"'model.reference_sync_steps': moves the reference, but ",
         ),
-        ([*SYNC, "model.lora.r=8"], r"'model.reference_sync_steps': is not available with LoRA"),
+        (
+            [*SYNC, "model.lora.r=8", "model.lora.target_parameters=[experts]"],
+            r"'model.reference_sync_steps': moves a LoRA reference through adapters on modules",
+        ),
         (
             [*SYNC, "loss.reference_free=true"],
             r"'model.reference_sync_steps': moves a reference model, and loss",
@@ -85,3 +88,14 @@ def test_under_tr_dpo_the_guard_reads_the_eval_only():
     assert moving.check(dict(dropped), "train") is None
     evals = {"logps_eval/chosen_shift_per_token": -1.0, "rewards_eval/accuracies": 0.9}
     assert "likelihood displacement (eval)" in moving.check(evals, "eval")
+
+
+def test_a_lora_reference_adapter_holds_a_rank_for_each_sync_of_the_run():
+    from dpo_ds.engine.build import reference_adapter_rank
+
+    soft = load_config(None, ["model.lora.r=8", "model.reference_sync_steps=10"])
+    assert reference_adapter_rank(soft, total_steps=35) == 8 * 3  # syncs after steps 10, 20, 30
+    hard = load_config(
+        None, ["model.lora.r=8", "model.reference_sync_steps=10", "model.reference_mixup_alpha=1"]
+    )
+    assert reference_adapter_rank(hard, total_steps=35) == 8  # each hard update starts again

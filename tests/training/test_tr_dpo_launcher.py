@@ -1,7 +1,8 @@
 """TR-DPO (model.reference_sync_steps) through the real launcher on 2 CPU ranks: the hard update in every
 placement pair dpo_ds's JSONs allow makes each step's loss ln 2 (the reference is the policy the step starts
-from), the soft update moves the reference from the first sync on and not before, and a run resumed from a
-checkpoint between syncs is the straight run, step for step."""
+from), the soft update moves the reference from the first sync on and not before, and a run killed (SIGKILL) and
+resumed from its checkpoint between syncs is the straight run, step for step; with LoRA's reference adapter
+too."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import math
 
 import pytest
 
-from tests.launch import ROOT, TINY, metrics, run_many, small_demo
+from tests.launch import ROOT, TINY, check, metrics, run_many, run_train, small_demo
+from tests.run.test_long_runs import _finish, _start
 
 pytestmark = pytest.mark.integration
 LN2 = math.log(2)
 HARD = ["model.reference_sync_steps=1", "model.reference_mixup_alpha=1"]
 SOFT = ["model.reference_sync_steps=2", "model.reference_mixup_alpha=0.6"]
+LORA = ["model.lora.r=8", "model.lora.alpha=16"]
 # placement: (DeepSpeed JSON, extra keys) -> policy stage / reference stage
 PLACEMENTS = {
     "zero3/zero3": ("zero3.json", []),
@@ -39,17 +42,28 @@ def runs(tmp_path_factory):
     todo.update({
         "frozen": run("frozen", "n_epochs=2"),
         "soft": run("soft", *SOFT, "n_epochs=2"),
-        # resume between syncs: the first 3 steps (a sync after step 2), then steps 4-6 from its checkpoint
-        "half": run("half", *SOFT),
-        "resumed": run("half", *SOFT, "n_epochs=2", "resume_from=auto"),
+        # LoRA: the reference adapter (the base plus a frozen delta), hard and soft
+        "lora hard": run("lora hard", *LORA, *HARD),
+        "lora soft": run("lora soft", *LORA, *SOFT, "n_epochs=2"),
     })  # fmt: skip
     logs = run_many(root / "logs", todo, timeout=1500)
-    return {name: (root / name, logs[name]) for name in todo}  # "resumed" writes into half's run dir
+    out = {name: (root / name, logs[name]) for name in todo}
+    # SIGKILL mid-run: rank 1 dies in its 2nd save (step 6; the one of step 3 is LATEST, a sync after step 2
+    # in it), then the same command resumes from LATEST: steps 4-6 again, a sync after step 4
+    for prefix, extra in (("", []), ("lora ", LORA)):
+        args = run(
+            f"{prefix}killed", *extra, *SOFT, "n_epochs=2", "checkpoint.save_every=3", "resume_from=auto"
+        )
+        code, text = _finish(_start(*args, extra_env={"DPO_DS_TEST_KILL_IN_SAVE": "1:2"}), timeout=300)
+        assert code != 0, text[-3000:]
+        resumed = check(run_train(*args, timeout=300))
+        out[f"{prefix}killed"] = (root / f"{prefix}killed", resumed.stdout + resumed.stderr)
+    return out
 
 
-@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize("placement", [*PLACEMENTS, "lora"])
 def test_hard_update_makes_every_step_start_at_ln2(runs, placement):
-    train, evals = metrics(runs[f"hard {placement}"][0])
+    train, evals = metrics(runs[f"hard {placement}" if placement != "lora" else "lora hard"][0])
     assert [r["reference/syncs"] for r in train] == [1, 2, 3]
     for r in train:
         assert r["loss/train"] == pytest.approx(LN2, abs=1e-6), (placement, r["step"])
@@ -72,14 +86,15 @@ def test_soft_update_moves_the_reference_from_the_first_sync(runs):
         assert abs(x["logps_train/ref_chosen"] - y["logps_train/ref_chosen"]) > 1e-3, x["step"]
 
 
-def test_resume_between_syncs_is_the_straight_run(runs):
-    straight, _ = metrics(runs["soft"][0])
-    resumed, _ = metrics(runs["half"][0])  # the first half's steps, then the resumed run's, in one file
-    assert "resumed from" in runs["resumed"][1]
+@pytest.mark.parametrize("prefix", ["", "lora "])
+def test_resume_after_sigkill_is_the_straight_run(runs, prefix):
+    straight, _ = metrics(runs[prefix + "soft"][0])
+    resumed, _ = metrics(runs[prefix + "killed"][0])  # steps 1-3, then the resumed run's 4-6, each once
+    assert "resumed from" in runs[prefix + "killed"][1]
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 7))
     for x, y in zip(straight, resumed, strict=True):
         for key in ("loss/train", "grad_norm", "logps_train/ref_chosen"):
             assert x[key] == y[key], (x["step"], key, x[key], y[key])
     # the final eval's displacement, from the initial reference's log-probs the first half kept
-    last = metrics(runs["soft"][0])[1][-1], metrics(runs["half"][0])[1][-1]
+    last = metrics(runs[prefix + "soft"][0])[1][-1], metrics(runs[prefix + "killed"][0])[1][-1]
     assert last[0]["logps_eval/chosen_shift_per_token"] == last[1]["logps_eval/chosen_shift_per_token"]
