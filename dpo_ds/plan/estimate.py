@@ -480,7 +480,8 @@ class Run:
     token_budget: int = 0
     max_length: int = 0
     adapter_bytes: int = 0  # model.lora.adapter_dtype's bytes a value; 0: the policy's (its default)
-    reference_sync: bool = False  # TR-DPO (model.reference_sync_steps > 0) on a reference engine
+    reference_sync: bool = False  # TR-DPO on a reference engine; reference_adapter_rank: under LoRA, 0: none
+    reference_adapter_rank: int = 0
     lora_parameters: tuple = ()  # model.lora.target_parameters: fused parameters peft wraps (plan/experts.py)
 
     def offloads(self, what: str) -> bool:
@@ -506,16 +507,12 @@ def save_peak_bytes(run: Run) -> float:
 
 
 def sync_peak_bytes(run: Run) -> float:
-    """What a rank adds while TR-DPO moves the reference (engine/reference_sync.py), between steps: one
-    parameter's update in fp32 (the reference's values, the policy's and the result: three fp32 buffers at
-    most) for the largest tensor, a shard of it under a ZeRO-3 reference; a ZeRO-0 reference under a ZeRO-3
-    policy also gathers that policy parameter whole."""
-    if not run.reference_sync:
-        return 0.0
-    whole = run.shape.largest_tensor
-    values = whole / run.ranks if run.reference_stage == 3 else whole
-    gathered = whole * run.policy_bytes if run.stage == 3 and run.reference_stage != 3 else 0.0
-    return 3 * 4.0 * values + gathered
+    """What a rank adds while TR-DPO moves the reference (engine/reference_sync.py), between steps: the largest
+    tensor's update in three fp32 buffers (a shard under a ZeRO-3 reference), and its policy copy gathered whole
+    for a ZeRO-0 reference under a ZeRO-3 policy."""
+    t, gather = run.shape.largest_tensor, run.stage == 3 and run.reference_stage != 3
+    shards = run.ranks if run.reference_stage == 3 else 1
+    return (3 * 4.0 * t / shards + (t * run.policy_bytes if gather else 0.0)) if run.reference_sync else 0.0
 
 
 def policy_states(run: Run) -> dict[str, float]:
@@ -523,8 +520,9 @@ def policy_states(run: Run) -> dict[str, float]:
     n = run.shape.params
     trainable = lora_params(run.shape, run.lora_r, run.lora_targets, run.lora_parameters) if run.lora_r else n
     states = model_states(n, trainable, run.stage, run.policy_bytes, run.ranks)
-    if run.lora_r:  # the adapters' own weights beside the frozen base
-        states["weights"] += trainable * run.policy_bytes / (run.ranks if run.stage == 3 else 1)
+    if run.lora_r:  # the adapters' own weights beside the frozen base, and TR-DPO's frozen reference adapter
+        adapter = trainable + lora_params(run.shape, run.reference_adapter_rank, run.lora_targets)
+        states["weights"] += adapter * run.policy_bytes / (run.ranks if run.stage == 3 else 1)
     return states
 
 

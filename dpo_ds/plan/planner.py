@@ -44,6 +44,22 @@ from dpo_ds.plan.estimate import (
 )
 
 
+def _reference_adapter_rank(cfg, mode: str, notes: list) -> int:
+    """TR-DPO under LoRA: the reference adapter's rank (engine.build.reference_adapter_rank) for the run's syncs,
+    known from n_examples; a run bounded by n_epochs alone is planned at one sync, said in `notes`."""
+    from dpo_ds.engine.build import reference_adapter_rank
+
+    if mode != "adapters_off" or not cfg.model.reference_sync_steps:
+        return 0
+    if cfg.n_examples:
+        return reference_adapter_rank(cfg, cfg.n_examples // cfg.batch_size)
+    notes.append(
+        "TR-DPO with LoRA: the reference adapter holds r for each sync of the run, which n_epochs alone does not "
+        "tell the planner; planned at one sync (set n_examples to plan the run's own)"
+    )
+    return cfg.model.lora.r
+
+
 def describe(
     cfg, ds: dict, ranks: int, on_cpu: bool, model_dir: Path, sequence_tokens: int | None = None, data=None,
     process_gib: float | None = None,
@@ -80,6 +96,7 @@ def describe(
         + (f"; {data.describe()}" if data is not None else "")
     )
     notes = []
+    adapter_rank = _reference_adapter_rank(cfg, mode, notes)
     per_step = dp * cfg.gradient_accumulation_steps
     if cfg.batch_size % per_step:
         notes.append(
@@ -105,6 +122,7 @@ def describe(
         reference_offload=cfg.model.reference_offload,
         reference_stage_pinned=cfg.model.reference_zero_stage is not None,
         reference_sync=bool(cfg.model.reference_sync_steps) and holds_engine(mode),
+        reference_adapter_rank=adapter_rank,
         lora_r=cfg.model.lora.r,
         lora_targets=tuple(cfg.model.lora.target_modules),
         # fused expert parameters peft wraps by name (an optional key: configs without it name none)

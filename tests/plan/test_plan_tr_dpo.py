@@ -46,3 +46,33 @@ def test_describe_sets_it_from_the_config_for_a_reference_engine_only():
         cfg = load_config(None, ["model.name_or_path=tiny", *overrides])
         run = planner.describe(cfg, ds, 2, on_cpu=True, model_dir=SHIPPED_MODELS["tiny"])
         assert run.reference_sync is want
+
+
+def test_a_lora_reference_adapter_is_counted_as_peft_makes_it():
+    """The reference adapter's values (estimate.policy_states) against the parameters add_reference_adapter
+    really adds to a peft model of the shipped tiny model; its rank from n_examples, or one sync with a note."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.config import load_config
+    from dpo_ds.model import adapters
+    from dpo_ds.model.files import SHIPPED_MODELS
+    from dpo_ds.model.files import load_config as model_config
+
+    keys = ["model.name_or_path=tiny", "model.lora.r=4", "model.reference_sync_steps=5", "batch_size=8"]
+    cfg = load_config(None, [*keys, "n_examples=160", "n_epochs=null"])  # 20 steps: 4 syncs
+    ds = {"zero_optimization": {"stage": 2}}
+    run = planner.describe(cfg, ds, 1, on_cpu=True, model_dir=SHIPPED_MODELS["tiny"])
+    assert run.reference_adapter_rank == 16
+    lm = AutoModelForCausalLM.from_config(model_config(SHIPPED_MODELS["tiny"]), dtype=torch.float32)
+    lm = adapters.wrap(lm, cfg.model.lora, 0, False, SHIPPED_MODELS["tiny"])
+    before = sum(p.numel() for p in lm.parameters())
+    adapters.add_reference_adapter(lm, run.reference_adapter_rank, fp32=False)
+    made = sum(p.numel() for p in lm.parameters()) - before
+    without = dataclasses.replace(run, reference_adapter_rank=0)
+    added = est.policy_states(run)["weights"] - est.policy_states(without)["weights"]
+    assert added == made * 4  # fp32 values, whole on the one rank
+    by_epochs = planner.describe(
+        load_config(None, keys), ds, 1, on_cpu=True, model_dir=SHIPPED_MODELS["tiny"]
+    )
+    assert by_epochs.reference_adapter_rank == 4 and any("planned at one sync" in n for n in by_epochs.notes)
