@@ -406,6 +406,7 @@ def _dpo_run(
     ]
     if args.max_tokens_per_micro_batch and cuda and layout != "padded":
         overrides.append(f"data.max_tokens_per_micro_batch={args.max_tokens_per_micro_batch}")
+    overrides += args.keys
     if not cuda:
         overrides.append("torch_threads=2")
     env = dict(
@@ -756,6 +757,12 @@ def main() -> None:
         "--moe",
         action="store_true",
         help="(g): a ~1B-total Qwen3-MoE (bench/_gpu_check_moe.py) instead of the Llama, MFU on active parameters",
+    )
+    p.add_argument(
+        "--keys",
+        nargs="*",
+        default=[],
+        help="more dpo_ds config overrides for every run (stage (g): model.reference_sync_steps=2, TR-DPO)",
     )
     p.add_argument("--cpu-smoke", action="store_true")
     p = sub.add_parser("report")
