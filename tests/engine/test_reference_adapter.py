@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dpo_ds.config import LAYOUTS, load_config
 from dpo_ds.model.files import SHIPPED_MODELS, random_init_state
 from dpo_ds.model.lm import LogprobLM
 from tests.engine.test_reference_sync import _ds
 from tests.engine.test_sequence_parallel import _examples
+from tests.two_ranks import on_two_ranks
 
 R, ALPHA, SYNCS = 4, 0.6, 2
 PREFIX = "base_model.model."
@@ -65,68 +65,44 @@ def _merged_logps(delta: dict[str, torch.Tensor], micro) -> torch.Tensor:
         return LogprobLM(lm.eval(), "naive")(**micro.model_inputs())[0]
 
 
-def _worker(rank: int, port: int, out):
-    import os
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    from dpo_ds.dist import comm
+def _worker(rank: int) -> dict:
     from dpo_ds.engine.build import destroy
     from dpo_ds.training.reference import AdaptersOffReference
 
-    try:
-        comm.init_distributed(1)
-        examples, pad = _examples(8, seed=9)
-        mine = examples[rank * 4 : rank * 4 + 4]
-        train = [LAYOUTS.get("padded")(24).micro_batch(mine[i : i + 2], pad) for i in (0, 2)]
-        held_out = LAYOUTS.get("padded")(24).micro_batch(examples, pad)
-        weights = torch.randn(4, generator=torch.Generator().manual_seed(rank))
-        result = {}
-        for stage in (3, 2):
-            policy = _policy(stage)
-            reference = AdaptersOffReference(policy)
-            dense: dict[str, torch.Tensor] = {}
-            diffs = []
-            for step in range(1, 2 * SYNCS + 1):
-                logps = policy(**train[step % 2].model_inputs())[0]
-                policy.backward(-(logps * weights).sum())
-                policy.step()
-                if step % 2 == 0:
-                    reference.sync(policy, ALPHA)
-                    for k, d in _deltas(policy).items():
-                        dense[k] = ALPHA * d + (1 - ALPHA) * dense.get(k, torch.zeros_like(d))
-                    got = reference.logps(held_out)
-                    diffs.append((got - _merged_logps(dense, held_out)).abs().max().item())
-            moved = (got - _merged_logps({}, held_out)).abs().max().item()  # against the base itself
-            reference.sync(policy, 1.0)  # the hard update: the reference is now the policy
-            with torch.no_grad():
-                own = policy(**held_out.model_inputs())[0]
-            hard = (reference.logps(held_out) - own).abs().max().item()
-            result[stage] = (diffs, moved, hard, reference.used)
-            destroy(policy)
-        out.put((rank, result))
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        import traceback
-
-        out.put((rank, repr(e) + traceback.format_exc()))
-    finally:
-        comm.shutdown()
+    examples, pad = _examples(8, seed=9)
+    mine = examples[rank * 4 : rank * 4 + 4]
+    train = [LAYOUTS.get("padded")(24).micro_batch(mine[i : i + 2], pad) for i in (0, 2)]
+    held_out = LAYOUTS.get("padded")(24).micro_batch(examples, pad)
+    weights = torch.randn(4, generator=torch.Generator().manual_seed(rank))
+    result = {}
+    for stage in (3, 2):
+        policy = _policy(stage)
+        reference = AdaptersOffReference(policy)
+        dense: dict[str, torch.Tensor] = {}
+        diffs = []
+        for step in range(1, 2 * SYNCS + 1):
+            logps = policy(**train[step % 2].model_inputs())[0]
+            policy.backward(-(logps * weights).sum())
+            policy.step()
+            if step % 2 == 0:
+                reference.sync(policy, ALPHA)
+                for k, d in _deltas(policy).items():
+                    dense[k] = ALPHA * d + (1 - ALPHA) * dense.get(k, torch.zeros_like(d))
+                got = reference.logps(held_out)
+                diffs.append((got - _merged_logps(dense, held_out)).abs().max().item())
+        moved = (got - _merged_logps({}, held_out)).abs().max().item()  # against the base itself
+        reference.sync(policy, 1.0)  # the hard update: the reference is now the policy
+        with torch.no_grad():
+            own = policy(**held_out.model_inputs())[0]
+        hard = (reference.logps(held_out) - own).abs().max().item()
+        result[stage] = (diffs, moved, hard, reference.used)
+        destroy(policy)
+    return result
 
 
 @pytest.fixture(scope="module")
 def results():
-    from dpo_ds.dist.launcher import free_port
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=400) for _ in procs)
-    for p in procs:
-        p.join(30)
-    return got
+    return on_two_ranks(_worker)
 
 
 @pytest.mark.parametrize("stage", [3, 2])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dpo_ds.config import LAYOUTS
 from dpo_ds.model.files import SHIPPED_MODELS, load_config, random_init_state
 from dpo_ds.model.lm import LogprobLM
 from tests.engine.test_sequence_parallel import _examples
+from tests.two_ranks import on_two_ranks
 
 ROWS = [(3, 3), (3, 0), (2, 3), (2, 0)]  # (policy stage, reference stage)
 ALPHA, SYNC_EVERY, STEPS = 0.6, 2, 4
@@ -63,69 +63,45 @@ def gathered_mix(reference, policy, alpha: float) -> None:
             q.data.copy_(torch.lerp(q.data.float(), whole.float(), alpha))
 
 
-def _worker(rank: int, port: int, out):
-    import os
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    from dpo_ds.dist import comm
+def _worker(rank: int) -> dict:
     from dpo_ds.engine.build import destroy
     from dpo_ds.engine.reference_sync import mix_into
 
-    try:
-        comm.init_distributed(1)
-        examples, pad = _examples(8, seed=7)
-        mine = examples[rank * 4 : rank * 4 + 4]
-        train = [LAYOUTS.get("padded")(24).micro_batch(mine[i : i + 2], pad) for i in (0, 2)]
-        held_out = LAYOUTS.get("padded")(24).micro_batch(examples, pad)
-        weights = torch.randn(4, generator=torch.Generator().manual_seed(rank))
-        result = {}
-        for pstage, rstage in ROWS:
-            policy = _engine(pstage, True)
-            local, gathered = _engine(rstage, False), _engine(rstage, False)
+    examples, pad = _examples(8, seed=7)
+    mine = examples[rank * 4 : rank * 4 + 4]
+    train = [LAYOUTS.get("padded")(24).micro_batch(mine[i : i + 2], pad) for i in (0, 2)]
+    held_out = LAYOUTS.get("padded")(24).micro_batch(examples, pad)
+    weights = torch.randn(4, generator=torch.Generator().manual_seed(rank))
+    result = {}
+    for pstage, rstage in ROWS:
+        policy = _engine(pstage, True)
+        local, gathered = _engine(rstage, False), _engine(rstage, False)
 
-            def ref_logps(engine):
-                with torch.no_grad():
-                    return engine(**held_out.model_inputs())[0].clone()
+        def ref_logps(engine):
+            with torch.no_grad():
+                return engine(**held_out.model_inputs())[0].clone()
 
-            start = ref_logps(local)
-            diffs, moved = [], []
-            for step in range(1, STEPS + 1):
-                logps = policy(**train[step % 2].model_inputs())[0]
-                policy.backward(-(logps * weights).sum())
-                policy.step()
-                if step % SYNC_EVERY == 0:
-                    mix_into(local.module, policy.module, ALPHA)
-                    gathered_mix(gathered.module, policy.module, ALPHA)
-                    a, b = ref_logps(local), ref_logps(gathered)
-                    diffs.append((a - b).abs().max().item())
-                    moved.append((a - start).abs().max().item())
-            result[(pstage, rstage)] = (diffs, moved)
-            for engine in (policy, local, gathered):
-                destroy(engine)
-        out.put((rank, result))
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        import traceback
-
-        out.put((rank, repr(e) + traceback.format_exc()))
-    finally:
-        comm.shutdown()
+        start = ref_logps(local)
+        diffs, moved = [], []
+        for step in range(1, STEPS + 1):
+            logps = policy(**train[step % 2].model_inputs())[0]
+            policy.backward(-(logps * weights).sum())
+            policy.step()
+            if step % SYNC_EVERY == 0:
+                mix_into(local.module, policy.module, ALPHA)
+                gathered_mix(gathered.module, policy.module, ALPHA)
+                a, b = ref_logps(local), ref_logps(gathered)
+                diffs.append((a - b).abs().max().item())
+                moved.append((a - start).abs().max().item())
+        result[(pstage, rstage)] = (diffs, moved)
+        for engine in (policy, local, gathered):
+            destroy(engine)
+    return result
 
 
 @pytest.fixture(scope="module")
 def results():
-    from dpo_ds.dist.launcher import free_port
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=400) for _ in procs)
-    for p in procs:
-        p.join(30)
-    return got
+    return on_two_ranks(_worker)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"policy-zero{p}-reference-zero{r}" for p, r in ROWS])

@@ -10,13 +10,13 @@ import random
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dpo_ds.config import LAYOUTS, ConfigError
 from dpo_ds.data.layout import ONE_ROW, choose
 from dpo_ds.data.tokenize import IGNORE, Tokenization
 from dpo_ds.model.files import SHIPPED_MODELS, load_config, load_tokenizer, random_init_state
 from dpo_ds.model.lm import LogprobLM
+from tests.two_ranks import on_two_ranks
 
 ATTN = {"padded": "sdpa", "packed": "dpo_ds_blocks", "shared_prompt": "dpo_ds_blocks"}
 
@@ -72,78 +72,53 @@ def test_shards_hold_the_rows_and_their_targets(layout, n):
     )
 
 
-def _worker(rank: int, port: int, attn: str, stage: int, out):
-    import os
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+def _worker(rank: int, attn: str, stage: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from dpo_ds.dist import comm
     from dpo_ds.engine import sequence_parallel as engine_sp
 
-    try:
-        comm.init_distributed(1)
-        if attn == "dpo_ds_blocks":
-            from dpo_ds.model.attention import register
+    if attn == "dpo_ds_blocks":
+        from dpo_ds.model.attention import register
 
-            register()
-        lm = AutoModelForCausalLM.from_config(
-            load_config(SHIPPED_MODELS["tiny"]), dtype=torch.float32, attn_implementation=attn
+        register()
+    lm = AutoModelForCausalLM.from_config(
+        load_config(SHIPPED_MODELS["tiny"]), dtype=torch.float32, attn_implementation=attn
+    )
+    lm.load_state_dict(random_init_state(SHIPPED_MODELS["tiny"], seed=3))
+    layouts = [k for k, a in ATTN.items() if a == attn]
+    examples, pad = _examples(7, seed=11)
+    weights = torch.randn(2 * len(examples), generator=torch.Generator().manual_seed(5))
+
+    def run(model, micro):
+        model.zero_grad()
+        logps, counts = model(**micro.model_inputs())
+        (logps * weights).sum().backward()
+        return logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = {k: run(LogprobLM(lm, "naive"), _micro(k, examples, pad)) for k in layouts}  # before SP exists
+    sp = engine_sp.start_sequence_parallel(2, attn, SHIPPED_MODELS["tiny"], stage)
+    model = LogprobLM(lm, "naive", sp)
+    result = {}
+    for k in layouts:
+        logps, counts, grads = run(model, _micro(k, examples, pad, (sp.rank, 2)))
+        for g in grads.values():  # what the optimizer sees: the group's sum (times 1 / scale)
+            torch.distributed.all_reduce(g, group=sp.group)
+            g /= sp.grad_scale
+        want_logps, want_counts, want_grads = plain[k]
+        result[k] = (
+            (logps - want_logps).abs().max().item(),
+            torch.equal(counts, want_counts),
+            max(
+                ((grads[n] - want_grads[n]).abs().max() / want_grads[n].abs().max().clamp(min=1e-12)).item()
+                for n in want_grads
+            ),  # fmt: skip
         )
-        lm.load_state_dict(random_init_state(SHIPPED_MODELS["tiny"], seed=3))
-        layouts = [k for k, a in ATTN.items() if a == attn]
-        examples, pad = _examples(7, seed=11)
-        weights = torch.randn(2 * len(examples), generator=torch.Generator().manual_seed(5))
-
-        def run(model, micro):
-            model.zero_grad()
-            logps, counts = model(**micro.model_inputs())
-            (logps * weights).sum().backward()
-            return logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-        plain = {
-            k: run(LogprobLM(lm, "naive"), _micro(k, examples, pad)) for k in layouts
-        }  # before SP exists
-        sp = engine_sp.start_sequence_parallel(2, attn, SHIPPED_MODELS["tiny"], stage)
-        model = LogprobLM(lm, "naive", sp)
-        result = {}
-        for k in layouts:
-            logps, counts, grads = run(model, _micro(k, examples, pad, (sp.rank, 2)))
-            for g in grads.values():  # what the optimizer sees: the group's sum (times 1 / scale)
-                torch.distributed.all_reduce(g, group=sp.group)
-                g /= sp.grad_scale
-            want_logps, want_counts, want_grads = plain[k]
-            result[k] = (
-                (logps - want_logps).abs().max().item(),
-                torch.equal(counts, want_counts),
-                max(
-                    (
-                        (grads[n] - want_grads[n]).abs().max() / want_grads[n].abs().max().clamp(min=1e-12)
-                    ).item()
-                    for n in want_grads
-                ),  # fmt: skip
-            )
-        out.put((rank, result))
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        out.put((rank, repr(e)))
-    finally:
-        comm.shutdown()
+    return result
 
 
 @pytest.mark.parametrize("attn, stage", [("sdpa", 2), ("dpo_ds_blocks", 3)])
 def test_ulysses_over_the_shards_is_the_unsharded_model(attn, stage):
-    from dpo_ds.dist.launcher import free_port
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, attn, stage, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(30)
+    results = on_two_ranks(_worker, attn, stage, timeout=240)
     for rank, result in results.items():
         assert isinstance(result, dict), (rank, result)
         for layout, (logp_diff, counts_equal, grad_rel) in result.items():

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dpo_ds.config import ConfigError
 from dpo_ds.data.layout import for_config
@@ -24,6 +23,7 @@ from dpo_ds.data.microbatch import MicroBatch
 from dpo_ds.data.tokenize import IGNORE, TokenizedSeq
 from dpo_ds.model.arch import attention_features
 from dpo_ds.model.lm import LogprobLM
+from tests.two_ranks import on_two_ranks
 
 VOCAB, PAD, MAX_LENGTH = 96, 0, 24
 TOL = 1e-5  # fp32, the same weights: only summation order differs
@@ -315,64 +315,40 @@ def test_auto_picks_what_keeps_the_models_attention(models):
         for_config(_run_config(models.arch["gpt_oss"].dir, "padded", "auto"), True, (0, 2))
 
 
-def _sp_worker(rank: int, port: int, dirs: dict, state_paths: dict, examples, out):
-    import os
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    from dpo_ds.dist import comm
+def _sp_worker(rank: int, dirs: dict, state_paths: dict, examples) -> dict:
     from dpo_ds.engine import sequence_parallel as engine_sp
     from dpo_ds.engine.build import build_lm
 
+    sp = engine_sp.start_sequence_parallel(2, "dpo_ds_blocks", dirs["mixtral"], 2)
+    lm = build_lm(dirs["mixtral"], {}, "float32", from_weights=False, attn="dpo_ds_blocks")
+    lm.load_state_dict(torch.load(state_paths["mixtral"]))
+    model = LogprobLM(lm.eval(), "naive", sp)
+    result = {}
+    for layout in ("padded", "packed", "shared_prompt"):
+        chosen = for_config(_run_config(dirs["mixtral"], layout, "dpo_ds_blocks"), True, (sp.rank, 2))
+        micro = per_token(chosen.collate(examples, PAD)).shard(sp.rank, 2)
+        result[layout] = model(**micro.model_inputs())[0].detach().tolist()  # by value: no shared memory
+    # a sink model the config check does not know: the sequence-parallel attention refuses it by name
+    sinks = build_lm(dirs["gpt_oss"], {}, "float32", from_weights=False, attn="dpo_ds_blocks")
     try:
-        comm.init_distributed(1)
-        sp = engine_sp.start_sequence_parallel(2, "dpo_ds_blocks", dirs["mixtral"], 2)
-        lm = build_lm(dirs["mixtral"], {}, "float32", from_weights=False, attn="dpo_ds_blocks")
-        lm.load_state_dict(torch.load(state_paths["mixtral"]))
-        model = LogprobLM(lm.eval(), "naive", sp)
-        result = {}
-        for layout in ("padded", "packed", "shared_prompt"):
-            chosen = for_config(_run_config(dirs["mixtral"], layout, "dpo_ds_blocks"), True, (sp.rank, 2))
-            micro = per_token(chosen.collate(examples, PAD)).shard(sp.rank, 2)
-            result[layout] = model(**micro.model_inputs())[0].detach().tolist()  # by value: no shared memory
-        # a sink model the config check does not know: the sequence-parallel attention refuses it by name
-        sinks = build_lm(dirs["gpt_oss"], {}, "float32", from_weights=False, attn="dpo_ds_blocks")
-        try:
-            sinks(
-                input_ids=torch.ones(1, 8, dtype=torch.long),
-                position_ids=torch.arange(8)[None],
-                use_cache=False,
-            )
-            result["sinks"] = "ran"
-        except ConfigError as e:
-            result["sinks"] = str(e)
-        out.put((rank, result))
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        out.put((rank, repr(e)))
-    finally:
-        comm.shutdown()
+        sinks(
+            input_ids=torch.ones(1, 8, dtype=torch.long),
+            position_ids=torch.arange(8)[None],
+            use_cache=False,
+        )
+        result["sinks"] = "ran"
+    except ConfigError as e:
+        result["sinks"] = str(e)
+    return result
 
 
 def test_sequence_parallel_window_is_the_models_own(tmp_path, models):
     """2 gloo ranks, DeepSpeed Ulysses over dpo_ds_blocks: Mixtral's window in padded, packed and shared-prompt
     rows sharded over the group gives the model's own per-token log-probs on every rank."""
-    from dpo_ds.dist.launcher import free_port
-
     dirs = {arch: models.arch[arch].dir for arch in ("mixtral", "gpt_oss")}
     state_paths = {"mixtral": tmp_path / "mixtral.pt"}
     torch.save(models.arch["mixtral"].state, state_paths["mixtral"])
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_sp_worker, args=(r, port, dirs, state_paths, models.examples, out))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(30)
+    results = on_two_ranks(_sp_worker, dirs, state_paths, models.examples, timeout=240)
     m = models.arch["mixtral"]
     for rank, result in results.items():
         assert isinstance(result, dict), (rank, result)
