@@ -23,9 +23,7 @@ Target: every per-step loss within 1e-4 (fp32).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,9 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpo_ds.dist.launcher import free_port  # noqa: E402
-
-WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta"]
+from bench._trl_parity import make_rows, run_dpo_ds, trl_logs, trl_trainer, write_pairs  # noqa: E402
 
 
 def make_model(model_dir: Path, seed: int) -> None:
@@ -47,16 +43,6 @@ def make_model(model_dir: Path, seed: int) -> None:
     config = char_model_dir(model_dir, hidden=128, layers=2, heads=4, intermediate=256, max_positions=256)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(model_dir), safe_serialization=True)
-
-
-def make_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        w = WORDS[i % len(WORDS)]
-        rows.append(
-            {"prompt": f"q{i}: say {w} twice.", "chosen": f" {w} {w}", "rejected": f" {WORDS[(i + 3) % 10]}"}
-        )
-    return rows
 
 
 def initial_adapter(model_dir: Path, settings, seed: int) -> dict:
@@ -76,65 +62,12 @@ def initial_adapter(model_dir: Path, settings, seed: int) -> dict:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def run_dpo_ds(work: Path, model_dir: Path, data_dir: Path, args) -> list[float]:
-    ds = {
-        "zero_optimization": {"stage": 2},
-        "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
-    }
-    (work / "ds.json").write_text(json.dumps(ds))
-    run_dir = work / "dpo_ds"
-    cmd = [
-        sys.executable, str(ROOT / "dpo_ds" / "train.py"), "--ds", str(work / "ds.json"),
-        "loss=dpo", "loss.beta=0.1", f"model.name_or_path={model_dir}", f"datasets=[{data_dir}]",
-        f"run_dir={run_dir}", f"batch_size={args.pairs}", f"n_epochs={args.steps}", f"lr={args.lr}",
-        "warmup_steps=0", "max_grad_norm=1000000.0", "max_length=64", "max_prompt_length=32",
-        "do_first_eval=false", "n_eval_examples=0", "eval_every=1000000000",
-        "checkpoint.save_optimizer=false", f"seed={args.seed}", "torch_threads=2",
-        f"model.lora.r={args.r}", f"model.lora.alpha={2 * args.r}",
-    ]  # fmt: skip
-    env = {
-        **os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2",
-    }  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"dpo_ds failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss/train"] for r in rows if "loss/train" in r]
-
-
 def run_trl(work: Path, model_dir: Path, rows: list[dict], adapter: dict, args) -> list[float]:
-    import datasets
-    import torch
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
     from dpo_ds.model.files import load_config
 
-    class Losses(TrainerCallback):
-        def __init__(self):
-            self.losses = []
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), config=load_config(model_dir), dtype=torch.float32
-    )
-    config = DPOConfig(
-        output_dir=str(work / "trl"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1e6,
-        beta=0.1, loss_type=["sigmoid"], max_length=64, precompute_ref_log_probs=False, logging_steps=1,
-        report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        seed=args.seed, train_sampling_strategy="sequential",
-    )  # fmt: skip
     peft_config = LoraConfig(
         r=args.r,
         lora_alpha=2 * args.r,
@@ -143,16 +76,15 @@ def run_trl(work: Path, model_dir: Path, rows: list[dict], adapter: dict, args) 
         bias="none",
         task_type="CAUSAL_LM",
     )
-    callback = Losses()
-    trainer = DPOTrainer(
-        model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-        peft_config=peft_config, callbacks=[callback],
-    )  # fmt: skip
+    logs = trl_logs()
+    trainer = trl_trainer(
+        work, model_dir, rows, args, logs, model_config=load_config(model_dir), peft_config=peft_config
+    )
     result = set_peft_model_state_dict(trainer.model, adapter)  # dpo_ds's initial adapter, before any step
     missing = [k for k in result.missing_keys if "lora_" in k and ".default." in k]
     assert not result.unexpected_keys and not missing, (result.unexpected_keys, missing[:4])
     trainer.train()
-    return callback.losses
+    return logs.loss
 
 
 def main() -> int:
@@ -170,12 +102,17 @@ def main() -> int:
     model_dir, data_dir = work / "model", work / "data"
     make_model(model_dir, args.seed)
     rows = make_rows(args.pairs)
-    data_dir.mkdir()
-    for split in ("train", "test"):
-        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_pairs(data_dir, rows)
     settings = load_config(None, [f"model.lora.r={args.r}", f"model.lora.alpha={2 * args.r}"]).model.lora
     adapter = initial_adapter(model_dir, settings, args.seed)
-    ours = run_dpo_ds(work, model_dir, data_dir, args)
+    ours = run_dpo_ds(
+        work,
+        "dpo_ds",
+        model_dir,
+        data_dir,
+        args,
+        [f"model.lora.r={args.r}", f"model.lora.alpha={2 * args.r}"],
+    )["loss"]
     theirs = run_trl(work, model_dir, rows, adapter, args)
     print(
         f"\nLoRA DPO parity: random Llama hidden 128, 2 layers, char tokenizer; LoRA r={args.r}, alpha {2 * args.r}, "

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -48,8 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.lora_parity import make_rows  # noqa: E402  (the same 8 rows as the LoRA parity bench)
-from dpo_ds.dist.launcher import free_port  # noqa: E402
+from bench._trl_parity import make_rows, report, run_dpo_ds, trl_logs, trl_trainer, write_pairs  # noqa: E402
 
 TOLERANCE = 1e-5
 LOGP_TOLERANCE = 1e-4  # summed log-probs of ~30-60 tokens (magnitude ~50): fp32 sums of that size
@@ -85,89 +83,6 @@ def make_model(model_dir: Path, seed: int, coef: float) -> None:
     model.save_pretrained(str(model_dir), safe_serialization=True)
     # the weights as a model holds them: transformers saves the fused experts split per expert
     torch.save(model.state_dict(), model_dir.parent / "initial_state.pt")
-
-
-def run_dpo_ds(work: Path, name: str, model_dir: Path, data_dir: Path, args, extra=()) -> dict:
-    """One dpo_ds run; returns its per-step loss/train and aux_loss/train, and its log."""
-    ds = {
-        "zero_optimization": {"stage": 2},
-        "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
-    }
-    (work / "ds.json").write_text(json.dumps(ds))
-    run_dir = work / name
-    cmd = [
-        sys.executable, str(ROOT / "dpo_ds" / "train.py"), "--ds", str(work / "ds.json"),
-        "loss=dpo", "loss.beta=0.1", f"model.name_or_path={model_dir}", f"datasets=[{data_dir}]",
-        f"run_dir={run_dir}", f"batch_size={args.pairs}", f"n_epochs={args.steps}", f"lr={args.lr}",
-        "warmup_steps=0", "max_grad_norm=1000000.0", "max_length=64", "max_prompt_length=32",
-        "do_first_eval=false", "n_eval_examples=0", "eval_every=1000000000", "data.layout=padded",
-        "checkpoint.save_optimizer=false", f"seed={args.seed}", "torch_threads=2", *extra,
-    ]  # fmt: skip
-    env = {
-        **os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2",
-    }  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    (work / f"{name}.log").write_text(log)
-    if proc.returncode != 0:
-        sys.exit(f"dpo_ds ({name}) failed:\n{log[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss/train" in r]
-    return {
-        "loss": [r["loss/train"] for r in steps],
-        "aux": [r.get("aux_loss/train", math.nan) for r in steps],
-        # real (non-pad) tokens through the policy: BOS + prompt + response + EOS, both sequences of a pair
-        "tokens": [
-            round(r["throughput/real_tokens_per_second"] * r["throughput/step_seconds"]) for r in steps
-        ],
-        "logps": [(r["logps_train/chosen"], r["logps_train/rejected"]) for r in steps],
-        "log": log,
-    }
-
-
-def trl_logs():
-    """A TrainerCallback that keeps TRL's per-step loss, aux_loss, non-pad tokens (cumulative) and log-probs."""
-    from transformers import TrainerCallback
-
-    class Logs(TrainerCallback):
-        def __init__(self):
-            self.loss, self.aux, self.num_tokens, self.logps = [], [], [], []
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.loss.append(float(logs["loss"]))
-                self.aux.append(float(logs.get("aux_loss", math.nan)))
-                self.num_tokens.append(int(logs["num_tokens"]))  # cumulative non-pad tokens
-                self.logps.append((float(logs["logps/chosen"]), float(logs["logps/rejected"])))
-
-    return Logs()
-
-
-def trl_trainer(work: Path, model_dir: Path, rows: list[dict], args, logs, **settings):
-    """TRL's DPOTrainer on the benches' common settings (the module docstring's), `settings` added to its
-    DPOConfig; the policy loaded from model_dir in fp32, the reference made by TRL from the same weights."""
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = DPOConfig(
-        output_dir=str(work / "trl"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1e6,
-        beta=0.1, loss_type=["sigmoid"], max_length=64, precompute_ref_log_probs=False, logging_steps=1,
-        report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        seed=args.seed, train_sampling_strategy="sequential", **settings,
-    )  # fmt: skip
-    return DPOTrainer(
-        model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-        callbacks=[logs],
-    )  # fmt: skip
 
 
 def run_trl(work: Path, model_dir: Path, rows: list[dict], args) -> dict:
@@ -221,9 +136,7 @@ def main() -> int:
     model_dir, data_dir = work / "model", work / "data"
     make_model(model_dir, args.seed, args.coef)
     rows = make_rows(args.pairs)
-    data_dir.mkdir()
-    for split in ("train", "test"):
-        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_pairs(data_dir, rows)
 
     ours = run_dpo_ds(work, "dpo_ds", model_dir, data_dir, args)
     off = run_dpo_ds(work, "dpo_ds_router_off", model_dir, data_dir, args, ["loss.router_aux_coef=0"])
@@ -290,11 +203,7 @@ def main() -> int:
         f"the router term moves dpo_ds's DPO losses by more than {10 * TOLERANCE:g} (coef 0 run: {moved:.1e})": moved
         > 10 * TOLERANCE,
     }
-    print()
-    for what, ok in results.items():
-        print(f"{'PASS' if ok else 'MISS'}  {what}")
-    ok = all(results.values())
-    print(f"\ntarget every per-step value within {TOLERANCE:g} of TRL's: {'PASS' if ok else 'MISS'}")
+    ok = report(results, f"every per-step value within {TOLERANCE:g} of TRL's")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

@@ -22,7 +22,6 @@ Target: every per-step loss within 1e-5 (fp32).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -33,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.lora_parity import make_model, make_rows  # noqa: E402
-from bench.moe_parity import run_dpo_ds, trl_logs, trl_trainer  # noqa: E402
+from bench._trl_parity import make_rows, report, run_dpo_ds, trl_logs, trl_trainer, write_pairs  # noqa: E402
+from bench.lora_parity import make_model  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -56,9 +55,7 @@ def main() -> int:
     model_dir, data_dir = work / "model", work / "data"
     make_model(model_dir, args.seed)
     rows = make_rows(args.pairs)
-    data_dir.mkdir()
-    for split in ("train", "test"):
-        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_pairs(data_dir, rows)
 
     sync = [f"model.reference_sync_steps={args.sync_steps}", f"model.reference_mixup_alpha={args.alpha}"]
     ours = run_dpo_ds(work, "dpo_ds", model_dir, data_dir, args, sync)
@@ -93,11 +90,7 @@ def main() -> int:
         ),
         "step 1 is ln 2 in both": all(abs(x[0] - math.log(2)) <= 1e-6 for x in (logs.loss, ours["loss"])),
     }
-    print()
-    for what, ok in results.items():
-        print(f"{'PASS' if ok else 'MISS'}  {what}")
-    ok = all(results.values())
-    print(f"\ntarget every per-step loss within {TOLERANCE:g} of TRL's: {'PASS' if ok else 'MISS'}")
+    ok = report(results, f"every per-step loss within {TOLERANCE:g} of TRL's")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
