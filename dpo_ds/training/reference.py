@@ -145,33 +145,28 @@ def _load_moved(module, step_dir: Path) -> None:
     load_local_state(module, torch.load(path, map_location="cpu", weights_only=True), str(path))
 
 
-class InitialEvalLogps:
+def initial_eval_logps(run_dir: Path, reference, eval_batches, device) -> PrecomputedReference:
     """TR-DPO: the initial reference's log-probs of this rank's eval examples, taken before the first sync and
-    kept in {run_dir}/reference_initial_eval/rank{r}.pt, so that the eval's likelihood-displacement statistics
-    (and the guard that reads them) measure against the reference the run started from, resume included."""
-
-    def __init__(self, table: dict[int, torch.Tensor]):
-        self.table = table  # example id -> (chosen, rejected) fp32
-
-    @classmethod
-    def build_or_load(cls, run_dir: Path, reference, eval_batches, device) -> InitialEvalLogps:
-        path = Path(run_dir) / "reference_initial_eval" / f"rank{_rank()}.pt"
-        if path.is_file():  # a resumed run: the reference has moved since
-            return cls(torch.load(path, weights_only=True))
-        table = {}
-        for micro_batches, _ in eval_batches:
-            for micro in micro_batches:
-                chosen, rejected = reference.logps(micro.to(device)).detach().cpu().chunk(2)
-                for i, example in enumerate(micro.example_ids.tolist()):
-                    table[example] = torch.stack([chosen[i], rejected[i]])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(table, path)
-        return cls(table)
-
-    def logps(self, batch) -> torch.Tensor:
-        """(2 * pairs,) chosen then rejected, as a reference's logps(batch) answers."""
-        rows = torch.stack([self.table[int(i)] for i in batch.example_ids.cpu().tolist()])
-        return torch.cat([rows[:, 0], rows[:, 1]]).to(batch.input_ids.device)
+    kept in {run_dir}/reference_initial_eval/rank{r}.pt (a resumed run reads them back: its reference has moved
+    since), as a precomputed table, so that the eval's likelihood-displacement statistics (and the guard that
+    reads them) measure against the reference the run started from."""
+    path = Path(run_dir) / "reference_initial_eval" / f"rank{_rank()}.pt"
+    if path.is_file():
+        return PrecomputedReference(torch.load(path, weights_only=True))
+    rows: dict[str, dict[int, torch.Tensor]] = {}
+    for micro_batches, _ in eval_batches:
+        for micro in micro_batches:
+            chosen, rejected = reference.logps(micro.to(device)).detach().cpu().float().chunk(2)
+            for i, example in enumerate(micro.example_ids.tolist()):
+                rows.setdefault(micro.split, {})[example] = torch.stack([chosen[i], rejected[i]])
+    tables = {}
+    for split, by_id in rows.items():  # PrecomputedReference's layout: NaN for the examples not held here
+        tables[split] = torch.full((max(by_id) + 1, 2), float("nan"))
+        for example, pair in by_id.items():
+            tables[split][example] = pair
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tables, path)
+    return PrecomputedReference(tables)
 
 
 def _rank() -> int:

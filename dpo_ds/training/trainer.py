@@ -31,7 +31,7 @@ from dpo_ds.training.experts import ExpertLoad
 from dpo_ds.training.generation import Generation
 from dpo_ds.training.guards import DisplacementGuard, NonFiniteGuard, TrainingStopped
 from dpo_ds.training.objectives import shift_stats
-from dpo_ds.training.reference import InitialEvalLogps
+from dpo_ds.training.reference import initial_eval_logps
 
 log = logging.getLogger("dpo_ds")
 
@@ -110,7 +110,7 @@ class Trainer:
         self.displacement = DisplacementGuard(
             cfg.guard.max_chosen_drop_per_token, cfg.guard.action, ("eval",) if moving else ("train", "eval")
         )
-        self.initial_eval = None  # TR-DPO: reference.InitialEvalLogps, made at the start of train()
+        self.initial_eval = None  # TR-DPO: reference.initial_eval_logps, made at the start of train()
         self.preempted = False
         self.stop_reason = ""  # guard.action=stop: why the run ended early
         self._eval_batches = None
@@ -161,7 +161,7 @@ class Trainer:
         examples = start_step * cfg.batch_size
         if cfg.model.reference_sync_steps:  # before any sync (or read back on resume)
             self._eval_batches = self._eval_batches or self.eval_data.eval_batches(cfg.n_eval_examples)
-            self.initial_eval = InitialEvalLogps.build_or_load(
+            self.initial_eval = initial_eval_logps(
                 cfg.run_dir, self.reference, self._eval_batches, self.device
             )
         if start_step == 0 and cfg.do_first_eval:
