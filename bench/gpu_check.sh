@@ -53,7 +53,7 @@
 #       Its training rows are skipped with a line saying why when deepspeed or datasets cannot be imported.
 #       Each training row logs dpo_ds.plan's estimate beside its max allocated (bench/plan_check.py's check
 #       on the device; "planned_gib" in d_memory.json).
-#   (f) a long pair on the device (bench/long_context.py --gpu, <= 60 s): the ~1B model, packed rows on
+#   (f) a long pair on the device (bench/long_context.py --gpu, <= 60 s; 100 s in the CPU smoke): the ~1B model, packed rows on
 #       FlexAttention, checkpointing, fused_linear, at 8192 then 32768 tokens, then 8192 with ALST's tiled
 #       MLP (parallel.tiled_mlp_tokens), while the time lasts: peak memory, tokens/s.
 #       Sequence parallelism (SP 2 vs 1) needs two devices: with one, this is SP 1's side of it.
@@ -159,7 +159,9 @@ stage_rc d $?
 
 # (f) a long pair: FlexAttention training on the device, SP 1's side of bench/long_context.py
 echo "== (f) long pairs on one GPU (bench/long_context.py --gpu)"
-T=$(cap 60)
+# the CPU smoke's three tiny runs took 12, 19 and ~12 s (with start-up) on a slow day of the 2-core VM, and 60 s
+# left the third unstarted: room for all three there
+T=$(cap $((${#SMOKE[@]} ? 100 : 60)))
 timeout -k 10 "$T" "$PY" bench/long_context.py --gpu --out "$RES/f_long.json" --budget-s $((T - 10)) "${SMOKE[@]}"
 stage_rc f $?
 
