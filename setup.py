@@ -28,6 +28,7 @@ setup(
         "datasets>=3.0",
         "sentencepiece",
         "safetensors",
+        "xxhash",  # checkpoint checksums (engine/checksum.py); datasets needs it too
         "pyyaml",
         "tqdm",
     ],

@@ -312,7 +312,7 @@ def decide_resume(cfg, place: Place, inputs: Inputs, run_dir) -> Resume:
     digest = inputs.digest
 
     def resume_decision():
-        start = run_resume.resolve_resume(cfg.resume_from, run_dir)
+        start = run_resume.resolve_resume(cfg.resume_from, run_dir, cfg.checkpoint.verify_checksums)
         if start is None:
             return None, []
         state = run_dirs.read_run_state(start)
@@ -331,6 +331,13 @@ def decide_resume(cfg, place: Place, inputs: Inputs, run_dir) -> Resume:
         log.warning(f"resume: {change} (allowed by resume.allow_changes)")
     if cfg.resume_from == "auto" and start_dir is None:
         log.info(f"resume_from=auto: no checkpoint in {run_dir.root}; starting from the beginning")
+    if place.rank == 0 and cfg.resume_from == "auto" and start_dir is not None:
+        moved = run_dirs.set_aside_newer(run_dir, start_dir)  # the step dirs auto skipped
+        if moved:
+            log.warning(
+                f"resume_from=auto: set aside {', '.join(p.name for p in moved)} (each failed its check) and "
+                f"pointed LATEST at {start_dir.name}; the next complete checkpoint removes them"
+            )
     if place.rank == 0:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         # a resumed run replays the steps after its checkpoint: their records go, so each step is logged once

@@ -286,6 +286,12 @@ class CheckpointConfig:
     max_failed_saves: int = opt(
         3, "A failed save is logged and training goes on, until this many fail in a row."
     )
+    verify_checksums: bool = opt(
+        True,
+        "On resume, read every file of the checkpoint once and compare it with the checksum recorded as it "
+        "was written; a mismatch falls back to an older checkpoint like a file cut short. The read's size "
+        "and time are logged. false: sizes and zip directories only (no file read whole).",
+    )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dpo_ds.dist.faults import fail_write
+from dpo_ds.engine import checksum
 from dpo_ds.engine.step import unwrap_lm
 from dpo_ds.model import adapters
 
@@ -39,7 +40,8 @@ class _GuardedWrites:
     raising out of DeepSpeed while the others wait in DeepSpeed's own barrier or all-gather, and gloo
     would abort the job. Here it is recorded instead (the partial file removed, later writes skipped),
     every rank goes through DeepSpeed's collectives in step, and save_engine raises SaveError on every
-    rank alike. Also records what this rank wrote, for the step dir's manifest."""
+    rank alike. Also records what this rank wrote, for the step dir's manifest, with each file's checksum
+    computed while torch.save writes it (engine/checksum.py)."""
 
     def __init__(self, inner, rank: int, save_index: int):
         self.inner = inner
@@ -55,7 +57,14 @@ class _GuardedWrites:
             return None  # the save has failed already; the rest would fail as well
         try:
             fail_write(self.rank, self.save_index, str(path))
-            result = self.inner.save(state_dict, path)
+            if (
+                type(self.inner).__name__ == "TorchCheckpointEngine"
+            ):  # what its save() does, hashed on the way
+                zipped = getattr(self.inner, "zipfile_serialization", True)
+                checksum.save_torch(state_dict, path, _use_new_zipfile_serialization=zipped)
+                result = None
+            else:  # another checkpoint engine writes by itself: its files are hashed once they exist
+                result = self.inner.save(state_dict, path)
             self.written.append(str(path))
             return result
         except Exception as e:  # noqa: BLE001 - every failure takes the named path (save_engine)

@@ -18,6 +18,10 @@ How (torch 2.13):
    after the bytes and in the central directory. torch.load does not check CRCs but zipfile does.
 4. On exit: the `.data/serialization_id` record (names hash + combined CRCs, computed by torch from the
    zeroed records) is recomputed, the file is fsynced and renamed into place.
+5. The file's checksum (engine/checksum.py) is computed on the way: the records arrive in file order, so
+   each write hashes the few metadata bytes since the last record (read back, after their CRCs are
+   patched) and then the tensor's bytes from memory. Only a write out of file order makes the writer read
+   the file once more at the end.
 
 The result is byte-for-byte the file `torch.save(dict, path)` writes for the same dict of contiguous,
 detached CPU tensors (tests/test_archive_writer.py checks this).
@@ -45,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dpo_ds.engine import checksum
 
 
 class _StatePlaceholder:
@@ -126,6 +132,10 @@ class ArchiveWriter:
         self._error: BaseException | None = None
         self._tmp_dir: Path | None = None
         self._fd: int | None = None
+        self._hash = checksum.new_hash()
+        self._hashed_to = 0  # the file's bytes [0, _hashed_to) are in _hash
+        self._in_order = True  # False once a write lands before _hashed_to: hash the file at the end
+        self.digest: str | None = None  # the written file's checksum
 
     def __enter__(self) -> ArchiveWriter:
         # Same basename in a private directory: torch names the records "<stem>/...", so the temporary
@@ -219,6 +229,22 @@ class ArchiveWriter:
             _pwrite_all(self._fd, chunk, record.offset + start)
         self._set_crc(record, crc)
         self._written.add(name)
+        if self._in_order and record.offset >= self._hashed_to:
+            self._hash_to(record.offset)  # the headers since the last record, their CRCs patched
+            for start in range(0, len(data), _CHUNK):
+                self._hash.update(data[start : start + _CHUNK])
+            self._hashed_to = record.offset + len(data)
+        else:
+            self._in_order = False
+
+    def _hash_to(self, end: int) -> None:
+        """Feed the file's bytes [_hashed_to, end) to the hash, read back."""
+        while self._hashed_to < end:
+            chunk = os.pread(self._fd, min(_CHUNK, end - self._hashed_to), self._hashed_to)
+            if not chunk:
+                raise RuntimeError(f"{self.path}: ends at {self._hashed_to} bytes, expected {end}")
+            self._hash.update(chunk)
+            self._hashed_to += len(chunk)
 
     def _set_crc(self, record: _Record, crc: int) -> None:
         record.crc = crc
@@ -236,10 +262,16 @@ class ArchiveWriter:
             )
         self._write_serialization_id()
         os.fsync(self._fd)
+        size = os.fstat(self._fd).st_size
+        if self._in_order:
+            self._hash_to(size)
         os.close(self._fd)
         self._fd = None
-        os.replace(self._tmp_dir / self.path.name, self.path)
+        tmp = self._tmp_dir / self.path.name
+        self.digest = checksum.digest_of(self._hash) if self._in_order else checksum.file_digest(tmp)
+        os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
+        checksum.record(self.path, self.digest)
 
     def _write_serialization_id(self) -> None:
         """Redo torch's id from the real CRCs: it identifies the content, and torch computed it from zeros
@@ -257,6 +289,8 @@ class ArchiveWriter:
             if other is not record and other.has_descriptor:
                 combined = _hash_combine(combined, other.crc)
         new = old[:20] + b"%020d" % combined
+        if record.offset < self._hashed_to:
+            self._in_order = False  # bytes already hashed change
         _pwrite_all(self._fd, new, record.offset)
         self._set_crc(record, zlib.crc32(new))
 

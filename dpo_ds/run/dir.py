@@ -42,6 +42,7 @@ COMPLETE = "COMPLETE"
 RUN_STATE = "run_state.json"
 RUN_LOCK = "RUN_LOCK"
 MANIFEST = "files"  # run_state.json's key: every file of the step dir and its size in bytes
+CHECKSUMS = "checksums"  # run_state.json's key: every file's checksum, computed as it was written
 ARCHIVE_KEYS = ("step_idx", "state", "metrics")
 HF_WEIGHTS = (
     "model.safetensors",
@@ -148,17 +149,45 @@ def manifest_bytes(step_dir: Path | None) -> int:
         return 0
 
 
-def verify(step_dir: Path) -> list[str]:
+def verify(step_dir: Path, checksums: bool = False, read: list | None = None) -> list[str]:
     """What is wrong with a complete checkpoint, checked against the manifest its save recorded: each
     file present with its size, and each torch file's zip directory readable (a file cut short has
-    none). Cheap: no file is read whole. [] when it passes (or predates manifests: nothing to check)."""
+    none); that much reads no file whole. With `checksums`, each file that passes is then read once and
+    its checksum compared with the one recorded as it was written (a file damaged at its own size); the
+    bytes read are added to `read` ([bytes]) when given. [] when it passes (or predates manifests: nothing
+    to check)."""
     step_dir = Path(step_dir)
     try:
-        manifest = read_run_state(step_dir).get(MANIFEST)
+        state = read_run_state(step_dir)
     except ArchiveError as e:
         return [str(e)]
+    manifest = state.get(MANIFEST)
     if manifest is None:
         return []
+    problems = _check_sizes(step_dir, manifest)
+    if checksums and not problems:
+        problems = _check_sums(step_dir, state.get(CHECKSUMS) or {}, read)
+    return problems
+
+
+def _check_sums(step_dir: Path, sums: dict, read: list | None) -> list[str]:
+    from dpo_ds.engine.checksum import file_digest
+
+    problems = []
+    for rel, want in sums.items():
+        path = step_dir / rel
+        have = file_digest(path)
+        if read is not None:
+            read[0] += path.stat().st_size
+        if have != want:
+            problems.append(
+                f"{path} does not match the checksum its save recorded ({want}; the file now gives {have}): "
+                f"damaged at its own size"
+            )
+    return problems
+
+
+def _check_sizes(step_dir: Path, manifest: dict) -> list[str]:
     problems = []
     for rel, size in manifest.items():
         path = step_dir / rel
@@ -181,13 +210,38 @@ def read_run_state(step_dir: Path) -> dict:
         raise ArchiveError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
 
 
+REJECTED = ".rejected"  # a step dir a resume skipped, set aside until the next checkpoint completes
+
+
+def set_aside_newer(run_dir: RunDir, start: Path) -> list[Path]:
+    """After resume_from=auto skipped the newer step dirs (each failed its check): rename them to
+    step-N.rejected and point LATEST at `start`. Left in place, a damaged step dir would count among
+    checkpoint.keep_last's newest and rotate out the good ones, and a save of the same step would write into
+    a dir whose COMPLETE is already there. rotate() removes them once a newer checkpoint is complete. Rank 0
+    only. Returns the new paths."""
+    moved = []
+    for examples, p in run_dir.step_dirs():
+        if examples > int(start.name[len(STEP_PREFIX) :]):
+            aside = p.with_name(p.name + REJECTED)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(p, aside)
+            moved.append(aside)
+    if run_dir.latest_target() != Path(start).resolve():
+        point_latest(run_dir.root, Path(start))
+    return moved
+
+
 def rotate(run_dir: RunDir, keep_last: int) -> list[Path]:
-    """Delete step dirs beyond the `keep_last` newest complete ones, and incomplete ones (a failed or
-    killed save); never LATEST's target. Rank 0 only. Returns what it deleted."""
+    """Delete step dirs beyond the `keep_last` newest complete ones, incomplete ones (a failed or killed
+    save), and those a resume set aside (set_aside_newer); never LATEST's target. Rank 0 only. Returns
+    what it deleted."""
     target = run_dir.latest_target()
     complete = [p for _, p in run_dir.step_dirs() if is_complete(p)]
     keep = set(complete[-keep_last:]) if keep_last else set(complete)
     gone = []
+    for p in sorted(run_dir.root.glob(f"{STEP_PREFIX}*{REJECTED}")):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
     for _, p in run_dir.step_dirs():
         if p in keep or (target is not None and p.resolve() == target):
             continue

@@ -18,8 +18,8 @@ from dpo_ds.run.dir import (
     ds_dir,
     find_step_dir,
     is_complete,
-    verify,
 )
+from dpo_ds.run.dir import verify as verify_step
 
 # Keys whose change leaves the training trajectory alone: never compared on resume. Everything else
 # (batch sizes, world size, data, seed, model, loss, optimizer, schedule, lengths, layout) must match
@@ -45,17 +45,32 @@ DATA_KEY = "data (token ids of the training data)"
 DATA_ALLOW = "data"  # resume.allow_changes=[data]: the training data's token ids may differ
 
 
-def resolve_resume(resume_from: str | None, run_dir: RunDir) -> Path | None:
+def resolve_resume(resume_from: str | None, run_dir: RunDir, checksums: bool = True) -> Path | None:
     """The complete, verified step dir to resume from.
 
-    resume_from=auto takes run_dir's LATEST; when it fails verify() (a file cut short, a shard gone),
-    the newest older complete step dir that passes, saying which and why in the log; None when there
-    is no checkpoint at all (a fresh start); an ArchiveError naming every problem when none passes. A
-    path must name a complete checkpoint that passes, or the error says what is missing or wrong."""
+    resume_from=auto takes run_dir's LATEST; when it fails verify() (a file cut short, a shard gone, with
+    `checksums` a file whose bytes no longer match the checksum its save recorded), the newest older
+    complete step dir that passes, saying which and why in the log; None when there is no checkpoint at
+    all (a fresh start); an ArchiveError naming every problem when none passes. A path must name a
+    complete checkpoint that passes, or the error says what is missing or wrong. The checksums' read is
+    logged with its size and time (checkpoint.verify_checksums=false skips it)."""
     import logging
+    import time
 
     if resume_from is None:
         return None
+
+    def verify(step: Path) -> list[str]:
+        read, began = [0], time.perf_counter()
+        problems = verify_step(step, checksums, read)
+        if read[0]:
+            logging.getLogger("dpo_ds").info(
+                f"resume: read {read[0] / 2**30:.2f} GiB of {step.name} to compare each file with the checksum "
+                f"its save recorded, in {time.perf_counter() - began:.1f} s "
+                f"(checkpoint.verify_checksums=false skips this read)"
+            )
+        return problems
+
     if resume_from == "auto":
         latest = run_dir.latest_target()
         older = [p.resolve() for _, p in reversed(run_dir.step_dirs()) if is_complete(p)]

@@ -13,10 +13,12 @@ import torch
 from dpo_ds.dist.comm import across_ranks, all_gather_objects, by_rank, decided_by_rank0, fail_alike
 from dpo_ds.dist.faults import kill_in_save
 from dpo_ds.dist.memory import format_bytes
+from dpo_ds.engine import checksum
 from dpo_ds.engine import io as engine_io
 from dpo_ds.engine.step import unwrap_lm
 from dpo_ds.model import adapters
 from dpo_ds.run.dir import (
+    CHECKSUMS,
     COMPLETE,
     DS_TAG,
     MANIFEST,
@@ -53,7 +55,7 @@ def save_adapter(engine, step_dir: Path) -> None:
     each adapter parameter in turn (ZeRO-3), rank 0 keeps a copy and writes; SaveError on every rank if
     it could not."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     peft_model = unwrap_lm(engine)
     rank = torch.distributed.get_rank()
@@ -65,8 +67,10 @@ def save_adapter(engine, step_dir: Path) -> None:
     def write():
         adapter = get_peft_model_state_dict(peft_model, state_dict=state)
         tmp = Path(step_dir) / f".{adapters.ADAPTER_WEIGHTS}.tmp"
-        save_file(adapter, str(tmp), metadata={"format": "pt"})
+        digest = checksum.write_bytes(tmp, save(adapter, metadata={"format": "pt"}))
+        checksum.take(tmp)
         os.replace(tmp, Path(step_dir) / adapters.ADAPTER_WEIGHTS)
+        checksum.record(Path(step_dir) / adapters.ADAPTER_WEIGHTS, digest)
         config = peft_model.peft_config["default"]
         config.save_pretrained(str(step_dir))
 
@@ -134,25 +138,31 @@ def save_policy(engine, path: Path, step_idx: int, metrics: dict) -> None:
     decided_by_rank0(finish, (SaveError,))
 
 
-def save_engine(engine, directory: Path, client_state: dict) -> list[tuple[str, int]]:
+def save_engine(engine, directory: Path, client_state: dict) -> list[tuple[str, int, str]]:
     """Sharded DeepSpeed checkpoint (module, optimizer, scheduler) for resume, in directory/ds; every rank
-    calls it. Returns (path, bytes) of the files this rank wrote; raises SaveError on every rank alike when
-    a write failed on any (the failing ranks' errors named)."""
+    calls it. Returns (path, bytes, checksum) of the files this rank wrote; raises SaveError on every rank
+    alike when a write failed on any (the failing ranks' errors named)."""
     errors, written = engine_io.save_checkpoint(engine, directory, DS_TAG, client_state)
     fail_alike("; ".join(errors) or None, lambda failed: SaveError(f"{ds_dir(directory)}: {by_rank(failed)}"))
-    return [(p, os.path.getsize(p)) for p in written if os.path.exists(p)]
+    return _described(written)
 
 
-def save_extra(directory: Path, write) -> list[tuple[str, int]]:
-    """write(directory) on every rank (a resume's state beside DeepSpeed's); (path, bytes) of what this rank
-    wrote; SaveError on every rank alike when a write failed on any."""
+def _described(paths: list[str]) -> list[tuple[str, int, str]]:
+    """(path, bytes, checksum) of each written file: the checksum its writer recorded, or read once."""
+    return [(p, os.path.getsize(p), checksum.taken_or_read(p)) for p in paths if os.path.exists(p)]
+
+
+def save_extra(directory: Path, write) -> list[tuple[str, int, str]]:
+    """write(directory) on every rank (a resume's state beside DeepSpeed's, written with checksum.save_torch);
+    (path, bytes, checksum) of what this rank wrote; SaveError on every rank alike when a write failed on
+    any."""
     error, written = None, []
     try:
         written = write(directory)
     except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
         error = f"{type(e).__name__}: {e}"
     fail_alike(error, lambda failed: SaveError(f"{directory}: {by_rank(failed)}"))
-    return [(p, os.path.getsize(p)) for p in written if os.path.exists(p)]
+    return _described(written)
 
 
 class Checkpointer:
@@ -199,7 +209,7 @@ class Checkpointer:
                     if self.extra_state is not None:
                         written += save_extra(target, self.extra_state)
                 # what every rank wrote through DeepSpeed, for the manifest rank 0 records
-                written = [(os.path.relpath(p, target), n) for p, n in written]
+                written = [(os.path.relpath(p, target), n, digest) for p, n, digest in written]
                 files = [f for part in all_gather_objects(written) for f in part]
                 state = {"step": step, "examples": examples, **self.run_state}
                 self.last_bytes = self._complete(target, state, files)
@@ -231,6 +241,7 @@ class Checkpointer:
         def make():
             if target.exists() and target.resolve() != self.run_dir.latest_target():
                 shutil.rmtree(target)
+                checksum.forget_under(target)
             target.mkdir(parents=True, exist_ok=True)
 
         try:
@@ -255,16 +266,24 @@ class Checkpointer:
                 f"{format_bytes(self.last_bytes - f)} more, or keep fewer checkpoints (checkpoint.keep_last)"
             )
 
-    def _complete(self, target: Path, state: dict, files: list[tuple[str, int]]) -> int:
-        """run_state.json with the manifest, COMPLETE, then LATEST swapped to the step dir: rank 0, for
-        all. Returns the checkpoint's size in bytes."""
+    def _complete(self, target: Path, state: dict, files: list[tuple[str, int, str]]) -> int:
+        """run_state.json with the manifest (each file's size and checksum), COMPLETE, then LATEST swapped
+        to the step dir: rank 0, for all. Returns the checkpoint's size in bytes."""
 
         def complete():
-            manifest = dict(files)  # DeepSpeed's files, from the ranks that wrote them; then all rank 0 sees
+            # DeepSpeed's files, from the ranks that wrote them; then all rank 0 sees (policy.pt's checksum
+            # recorded by its writer, a library's own small files read once)
+            manifest = {rel: n for rel, n, _ in files}
+            sums = {rel: digest for rel, _, digest in files}
             for path in target.rglob("*"):
-                if path.is_file() and path.name not in (RUN_STATE, COMPLETE):
-                    manifest.setdefault(str(path.relative_to(target)), path.stat().st_size)
-            mark_complete(target, {**state, MANIFEST: dict(sorted(manifest.items()))})
+                rel = str(path.relative_to(target))
+                if path.is_file() and path.name not in (RUN_STATE, COMPLETE) and rel not in manifest:
+                    manifest[rel] = path.stat().st_size
+                    sums[rel] = checksum.taken_or_read(path)
+            mark_complete(
+                target,
+                {**state, MANIFEST: dict(sorted(manifest.items())), CHECKSUMS: dict(sorted(sums.items()))},
+            )
             point_latest(self.run_dir.root, target)
             return sum(manifest.values())
 

@@ -28,6 +28,7 @@ import torch
 
 from dpo_ds.config import ConfigError
 from dpo_ds.data.batches import data_digest
+from dpo_ds.engine import checksum
 from dpo_ds.model.lm import sequence_logps
 
 log = logging.getLogger("dpo_ds")
@@ -128,7 +129,7 @@ def _save_moved(module, step_dir: Path) -> list[str]:
 
     path = _state_file(step_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(local_state(module), path)
+    checksum.save_torch(local_state(module), path)
     return [str(path)]
 
 
@@ -244,7 +245,7 @@ class AdaptersOffReference(ReferenceMode):
             return []
         path = Path(step_dir) / "reference" / "adapter.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
+        checksum.save_torch(state, path)
         return [str(path)]
 
     def load_state(self, step_dir: Path) -> None:

@@ -239,6 +239,36 @@ def test_rotation_keeps_two_step_dirs(straight):
     assert not list(straight.glob("*.tmp")) and not list(straight.glob(".*tmp*"))
 
 
+def test_a_real_checkpoint_damaged_at_its_own_size_is_skipped_by_its_checksum(tmp_path, straight, caplog):
+    from dpo_ds.engine.checksum import file_digest
+    from dpo_ds.run import dir as run_dirs
+    from dpo_ds.run import resume as run_resume
+    from tests.engine.test_checksum import flip_middle
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir, symlinks=True)
+    newest, older = run_dir / "step-192", run_dir / "step-160"
+    # every file of a step dir has the checksum computed as it was written, equal to the file's
+    state = run_dirs.read_run_state(newest)
+    sums = state[run_dirs.CHECKSUMS]
+    assert set(sums) == set(state[run_dirs.MANIFEST]) and any(rel.endswith("optim_states.pt") for rel in sums)
+    assert all(file_digest(newest / rel) == digest for rel, digest in sums.items())
+    # an optimizer shard of LATEST and policy.pt of the step before, each with 16 bytes flipped at its own size
+    shard = next(newest.rglob("*optim_states.pt"))
+    flip_middle(shard)
+    flip_middle(older / "policy.pt")
+    assert run_dirs.verify(newest) == [] and run_dirs.verify(older) == []  # sizes and zip directories pass
+    with pytest.raises(run_dirs.ArchiveError) as e:
+        run_resume.resolve_resume("auto", run_dirs.RunDir(run_dir))
+    assert f"step-192: {shard} does not match the checksum" in str(e.value)
+    assert f"step-160: {older / 'policy.pt'} does not match the checksum" in str(e.value)
+    # with policy.pt whole again, the older step is where auto resumes, naming the shard it skipped
+    flip_middle(older / "policy.pt")
+    with caplog.at_level("WARNING", logger="dpo_ds"):
+        assert run_resume.resolve_resume("auto", run_dirs.RunDir(run_dir)) == older.resolve()
+    assert "resuming from step-160" in caplog.text and shard.name in caplog.text
+
+
 def test_slurm_script_preempts_requeues_and_resumes(tmp_path, data, straight):
     """launch/slurm.sbatch with stand-ins for srun and scontrol: USR1 (slurm's warning before the time
     limit) reaches the ranks, which save and exit 0; the script requeues the job; the requeued job

@@ -133,6 +133,62 @@ def test_verify_and_auto_falls_back_to_the_newest_good_checkpoint(tmp_path, capl
         run_resume.resolve_resume("auto", run)
 
 
+def test_a_file_damaged_at_its_own_size_is_skipped_by_its_checksum(tmp_path, caplog):
+    from dpo_ds.engine.checksum import file_digest
+    from tests.engine.test_checksum import flip_middle
+
+    run = RunDir(tmp_path / "run")
+    files = {
+        "policy.pt": _torch_file(tmp_path, "p.pt"),
+        "ds/ds/mp_rank_00_optim_states.pt": _torch_file(tmp_path, "s.pt"),
+    }
+    good, newest = _checkpoint(run, 32, files), _checkpoint(run, 64, files)
+    for d in (good, newest):  # the checksums a save records
+        state = run_dirs.read_run_state(d)
+        run_dirs.mark_complete(d, {**state, run_dirs.CHECKSUMS: {rel: file_digest(d / rel) for rel in files}})
+    run_dirs.point_latest(run.root, newest)
+    for rel in files:
+        flip_middle(newest / rel)
+        # its size and zip directory pass: only the checksum sees it
+        assert run_dirs.verify(newest) == []
+        problems = run_dirs.verify(newest, checksums=True)
+        assert len(problems) == 1 and f"{rel} does not match the checksum its save recorded" in problems[0]
+        assert "damaged at its own size" in problems[0]
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dpo_ds"):
+            assert run_resume.resolve_resume("auto", run) == good.resolve()
+        assert "resuming from step-32, the newest checkpoint that passes" in caplog.text
+        assert f"step-64: {newest / rel} does not match the checksum" in caplog.text
+        assert "GiB of step-64 to compare each file with the checksum" in caplog.text
+        assert "checkpoint.verify_checksums=false skips this read" in caplog.text
+        # checkpoint.verify_checksums=false: sizes only, so the damaged step is taken (what the key trades)
+        assert run_resume.resolve_resume("auto", run, checksums=False) == newest.resolve()
+        with pytest.raises(ArchiveError, match="step-64 fails its check: .*does not match the checksum"):
+            run_resume.resolve_resume(str(newest), run)
+        flip_middle(newest / rel)  # inverted twice: whole again
+        assert run_dirs.verify(newest, checksums=True) == []
+
+
+def test_steps_auto_skipped_are_set_aside_so_rotation_keeps_the_good_one(tmp_path):
+    run = RunDir(tmp_path / "run")
+    files = {"policy.pt": _torch_file(tmp_path, "p.pt")}
+    good, damaged = _checkpoint(run, 32, files), _checkpoint(run, 48, files)
+    cut = run.step(64)
+    cut.mkdir()  # a save killed before COMPLETE
+    run_dirs.point_latest(run.root, damaged)
+    moved = run_dirs.set_aside_newer(run, good.resolve())
+    assert sorted(p.name for p in moved) == ["step-48.rejected", "step-64.rejected"]
+    assert run.latest_target() == good.resolve() and [p.name for _, p in run.step_dirs()] == ["step-32"]
+    # the resumed run saves step-48 again and rotates with keep_last=2: the good step-32 stays, the set-aside
+    # dirs go (left in place, the damaged step-48 and a newer one would have been "the two newest")
+    again = _checkpoint(run, 48, files)
+    run_dirs.point_latest(run.root, again)
+    gone = run_dirs.rotate(run, keep_last=2)
+    assert sorted(p.name for p in gone) == ["step-48.rejected", "step-64.rejected"]
+    assert sorted(p.name for p in run.root.iterdir() if p.name.startswith("step-")) == ["step-32", "step-48"]
+    assert run_dirs.set_aside_newer(run, again.resolve()) == []  # nothing newer: nothing moves
+
+
 def test_a_same_size_file_that_is_no_torch_file_fails(tmp_path):
     run = RunDir(tmp_path / "run")
     policy = _torch_file(tmp_path, "p.pt")
