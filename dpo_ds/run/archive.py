@@ -49,7 +49,7 @@ def read_archive(path: str | Path) -> dict:
             f"Face model directory with {' / '.join(HF_WEIGHTS[::2])})"
         )
     if (p.parent / RUN_STATE).is_file():  # a step dir's policy.pt: its save recorded what it wrote
-        problems = [x for x in verify(p.parent) if str(p) in x]
+        problems = verify(p.parent, checksums=True, only=p.name)  # its size, zip directory and checksum
         if problems:
             raise ArchiveError(f"model.archive={path}: " + "; ".join(problems))
     try:

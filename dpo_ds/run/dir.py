@@ -149,13 +149,15 @@ def manifest_bytes(step_dir: Path | None) -> int:
         return 0
 
 
-def verify(step_dir: Path, checksums: bool = False, read: list | None = None) -> list[str]:
+def verify(
+    step_dir: Path, checksums: bool = False, read: list | None = None, only: str | None = None
+) -> list[str]:
     """What is wrong with a complete checkpoint, checked against the manifest its save recorded: each
     file present with its size, and each torch file's zip directory readable (a file cut short has
     none); that much reads no file whole. With `checksums`, each file that passes is then read once and
     its checksum compared with the one recorded as it was written (a file damaged at its own size); the
-    bytes read are added to `read` ([bytes]) when given. [] when it passes (or predates manifests: nothing
-    to check)."""
+    bytes read are added to `read` ([bytes]) when given; `only`: that file of the step dir alone. [] when it
+    passes (or predates manifests: nothing to check)."""
     step_dir = Path(step_dir)
     try:
         state = read_run_state(step_dir)
@@ -164,9 +166,13 @@ def verify(step_dir: Path, checksums: bool = False, read: list | None = None) ->
     manifest = state.get(MANIFEST)
     if manifest is None:
         return []
+    sums = state.get(CHECKSUMS) or {}
+    if only is not None:
+        manifest = {k: v for k, v in manifest.items() if k == only}
+        sums = {k: v for k, v in sums.items() if k == only}
     problems = _check_sizes(step_dir, manifest)
     if checksums and not problems:
-        problems = _check_sums(step_dir, state.get(CHECKSUMS) or {}, read)
+        problems = _check_sums(step_dir, sums, read)
     return problems
 
 

@@ -165,6 +165,12 @@ def test_a_file_damaged_at_its_own_size_is_skipped_by_its_checksum(tmp_path, cap
         assert run_resume.resolve_resume("auto", run, checksums=False) == newest.resolve()
         with pytest.raises(ArchiveError, match="step-64 fails its check: .*does not match the checksum"):
             run_resume.resolve_resume(str(newest), run)
+        if rel == "policy.pt":  # model.archive= and export read it: refused too, not loaded with its damage
+            with pytest.raises(ArchiveError, match="model.archive=.*policy.pt does not match the checksum"):
+                archives.read_archive(newest / "policy.pt")
+        else:  # the damage is elsewhere: policy.pt passes its checksum and is loaded (this fake has no 'state')
+            with pytest.raises(ArchiveError, match="has no 'state' key"):
+                archives.read_archive(newest / "policy.pt")
         flip_middle(newest / rel)  # inverted twice: whole again
         assert run_dirs.verify(newest, checksums=True) == []
 
