@@ -112,7 +112,7 @@ class Injector:
 
     def kill_in_resume(self, job: Job) -> str:
         """SIGKILL a rank on the resume's first log line (its checksum read, or 'resumed from')."""
-        deadline = time.time() + 60
+        deadline = time.time() + 30
         while time.time() < deadline and not self.stopping():
             if None not in job.codes():
                 return ""

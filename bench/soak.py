@@ -182,11 +182,17 @@ class Soak:
     def in_window(self) -> bool:
         return time.time() - self.t0 < self.window_s
 
-    def draw(self) -> str:
+    def draw(self, at_start: bool) -> str:
+        """The next kind from the bag; kill_in_resume only at a start that has a checkpoint to resume from
+        (else it waits in the bag)."""
         if not self.bag:
             self.bag = list(self.kinds)
             self.rng.shuffle(self.bag)
-        return self.bag.pop()
+        resumable = at_start and (self.run_dir / "LATEST").exists()
+        for i in range(len(self.bag) - 1, -1, -1):
+            if self.bag[i] != "kill_in_resume" or resumable:
+                return self.bag.pop(i)
+        return "kill_rank"  # the bag holds kill_in_resume alone and this start resumes nothing
 
     def run(self) -> dict:
         self.t0 = time.time()
@@ -227,13 +233,15 @@ class Soak:
         while None in job.codes():
             if not self.in_window():
                 return self.wait(job, monitor)
+            kind = self.draw(at_start=t_ref == job.started)
             early = self.rng.random() < 0.25
             delay = self.rng.uniform(1, 9) if early else self.rng.uniform(*self.delays(monitor))
+            if kind == "kill_in_resume":
+                delay = 0  # it watches the start's log for the resume's first line
             while time.time() < t_ref + delay and None in job.codes():
                 time.sleep(0.1)
             if None not in job.codes() or not self.in_window():
                 continue
-            kind = self.draw()
             did = injector.running(kind, job)
             if not did:
                 continue  # the moment passed (no save, no resume in time, the job gone): draw again

@@ -125,7 +125,7 @@ def claim_run_dir(cfg, rank: int):
     data phase, so a second job is refused in seconds); every rank gets the answer. (RunDir, RunLock,
     whether this launch made the directory: only then may a failed start remove it, drop_unused_run_dir)"""
     from dpo_ds.run.dir import RunDir
-    from dpo_ds.run.lock import RunDirLocked, RunLock
+    from dpo_ds.run.lock import RunDirLocked, RunDirUnwritable, RunLock
 
     run_dir = RunDir(cfg.run_dir)
     lock = RunLock(run_dir)
@@ -134,7 +134,7 @@ def claim_run_dir(cfg, rank: int):
         created = not (run_dir.root.exists() or run_dir.root.is_symlink())
         return created, lock.acquire()
 
-    created, took_over = comm.decided_by_rank0(take, (RunDirLocked,))
+    created, took_over = comm.decided_by_rank0(take, (RunDirLocked, RunDirUnwritable))
     if rank == 0:
         atexit.register(lock.release)  # every exit but SIGKILL; a killed job's lock is stale (RunLock)
     if took_over:

@@ -29,7 +29,7 @@ from dpo_ds.data.tokenize import TokenizationError
 from dpo_ds.model.adapters import AdapterError
 from dpo_ds.model.files import ModelError
 from dpo_ds.run.dir import ArchiveError
-from dpo_ds.run.lock import RunDirLocked
+from dpo_ds.run.lock import RunDirLocked, RunDirUnwritable
 
 USER_ERRORS = (
     ConfigError,
@@ -38,6 +38,7 @@ USER_ERRORS = (
     ModelError,
     TokenizationError,
     RunDirLocked,
+    RunDirUnwritable,
     AdapterError,
 )
 log = logging.getLogger("dpo_ds")

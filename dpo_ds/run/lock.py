@@ -13,6 +13,10 @@ class RunDirLocked(ValueError):
     """Another job holds the run directory's lock; the message names the lock file and its holder."""
 
 
+class RunDirUnwritable(ValueError):
+    """The run directory's lock cannot be written (a full disk, no permission); names the file and the error."""
+
+
 STALE_LOCK_S = 90.0
 
 
@@ -37,14 +41,20 @@ class RunLock:
         import fcntl
         import socket
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except FileExistsError:
+            fd = None
+        except OSError as e:
+            raise RunDirUnwritable(self._unwritable(e)) from None
+        if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)  # ours; a checker that opened it meanwhile lets go at once
+            if os.fstat(fd).st_size:  # a checker took it over as stale before this flock: it is theirs
+                os.close(fd)
+                raise RunDirLocked(self._refusal(self._holder(), "it took the lock over as this job began"))
             self._claim(fd)
             return None
-        except FileExistsError:
-            pass
         fd = os.open(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,9 +107,19 @@ class RunLock:
             "slurm_job": os.environ.get("SLURM_JOB_ID"),
             "command": " ".join(sys.argv)[:500],
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            os.fsync(fd)
+        except OSError as e:
+            # an empty lock with a free flock would read as "a job starting now" to the next start for
+            # STALE_LOCK_S: the file goes (this process holds its flock, so it is no one else's)
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(fd)
+            raise RunDirUnwritable(self._unwritable(e)) from None
         self._fd = fd
 
     def _holder(self) -> dict:
@@ -108,6 +128,12 @@ class RunLock:
         except (OSError, ValueError):
             return {}
         return value if isinstance(value, dict) else {}
+
+    def _unwritable(self, e: OSError) -> str:
+        return (
+            f"config key 'run_dir': cannot write its lock {self.path} ({type(e).__name__}: {e}); free space on "
+            f"the run dir's filesystem, or fix its permissions, and start again"
+        )
 
     def _refusal(self, holder: dict, why: str) -> str:
         return (

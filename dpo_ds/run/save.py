@@ -187,8 +187,11 @@ class Checkpointer:
         self.saves = 0
         self.last_bytes: int | None = None  # the last complete checkpoint's size: the free space a save needs
 
-    def save(self, engine, step: int, examples: int, metrics: dict, final: bool = False) -> bool:
-        """Whether step-{examples} is now LATEST; raises TrainingStopped when too many saves failed."""
+    def save(
+        self, engine, step: int, examples: int, metrics: dict, final: bool = False, blocked: str | None = None
+    ) -> bool:
+        """Whether step-{examples} is now LATEST; raises TrainingStopped when too many saves failed. `blocked`:
+        why this save must not begin (agreed on every rank), a failed save like any other."""
         import logging
 
         log = logging.getLogger("dpo_ds")
@@ -198,6 +201,8 @@ class Checkpointer:
         )
         try:
             with phase:
+                if blocked:
+                    raise SaveError(f"{target}: not begun: {blocked}")
                 self._check_space(target)
                 self._prepare(target)
                 save_weights(engine, target, examples, metrics)  # policy.pt, or a LoRA adapter

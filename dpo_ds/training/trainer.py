@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 
@@ -44,6 +45,8 @@ class MetricsSink:
     def __init__(self, cfg: Config, run_dir: RunDir, rank: int):
         self.rank = rank
         self.path = run_dir.metrics
+        self.pending: list[str] = []  # records the disk refused, written with the next ones
+        self.refused: str | None = None
         self.wandb = None
         if rank == 0 and cfg.wandb.enabled and cfg.wandb.mode != "disabled":
             import wandb
@@ -60,12 +63,41 @@ class MetricsSink:
     def write(self, record: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.pending.append(json.dumps(record) + "\n")
+        self.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def flush(self) -> str | None:
+        """Append the records not yet on disk: None once they are, else why not. A full disk does not end
+        the run: the records are held and written with the next ones, and no checkpoint is saved while any
+        is held (Trainer.save), so a resume never skips a step's record."""
+        if self.rank != 0 or not self.pending:
+            return None
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write("".join(self.pending))
+        except OSError as e:
+            try:
+                os.truncate(self.path, size)  # no half-written line left behind
+            except OSError:
+                pass
+            if self.refused is None:
+                log.warning(
+                    f"{self.path.name}: cannot append ({type(e).__name__}: {e}); its records are held until "
+                    f"the disk takes them, and no checkpoint is saved meanwhile"
+                )
+            self.refused = f"{type(e).__name__}: {e}"
+            return f"{self.path} holds {len(self.pending)} record(s) the disk refused ({self.refused})"
+        if self.refused is not None:
+            log.info(f"{self.path.name}: the {len(self.pending)} held record(s) are written")
+        self.refused = None
+        self.pending.clear()
+        return None
+
     def close(self) -> None:
+        self.flush()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -359,5 +391,8 @@ class Trainer:
             log.warning(f"not saving step-{examples}: step {step} had a non-finite loss or gradient norm")
             self.last_save_ok = False
         else:
-            self.last_save_ok = self.checkpoints.save(self.policy, step, examples, metrics, final=final)
+            unwritten = comm.decided_by_rank0(self.sink.flush)  # rank 0's metrics on disk first
+            self.last_save_ok = self.checkpoints.save(
+                self.policy, step, examples, metrics, final=final, blocked=unwritten
+            )
         return self.last_save_ok

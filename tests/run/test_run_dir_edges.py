@@ -61,6 +61,35 @@ def test_a_killed_jobs_lock_is_taken_over(tmp_path):
     lock.release()
 
 
+def test_a_full_disk_at_start_leaves_no_lock_behind(tmp_path, monkeypatch):
+    # found by bench/soak.py: the lock file was created, its write hit ENOSPC, and the empty file then read
+    # as "a job starting now" to every restart for 90 s after the disk was freed
+    from dpo_ds.run.lock import RunDirUnwritable
+
+    run = RunDir(tmp_path / "run")
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(
+        RunDirUnwritable, match=r"config key 'run_dir': cannot write its lock .*RUN_LOCK .*No space"
+    ):
+        RunLock(run).acquire()
+    assert not run.lock.exists()
+    # taking over a stale lock on a full disk: refused alike, and the stale file goes
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(run, host=socket.gethostname(), pid=dead.pid, started="then")
+    with pytest.raises(RunDirUnwritable):
+        RunLock(run).acquire()
+    assert not run.lock.exists()
+    monkeypatch.undo()  # the disk freed: the next start takes the lock at once
+    lock = RunLock(run)
+    assert lock.acquire() is None and json.loads(run.lock.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
 def test_a_lock_from_another_host_is_stale_only_without_a_heartbeat(tmp_path):
     run = RunDir(tmp_path / "run")
     _write_lock(run, host="node-elsewhere", pid=1, started="then")
