@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from bench._soak_job import Job, rank_pids
+from bench._soak_job import Job, rank_pids, train_steps
 
 # Faults on a running job, then the ones applied while it is down (before the next start).
 RUNNING = (
@@ -85,14 +86,32 @@ class Injector:
         return f"SIGTERM ranks {sent} (preemption: save and exit 0)" if sent else ""
 
     def int_runner(self, job: Job) -> str:
+        """SIGINT one node's `deepspeed` runner alone, once this start has written a training record: its
+        ranks see their runner gone and save and exit. (A runner that dies alone in the seconds before the
+        ranks' watchdog starts is not seen: the job trains on without it; a Ctrl-C in a terminal reaches the
+        whole process group instead.)"""
+        deadline = time.time() + 60
+        while (
+            time.time() < deadline and not self.stopping() and None in job.codes() and not self._trained(job)
+        ):
+            time.sleep(0.05)
         r = self.rng.choice((0, 1))
-        if job.procs[r].poll() is not None:
+        if job.procs[r].poll() is not None or not self._trained(job):
             return ""
         return (
             f"SIGINT the runner of node {r} (pid {job.procs[r].pid})"
             if _signal(job.procs[r].pid, signal.SIGINT)
             else ""
         )
+
+    def _trained(self, job: Job) -> bool:
+        """Whether this start has trained a step (past where it resumed, its log says)."""
+        text = job.log_text(0)
+        found = re.search(r"resumed from \S+ at step (\d+)", text)
+        if found is None and "starting from the beginning" not in text:
+            return False
+        steps = train_steps(self.run_dir)
+        return bool(steps) and steps[-1][0] > (int(found.group(1)) if found else 0)
 
     def kill_in_save(self, job: Job) -> str:
         """SIGKILL a rank while a step dir exists without COMPLETE (inside a save)."""
