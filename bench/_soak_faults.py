@@ -56,6 +56,7 @@ class Injector:
         self.stopping = stop_flag  # callable: the soak is ending, give up waiting
         self.next_env: dict[str, str] = {}  # for the next start (the injected ENOSPC)
         self.filler: Path | None = None
+        self.damaged: set[Path] = set()  # step dirs damaged so far
 
     def running(self, kind: str, job: Job) -> str:
         return getattr(self, kind)(job)
@@ -170,6 +171,15 @@ class Injector:
         if not latest.exists():
             return ""
         step = latest.resolve()
+        # only while another kept checkpoint is whole: with checkpoint.keep_last=2, damaging both leaves
+        # nothing to resume from, which the job refuses by name (exit 2) and no restart can mend
+        whole = [
+            p for p in self.run_dir.glob("step-*")
+            if p.name[5:].isdigit() and (p / "COMPLETE").exists() and p.resolve() not in self.damaged
+        ]  # fmt: skip
+        if step in self.damaged or len(whole) < 2:
+            return ""
+        self.damaged.add(step)
         files = sorted(
             p for p in step.rglob("*") if p.is_file() and p.name not in ("COMPLETE", "run_state.json")
         )
