@@ -206,12 +206,32 @@ def build(facts: dict | None, stores: dict, *, sft: bool, max_length: int, max_p
 
 
 def write(report: dict, path: Path) -> None:
-    """The report as JSON at `path` (its directory made), replaced whole: a reader never sees half."""
+    """The report as JSON at `path` (its directory made), replaced whole: a reader never sees half. A
+    temporary left by a writer that was killed or met a full disk (found by bench/soak.py) goes: its own on
+    the error, a dead process's before writing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- the table

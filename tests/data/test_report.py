@@ -300,3 +300,31 @@ def test_an_empty_split_reports_no_lengths(tmp_path, monkeypatch, planted):
     assert got["total"]["test"]["lengths"] == {"prompt": None, "chosen": None, "rejected": None}
     assert got["total"]["test"]["chosen_longer"] is None
     assert "| total  | test  | -" in report.table(got)
+
+
+def test_a_killed_or_refused_write_leaves_no_temporary(tmp_path, monkeypatch):
+    # found by bench/soak.py: a rank killed (or a disk full) while the report was written left
+    # .data_report.json.<pid>.tmp in the run dir for good
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpo_ds.data import report as reports
+
+    path = tmp_path / "data_report.json"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".data_report.json.{dead.pid}.tmp").write_text("{half")
+    reports.write({"a": 1}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_report.json"]
+
+    def full(self, *args, **kwargs):
+        Path.write_bytes(self, b"{hal")  # part of it written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        reports.write({"a": 2}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_report.json"]
+    assert json.loads(path.read_bytes()) == {"a": 1}  # the last whole report stays
