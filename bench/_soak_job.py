@@ -4,7 +4,6 @@ session of its own so that a whole "node" can be killed; what it writes (metrics
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpo_ds.dist.launcher import env, free_port, launcher  # noqa: E402
+from dpo_ds.dist.launcher import env, free_port, launcher, train_records  # noqa: E402
 
 DEMO = ROOT / "dpo_ds" / "demo" / "data"
 ROWS, BATCH = 48, 16  # 3 steps an epoch
@@ -93,54 +92,43 @@ class Job:
             return ""
 
 
-def rank_pids(run_dir: Path) -> dict[int, int]:
-    """The training processes writing run_dir, by global rank (their RANK from /proc)."""
-    out = {}
+def _run_processes(run_dir: Path):
+    """(pid, argv) of every other process whose command line names run_dir (launchers included)."""
     for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
             continue
         try:
             args = (p / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            if f"run_dir={run_dir}" not in args or not any(a.endswith("train.py") for a in args):
-                continue
-            environ = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"run_dir={run_dir}" in args:
+            yield int(p.name), args
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """The training processes writing run_dir, by global rank (their RANK from /proc)."""
+    out = {}
+    for pid, args in _run_processes(run_dir):
+        if not any(a.endswith("train.py") for a in args):
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         rank = next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), None)
         if rank is not None and rank.isdigit():
-            out[int(rank)] = int(p.name)
+            out[int(rank)] = pid
     return out
 
 
 def left_running(run_dir: Path) -> list[int]:
     """Every process whose command line names run_dir (launchers included)."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and int(p.name) != os.getpid():
-            try:
-                if f"run_dir={run_dir}" in (p / "cmdline").read_bytes().decode(errors="replace").split("\0"):
-                    found.append(int(p.name))
-            except OSError:
-                continue
-    return found
+    return [pid for pid, _ in _run_processes(run_dir)]
 
 
 def train_steps(run_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) of each training record in metrics.jsonl now (a half-written last line skipped)."""
-    path = run_dir / "metrics.jsonl"
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if "loss/train" in rec:
-            out.append((int(rec["step"]), float(rec["loss/train"])))
-    return out
+    return [(int(r["step"]), float(r["loss/train"])) for r in train_records(run_dir / "metrics.jsonl")]
 
 
 def dir_bytes(path: Path) -> int:
