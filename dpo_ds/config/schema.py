@@ -447,7 +447,9 @@ class Config:
         "refused when run_dir already holds a run.",
     )
     dist_timeout_s: float = opt(
-        1800.0, "Deadline of every collective, in seconds (the process group's own timeout is 60 s more)."
+        1800.0,
+        "Deadline of every collective and of the process group's forming, in seconds (the process group's "
+        "own timeout is 60 s more).",
     )
     step_timeout_s: float | None = opt(
         None,

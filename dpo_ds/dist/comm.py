@@ -1,6 +1,7 @@
 """The process group and the collective idioms every layer above uses.
 
 init_distributed        torch.distributed through DeepSpeed, under any launcher or none
+rendezvous_deadline     its forming under dist_timeout_s: a rank whose peers never join exits, named
 decided_by_rank0        rank 0 looks and decides, every rank gets the answer or the same exception
 any_rank_flagged        whether any rank raised each of some flags (one all-reduce)
 fail_alike              every rank's error (or None) gathered, the same exception raised everywhere
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -65,7 +67,8 @@ def init_distributed(torch_threads: int = 0, timeout_s: float | None = None) -> 
     if timeout_s is not None:
         from datetime import timedelta
 
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s + BACKEND_TIMEOUT_MARGIN_S))
+        with rendezvous_deadline(timeout_s):
+            deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s + BACKEND_TIMEOUT_MARGIN_S))
     else:
         deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -73,6 +76,47 @@ def init_distributed(torch_threads: int = 0, timeout_s: float | None = None) -> 
     acc.set_device(local_rank)
     device = torch.device(acc.device_name(local_rank)) if not on_cpu else torch.device("cpu")
     return rank, world, device
+
+
+EXIT_NO_RENDEZVOUS = 3  # the watchdog's hang code: a rank that never joined is a hang found at the start
+
+
+@contextmanager
+def rendezvous_deadline(timeout_s: float):
+    """The process group's forming is the job's first collective and gets the same deadline (dist_timeout_s).
+    torch's store connect does not keep it: a worker whose master never answers (rank 0 stopped or killed
+    in its start-up, its node not started) times out after the backend's timeout and then retries, and the
+    master waits for workers that never come; the watchdog does not run yet. So a thread (the store's wait
+    releases the GIL) ends the rank with a named message and the hang code when the deadline passes."""
+    import threading
+    import time
+
+    formed = threading.Event()
+    started = time.monotonic()
+    rank, world = os.environ["RANK"], os.environ["WORLD_SIZE"]
+    master = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+
+    def watch() -> None:
+        if formed.wait(timeout_s):
+            return
+        who = (
+            f"the other ranks did not all join it at {master}"
+            if rank == "0"
+            else f"rank 0 at {master} did not answer, or not every rank joined"
+        )
+        say(
+            f"dpo_ds: rank {rank} of {world}: the process group did not form within {time.monotonic() - started:.0f} s "
+            f"(dist_timeout_s={timeout_s:g}): {who}. A node that did not start, or a rank killed or stopped "
+            f"during its start-up (see each node's log). Exiting "
+            f"{EXIT_NO_RENDEZVOUS} so that the launcher ends the job and a restart can form it again"
+        )
+        os._exit(EXIT_NO_RENDEZVOUS)  # the main thread is inside torch's store connect: no clean-up
+
+    threading.Thread(target=watch, name="dpo_ds-rendezvous", daemon=True).start()
+    try:
+        yield
+    finally:
+        formed.set()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

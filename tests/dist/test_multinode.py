@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,34 @@ def _node_cmd(hostfile: Path, node_rank: int, port: int, *args: str) -> list[str
     ]
 
 
+def _run_nodes(cmds: list[list[str]], logs: list[Path], timeout: float) -> list[int | None]:
+    """Each launcher command started at once, its output to its log (files, not pipes: two chatty
+    children never block on a full pipe); their exit codes, None for one still running after timeout
+    (then it and the ranks it started are killed)."""
+    procs = []
+    try:
+        for cmd, log in zip(cmds, logs):
+            with open(log, "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a hang: stop this launcher and the ranks it started
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return codes
+
+
 def test_two_nodes_no_ssh(tmp_path):
     data = small_demo(tmp_path / "data")
     run_dir = tmp_path / "run"
@@ -65,28 +94,7 @@ def test_two_nodes_no_ssh(tmp_path):
         f"data.cache_dir={tmp_path / 'hf_cache'}",
     ]
     logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
-    procs = []
-    try:
-        for r in (0, 1):
-            with open(
-                logs[r], "w"
-            ) as out:  # files, not pipes: two chatty children never block on a full pipe
-                procs.append(
-                    subprocess.Popen(
-                        _node_cmd(hostfile, r, port, *args),
-                        env=env(),
-                        cwd=ROOT,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-        codes = [p.wait(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:  # a hang: stop this launcher and the ranks it started
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    codes = _run_nodes([_node_cmd(hostfile, r, port, *args) for r in (0, 1)], logs, TIMEOUT)
     out0, out1 = (log.read_text() for log in logs)
     assert codes == [0, 0], f"exit codes {codes}\n--- node 0\n{out0[-5000:]}\n--- node 1\n{out1[-5000:]}"
 
@@ -116,3 +124,34 @@ def test_two_nodes_no_ssh(tmp_path):
     for rank in (0, 1):
         assert any(f"zero_pp_rank_{rank}_" in name for name in shards), shards
     assert not any("zero_pp_rank_2_" in name for name in shards), shards
+
+
+def test_a_node_whose_peer_never_starts_ends_named_within_dist_timeout(tmp_path):
+    """Found by the soak (bench/soak.py): rank 0 SIGSTOPped in its start-up, before the process group
+    formed, left rank 1 in torch's store connect, which timed out after the backend's timeout and then
+    retried, 180 s and more with no watchdog running yet. Reproduced here with each node's launcher started
+    alone (its peer never starts), so that the other side is never there: node 0's rank 0 waits for a
+    worker, node 1's rank 1 for a master. Each must end within dist_timeout_s, naming it, before anything
+    is written; without the deadline each waits 65 s and more (the backend's timeout: 5 + 60)."""
+    data = small_demo(tmp_path / "data")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    ports = [free_port(), free_port()]
+    runs = [tmp_path / f"run{r}" for r in (0, 1)]
+    cmds = [
+        _node_cmd(hostfile, r, ports[r], "--ds", str(ROOT / "ds_configs/zero3.json"), "model.name_or_path=tiny",
+                  f"datasets=[{data}]", f"run_dir={runs[r]}", "dist_timeout_s=5")
+        for r in (0, 1)
+    ]  # fmt: skip
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    codes = _run_nodes(cmds, logs, timeout=50)
+    outs = [log.read_text() for log in logs]
+    for r in (0, 1):
+        assert codes[r] is not None, f"node {r} alone still waited after 50 s:\n{outs[r][-3000:]}"
+        assert codes[r] != 0, outs[r][-3000:]
+        assert f"rank {r} of 2: the process group did not form within" in outs[r], outs[r][-3000:]
+        assert "(dist_timeout_s=5)" in outs[r], outs[r][-3000:]
+        assert f"127.0.0.1:{ports[r]}" in outs[r], outs[r][-3000:]
+        assert not runs[r].exists()  # refused before the run dir was claimed: nothing to clean up
+    assert f"the other ranks did not all join it at 127.0.0.1:{ports[0]}" in outs[0]
+    assert f"rank 0 at 127.0.0.1:{ports[1]} did not answer" in outs[1]
