@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -107,12 +106,11 @@ class Injector:
 
     def _trained(self, job: Job) -> bool:
         """Whether this start has trained a step (past where it resumed, its log says)."""
-        text = job.log_text(0)
-        found = re.search(r"resumed from \S+ at step (\d+)", text)
-        if found is None and "starting from the beginning" not in text:
+        resumed = job.resumed_at()
+        if resumed is None and "starting from the beginning" not in job.log_text(0):
             return False
         steps = train_steps(self.run_dir)
-        return bool(steps) and steps[-1][0] > (int(found.group(1)) if found else 0)
+        return bool(steps) and steps[-1][0] > (resumed or 0)
 
     def kill_in_save(self, job: Job) -> str:
         """SIGKILL a rank while a step dir exists without COMPLETE (inside a save)."""

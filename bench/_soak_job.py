@@ -5,6 +5,7 @@ session of its own so that a whole "node" can be killed; what it writes (metrics
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,11 @@ class Job:
             return self.logs[r].read_text(errors="replace")
         except OSError:
             return ""
+
+    def resumed_at(self) -> int | None:
+        """The step this start resumed from (rank 0's "resumed from ... at step N"), None if not (yet)."""
+        found = re.search(r"resumed from \S+ at step (\d+)", self.log_text(0))
+        return int(found.group(1)) if found else None
 
 
 def _run_processes(run_dir: Path):

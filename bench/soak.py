@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -206,8 +205,7 @@ class Soak:
             injector.next_env = {}
             before, faults_before = len(monitor.events), len(self.faults)
             codes = self.attempt(job, injector, monitor)
-            found = re.search(r"resumed from \S+ at step (\d+)", job.log_text(0))
-            self.attempts.append((job.started, int(found.group(1)) if found else None))
+            self.attempts.append((job.started, job.resumed_at()))
             progressed = any(n > 0 for _, _, n in monitor.events[before:])
             # a start that made no step with no fault of ours in it: the job cannot start by itself
             hit = len(self.faults) > faults_before

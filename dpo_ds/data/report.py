@@ -41,6 +41,7 @@ import numpy as np
 from dpo_ds.data.sources.groups import prompt_key
 from dpo_ds.data.store import SPLITS
 from dpo_ds.data.tallies import IDENTICAL_IDS, TRUNCATION_KINDS
+from dpo_ds.run.lock import pid_alive
 
 PERCENTILES = (50, 90, 99)
 TOTAL = "total"
@@ -213,7 +214,7 @@ def write(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         pid = stale.name[len(path.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -222,16 +223,6 @@ def write(report: dict, path: Path) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------- the table

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from dpo_ds.dist.launcher import free_port
+from dpo_ds.dist.watchdog import EXIT_HANG  # a rank whose peers never join is a hang found at the start
 
 
 def set_threads(n: int, on_cpu: bool) -> None:
@@ -78,9 +79,6 @@ def init_distributed(torch_threads: int = 0, timeout_s: float | None = None) -> 
     return rank, world, device
 
 
-EXIT_NO_RENDEZVOUS = 3  # the watchdog's hang code: a rank that never joined is a hang found at the start
-
-
 @contextmanager
 def rendezvous_deadline(timeout_s: float):
     """The process group's forming is the job's first collective and gets the same deadline (dist_timeout_s).
@@ -108,9 +106,9 @@ def rendezvous_deadline(timeout_s: float):
             f"dpo_ds: rank {rank} of {world}: the process group did not form within {time.monotonic() - started:.0f} s "
             f"(dist_timeout_s={timeout_s:g}): {who}. A node that did not start, or a rank killed or stopped "
             f"during its start-up (see each node's log). Exiting "
-            f"{EXIT_NO_RENDEZVOUS} so that the launcher ends the job and a restart can form it again"
+            f"{EXIT_HANG} so that the launcher ends the job and a restart can form it again"
         )
-        os._exit(EXIT_NO_RENDEZVOUS)  # the main thread is inside torch's store connect: no clean-up
+        os._exit(EXIT_HANG)  # the main thread is inside torch's store connect: no clean-up
 
     threading.Thread(target=watch, name="dpo_ds-rendezvous", daemon=True).start()
     try:

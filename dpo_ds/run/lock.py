@@ -66,7 +66,7 @@ class RunLock:
         here = holder.get("host") == socket.gethostname()
         if not holder and age < STALE_LOCK_S:
             live = "it is being written by a job starting now"
-        elif here and holder.get("pid") and _pid_alive(holder["pid"]) and holder.get("pid") != os.getpid():
+        elif here and holder.get("pid") and pid_alive(holder["pid"]) and holder.get("pid") != os.getpid():
             live = "its holder's pid is alive on this host"
         elif not here and age < STALE_LOCK_S:
             live = f"its heartbeat is {age:.0f} s old (a job on another host)"
@@ -151,7 +151,8 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}{job}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid runs on this machine (one we may not signal counts as running)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
