@@ -106,8 +106,9 @@ class Injector:
 
     def _trained(self, job: Job) -> bool:
         """Whether this start has trained a step (past where it resumed, its log says)."""
-        resumed = job.resumed_at()
-        if resumed is None and "starting from the beginning" not in job.log_text(0):
+        text = job.log_text(0)  # one read per poll (every 0.05 s)
+        resumed = job.resumed_at(text)
+        if resumed is None and "starting from the beginning" not in text:
             return False
         steps = train_steps(self.run_dir)
         return bool(steps) and steps[-1][0] > (resumed or 0)

@@ -92,9 +92,10 @@ class Job:
         except OSError:
             return ""
 
-    def resumed_at(self) -> int | None:
-        """The step this start resumed from (rank 0's "resumed from ... at step N"), None if not (yet)."""
-        found = re.search(r"resumed from \S+ at step (\d+)", self.log_text(0))
+    def resumed_at(self, text: str | None = None) -> int | None:
+        """The step this start resumed from (rank 0's "resumed from ... at step N"), None if not (yet);
+        text: rank 0's log, when the caller has read it already."""
+        found = re.search(r"resumed from \S+ at step (\d+)", self.log_text(0) if text is None else text)
         return int(found.group(1)) if found else None
 
 
